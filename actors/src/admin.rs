@@ -1,0 +1,267 @@
+//! `/node/admin`: answers the admin RPC from the registry and relays mutating requests to the
+//! supervisor of the target actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
+use tokio::sync::broadcast;
+
+use crate::introspect::{ActorEvent, ActorSnapshot, ListQuery, Registry, TreeNode};
+use crate::supervision::{Managed, RestartChild, StopChild};
+
+/// How long `GetActor` waits for an actor's state dump: a busy or stuck actor must not hang the
+/// admin RPC, so its figures are returned without the dump.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Errors of admin requests, mapped one-to-one onto gRPC codes by the adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    /// No actor at that path.
+    NotFound(String),
+    /// Mutations are disabled (`admin.allow_mutations = false`).
+    PermissionDenied(String),
+    /// The request cannot apply to that actor (the root, say).
+    FailedPrecondition(String),
+    /// The supervisor could not do it now.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound(m)
+            | Self::PermissionDenied(m)
+            | Self::FailedPrecondition(m)
+            | Self::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Static facts about the node for `NodeInfo`.
+#[derive(Clone, Debug)]
+pub struct NodeFacts {
+    pub node_id: u64,
+    pub version: String,
+    pub started_at_ms: u64,
+    /// Effective configuration with secrets removed, as JSON.
+    pub config_json: String,
+}
+
+/// The admin actor.
+pub struct AdminActor {
+    registry: Registry,
+    facts: Arc<NodeFacts>,
+    allow_mutations: bool,
+}
+
+impl AdminActor {
+    /// An admin actor over `registry`.
+    pub fn new(registry: Registry, facts: Arc<NodeFacts>, allow_mutations: bool) -> Self {
+        Self {
+            registry,
+            facts,
+            allow_mutations,
+        }
+    }
+
+    fn check_mutation(&self, path: &str) -> Result<(String, String), AdminError> {
+        if !self.allow_mutations {
+            return Err(AdminError::PermissionDenied(
+                "mutating admin calls are disabled; set admin.allow_mutations = true to enable them"
+                    .into(),
+            ));
+        }
+        let cell = self
+            .registry
+            .get(path)
+            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {path:?}")))?;
+        let parent = cell.parent().ok_or_else(|| {
+            AdminError::FailedPrecondition(format!(
+                "{path} is the root supervisor; restart or stop the node process instead"
+            ))
+        })?;
+        let name = path[parent.len() + 1..].to_string();
+        Ok((parent.to_string(), name))
+    }
+}
+
+impl Actor for AdminActor {
+    type Context = Context<Self>;
+}
+
+impl Managed for AdminActor {
+    const KIND: &'static str = "admin";
+
+    fn dump_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "allow_mutations": self.allow_mutations,
+            "actors": self.registry.len(),
+        })
+    }
+}
+
+/// `ListActors`.
+#[derive(Message)]
+#[rtype(result = "Result<ListReply, AdminError>")]
+pub struct ListActors(pub ListQuery);
+
+/// Rows of a `ListActors` answer.
+pub struct ListReply {
+    pub actors: Vec<ActorSnapshot>,
+    /// Matches before the limit was applied.
+    pub matched: usize,
+}
+
+/// `GetActor`.
+#[derive(Message)]
+#[rtype(result = "Result<ActorDetail, AdminError>")]
+pub struct GetActor {
+    pub path: String,
+}
+
+/// One actor in full.
+pub struct ActorDetail {
+    pub snapshot: ActorSnapshot,
+    pub children: Vec<Arc<str>>,
+    /// The actor's state dump; `None` if it is not running or did not answer in time.
+    pub state: Option<serde_json::Value>,
+}
+
+/// `Tree`.
+#[derive(Message)]
+#[rtype(result = "Result<TreeNode, AdminError>")]
+pub struct Tree {
+    pub root: String,
+    /// Levels below the root; 0 = all.
+    pub depth: usize,
+}
+
+/// `NodeInfo`.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<NodeFacts>, AdminError>")]
+pub struct GetNodeInfo;
+
+/// `RestartActor`; answers the new restart count.
+#[derive(Message)]
+#[rtype(result = "Result<u32, AdminError>")]
+pub struct RestartActor {
+    pub path: String,
+}
+
+/// `StopActor`.
+#[derive(Message)]
+#[rtype(result = "Result<(), AdminError>")]
+pub struct StopActor {
+    pub path: String,
+}
+
+/// `WatchEvents`: a receiver of lifecycle events from now on.
+#[derive(Message)]
+#[rtype(result = "Result<broadcast::Receiver<ActorEvent>, AdminError>")]
+pub struct Subscribe;
+
+crate::handles!(AdminActor: ListActors, GetActor, Tree, GetNodeInfo, RestartActor, StopActor, Subscribe);
+
+impl Handler<ListActors> for AdminActor {
+    type Result = Result<ListReply, AdminError>;
+
+    fn handle(&mut self, msg: ListActors, _: &mut Context<Self>) -> Self::Result {
+        let (actors, matched) = self.registry.list(&msg.0);
+        Ok(ListReply { actors, matched })
+    }
+}
+
+impl Handler<GetActor> for AdminActor {
+    type Result = ResponseFuture<Result<ActorDetail, AdminError>>;
+
+    fn handle(&mut self, msg: GetActor, _: &mut Context<Self>) -> Self::Result {
+        let found = self.registry.get(&msg.path).map(|cell| {
+            let snapshot = Registry::snapshot(&cell);
+            let children = self.registry.children(&msg.path);
+            let dump = cell.request_dump();
+            (snapshot, children, dump)
+        });
+        Box::pin(async move {
+            let (snapshot, children, dump) =
+                found.ok_or_else(|| AdminError::NotFound(format!("no actor at path {:?}", msg.path)))?;
+            // The dump comes from the actor's own thread; it never blocks this one.
+            let state = tokio::time::timeout(DUMP_TIMEOUT, dump).await.ok().and_then(Result::ok);
+            Ok(ActorDetail {
+                snapshot,
+                children,
+                state,
+            })
+        })
+    }
+}
+
+impl Handler<Tree> for AdminActor {
+    type Result = Result<TreeNode, AdminError>;
+
+    fn handle(&mut self, msg: Tree, _: &mut Context<Self>) -> Self::Result {
+        let root = if msg.root.is_empty() { crate::runtime::ROOT_PATH } else { &msg.root };
+        self.registry
+            .tree(root, msg.depth)
+            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {root:?}")))
+    }
+}
+
+impl Handler<GetNodeInfo> for AdminActor {
+    type Result = Result<Arc<NodeFacts>, AdminError>;
+
+    fn handle(&mut self, _: GetNodeInfo, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.facts.clone())
+    }
+}
+
+impl Handler<RestartActor> for AdminActor {
+    type Result = ResponseFuture<Result<u32, AdminError>>;
+
+    fn handle(&mut self, msg: RestartActor, _: &mut Context<Self>) -> Self::Result {
+        let target = self
+            .check_mutation(&msg.path)
+            .and_then(|(parent, name)| self.supervisor_of(&parent).map(|s| (s, name)));
+        // A plain future, not tied to this actor: restarting /node/admin itself still answers.
+        Box::pin(async move {
+            let (sup, name) = target?;
+            sup.send(RestartChild { name })
+                .await
+                .map_err(|e| AdminError::Unavailable(e.to_string()))?
+                .map_err(AdminError::Unavailable)
+        })
+    }
+}
+
+impl Handler<StopActor> for AdminActor {
+    type Result = ResponseFuture<Result<(), AdminError>>;
+
+    fn handle(&mut self, msg: StopActor, _: &mut Context<Self>) -> Self::Result {
+        let target = self
+            .check_mutation(&msg.path)
+            .and_then(|(parent, name)| self.supervisor_of(&parent).map(|s| (s, name)));
+        Box::pin(async move {
+            let (sup, name) = target?;
+            sup.send(StopChild { name })
+                .await
+                .map_err(|e| AdminError::Unavailable(e.to_string()))?
+                .map_err(AdminError::Unavailable)
+        })
+    }
+}
+
+impl Handler<Subscribe> for AdminActor {
+    type Result = Result<broadcast::Receiver<ActorEvent>, AdminError>;
+
+    fn handle(&mut self, _: Subscribe, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.registry.subscribe())
+    }
+}
+
+impl AdminActor {
+    fn supervisor_of(&self, parent: &str) -> Result<crate::ActorRef<crate::Supervisor>, AdminError> {
+        self.registry
+            .supervisor(parent)
+            .ok_or_else(|| AdminError::Unavailable(format!("supervisor {parent} is not running")))
+    }
+}

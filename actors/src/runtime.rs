@@ -1,0 +1,166 @@
+//! The node's actor runtime: arbiters, the root supervisor, and orderly shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Actor, Arbiter, ArbiterHandle, AsyncContext};
+use tokio::sync::oneshot;
+
+use crate::envelope::ActorRef;
+use crate::introspect::{ActorCell, EventKind, Lifecycle, Registry};
+use crate::supervision::{
+    install_panic_hook, Backoff, ControlItem, Exit, ExitNotify, Managed, RestartLimit, Supervisor,
+    SupervisorSpec,
+};
+
+/// Path of the root supervisor.
+pub const ROOT_PATH: &str = "/node";
+
+/// Runtime settings (from the `[runtime]` and `[supervision]` configuration sections).
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Worker arbiters (threads) for ordinary actors.
+    pub worker_arbiters: usize,
+    /// Mailbox capacity of every supervised actor.
+    pub mailbox_capacity: usize,
+    /// Default restart limit of supervisors.
+    pub restart_limit: RestartLimit,
+    /// Default backoff of supervisors.
+    pub backoff: Backoff,
+    /// Default time a child gets to stop.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_arbiters: 2,
+            mailbox_capacity: 256,
+            restart_limit: RestartLimit::default(),
+            backoff: Backoff::default(),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What supervisors share.
+pub(crate) struct RuntimeShared {
+    pub registry: Registry,
+    pub log: slog::Logger,
+    pub config: RuntimeConfig,
+    pub control: ArbiterHandle,
+    workers: Vec<Arbiter>,
+    dedicated: Mutex<HashMap<&'static str, Arbiter>>,
+    next: AtomicUsize,
+}
+
+impl RuntimeShared {
+    pub fn next_worker(&self) -> ArbiterHandle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        self.workers[i].handle()
+    }
+
+    pub fn dedicated(&self, name: &'static str) -> ArbiterHandle {
+        let mut map = self.dedicated.lock().unwrap();
+        map.entry(name).or_insert_with(Arbiter::new).handle()
+    }
+
+    fn stop_arbiters(&self) {
+        for w in &self.workers {
+            w.stop();
+        }
+        for a in self.dedicated.lock().unwrap().values() {
+            a.stop();
+        }
+    }
+}
+
+/// A running actor tree.
+pub struct Runtime {
+    shared: Arc<RuntimeShared>,
+    root: ActorRef<Supervisor>,
+    exit: Option<oneshot::Receiver<Exit>>,
+}
+
+impl Runtime {
+    /// Starts the root supervisor `/node` with `root` as its spec. Must be called on an actix
+    /// system thread; the root and other control actors run on that thread's arbiter.
+    pub fn start(config: RuntimeConfig, log: slog::Logger, root: SupervisorSpec) -> Self {
+        install_panic_hook();
+        let workers = (0..config.worker_arbiters.max(1)).map(|_| Arbiter::new()).collect();
+        let shared = Arc::new(RuntimeShared {
+            registry: Registry::new(),
+            log,
+            config,
+            control: Arbiter::current(),
+            workers,
+            dedicated: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+        });
+        let cell = Arc::new(ActorCell::new(ROOT_PATH.into(), Supervisor::KIND, None));
+        shared
+            .registry
+            .register(cell.clone())
+            .expect("a fresh registry has no root");
+        let root_ref: ActorRef<Supervisor> = ActorRef::unbound();
+        root_ref.bind(&cell);
+        shared.registry.set_supervisor(cell.path().clone(), root_ref.clone());
+        let (tx, rx) = oneshot::channel();
+        cell.begin_incarnation(1);
+        let item = ControlItem::new(cell.clone(), 1, ExitNotify::Root(tx));
+        let sup = Supervisor::new(shared.clone(), cell.clone(), root);
+        let capacity = shared.config.mailbox_capacity;
+        let addr = Supervisor::start_in_arbiter(&shared.control, move |ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            ctx.spawn(item);
+            sup
+        });
+        root_ref.set_addr(Some(addr));
+        cell.set_state(Lifecycle::Running);
+        shared.registry.emit(&cell, EventKind::Started, None);
+        Self {
+            shared,
+            root: root_ref,
+            exit: Some(rx),
+        }
+    }
+
+    /// The actor directory.
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// The root supervisor.
+    pub fn root(&self) -> &ActorRef<Supervisor> {
+        &self.root
+    }
+
+    /// Resolves when the root supervisor has stopped: `Exit::Normal` after [`shutdown`], a
+    /// failure when the tree gave up (the node should then exit non-zero).
+    ///
+    /// [`shutdown`]: Self::shutdown
+    pub fn wait_exit(&mut self) -> impl std::future::Future<Output = Exit> + 'static {
+        let rx = self.exit.take();
+        async move {
+            match rx {
+                Some(rx) => rx.await.unwrap_or(Exit::Normal),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Stops the whole tree in reverse start order; follow with [`wait_exit`](Self::wait_exit).
+    pub fn shutdown(&self) {
+        if let Some(cell) = self.root.cell() {
+            cell.set_state(Lifecycle::Stopping);
+            cell.request_stop();
+        }
+    }
+
+    /// Stops the worker threads; call after the tree has exited.
+    pub fn stop_arbiters(&self) {
+        self.shared.stop_arbiters();
+    }
+}

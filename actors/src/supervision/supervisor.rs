@@ -1,0 +1,671 @@
+//! The supervisor actor.
+//!
+//! Failures and requests that take children down run as a *stop job*: children are stopped one at
+//! a time in reverse start order, each given its shutdown timeout, and when the last one is down the
+//! job's follow-up runs (restart some children, answer an operator, stop the supervisor itself, or
+//! escalate). One job runs at a time; failures that arrive meanwhile wait for it to finish.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Running, SpawnHandle};
+use slog::{error, info, warn};
+use tokio::sync::oneshot;
+
+use super::control::{Exit, ExitNotify};
+use super::policy::{Backoff, Restart, RestartHistory, RestartLimit, Strategy};
+use super::spec::{ChildSpec, Managed, Placement, StartArgs, SupervisorSpec};
+use crate::introspect::{ActorCell, EventKind, Lifecycle};
+use crate::runtime::RuntimeShared;
+
+/// Sent by a child's control item when an incarnation ends.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ChildExited {
+    pub child: u64,
+    pub incarnation: u64,
+    pub exit: Exit,
+}
+
+/// Adds and starts a child at run time (per-entity actors such as sessions). Answers its path.
+#[derive(Message)]
+#[rtype(result = "Result<String, String>")]
+pub struct AddChild(pub ChildSpec);
+
+/// Stops and starts one child again, whatever the strategy. Answers its new restart count.
+#[derive(Message)]
+#[rtype(result = "Result<u32, String>")]
+pub struct RestartChild {
+    /// The child's name (its path below the supervisor).
+    pub name: String,
+}
+
+/// Stops one child for good; a child added at run time is removed.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct StopChild {
+    /// The child's name (its path below the supervisor).
+    pub name: String,
+}
+
+crate::handles!(Supervisor: AddChild, RestartChild, StopChild);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Running,
+    /// Asked to stop; its exit is expected.
+    Stopping,
+    /// Waiting out its backoff; the pending start picks it up.
+    Waiting,
+    /// Exited and waiting for the running stop job to finish before its failure is handled.
+    Down,
+    /// Not running and not to be restarted.
+    Stopped,
+    /// Did not stop within its timeout; forgotten.
+    Abandoned,
+}
+
+struct Child {
+    id: u64,
+    spec: ChildSpec,
+    cell: Arc<ActorCell>,
+    incarnation: u64,
+    status: Status,
+    /// Added at run time: removed instead of kept when it stops for good.
+    dynamic: bool,
+    /// Stopped by an operator: strategies leave it down.
+    held: bool,
+    consecutive_failures: u32,
+    last_start: Instant,
+}
+
+enum Then {
+    Restart { ids: Vec<u64>, delay: Duration },
+    ManualRestart { id: u64, reply: oneshot::Sender<Result<u32, String>> },
+    ManualStop { id: u64, reply: oneshot::Sender<Result<(), String>> },
+    Shutdown,
+    Escalate(String),
+}
+
+struct StopJob {
+    /// Children still to stop; popped from the end, so the latest started goes first.
+    queue: Vec<u64>,
+    current: Option<(u64, SpawnHandle)>,
+    then: Then,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    ShuttingDown,
+    Done,
+}
+
+/// A supervising actor; see the module docs.
+pub struct Supervisor {
+    rt: Arc<RuntimeShared>,
+    cell: Arc<ActorCell>,
+    strategy: Strategy,
+    limit: RestartLimit,
+    backoff: Backoff,
+    factory: super::spec::ChildrenFactory,
+    children: Vec<Child>,
+    next_id: u64,
+    history: RestartHistory,
+    job: Option<StopJob>,
+    /// Children whose failure arrived during a job.
+    deferred: Vec<u64>,
+    timers: Vec<SpawnHandle>,
+    phase: Phase,
+}
+
+impl Managed for Supervisor {
+    const KIND: &'static str = "supervisor";
+
+    fn dump_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "strategy": self.strategy,
+            "restart_limit": {
+                "max_restarts": self.limit.max_restarts,
+                "within_ms": self.limit.within.as_millis() as u64,
+            },
+            "restarts_in_window": self.history.len(),
+            "backoff": {
+                "initial_ms": self.backoff.initial.as_millis() as u64,
+                "max_ms": self.backoff.max.as_millis() as u64,
+                "jitter": self.backoff.jitter,
+            },
+            "phase": format!("{:?}", self.phase).to_lowercase(),
+            "children": self.children.iter().map(|c| serde_json::json!({
+                "name": c.spec.name,
+                "kind": c.spec.kind,
+                "restart": c.spec.restart,
+                "status": format!("{:?}", c.status).to_lowercase(),
+                "incarnation": c.incarnation,
+                "held": c.held,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for spec in (self.factory)() {
+            if let Err(e) = self.add(spec, false) {
+                error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e);
+            }
+        }
+        let ids: Vec<u64> = self.children.iter().map(|c| c.id).collect();
+        self.start_now(&ids, false, ctx);
+    }
+
+    fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
+        if std::thread::panicking() {
+            // Our own code panicked: the children cannot be stopped in order any more, but they
+            // must not outlive us unsupervised.
+            for c in &self.children {
+                c.cell.request_stop();
+                self.rt.registry.deregister(c.cell.path());
+            }
+            return Running::Stop;
+        }
+        if self.phase == Phase::Running {
+            self.phase = Phase::ShuttingDown;
+            for t in self.timers.drain(..) {
+                ctx.cancel_future(t);
+            }
+            let running = self.live_ids(0);
+            match self.job.as_mut() {
+                Some(job) => {
+                    Self::abandon_then(std::mem::replace(&mut job.then, Then::Shutdown));
+                    let current = job.current.map(|(id, _)| id);
+                    job.queue = running.into_iter().filter(|id| Some(*id) != current).collect();
+                }
+                None => self.begin_job(running, Then::Shutdown, ctx),
+            }
+        }
+        if self.phase == Phase::Done {
+            Running::Stop
+        } else {
+            Running::Continue
+        }
+    }
+}
+
+impl Supervisor {
+    pub(crate) fn new(rt: Arc<RuntimeShared>, cell: Arc<ActorCell>, spec: SupervisorSpec) -> Self {
+        Self {
+            limit: spec.limit.unwrap_or(rt.config.restart_limit),
+            backoff: spec.backoff.unwrap_or(rt.config.backoff),
+            strategy: spec.strategy,
+            factory: spec.children,
+            rt,
+            cell,
+            children: Vec::new(),
+            next_id: 0,
+            history: RestartHistory::default(),
+            job: None,
+            deferred: Vec::new(),
+            timers: Vec::new(),
+            phase: Phase::Running,
+        }
+    }
+
+    fn path(&self) -> Arc<str> {
+        self.cell.path().clone()
+    }
+
+    fn index(&self, id: u64) -> Option<usize> {
+        // Ids grow in insertion order, so the vector is sorted by id.
+        self.children.binary_search_by_key(&id, |c| c.id).ok()
+    }
+
+    fn index_by_name(&self, name: &str) -> Option<usize> {
+        self.children.iter().position(|c| c.spec.name == name)
+    }
+
+    /// Ids of running or waiting children from position `from` on, in start order.
+    fn live_ids(&self, from: usize) -> Vec<u64> {
+        self.children[from..]
+            .iter()
+            .filter(|c| matches!(c.status, Status::Running | Status::Waiting | Status::Stopping))
+            .map(|c| c.id)
+            .collect()
+    }
+
+    fn add(&mut self, spec: ChildSpec, dynamic: bool) -> Result<usize, String> {
+        if spec.name.is_empty() || spec.name.starts_with('/') || spec.name.ends_with('/') {
+            return Err(format!("invalid child name {:?}", spec.name));
+        }
+        if self.index_by_name(&spec.name).is_some() {
+            return Err(format!("{}/{} already exists", self.path(), spec.name));
+        }
+        let path: Arc<str> = format!("{}/{}", self.path(), spec.name).into();
+        let cell = Arc::new(ActorCell::new(path.clone(), spec.kind, Some(self.path())));
+        // A previous incarnation of this supervisor may have left the path behind if it panicked.
+        self.rt.registry.deregister(&path);
+        self.rt.registry.register(cell.clone())?;
+        if let Some(r) = &spec.supervisor_ref {
+            self.rt.registry.set_supervisor(path, r.clone());
+        }
+        self.next_id += 1;
+        self.children.push(Child {
+            id: self.next_id,
+            spec,
+            cell,
+            incarnation: 0,
+            status: Status::Waiting,
+            dynamic,
+            held: false,
+            consecutive_failures: 0,
+            last_start: Instant::now(),
+        });
+        Ok(self.children.len() - 1)
+    }
+
+    fn remove(&mut self, idx: usize) {
+        let c = self.children.remove(idx);
+        self.rt.registry.deregister(c.cell.path());
+    }
+
+    /// Starts the given waiting children in order.
+    fn start_now(&mut self, ids: &[u64], is_restart: bool, ctx: &mut Context<Self>) {
+        for &id in ids {
+            let Some(idx) = self.index(id) else { continue };
+            if self.children[idx].status != Status::Waiting || self.phase != Phase::Running {
+                continue;
+            }
+            if let Err(reason) = self.start_child(idx, is_restart, ctx) {
+                self.on_failure(idx, reason, true, ctx);
+            }
+        }
+    }
+
+    fn start_child(&mut self, idx: usize, is_restart: bool, ctx: &mut Context<Self>) -> Result<(), String> {
+        let arbiter = match &self.children[idx].spec.placement {
+            Placement::Control => self.rt.control.clone(),
+            Placement::Worker => self.rt.next_worker(),
+            Placement::Dedicated(name) => self.rt.dedicated(name),
+        };
+        let child = &mut self.children[idx];
+        child.incarnation += 1;
+        child.cell.begin_incarnation(child.incarnation);
+        child.cell.set_state(Lifecycle::Starting);
+        let args = StartArgs {
+            cell: &child.cell,
+            incarnation: child.incarnation,
+            notify: ExitNotify::Supervisor {
+                addr: ctx.address(),
+                child: child.id,
+            },
+            arbiter,
+            runtime: &self.rt,
+        };
+        (child.spec.starter)(args)?;
+        child.status = Status::Running;
+        child.last_start = Instant::now();
+        child.cell.set_state(Lifecycle::Running);
+        if is_restart {
+            child.cell.count_restart();
+            self.rt.registry.emit(&child.cell, EventKind::Restarted, None);
+        } else {
+            self.rt.registry.emit(&child.cell, EventKind::Started, None);
+        }
+        Ok(())
+    }
+
+    fn on_exit(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
+        let Some(idx) = self.index(msg.child) else { return };
+        let child = &mut self.children[idx];
+        if child.incarnation != msg.incarnation {
+            return;
+        }
+        match child.status {
+            Status::Stopping => {
+                child.status = Status::Stopped;
+                child.cell.set_state(Lifecycle::Stopped);
+                (child.spec.detach)();
+                let reason = match &msg.exit {
+                    Exit::Normal => None,
+                    Exit::Failed(r) | Exit::Panicked(r) => Some(r.clone()),
+                };
+                self.rt.registry.emit(&child.cell, EventKind::Stopped, reason);
+                self.job_child_done(msg.child, ctx);
+            }
+            Status::Running => {
+                (child.spec.detach)();
+                let (reason, failed) = match msg.exit {
+                    Exit::Normal => ("exited without being asked to".to_string(), false),
+                    Exit::Failed(r) => (r, true),
+                    Exit::Panicked(r) => (format!("panicked: {r}"), true),
+                };
+                self.on_failure(idx, reason, failed, ctx);
+            }
+            _ => {}
+        }
+    }
+
+    /// A child went down on its own (or failed to start): record it and apply the policy.
+    fn on_failure(&mut self, idx: usize, reason: String, failed: bool, ctx: &mut Context<Self>) {
+        let child = &mut self.children[idx];
+        let id = child.id;
+        child.cell.record_failure(reason.clone());
+        self.rt.registry.emit(&child.cell, EventKind::Failed, Some(reason.clone()));
+        warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
+        let restart = match child.spec.restart {
+            Restart::Permanent => true,
+            Restart::Transient => failed,
+            Restart::Temporary => false,
+        };
+        if !restart || self.phase != Phase::Running {
+            child.status = Status::Stopped;
+            child.cell.set_state(if failed { Lifecycle::Failed } else { Lifecycle::Stopped });
+            if child.dynamic {
+                self.remove(idx);
+            }
+            return;
+        }
+        child.status = Status::Down;
+        child.cell.set_state(Lifecycle::Restarting);
+        if let Some(job) = self.job.as_mut() {
+            // If the job was going to stop it anyway, its follow-up decides; otherwise wait.
+            let before = job.queue.len();
+            job.queue.retain(|q| *q != id);
+            if job.queue.len() == before {
+                self.deferred.push(id);
+            }
+            return;
+        }
+        self.apply_strategy(id, ctx);
+    }
+
+    fn apply_strategy(&mut self, id: u64, ctx: &mut Context<Self>) {
+        let Some(idx) = self.index(id) else { return };
+        if !self.history.allow(self.limit, Instant::now()) {
+            let reason = format!(
+                "restart limit reached: more than {} restarts within {:?} (last: {})",
+                self.limit.max_restarts,
+                self.limit.within,
+                self.children[idx].cell.path()
+            );
+            error!(self.rt.log, "supervisor giving up"; "path" => &*self.path(), "reason" => &reason);
+            let all = self.live_ids(0);
+            self.begin_job(all, Then::Escalate(reason), ctx);
+            return;
+        }
+        let child = &mut self.children[idx];
+        child.consecutive_failures = if child.last_start.elapsed() > self.limit.within {
+            1
+        } else {
+            child.consecutive_failures + 1
+        };
+        let delay = self.backoff.delay(child.consecutive_failures);
+        match self.strategy {
+            Strategy::OneForOne => self.schedule_restart(vec![id], delay, ctx),
+            Strategy::OneForAll | Strategy::RestForOne => {
+                let from = if self.strategy == Strategy::OneForAll { 0 } else { idx };
+                let to_stop: Vec<u64> = self.live_ids(from).into_iter().filter(|c| *c != id).collect();
+                let ids = self.children[from..]
+                    .iter()
+                    .filter(|c| !c.held && (c.id == id || to_stop.contains(&c.id)))
+                    .map(|c| c.id)
+                    .collect();
+                self.begin_job(to_stop, Then::Restart { ids, delay }, ctx);
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self, ids: Vec<u64>, delay: Duration, ctx: &mut Context<Self>) {
+        for &id in &ids {
+            if let Some(idx) = self.index(id) {
+                let c = &mut self.children[idx];
+                c.status = Status::Waiting;
+                c.cell.set_state(Lifecycle::Restarting);
+            }
+        }
+        let handle = ctx.run_later(delay, move |act, ctx| act.start_now(&ids, true, ctx));
+        self.timers.push(handle);
+    }
+
+    fn begin_job(&mut self, queue: Vec<u64>, then: Then, ctx: &mut Context<Self>) {
+        debug_assert!(self.job.is_none());
+        if matches!(then, Then::Escalate(_)) {
+            self.phase = Phase::ShuttingDown;
+        }
+        self.job = Some(StopJob {
+            queue,
+            current: None,
+            then,
+        });
+        self.advance_job(ctx);
+    }
+
+    fn advance_job(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let Some(job) = self.job.as_mut() else { return };
+            if job.current.is_some() {
+                return;
+            }
+            let Some(id) = job.queue.pop() else {
+                let job = self.job.take().expect("job present");
+                self.finish_job(job.then, ctx);
+                return;
+            };
+            let Some(idx) = self.children.binary_search_by_key(&id, |c| c.id).ok() else {
+                continue;
+            };
+            let child = &mut self.children[idx];
+            match child.status {
+                Status::Running => {
+                    child.status = Status::Stopping;
+                    child.cell.set_state(Lifecycle::Stopping);
+                    child.cell.request_stop();
+                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
+                    let inc = child.incarnation;
+                    let h = ctx.run_later(timeout, move |act, ctx| act.stop_timed_out(id, inc, timeout, ctx));
+                    job.current = Some((id, h));
+                    return;
+                }
+                Status::Waiting | Status::Down => {
+                    child.status = Status::Stopped;
+                    child.cell.set_state(Lifecycle::Stopped);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn job_child_done(&mut self, id: u64, ctx: &mut Context<Self>) {
+        if let Some(job) = self.job.as_mut() {
+            if let Some((cur, h)) = job.current {
+                if cur == id {
+                    ctx.cancel_future(h);
+                    job.current = None;
+                    self.advance_job(ctx);
+                }
+            }
+        }
+    }
+
+    fn stop_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+        let Some(idx) = self.index(id) else { return };
+        let child = &mut self.children[idx];
+        if child.incarnation != incarnation || child.status != Status::Stopping {
+            return;
+        }
+        let reason = format!("did not stop within {timeout:?}; abandoned");
+        error!(self.rt.log, "child stop timed out"; "path" => &**child.cell.path(), "timeout_ms" => timeout.as_millis() as u64);
+        child.status = Status::Abandoned;
+        child.cell.set_state(Lifecycle::Stopped);
+        child.cell.record_failure(reason.clone());
+        (child.spec.detach)();
+        self.rt.registry.emit(&child.cell, EventKind::Stopped, Some(reason));
+        if let Some(job) = self.job.as_mut() {
+            if job.current.map(|(c, _)| c) == Some(id) {
+                job.current = None;
+            }
+        }
+        self.advance_job(ctx);
+    }
+
+    fn finish_job(&mut self, then: Then, ctx: &mut Context<Self>) {
+        match then {
+            Then::Restart { ids, delay } => self.schedule_restart(ids, delay, ctx),
+            Then::ManualRestart { id, reply } => {
+                let result = match self.index(id) {
+                    Some(idx) if self.phase == Phase::Running => {
+                        self.children[idx].held = false;
+                        self.children[idx].status = Status::Waiting;
+                        match self.start_child(idx, true, ctx) {
+                            Ok(()) => Ok(self.children[idx].cell.restarts()),
+                            Err(e) => {
+                                self.on_failure(idx, e.clone(), true, ctx);
+                                Err(format!("restart failed: {e}"))
+                            }
+                        }
+                    }
+                    _ => Err("supervisor is stopping".to_string()),
+                };
+                let _ = reply.send(result);
+            }
+            Then::ManualStop { id, reply } => {
+                if let Some(idx) = self.index(id) {
+                    self.children[idx].held = true;
+                    if self.children[idx].dynamic {
+                        self.remove(idx);
+                    }
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Then::Shutdown => {
+                self.finish(ctx);
+                return;
+            }
+            Then::Escalate(reason) => {
+                self.cell.set_exit_failure(reason);
+                self.finish(ctx);
+                return;
+            }
+        }
+        for id in std::mem::take(&mut self.deferred) {
+            if self.job.is_some() {
+                self.deferred.push(id);
+                continue;
+            }
+            if self.index(id).is_some_and(|i| self.children[i].status == Status::Down) {
+                self.apply_strategy(id, ctx);
+            }
+        }
+    }
+
+    /// All children are down: forget them and stop.
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Done;
+        for c in self.children.drain(..) {
+            self.rt.registry.deregister(c.cell.path());
+        }
+        info!(self.rt.log, "supervisor stopped"; "path" => &*self.cell.path().clone());
+        ctx.stop();
+    }
+
+    /// Fails the reply of a follow-up that a shutdown replaced.
+    fn abandon_then(then: Then) {
+        match then {
+            Then::ManualRestart { reply, .. } => {
+                let _ = reply.send(Err("supervisor is stopping".into()));
+            }
+            Then::ManualStop { reply, .. } => {
+                let _ = reply.send(Err("supervisor is stopping".into()));
+            }
+            _ => {}
+        }
+    }
+
+    fn busy_or_stopping(&self) -> Option<String> {
+        if self.phase != Phase::Running {
+            Some(format!("{} is stopping", self.path()))
+        } else if self.job.is_some() {
+            Some(format!("{} is busy restarting or stopping children; try again", self.path()))
+        } else {
+            None
+        }
+    }
+}
+
+impl Handler<ChildExited> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
+        self.on_exit(msg, ctx);
+    }
+}
+
+impl Handler<AddChild> for Supervisor {
+    type Result = Result<String, String>;
+
+    fn handle(&mut self, msg: AddChild, ctx: &mut Context<Self>) -> Self::Result {
+        if self.phase != Phase::Running {
+            return Err(format!("{} is stopping", self.path()));
+        }
+        let idx = self.add(msg.0, true)?;
+        let path = self.children[idx].cell.path().to_string();
+        if let Err(e) = self.start_child(idx, false, ctx) {
+            self.remove(idx);
+            return Err(format!("{path} failed to start: {e}"));
+        }
+        Ok(path)
+    }
+}
+
+impl Handler<RestartChild> for Supervisor {
+    type Result = ResponseFuture<Result<u32, String>>;
+
+    fn handle(&mut self, msg: RestartChild, ctx: &mut Context<Self>) -> Self::Result {
+        let result = (|| {
+            if let Some(e) = self.busy_or_stopping() {
+                return Err(e);
+            }
+            let idx = self
+                .index_by_name(&msg.name)
+                .ok_or_else(|| format!("{}/{} not found", self.path(), msg.name))?;
+            let (tx, rx) = oneshot::channel();
+            let id = self.children[idx].id;
+            let to_stop = if self.children[idx].status == Status::Running { vec![id] } else { vec![] };
+            self.begin_job(to_stop, Then::ManualRestart { id, reply: tx }, ctx);
+            Ok(rx)
+        })();
+        Box::pin(async move {
+            match result {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+impl Handler<StopChild> for Supervisor {
+    type Result = ResponseFuture<Result<(), String>>;
+
+    fn handle(&mut self, msg: StopChild, ctx: &mut Context<Self>) -> Self::Result {
+        let result = (|| {
+            if let Some(e) = self.busy_or_stopping() {
+                return Err(e);
+            }
+            let idx = self
+                .index_by_name(&msg.name)
+                .ok_or_else(|| format!("{}/{} not found", self.path(), msg.name))?;
+            let (tx, rx) = oneshot::channel();
+            let id = self.children[idx].id;
+            self.begin_job(vec![id], Then::ManualStop { id, reply: tx }, ctx);
+            Ok(rx)
+        })();
+        Box::pin(async move {
+            match result {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}

@@ -1,0 +1,350 @@
+//! Supervisor behaviour, driven through a real runtime and observed through the event stream.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Context, Handler, Message, Running};
+use tokio::sync::broadcast;
+
+use super::*;
+use crate::envelope::ActorRef;
+use crate::introspect::{ActorEvent, EventKind, Lifecycle};
+use crate::runtime::{Runtime, RuntimeConfig};
+
+type Journal = Arc<Mutex<Vec<String>>>;
+
+struct Worker {
+    name: &'static str,
+    journal: Journal,
+    pings: u32,
+    refuse_stop: bool,
+}
+
+impl Actor for Worker {
+    type Context = Context<Self>;
+
+    fn stopping(&mut self, _: &mut Context<Self>) -> Running {
+        if self.refuse_stop {
+            Running::Continue
+        } else {
+            Running::Stop
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.journal.lock().unwrap().push(format!("stop {}", self.name));
+    }
+}
+
+impl Managed for Worker {
+    const KIND: &'static str = "test-worker";
+
+    fn dump_state(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name, "pings": self.pings })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "u32")]
+struct Ping;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Boom;
+
+crate::handles!(Worker: Ping, Boom);
+
+impl Handler<Ping> for Worker {
+    type Result = u32;
+    fn handle(&mut self, _: Ping, _: &mut Context<Self>) -> u32 {
+        self.pings += 1;
+        self.pings
+    }
+}
+
+impl Handler<Boom> for Worker {
+    type Result = ();
+    fn handle(&mut self, _: Boom, _: &mut Context<Self>) {
+        panic!("boom in {}", self.name);
+    }
+}
+
+/// A worker child; its constructor journals "new NAME" and its `stopped` hook "stop NAME".
+fn worker(name: &'static str, journal: &Journal) -> (ChildSpec, ActorRef<Worker>) {
+    let journal = journal.clone();
+    ChildSpec::actor(name, move || {
+        journal.lock().unwrap().push(format!("new {name}"));
+        Worker {
+            name,
+            journal: journal.clone(),
+            pings: 0,
+            refuse_stop: false,
+        }
+    })
+}
+
+fn quiet() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig {
+        worker_arbiters: 2,
+        backoff: Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(10),
+            jitter: 0.5,
+        },
+        ..RuntimeConfig::default()
+    }
+}
+
+/// Waits for the first event matching `pred`; the timeout only turns a hang into a failure.
+async fn wait_for(
+    rx: &mut broadcast::Receiver<ActorEvent>,
+    pred: impl Fn(&ActorEvent) -> bool,
+) -> ActorEvent {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let e = rx.recv().await.expect("event stream open");
+            if pred(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("expected event did not arrive")
+}
+
+fn is(path: &'static str, kind: EventKind) -> impl Fn(&ActorEvent) -> bool {
+    move |e| &*e.path == path && e.event == kind
+}
+
+struct Trio {
+    rt: Runtime,
+    a: ActorRef<Worker>,
+    b: ActorRef<Worker>,
+    c: ActorRef<Worker>,
+    events: broadcast::Receiver<ActorEvent>,
+}
+
+/// `/node/sup` with children a, b, c under `strategy`; waits until all three run.
+async fn trio(strategy: Strategy, journal: &Journal) -> Trio {
+    let refs: Arc<Mutex<Vec<ActorRef<Worker>>>> = Arc::default();
+    let (j, r) = (journal.clone(), refs.clone());
+    let spec = SupervisorSpec::new(strategy, move || {
+        let mut out = Vec::new();
+        for name in ["a", "b", "c"] {
+            let (s, w) = worker(name, &j);
+            r.lock().unwrap().push(w);
+            out.push(s);
+        }
+        out
+    });
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        vec![ChildSpec::supervisor("sup", spec.clone()).0]
+    });
+    let rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, is("/node/sup/c", EventKind::Started)).await;
+    let refs = refs.lock().unwrap().clone();
+    Trio {
+        rt,
+        a: refs[0].clone(),
+        b: refs[1].clone(),
+        c: refs[2].clone(),
+        events,
+    }
+}
+
+fn restarts(r: &ActorRef<Worker>) -> u32 {
+    r.cell().unwrap().restarts()
+}
+
+#[actix_rt::test]
+async fn one_for_one_restarts_only_the_panicking_child_and_keeps_its_reference_working() {
+    let journal = Journal::default();
+    let mut t = trio(Strategy::OneForOne, &journal).await;
+    assert_eq!(t.b.send(Ping).await, Ok(1));
+    t.b.try_send(Boom).unwrap();
+    let failed = wait_for(&mut t.events, is("/node/sup/b", EventKind::Failed)).await;
+    assert!(failed.reason.unwrap().contains("boom in b"));
+    wait_for(&mut t.events, is("/node/sup/b", EventKind::Restarted)).await;
+    // Same reference, new incarnation with fresh state.
+    assert_eq!(t.b.send(Ping).await, Ok(1));
+    assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 0));
+    let cell = t.b.cell().unwrap();
+    assert_eq!(cell.state(), Lifecycle::Running);
+    assert!(cell.last_failure().unwrap().reason.contains("boom in b"));
+    assert_eq!(t.a.send(Ping).await, Ok(1), "a kept its state");
+    t.rt.shutdown();
+    assert_eq!(t.rt.wait_exit().await, Exit::Normal);
+}
+
+#[actix_rt::test]
+async fn one_for_all_restarts_every_child() {
+    let journal = Journal::default();
+    let mut t = trio(Strategy::OneForAll, &journal).await;
+    t.a.send(Ping).await.unwrap();
+    t.b.try_send(Boom).unwrap();
+    for path in ["/node/sup/a", "/node/sup/b", "/node/sup/c"] {
+        wait_for(&mut t.events, is(path, EventKind::Restarted)).await;
+    }
+    assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (1, 1, 1));
+    assert_eq!(t.a.send(Ping).await, Ok(1), "a was restarted with fresh state");
+    // The panicked child's own `stopped` runs as it unwinds; the survivors are then stopped
+    // latest-first, and only then is everything built again, in start order.
+    let j = journal.lock().unwrap().clone();
+    let tail: Vec<&str> = j[3..].iter().map(String::as_str).collect();
+    assert_eq!(tail, ["stop b", "stop c", "stop a", "new a", "new b", "new c"]);
+}
+
+#[actix_rt::test]
+async fn rest_for_one_restarts_the_failed_child_and_those_started_after_it() {
+    let journal = Journal::default();
+    let mut t = trio(Strategy::RestForOne, &journal).await;
+    t.b.try_send(Boom).unwrap();
+    wait_for(&mut t.events, is("/node/sup/c", EventKind::Restarted)).await;
+    assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 1));
+    let j = journal.lock().unwrap().clone();
+    let tail: Vec<&str> = j[3..].iter().map(String::as_str).collect();
+    assert_eq!(tail, ["stop b", "stop c", "new b", "new c"]);
+}
+
+#[actix_rt::test]
+async fn past_the_restart_limit_the_failure_escalates_to_the_root_and_the_runtime_exits_failed() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let refs: Arc<Mutex<Option<ActorRef<Worker>>>> = Arc::default();
+    let r = refs.clone();
+    let inner = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (s, w) = worker("flaky", &j);
+        *r.lock().unwrap() = Some(w);
+        vec![s]
+    })
+    .limit(RestartLimit {
+        max_restarts: 2,
+        within: Duration::from_secs(60),
+    });
+    // The root tolerates nothing, so the escalation reaches the runtime.
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        vec![ChildSpec::supervisor("sup", inner.clone()).0]
+    })
+    .limit(RestartLimit {
+        max_restarts: 0,
+        within: Duration::from_secs(60),
+    });
+    let mut rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, is("/node/sup/flaky", EventKind::Started)).await;
+    let flaky = refs.lock().unwrap().clone().unwrap();
+    for _ in 0..2 {
+        flaky.try_send(Boom).unwrap();
+        wait_for(&mut events, is("/node/sup/flaky", EventKind::Restarted)).await;
+    }
+    flaky.try_send(Boom).unwrap();
+    let failed = wait_for(&mut events, is("/node/sup", EventKind::Failed)).await;
+    assert!(failed.reason.unwrap().contains("restart limit reached"));
+    match rt.wait_exit().await {
+        Exit::Failed(reason) => assert!(reason.contains("restart limit reached"), "{reason}"),
+        other => panic!("root should fail, got {other:?}"),
+    }
+}
+
+#[actix_rt::test]
+async fn restart_waits_at_least_the_backoff_lower_bound() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let refs: Arc<Mutex<Option<ActorRef<Worker>>>> = Arc::default();
+    let r = refs.clone();
+    let backoff = Backoff {
+        initial: Duration::from_millis(150),
+        max: Duration::from_secs(1),
+        jitter: 0.0,
+    };
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (s, w) = worker("slow", &j);
+        *r.lock().unwrap() = Some(w);
+        vec![s]
+    })
+    .backoff(backoff);
+    let rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, is("/node/slow", EventKind::Started)).await;
+    let slow = refs.lock().unwrap().clone().unwrap();
+    for attempt in 1..=2u32 {
+        slow.try_send(Boom).unwrap();
+        wait_for(&mut events, is("/node/slow", EventKind::Failed)).await;
+        let failed_at = Instant::now();
+        wait_for(&mut events, is("/node/slow", EventKind::Restarted)).await;
+        let (low, _) = backoff.bounds(attempt);
+        assert!(failed_at.elapsed() >= low.mul_f64(0.9), "attempt {attempt} restarted too early");
+    }
+}
+
+#[actix_rt::test]
+async fn shutdown_stops_children_in_reverse_order_and_abandons_one_that_will_not_stop() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (a, _) = worker("a", &j);
+        let j2 = j.clone();
+        let (stuck, _) = ChildSpec::actor("stuck", move || Worker {
+            name: "stuck",
+            journal: j2.clone(),
+            pings: 0,
+            refuse_stop: true,
+        });
+        let (c, _) = worker("c", &j);
+        vec![a, stuck.shutdown_timeout(Duration::from_millis(50)), c]
+    });
+    let mut rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, is("/node/c", EventKind::Started)).await;
+    rt.shutdown();
+    let abandoned = wait_for(&mut events, is("/node/stuck", EventKind::Stopped)).await;
+    assert!(abandoned.reason.unwrap().contains("did not stop within"));
+    assert_eq!(rt.wait_exit().await, Exit::Normal);
+    let j = journal.lock().unwrap().clone();
+    let stops: Vec<&str> = j.iter().filter(|l| l.starts_with("stop")).map(String::as_str).collect();
+    assert_eq!(stops, ["stop c", "stop a"]);
+    assert!(rt.registry().get("/node/a").is_none(), "stopped children leave the registry");
+}
+
+#[actix_rt::test]
+async fn operators_can_restart_and_stop_a_child_and_add_one_at_run_time() {
+    let journal = Journal::default();
+    let t = trio(Strategy::OneForAll, &journal).await;
+    let sup = t.rt.registry().supervisor("/node/sup").unwrap();
+    // A requested restart touches only that child, whatever the strategy.
+    assert_eq!(sup.send(RestartChild { name: "b".into() }).await.unwrap(), Ok(1));
+    assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 0));
+    sup.send(StopChild { name: "c".into() }).await.unwrap().unwrap();
+    assert_eq!(t.c.cell().unwrap().state(), Lifecycle::Stopped);
+    assert_eq!(t.c.send(Ping).await, Err(crate::SendError::NotRunning));
+    let err = sup.send(RestartChild { name: "zz".into() }).await.unwrap().unwrap_err();
+    assert!(err.contains("not found"));
+    // Dynamic children get their own paths and state dumps.
+    let (spec, d) = worker("sessions/d", &journal);
+    let path = sup.send(AddChild(spec.restart(Restart::Temporary))).await.unwrap().unwrap();
+    assert_eq!(path, "/node/sup/sessions/d");
+    assert_eq!(d.send(Ping).await, Ok(1));
+    let dump = d.cell().unwrap().request_dump().await.unwrap();
+    assert_eq!(dump["pings"], 1);
+    let (dup, _) = worker("sessions/d", &journal);
+    assert!(sup.send(AddChild(dup)).await.unwrap().is_err());
+}
+
+#[actix_rt::test]
+async fn envelope_accounting_counts_messages_and_samples_latency() {
+    let journal = Journal::default();
+    let t = trio(Strategy::OneForOne, &journal).await;
+    for _ in 0..100 {
+        t.a.send(Ping).await.unwrap();
+    }
+    let cell = t.a.cell().unwrap();
+    assert_eq!(cell.messages_handled(), 100);
+    assert_eq!(cell.queue_len(), 0);
+    assert!(cell.latency_us(0.99).is_some());
+    assert!(cell.last_activity_ms() > 0);
+}
