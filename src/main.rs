@@ -1,1 +1,103 @@
-fn main(){}
+//! `lodge`: the node and its command-line clients.
+
+mod bench;
+mod config;
+mod ctl;
+mod logging;
+mod metrics;
+mod node;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lodge", version, about = "Lodge: an actor-system runtime for gRPC cluster services")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node(NodeArgs),
+    /// Inspect and control a running node through its admin RPC.
+    Ctl {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: ctl::Ctl,
+    },
+    /// Benchmarks (results go to docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::Bench,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// TOML configuration file (on top of the embedded config/node.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Raft member id of this node.
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// gRPC listen address HOST:PORT (port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Prometheus /metrics listen address HOST:PORT.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Directory for durable state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log level (critical, error, warning, info, debug, trace).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Allow mutating admin calls (restart, stop).
+    #[arg(long)]
+    allow_mutations: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Command::Node(a) => {
+            let overrides = config::Overrides {
+                config_file: a.config,
+                node_id: a.node_id,
+                listen: a.listen,
+                metrics_listen: a.metrics_listen,
+                data_dir: a.data_dir,
+                log_level: a.log_level,
+                allow_mutations: a.allow_mutations.then_some(true),
+            };
+            match config::NodeConfig::load(&overrides) {
+                Err(e) => {
+                    eprintln!("lodge: {e}");
+                    2
+                }
+                Ok(cfg) if a.print_config => {
+                    print!("{}", cfg.to_toml());
+                    0
+                }
+                Ok(cfg) => node::run(cfg),
+            }
+        }
+        Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),
+        Command::Bench { cmd } => bench::run(cmd),
+    };
+    std::process::exit(code);
+}
+
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the client runtime")
+}

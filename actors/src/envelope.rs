@@ -5,7 +5,7 @@
 //! `Handler<Envelope<M>>` impl that unwraps it. The reference resolves the current incarnation's
 //! address on every send, so callers keep working across restarts.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::dev::ToEnvelope;
@@ -118,14 +118,16 @@ impl std::fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
+/// The current incarnation's address and the cell of the path it runs at. A parent supervisor's
+/// restart creates new cells, so the cell is re-bound at every start along with the address.
 struct Slot<A: Actor> {
-    addr: RwLock<Option<Addr<A>>>,
-    cell: OnceLock<Arc<ActorCell>>,
+    addr: Option<Addr<A>>,
+    cell: Option<Arc<ActorCell>>,
 }
 
 /// A restart-proof, instrumented reference to a supervised actor.
 pub struct ActorRef<A: Actor> {
-    slot: Arc<Slot<A>>,
+    slot: Arc<RwLock<Slot<A>>>,
 }
 
 impl<A: Actor> Clone for ActorRef<A> {
@@ -136,39 +138,37 @@ impl<A: Actor> Clone for ActorRef<A> {
     }
 }
 
+impl<A: Actor> Default for ActorRef<A> {
+    fn default() -> Self {
+        Self::unbound()
+    }
+}
+
 impl<A: Actor> ActorRef<A> {
-    /// A reference whose cell is given by the supervisor at first start.
+    /// A reference to an actor not started yet; a supervisor binds it when it starts the actor.
     pub(crate) fn unbound() -> Self {
         Self {
-            slot: Arc::new(Slot {
-                addr: RwLock::new(None),
-                cell: OnceLock::new(),
-            }),
+            slot: Arc::new(RwLock::new(Slot { addr: None, cell: None })),
         }
     }
 
     pub(crate) fn bind(&self, cell: &Arc<ActorCell>) {
-        let _ = self.slot.cell.set(cell.clone());
+        self.slot.write().unwrap().cell = Some(cell.clone());
     }
 
     pub(crate) fn set_addr(&self, addr: Option<Addr<A>>) {
-        *self.slot.addr.write().unwrap() = addr;
+        self.slot.write().unwrap().addr = addr;
     }
 
     /// The actor's introspection cell (once started).
-    pub fn cell(&self) -> Option<&Arc<ActorCell>> {
-        self.slot.cell.get()
-    }
-
-    /// The actor's path (once started).
-    pub fn path(&self) -> Option<&str> {
-        self.cell().map(|c| &**c.path())
+    pub fn cell(&self) -> Option<Arc<ActorCell>> {
+        self.slot.read().unwrap().cell.clone()
     }
 
     /// The current incarnation's raw address, if running. Bypasses the accounting: meant for
     /// benchmarks and for wiring actix features that need an `Addr`.
     pub fn addr(&self) -> Option<Addr<A>> {
-        self.slot.addr.read().unwrap().clone()
+        self.slot.read().unwrap().addr.clone()
     }
 
     /// Sends `msg` and waits for the answer. A full mailbox makes the caller wait (backpressure).
@@ -180,8 +180,8 @@ impl<A: Actor> ActorRef<A> {
         A::Context: ToEnvelope<A, Envelope<M>>,
     {
         let request = {
-            let guard = self.slot.addr.read().unwrap();
-            let (Some(addr), Some(cell)) = (guard.as_ref(), self.slot.cell.get()) else {
+            let guard = self.slot.read().unwrap();
+            let (Some(addr), Some(cell)) = (&guard.addr, &guard.cell) else {
                 return Err(SendError::NotRunning);
             };
             addr.send(Envelope::new(msg, cell))
@@ -214,8 +214,8 @@ impl<A: Actor> ActorRef<A> {
         A: Handler<Envelope<M>>,
         A::Context: ToEnvelope<A, Envelope<M>>,
     {
-        let guard = self.slot.addr.read().unwrap();
-        let (Some(addr), Some(cell)) = (guard.as_ref(), self.slot.cell.get()) else {
+        let guard = self.slot.read().unwrap();
+        let (Some(addr), Some(cell)) = (&guard.addr, &guard.cell) else {
             return Err(SendError::NotRunning);
         };
         addr.try_send(Envelope::new(msg, cell))

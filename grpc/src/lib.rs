@@ -1,1 +1,22 @@
+//! Lodge's gRPC layer: generated code, one thin adapter per service, the server assembly (TLS,
+//! limits, health, reflection, metrics) and the client helpers used by the CLI.
+//!
+//! Adapters decode a request, send one message to an actor with the caller's deadline, and map the
+//! answer to a `Status`. Business rules live in the actors.
 
+pub mod admin;
+pub mod client;
+pub mod deadline;
+pub mod metrics;
+pub mod server;
+
+/// Generated protobuf and gRPC code.
+pub mod pb {
+    /// `lodge.admin.v1`.
+    pub mod admin {
+        tonic::include_proto!("lodge.admin.v1");
+    }
+
+    /// Encoded descriptors of every Lodge service, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lodge_descriptor");
+}

@@ -64,12 +64,22 @@ pub struct ChildSpec {
 impl ChildSpec {
     /// A permanent child built by `factory` on every (re)start; returns the spec and a reference
     /// that stays valid across restarts.
-    pub fn actor<A, F>(name: impl Into<String>, mut factory: F) -> (Self, ActorRef<A>)
+    pub fn actor<A, F>(name: impl Into<String>, factory: F) -> (Self, ActorRef<A>)
     where
         A: Managed,
         F: FnMut() -> A + Send + 'static,
     {
         let actor_ref: ActorRef<A> = ActorRef::unbound();
+        (Self::actor_for(name, &actor_ref, factory), actor_ref)
+    }
+
+    /// Like [`actor`](Self::actor), binding an existing reference: for a parent's children factory,
+    /// which runs again at every restart of the parent while callers keep their reference.
+    pub fn actor_for<A, F>(name: impl Into<String>, actor_ref: &ActorRef<A>, mut factory: F) -> Self
+    where
+        A: Managed,
+        F: FnMut() -> A + Send + 'static,
+    {
         let starter_ref = actor_ref.clone();
         let detach_ref = actor_ref.clone();
         let starter: Starter = Box::new(move |args: StartArgs<'_>| {
@@ -88,7 +98,7 @@ impl ChildSpec {
             starter_ref.set_addr(Some(addr));
             Ok(())
         });
-        let spec = Self {
+        Self {
             name: name.into(),
             kind: A::KIND,
             restart: Restart::Permanent,
@@ -97,8 +107,7 @@ impl ChildSpec {
             starter,
             detach: Box::new(move || detach_ref.set_addr(None)),
             supervisor_ref: None,
-        };
-        (spec, actor_ref)
+        }
     }
 
     /// A child that is itself a supervisor, running on the control arbiter.

@@ -1,0 +1,18 @@
+//! Generates the gRPC code from `proto/` with a vendored `protoc`, so a machine with only the Rust
+//! toolchain builds Lodge.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY of intent: build scripts are single-threaded; prost-build reads PROTOC.
+    std::env::set_var("PROTOC", protoc);
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
+    let protos = ["lodge/admin/v1/admin.proto"];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("lodge_descriptor.bin"))
+        .compile_protos(&protos.map(|p| root.join(p)), &[root.clone()])?;
+    println!("cargo:rerun-if-changed={}", root.display());
+    Ok(())
+}

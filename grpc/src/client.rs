@@ -1,0 +1,50 @@
+//! Connecting to a node: plaintext or TLS, with an optional client certificate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// TLS settings of a client; all empty means plaintext.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// CA certificate to verify the server with; setting it turns TLS on.
+    pub ca: Option<PathBuf>,
+    /// Client certificate, for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key, for mutual TLS.
+    pub key: Option<PathBuf>,
+    /// Name expected in the server certificate (default: the endpoint's host).
+    pub domain: Option<String>,
+}
+
+fn read(what: &str, p: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+/// Opens a channel to `endpoint` (`HOST:PORT`).
+pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String> {
+    let scheme = if tls.ca.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
+        .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &tls.ca {
+        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            cfg = cfg.identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?));
+        }
+        if let Some(d) = &tls.domain {
+            cfg = cfg.domain_name(d.clone());
+        }
+        ep = ep.tls_config(cfg).map_err(|e| format!("TLS: {e}"))?;
+    }
+    ep.connect().await.map_err(|e| {
+        let mut msg = format!("cannot connect to {endpoint}: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        msg
+    })
+}

@@ -1,0 +1,199 @@
+//! RPC and connection metrics: a tower layer that sees every call, whatever the service.
+//!
+//! A gRPC call's status travels in the trailers (or, for an early error, in the response headers),
+//! so the layer wraps the response body and records the call when the trailers go by.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    grpc_method: String,
+    grpc_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_method: String,
+}
+
+/// RPC and connection figures of the gRPC server.
+pub struct ServerMetrics {
+    handled: Family<CallLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+    /// Connections open now.
+    pub connections_active: Gauge,
+    /// Connections accepted since start.
+    pub connections_accepted: Counter,
+    /// Connections refused by `server.max_connections`.
+    pub connections_rejected: Counter,
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them under `lodge_grpc_*`.
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let m = Self {
+            handled: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
+            connections_active: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_rejected: Counter::default(),
+        };
+        registry.register("lodge_grpc_server_handled", "RPCs completed, by method and status code", m.handled.clone());
+        registry.register("lodge_grpc_server_handling_seconds", "RPC latency from request to status, by method", m.latency.clone());
+        registry.register("lodge_grpc_connections_active", "Open client connections", m.connections_active.clone());
+        registry.register("lodge_grpc_connections_accepted", "Client connections accepted", m.connections_accepted.clone());
+        registry.register(
+            "lodge_grpc_connections_rejected",
+            "Client connections refused because server.max_connections was reached",
+            m.connections_rejected.clone(),
+        );
+        Arc::new(m)
+    }
+
+    fn record(&self, method: &str, code: tonic::Code, started: Instant) {
+        self.handled
+            .get_or_create(&CallLabels {
+                grpc_method: method.to_string(),
+                grpc_code: format!("{code:?}"),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels {
+                grpc_method: method.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Layer adding [`ServerMetrics`] recording to a service.
+#[derive(Clone)]
+pub struct MetricsLayer(pub Arc<ServerMetrics>);
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// See [`MetricsLayer`].
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<ServerMetrics>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin,
+{
+    type Response = http::Response<MetricsBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let recorder = Recorder {
+            metrics: self.metrics.clone(),
+            method: req.uri().path().to_string(),
+            started: Instant::now(),
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let (parts, body) = resp.into_parts();
+            let recorder = match status_of(&parts.headers) {
+                // Trailers-only answer: the call is over already.
+                Some(code) => {
+                    recorder.finish(code);
+                    None
+                }
+                None => Some(recorder),
+            };
+            Ok(http::Response::from_parts(parts, MetricsBody { inner: body, recorder }))
+        })
+    }
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+struct Recorder {
+    metrics: Arc<ServerMetrics>,
+    method: String,
+    started: Instant,
+}
+
+impl Recorder {
+    fn finish(self, code: tonic::Code) {
+        self.metrics.record(&self.method, code, self.started);
+    }
+}
+
+/// A response body that records its call when the status trailers pass.
+pub struct MetricsBody<B> {
+    inner: B,
+    recorder: Option<Recorder>,
+}
+
+impl<B: Body + Unpin> Body for MetricsBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                if let Some(r) = self.recorder.take() {
+                    r.finish(code);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for MetricsBody<B> {
+    fn drop(&mut self) {
+        // The body went away before its status: the client cancelled or the connection broke.
+        if let Some(r) = self.recorder.take() {
+            r.finish(tonic::Code::Cancelled);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Assembling and running the gRPC server: TLS, connection limit, HTTP/2 settings, health,
+//! reflection, metrics and graceful drain.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use lodge_actors::admin::AdminActor;
+use lodge_actors::ActorRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::admin::AdminService;
+use crate::metrics::{MetricsLayer, ServerMetrics};
+use crate::pb;
+
+/// PEM material for the listener.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    /// Server certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Server private key.
+    pub key_pem: Vec<u8>,
+    /// CA that client certificates must chain to; `Some` turns on mutual TLS.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// How the server runs (the `[server]` configuration section).
+#[derive(Clone)]
+pub struct ServerSettings {
+    pub tls: Option<TlsMaterial>,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub max_message_bytes: usize,
+    pub request_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Builds the rustls configuration; an error here is a fatal configuration error, never a reason
+/// to fall back to plaintext.
+pub fn tls_config(tls: &TlsMaterial) -> Result<ServerTlsConfig, String> {
+    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+    if let Some(ca) = &tls.client_ca_pem {
+        cfg = cfg.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+    }
+    // tonic parses the PEM when the config is applied; do it now to surface errors early.
+    Server::builder().tls_config(cfg.clone()).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        msg
+    })?;
+    Ok(cfg)
+}
+
+/// The node's services, with their health entries.
+pub struct NodeServices {
+    pub routes: Routes,
+    pub health: HealthReporter,
+}
+
+/// Service names reported by grpc.health.v1 besides the node-wide "".
+const SERVICE_NAMES: &[&str] = &["lodge.admin.v1.Admin"];
+
+/// Builds the routes: admin, health and reflection.
+pub async fn node_services(admin: ActorRef<AdminActor>, s: &ServerSettings) -> Result<NodeServices, String> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    for name in SERVICE_NAMES {
+        health.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(admin, s.request_timeout))
+        .max_decoding_message_size(s.max_message_bytes)
+        .max_encoding_message_size(s.max_message_bytes);
+    let routes = Routes::new(health_service).add_service(reflection).add_service(admin);
+    Ok(NodeServices { routes, health })
+}
+
+/// Marks every service NOT_SERVING (the first step of a shutdown).
+pub async fn set_not_serving(health: &HealthReporter) {
+    health.set_service_status("", ServingStatus::NotServing).await;
+    for name in SERVICE_NAMES {
+        health.set_service_status(*name, ServingStatus::NotServing).await;
+    }
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then drains in-flight calls for at most
+/// `drain_timeout`. Returns whether the drain finished in time.
+pub async fn serve(
+    settings: &ServerSettings,
+    listener: TcpListener,
+    routes: Routes,
+    metrics: Arc<ServerMetrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<bool, tonic::transport::Error> {
+    let mut builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls_config(tls_config(tls).expect("TLS material is validated at start-up"))?;
+    }
+    let incoming = limited(listener, settings.max_connections, metrics.clone());
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_timeout = settings.drain_timeout;
+    let signal = async move {
+        shutdown.await;
+        let _ = drain_tx.send(());
+    };
+    let server = builder
+        .timeout(settings.request_timeout)
+        .http2_keepalive_interval(Some(settings.keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.keepalive_timeout))
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .tcp_nodelay(true)
+        .layer(MetricsLayer(metrics))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map(|_| true),
+        _ = drain_rx => {}
+    }
+    // Shutdown began: new connections are refused and open ones got GOAWAY; wait for in-flight calls.
+    match tokio::time::timeout(drain_timeout, server).await {
+        Ok(r) => r.map(|_| true),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Accepts connections up to `max`; extra ones are closed at once and counted.
+fn limited(
+    listener: TcpListener,
+    max: usize,
+    metrics: Arc<ServerMetrics>,
+) -> impl Stream<Item = Result<LimitedConn, io::Error>> {
+    let active = Arc::new(AtomicUsize::new(0));
+    TcpListenerStream::new(listener).filter_map(move |conn| {
+        let stream = conn.ok()?;
+        if active.load(Ordering::Relaxed) >= max {
+            metrics.connections_rejected.inc();
+            drop(stream);
+            return None;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        metrics.connections_accepted.inc();
+        metrics.connections_active.inc();
+        Some(Ok(LimitedConn {
+            inner: stream,
+            slot: Slot {
+                active: active.clone(),
+                metrics: metrics.clone(),
+            },
+        }))
+    })
+}
+
+struct Slot {
+    active: Arc<AtomicUsize>,
+    metrics: Arc<ServerMetrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.connections_active.dec();
+    }
+}
+
+/// A counted client connection.
+pub struct LimitedConn {
+    inner: TcpStream,
+    #[allow(dead_code)] // held for its Drop
+    slot: Slot,
+}
+
+impl Connected for LimitedConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Binds the listener (before any actor work, so a taken port fails fast).
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

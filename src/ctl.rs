@@ -1,0 +1,268 @@
+//! `lodge ctl`: the admin RPC from a terminal. Tables for people, `--json` for scripts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::pb::admin::{self as pb, admin_client::AdminClient};
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+
+/// Where and how to reach a node; shared by every client subcommand.
+#[derive(Args, Clone, Debug)]
+pub struct Connection {
+    /// Node address HOST:PORT.
+    #[arg(long, global = true, env = "LODGE_ENDPOINT", default_value = "127.0.0.1:7400")]
+    pub endpoint: String,
+    /// CA certificate (PEM) to verify a TLS node with; turns TLS on.
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// Server name to expect in the node's certificate.
+    #[arg(long, global = true)]
+    pub tls_domain: Option<String>,
+    /// Print JSON (one document; one per line for `events`).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Ctl {
+    /// List actors.
+    Actors {
+        /// Path glob (`*`, `?`).
+        #[arg(long, default_value = "")]
+        glob: String,
+        /// Only this kind.
+        #[arg(long, default_value = "")]
+        kind: String,
+        /// Sort order (numeric keys: largest first).
+        #[arg(long, value_enum, default_value_t = Sort::Path)]
+        sort: Sort,
+        /// Rows at most (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Show one actor with its state dump.
+    Actor { path: String },
+    /// Show the supervision tree.
+    Tree {
+        #[arg(long, default_value = "/node")]
+        root: String,
+        /// Levels (0 = all).
+        #[arg(long, default_value_t = 0)]
+        depth: u32,
+    },
+    /// Stream lifecycle events until interrupted.
+    Events {
+        #[arg(long, default_value = "")]
+        glob: String,
+    },
+    /// Node version, uptime and effective configuration.
+    Info,
+    /// Restart an actor through its supervisor (needs admin.allow_mutations).
+    Restart { path: String },
+    /// Stop an actor (needs admin.allow_mutations).
+    Stop { path: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Sort {
+    Path,
+    Queue,
+    Restarts,
+    Rate,
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::LifecycleState::try_from(s) {
+        Ok(pb::LifecycleState::Starting) => "starting",
+        Ok(pb::LifecycleState::Running) => "running",
+        Ok(pb::LifecycleState::Restarting) => "restarting",
+        Ok(pb::LifecycleState::Stopping) => "stopping",
+        Ok(pb::LifecycleState::Stopped) => "stopped",
+        Ok(pb::LifecycleState::Failed) => "failed",
+        _ => "unknown",
+    }
+}
+
+fn event_name(t: i32) -> &'static str {
+    match pb::EventType::try_from(t) {
+        Ok(pb::EventType::Started) => "started",
+        Ok(pb::EventType::Stopped) => "stopped",
+        Ok(pb::EventType::Failed) => "failed",
+        Ok(pb::EventType::Restarted) => "restarted",
+        _ => "unknown",
+    }
+}
+
+fn summary_json(a: &pb::ActorSummary) -> Value {
+    json!({
+        "path": a.path, "kind": a.kind, "parent": a.parent, "state": state_name(a.state),
+        "queue_len": a.queue_len, "messages_handled": a.messages_handled, "message_rate": a.message_rate,
+        "restarts": a.restarts,
+        "last_failure": a.last_failure.as_ref().map(|f| json!({"reason": f.reason, "at_unix_ms": f.at_unix_ms})),
+        "started_at_unix_ms": a.started_at_unix_ms, "last_activity_unix_ms": a.last_activity_unix_ms,
+        "latency_p50_us": a.latency_p50_us, "latency_p99_us": a.latency_p99_us,
+    })
+}
+
+fn tree_json(n: &pb::TreeNode) -> Value {
+    json!({
+        "path": n.path, "kind": n.kind, "state": state_name(n.state), "restarts": n.restarts,
+        "children": n.children.iter().map(tree_json).collect::<Vec<_>>(),
+    })
+}
+
+fn print_tree(n: &pb::TreeNode, prefix: &str, last: bool, top: bool) {
+    let (branch, next) = if top { ("", "") } else if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+    println!("{prefix}{branch}{}  [{} {}, restarts {}]", n.path, n.kind, state_name(n.state), n.restarts);
+    let child_prefix = format!("{prefix}{next}");
+    for (i, c) in n.children.iter().enumerate() {
+        print_tree(c, &child_prefix, i + 1 == n.children.len(), false);
+    }
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}µs"))
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+/// Runs a ctl subcommand; returns the process exit code.
+pub async fn run(conn: Connection, cmd: Ctl) -> i32 {
+    match run_inner(&conn, cmd).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            1
+        }
+    }
+}
+
+fn rpc_error(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
+    let tls = ClientTls {
+        ca: conn.tls_ca.clone(),
+        cert: conn.tls_cert.clone(),
+        key: conn.tls_key.clone(),
+        domain: conn.tls_domain.clone(),
+    };
+    let channel = client::connect(&conn.endpoint, &tls).await?;
+    let mut c = AdminClient::new(channel);
+    match cmd {
+        Ctl::Actors { glob, kind, sort, limit } => {
+            let sort_by = match sort {
+                Sort::Path => pb::SortBy::Path,
+                Sort::Queue => pb::SortBy::QueueLen,
+                Sort::Restarts => pb::SortBy::Restarts,
+                Sort::Rate => pb::SortBy::MessageRate,
+            } as i32;
+            let r = c
+                .list_actors(pb::ListActorsRequest { path_glob: glob, kind, sort_by, limit })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if conn.json {
+                println!("{}", json!({"matched": r.matched, "actors": r.actors.iter().map(summary_json).collect::<Vec<_>>()}));
+            } else {
+                let mut rows = vec![["PATH", "KIND", "STATE", "QUEUE", "MSGS", "RATE/S", "RESTARTS", "P50", "P99", "LAST FAILURE"]
+                    .map(String::from)
+                    .to_vec()];
+                for a in &r.actors {
+                    rows.push(vec![
+                        a.path.clone(),
+                        a.kind.clone(),
+                        state_name(a.state).into(),
+                        a.queue_len.to_string(),
+                        a.messages_handled.to_string(),
+                        format!("{:.1}", a.message_rate),
+                        a.restarts.to_string(),
+                        us(a.latency_p50_us),
+                        us(a.latency_p99_us),
+                        a.last_failure.as_ref().map_or("-".into(), |f| f.reason.clone()),
+                    ]);
+                }
+                print_table(&rows);
+                println!("({} shown of {} matching)", r.actors.len(), r.matched);
+            }
+        }
+        Ctl::Actor { path } => {
+            let r = c.get_actor(pb::GetActorRequest { path }).await.map_err(rpc_error)?.into_inner();
+            let state: Value = serde_json::from_str(&r.state_json).unwrap_or(Value::Null);
+            let mut doc = r.actor.as_ref().map(summary_json).unwrap_or(Value::Null);
+            doc["children"] = json!(r.children);
+            doc["state_dump"] = state;
+            if conn.json {
+                println!("{doc}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc).expect("JSON value"));
+            }
+        }
+        Ctl::Tree { root, depth } => {
+            let r = c.tree(pb::TreeRequest { root, depth }).await.map_err(rpc_error)?.into_inner();
+            let root = r.root.ok_or("empty tree answer")?;
+            if conn.json {
+                println!("{}", tree_json(&root));
+            } else {
+                print_tree(&root, "", true, true);
+            }
+        }
+        Ctl::Events { glob } => {
+            let mut stream = c.watch_events(pb::WatchEventsRequest { path_glob: glob }).await.map_err(rpc_error)?.into_inner();
+            while let Some(e) = stream.next().await {
+                let e = e.map_err(rpc_error)?;
+                if conn.json {
+                    println!("{}", json!({"at_unix_ms": e.at_unix_ms, "path": e.path, "kind": e.kind, "type": event_name(e.r#type), "reason": e.reason, "restarts": e.restarts, "missed": e.missed}));
+                } else if e.missed > 0 {
+                    println!("... {} events missed (reading too slowly)", e.missed);
+                } else {
+                    println!("{} {:<9} {} [{}] restarts={} {}", e.at_unix_ms, event_name(e.r#type), e.path, e.kind, e.restarts, e.reason);
+                }
+            }
+        }
+        Ctl::Info => {
+            let r = c.node_info(pb::NodeInfoRequest {}).await.map_err(rpc_error)?.into_inner();
+            let cfg: Value = serde_json::from_str(&r.config_json).unwrap_or(Value::Null);
+            let doc = json!({"node_id": r.node_id, "version": r.version, "started_at_unix_ms": r.started_at_unix_ms, "uptime_ms": r.uptime_ms, "config": cfg});
+            if conn.json {
+                println!("{doc}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc).expect("JSON value"));
+            }
+        }
+        Ctl::Restart { path } => {
+            let r = c.restart_actor(pb::RestartActorRequest { path: path.clone() }).await.map_err(rpc_error)?.into_inner();
+            if conn.json {
+                println!("{}", json!({"path": path, "restarts": r.restarts}));
+            } else {
+                println!("restarted {path} (restarts: {})", r.restarts);
+            }
+        }
+        Ctl::Stop { path } => {
+            c.stop_actor(pb::StopActorRequest { path: path.clone() }).await.map_err(rpc_error)?;
+            if conn.json {
+                println!("{}", json!({"path": path, "stopped": true}));
+            } else {
+                println!("stopped {path}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! slog set-up: terminal or JSON lines on stderr, level from the configuration. The same logger is
+//! handed to the actor runtime (and, with the cluster, to raft-rs), so everything lands in one place.
+
+use std::str::FromStr;
+
+use slog::{o, Drain, Level, Logger};
+
+/// Flushes buffered records when dropped; keep it alive until the process exits.
+pub type Guard = slog_async::AsyncGuard;
+
+/// Builds the node's logger.
+pub fn build(level: &str, format: &str, node_id: u64) -> (Logger, Guard) {
+    let level = Level::from_str(level).unwrap_or(Level::Info);
+    let (drain, guard) = if format == "json" {
+        let json = slog_json::Json::new(std::io::stderr())
+            .add_default_keys()
+            .build()
+            .fuse();
+        slog_async::Async::new(json).build_with_guard()
+    } else {
+        let decorator = slog_term::TermDecorator::new().stderr().build();
+        let term = slog_term::FullFormat::new(decorator).build().fuse();
+        slog_async::Async::new(term).build_with_guard()
+    };
+    let drain = drain.filter_level(level).fuse();
+    (Logger::root(drain, o!("node" => node_id)), guard)
+}

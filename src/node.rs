@@ -1,0 +1,201 @@
+//! `lodge node`: wires configuration, the actor tree, the gRPC server and the metrics page, and
+//! runs the shutdown sequence.
+//!
+//! Threads: the main thread runs the actix system (supervisors and control actors), worker
+//! arbiters run ordinary actors, and a multi-thread tokio runtime serves gRPC and /metrics.
+
+use std::sync::Arc;
+
+use lodge_actors::admin::{AdminActor, NodeFacts};
+use lodge_actors::supervision::Exit;
+use lodge_actors::{clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy, SupervisorSpec};
+use lodge_grpc::metrics::ServerMetrics;
+use lodge_grpc::server::{self, ServerSettings};
+use slog::{error, info, warn};
+
+use crate::config::NodeConfig;
+use crate::metrics::{ActorCollector, ActorsHandle, ProcessCollector};
+
+fn runtime_config(c: &NodeConfig) -> RuntimeConfig {
+    let s = &c.supervision;
+    let workers = match c.runtime.worker_arbiters {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    RuntimeConfig {
+        worker_arbiters: workers,
+        mailbox_capacity: c.runtime.mailbox_capacity,
+        restart_limit: RestartLimit {
+            max_restarts: s.max_restarts,
+            within: NodeConfig::duration(s.restart_window_ms),
+        },
+        backoff: Backoff {
+            initial: NodeConfig::duration(s.backoff_initial_ms),
+            max: NodeConfig::duration(s.backoff_max_ms),
+            jitter: s.backoff_jitter,
+        },
+        shutdown_timeout: NodeConfig::duration(s.shutdown_timeout_ms),
+    }
+}
+
+fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSettings {
+    let s = &c.server;
+    ServerSettings {
+        tls,
+        max_connections: s.max_connections,
+        max_concurrent_streams: s.max_concurrent_streams,
+        max_message_bytes: s.max_message_bytes,
+        request_timeout: NodeConfig::duration(s.request_timeout_ms),
+        keepalive_interval: NodeConfig::duration(s.keepalive_interval_ms),
+        keepalive_timeout: NodeConfig::duration(s.keepalive_timeout_ms),
+        drain_timeout: NodeConfig::duration(s.drain_timeout_ms),
+    }
+}
+
+/// The supervision tree of a node. `/node` is rest_for_one: a later child may depend on an
+/// earlier one, never the reverse.
+fn root_spec(admin: &ActorRef<AdminActor>, registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>, facts: Arc<NodeFacts>, allow_mutations: bool) -> SupervisorSpec {
+    let admin = admin.clone();
+    SupervisorSpec::new(Strategy::RestForOne, move || {
+        let registry = registry.clone();
+        let facts = facts.clone();
+        vec![ChildSpec::actor_for("admin", &admin, move || {
+            AdminActor::new(registry.get().expect("registry set before start").clone(), facts.clone(), allow_mutations)
+        })
+        .placement(Placement::Control)]
+    })
+}
+
+/// Runs a node until SIGTERM/SIGINT (exit 0) or until the actor tree gives up (exit 1).
+pub fn run(cfg: NodeConfig) -> i32 {
+    let (log, _log_guard) = crate::logging::build(&cfg.log.level, &cfg.log.format, cfg.node.id);
+    let tls = match cfg.tls_material() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+    };
+    let settings = server_settings(&cfg, tls);
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lodge-io")
+        .enable_all()
+        .build()
+        .expect("building the I/O runtime");
+    let grpc_addr = cfg.grpc_addr().expect("validated");
+    let metrics_addr = cfg.metrics_addr().expect("validated");
+    let listeners = tokio_rt.block_on(async { Ok::<_, std::io::Error>((server::bind(grpc_addr).await?, server::bind(metrics_addr).await?)) });
+    let (grpc_listener, metrics_listener) = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lodge: cannot listen on {grpc_addr} / {metrics_addr}: {e}");
+            return 1;
+        }
+    };
+    let grpc_local = grpc_listener.local_addr().expect("bound socket");
+    let metrics_local = metrics_listener.local_addr().expect("bound socket");
+    if let Err(e) = std::fs::create_dir_all(&cfg.node.data_dir) {
+        eprintln!("lodge: configuration error: node.data_dir: cannot create {}: {e}", cfg.node.data_dir.display());
+        return 2;
+    }
+
+    let facts = Arc::new(NodeFacts {
+        node_id: cfg.node.id,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at_ms: clock::precise_ms(),
+        config_json: cfg.redacted_json(),
+    });
+    let io = tokio_rt.handle().clone();
+    let system = actix_rt::System::new();
+    let code = system.block_on(async move {
+        let admin_ref: ActorRef<AdminActor> = ActorRef::default();
+        let registry_slot = Arc::new(std::sync::OnceLock::new());
+        let root = root_spec(&admin_ref, registry_slot.clone(), facts, cfg.admin.allow_mutations);
+        let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
+        let _ = registry_slot.set(runtime.registry().clone());
+        let tree_exit = runtime.wait_exit();
+
+        let mut prom = prometheus_client::registry::Registry::default();
+        let server_metrics = ServerMetrics::register(&mut prom);
+        prom.register_collector(Box::new(ActorCollector(ActorsHandle(runtime.registry().clone()))));
+        prom.register_collector(Box::new(ProcessCollector));
+        let prom = Arc::new(prom);
+
+        let built = {
+            let (admin, settings) = (admin_ref.clone(), settings.clone());
+            io.spawn(async move { server::node_services(admin, &settings).await }).await
+        };
+        let services = match built.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(log, "cannot build services"; "error" => e);
+                return 1;
+            }
+        };
+        let health = services.health.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server_task = {
+            let settings = settings.clone();
+            let metrics = server_metrics.clone();
+            io.spawn(async move {
+                server::serve(&settings, grpc_listener, services.routes, metrics, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            })
+        };
+        let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom));
+        let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
+        io.spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            };
+            let _ = sig_tx.send(name);
+        });
+        info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some());
+        // One machine-readable line on stdout: scripts and tests read the bound ports from it.
+        println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
+
+        tokio::pin!(tree_exit);
+        let failure = tokio::select! {
+            sig = sig_rx => {
+                info!(log, "shutting down"; "signal" => sig.unwrap_or("signal"));
+                None
+            }
+            exit = &mut tree_exit => Some(exit),
+        };
+        // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
+        let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
+        let _ = stop_tx.send(());
+        match server_task.await {
+            Ok(Ok(true)) => info!(log, "in-flight calls drained"),
+            Ok(Ok(false)) => warn!(log, "drain timeout reached; remaining calls cut"; "drain_timeout_ms" => settings.drain_timeout.as_millis() as u64),
+            Ok(Err(e)) => error!(log, "gRPC server error"; "error" => %e),
+            Err(e) => error!(log, "gRPC server task failed"; "error" => %e),
+        }
+        metrics_task.abort();
+        let exit = match failure {
+            Some(exit) => exit,
+            None => {
+                runtime.shutdown();
+                tree_exit.await
+            }
+        };
+        runtime.stop_arbiters();
+        match exit {
+            Exit::Normal => {
+                info!(log, "stopped");
+                0
+            }
+            Exit::Failed(reason) | Exit::Panicked(reason) => {
+                error!(log, "actor tree gave up; exiting"; "reason" => reason);
+                1
+            }
+        }
+    });
+    tokio_rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
