@@ -124,14 +124,62 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
             .expect("static response");
     }
     let mut body = String::new();
+    let openmetrics = req
+        .headers()
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
     match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => Response::builder()
+        Ok(()) if openmetrics => Response::builder()
             .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
             .body(Full::new(Bytes::from(body)))
+            .expect("static response"),
+        Ok(()) => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(to_prometheus_text(&body))))
             .expect("static response"),
         Err(_) => Response::builder()
             .status(500)
             .body(Full::new(Bytes::from_static(b"encoding failed\n")))
             .expect("static response"),
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format (what `promtool check metrics`
+/// and older scrapers read): counter families are named with their `_total` suffix, and the
+/// OpenMetrics-only `# UNIT` and `# EOF` lines go.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_families_take_their_total_suffix_in_prometheus_text() {
+        let om = "# HELP reqs Requests.\n# TYPE reqs counter\nreqs_total{a=\"b\"} 1\n# HELP up Up.\n# TYPE up gauge\nup 1\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP reqs_total Requests.\n# TYPE reqs_total counter\nreqs_total{a=\"b\"} 1\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
     }
 }

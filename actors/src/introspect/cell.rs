@@ -72,6 +72,8 @@ pub(crate) struct Control {
     pub dumps: Vec<oneshot::Sender<serde_json::Value>>,
     /// Set by an actor that stops because it failed (supervisors escalating), read at exit.
     pub failure: Option<String>,
+    /// Set by an actor that defers its start acknowledgement, once it is ready.
+    pub ready: bool,
 }
 
 /// Live statistics and control of one actor path. Survives restarts of the actor at that path, so
@@ -282,6 +284,15 @@ impl ActorCell {
             w.wake();
         }
         rx
+    }
+
+    /// Declares the running incarnation ready (for actors that defer their start acknowledgement).
+    pub(crate) fn mark_ready(&self) {
+        let mut c = self.lock_control();
+        c.ready = true;
+        if let Some(w) = c.waker.take() {
+            w.wake();
+        }
     }
 
     /// Marks the running incarnation as failing with `reason`; the actor is expected to stop next.

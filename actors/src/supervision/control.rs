@@ -15,7 +15,7 @@ use actix::{ActorContext, ActorFuture, Addr, Context};
 use tokio::sync::oneshot;
 
 use super::spec::Managed;
-use super::supervisor::{ChildExited, Supervisor};
+use super::supervisor::{ChildExited, ChildStarted, Supervisor};
 use crate::introspect::ActorCell;
 
 /// How an actor incarnation ended.
@@ -81,6 +81,8 @@ pub(crate) struct ControlItem {
     cell: Arc<ActorCell>,
     incarnation: u64,
     notify: Option<ExitNotify>,
+    /// Whether the supervisor was told that `started()` has run.
+    acked: bool,
 }
 
 impl ControlItem {
@@ -89,6 +91,7 @@ impl ControlItem {
             cell,
             incarnation,
             notify: Some(notify),
+            acked: false,
         }
     }
 }
@@ -97,21 +100,33 @@ impl<A: Managed> ActorFuture<A> for ControlItem {
     type Output = ();
 
     fn poll(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         act: &mut A,
         ctx: &mut Context<A>,
         task: &mut std::task::Context<'_>,
     ) -> Poll<()> {
-        let (stop, dumps) = {
+        let (stop, dumps, ready) = {
             let mut c = self.cell.lock_control();
             if c.incarnation != self.incarnation {
                 return Poll::Pending;
             }
+            let ready = !A::DEFERS_READY || c.ready;
             if !c.waker.as_ref().is_some_and(|w| w.will_wake(task.waker())) {
                 c.waker = Some(task.waker().clone());
             }
-            (std::mem::take(&mut c.stop), std::mem::take(&mut c.dumps))
+            (std::mem::take(&mut c.stop), std::mem::take(&mut c.dumps), ready)
         };
+        // actix polls context items only after `started()` has returned (and any future it
+        // `wait`ed on): the first poll is the moment the actor is up.
+        if ready && !self.acked {
+            self.acked = true;
+            if let Some(ExitNotify::Supervisor { addr, child }) = &self.notify {
+                addr.do_send(ChildStarted {
+                    child: *child,
+                    incarnation: self.incarnation,
+                });
+            }
+        }
         if !dumps.is_empty() {
             let state = act.dump_state();
             for d in dumps {

@@ -18,6 +18,11 @@ pub trait Managed: Actor<Context = Context<Self>> + Send + 'static {
     /// Kind shown by the admin RPC and used as a metrics label, e.g. `"admin"`.
     const KIND: &'static str;
 
+    /// Whether the actor tells its supervisor itself when it is ready (see `ActorCell::mark_ready`)
+    /// instead of as soon as `started()` has run. Supervisors do, so that a subtree counts as
+    /// started only when all of it has.
+    const DEFERS_READY: bool = false;
+
     /// A structured view of the actor's state for `GetActor`. Keep it cheap and free of secrets.
     fn dump_state(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -27,6 +27,14 @@ pub(crate) struct ChildExited {
     pub exit: Exit,
 }
 
+/// Sent by a child's control item once its `started()` has run.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ChildStarted {
+    pub child: u64,
+    pub incarnation: u64,
+}
+
 /// Adds and starts a child at run time (per-entity actors such as sessions). Answers its path.
 #[derive(Message)]
 #[rtype(result = "Result<String, String>")]
@@ -94,6 +102,15 @@ struct StopJob {
     then: Then,
 }
 
+/// Children to start one after the other: the next starts when the previous has acknowledged
+/// that its `started()` ran, or failed, or timed out.
+#[derive(Default)]
+struct StartQueue {
+    pending: std::collections::VecDeque<(u64, bool)>,
+    /// (child, incarnation, is_restart, timeout timer) of the start in progress.
+    current: Option<(u64, u64, bool, SpawnHandle)>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -113,6 +130,7 @@ pub struct Supervisor {
     next_id: u64,
     history: RestartHistory,
     job: Option<StopJob>,
+    starts: StartQueue,
     /// Children whose failure arrived during a job.
     deferred: Vec<u64>,
     timers: Vec<SpawnHandle>,
@@ -121,6 +139,7 @@ pub struct Supervisor {
 
 impl Managed for Supervisor {
     const KIND: &'static str = "supervisor";
+    const DEFERS_READY: bool = true;
 
     fn dump_state(&self) -> serde_json::Value {
         serde_json::json!({
@@ -207,6 +226,7 @@ impl Supervisor {
             next_id: 0,
             history: RestartHistory::default(),
             job: None,
+            starts: StartQueue::default(),
             deferred: Vec::new(),
             timers: Vec::new(),
             phase: Phase::Running,
@@ -270,19 +290,79 @@ impl Supervisor {
         self.rt.registry.deregister(c.cell.path());
     }
 
-    /// Starts the given waiting children in order.
+    /// Queues the given waiting children for starting, in order.
     fn start_now(&mut self, ids: &[u64], is_restart: bool, ctx: &mut Context<Self>) {
-        for &id in ids {
+        self.starts.pending.extend(ids.iter().map(|id| (*id, is_restart)));
+        self.pump_starts(ctx);
+    }
+
+    /// Starts queued children until one is in progress.
+    fn pump_starts(&mut self, ctx: &mut Context<Self>) {
+        while self.starts.current.is_none() {
+            let Some((id, is_restart)) = self.starts.pending.pop_front() else {
+                // The initial children are up (or being retried): this subtree has started.
+                self.cell.mark_ready();
+                return;
+            };
             let Some(idx) = self.index(id) else { continue };
             if self.children[idx].status != Status::Waiting || self.phase != Phase::Running {
                 continue;
             }
-            if let Err(reason) = self.start_child(idx, is_restart, ctx) {
-                self.on_failure(idx, reason, true, ctx);
+            match self.start_child(idx, is_restart, ctx) {
+                Ok(()) => {
+                    let child = &self.children[idx];
+                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
+                    let inc = child.incarnation;
+                    let timer = ctx.run_later(timeout, move |act, ctx| act.start_timed_out(id, inc, timeout, ctx));
+                    self.starts.current = Some((id, inc, is_restart, timer));
+                }
+                Err(reason) => self.on_failure(idx, reason, true, ctx),
             }
         }
     }
 
+    /// Clears the start in progress if it is `id`'s; returns (is_restart) when it was.
+    fn end_current_start(&mut self, id: u64, incarnation: u64, ctx: &mut Context<Self>) -> Option<bool> {
+        match self.starts.current {
+            Some((cur, inc, is_restart, timer)) if cur == id && inc == incarnation => {
+                ctx.cancel_future(timer);
+                self.starts.current = None;
+                Some(is_restart)
+            }
+            _ => None,
+        }
+    }
+
+    fn on_started(&mut self, msg: ChildStarted, ctx: &mut Context<Self>) {
+        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else { return };
+        if let Some(idx) = self.index(msg.child) {
+            let child = &self.children[idx];
+            if child.status == Status::Running {
+                child.cell.set_state(Lifecycle::Running);
+                let event = if is_restart { EventKind::Restarted } else { EventKind::Started };
+                self.rt.registry.emit(&child.cell, event, None);
+            }
+        }
+        self.pump_starts(ctx);
+    }
+
+    fn start_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+        if self.end_current_start(id, incarnation, ctx).is_none() {
+            return;
+        }
+        if let Some(idx) = self.index(id) {
+            if self.children[idx].status == Status::Running {
+                // Stuck in `started()`: ask it to go, forget this incarnation, and treat it as a failure.
+                self.children[idx].cell.request_stop();
+                (self.children[idx].spec.detach)();
+                let reason = format!("did not finish starting within {timeout:?}");
+                self.on_failure(idx, reason, true, ctx);
+            }
+        }
+        self.pump_starts(ctx);
+    }
+
+    /// Builds and launches one child; it counts as running once its `started()` acknowledges.
     fn start_child(&mut self, idx: usize, is_restart: bool, ctx: &mut Context<Self>) -> Result<(), String> {
         let arbiter = match &self.children[idx].spec.placement {
             Placement::Control => self.rt.control.clone(),
@@ -306,22 +386,26 @@ impl Supervisor {
         (child.spec.starter)(args)?;
         child.status = Status::Running;
         child.last_start = Instant::now();
-        child.cell.set_state(Lifecycle::Running);
         if is_restart {
             child.cell.count_restart();
-            self.rt.registry.emit(&child.cell, EventKind::Restarted, None);
-        } else {
-            self.rt.registry.emit(&child.cell, EventKind::Started, None);
         }
         Ok(())
     }
 
     fn on_exit(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
         let Some(idx) = self.index(msg.child) else { return };
-        let child = &mut self.children[idx];
-        if child.incarnation != msg.incarnation {
+        if self.children[idx].incarnation != msg.incarnation {
             return;
         }
+        let was_starting = self.end_current_start(msg.child, msg.incarnation, ctx).is_some();
+        self.handle_exit(idx, msg, ctx);
+        if was_starting {
+            self.pump_starts(ctx);
+        }
+    }
+
+    fn handle_exit(&mut self, idx: usize, msg: ChildExited, ctx: &mut Context<Self>) {
+        let child = &mut self.children[idx];
         match child.status {
             Status::Stopping => {
                 child.status = Status::Stopped;
@@ -518,12 +602,12 @@ impl Supervisor {
                     Some(idx) if self.phase == Phase::Running => {
                         self.children[idx].held = false;
                         self.children[idx].status = Status::Waiting;
-                        match self.start_child(idx, true, ctx) {
-                            Ok(()) => Ok(self.children[idx].cell.restarts()),
-                            Err(e) => {
-                                self.on_failure(idx, e.clone(), true, ctx);
-                                Err(format!("restart failed: {e}"))
-                            }
+                        let before = self.children[idx].cell.restarts();
+                        self.start_now(&[id], true, ctx);
+                        match self.index(id) {
+                            Some(i) if self.children[i].cell.restarts() > before => Ok(before + 1),
+                            Some(i) => Ok(self.children[i].cell.restarts()),
+                            None => Err("restart failed; the child was removed".to_string()),
                         }
                     }
                     _ => Err("supervisor is stopping".to_string()),
@@ -594,6 +678,14 @@ impl Supervisor {
     }
 }
 
+impl Handler<ChildStarted> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChildStarted, ctx: &mut Context<Self>) {
+        self.on_started(msg, ctx);
+    }
+}
+
 impl Handler<ChildExited> for Supervisor {
     type Result = ();
 
@@ -610,11 +702,9 @@ impl Handler<AddChild> for Supervisor {
             return Err(format!("{} is stopping", self.path()));
         }
         let idx = self.add(msg.0, true)?;
-        let path = self.children[idx].cell.path().to_string();
-        if let Err(e) = self.start_child(idx, false, ctx) {
-            self.remove(idx);
-            return Err(format!("{path} failed to start: {e}"));
-        }
+        let child = &self.children[idx];
+        let (id, path) = (child.id, child.cell.path().to_string());
+        self.start_now(&[id], false, ctx);
         Ok(path)
     }
 }

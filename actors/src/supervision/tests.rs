@@ -23,6 +23,10 @@ struct Worker {
 impl Actor for Worker {
     type Context = Context<Self>;
 
+    fn started(&mut self, _: &mut Context<Self>) {
+        self.journal.lock().unwrap().push(format!("start {}", self.name));
+    }
+
     fn stopping(&mut self, _: &mut Context<Self>) -> Running {
         if self.refuse_stop {
             Running::Continue
@@ -69,7 +73,8 @@ impl Handler<Boom> for Worker {
     }
 }
 
-/// A worker child; its constructor journals "new NAME" and its `stopped` hook "stop NAME".
+/// A worker child; its constructor journals "new NAME", its `started` hook "start NAME" and its
+/// `stopped` hook "stop NAME".
 fn worker(name: &'static str, journal: &Journal) -> (ChildSpec, ActorRef<Worker>) {
     let journal = journal.clone();
     ChildSpec::actor(name, move || {
@@ -130,6 +135,7 @@ struct Trio {
 
 /// `/node/sup` with children a, b, c under `strategy`; waits until all three run.
 async fn trio(strategy: Strategy, journal: &Journal) -> Trio {
+    // Each child starts only after the previous one's `started()` ran, so the journal is ordered.
     let refs: Arc<Mutex<Vec<ActorRef<Worker>>>> = Arc::default();
     let (j, r) = (journal.clone(), refs.clone());
     let spec = SupervisorSpec::new(strategy, move || {
@@ -148,6 +154,10 @@ async fn trio(strategy: Strategy, journal: &Journal) -> Trio {
     let mut events = rt.registry().subscribe();
     wait_for(&mut events, is("/node/sup/c", EventKind::Started)).await;
     let refs = refs.lock().unwrap().clone();
+    assert_eq!(
+        journal.lock().unwrap()[..6],
+        ["new a", "start a", "new b", "start b", "new c", "start c"]
+    );
     Trio {
         rt,
         a: refs[0].clone(),
@@ -193,10 +203,13 @@ async fn one_for_all_restarts_every_child() {
     assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (1, 1, 1));
     assert_eq!(t.a.send(Ping).await, Ok(1), "a was restarted with fresh state");
     // The panicked child's own `stopped` runs as it unwinds; the survivors are then stopped
-    // latest-first, and only then is everything built again, in start order.
+    // latest-first, and only then does everything start again, each after the previous is up.
     let j = journal.lock().unwrap().clone();
-    let tail: Vec<&str> = j[3..].iter().map(String::as_str).collect();
-    assert_eq!(tail, ["stop b", "stop c", "stop a", "new a", "new b", "new c"]);
+    let tail: Vec<&str> = j[6..].iter().map(String::as_str).collect();
+    assert_eq!(
+        tail,
+        ["stop b", "stop c", "stop a", "new a", "start a", "new b", "start b", "new c", "start c"]
+    );
 }
 
 #[actix_rt::test]
@@ -207,8 +220,8 @@ async fn rest_for_one_restarts_the_failed_child_and_those_started_after_it() {
     wait_for(&mut t.events, is("/node/sup/c", EventKind::Restarted)).await;
     assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 1));
     let j = journal.lock().unwrap().clone();
-    let tail: Vec<&str> = j[3..].iter().map(String::as_str).collect();
-    assert_eq!(tail, ["stop b", "stop c", "new b", "new c"]);
+    let tail: Vec<&str> = j[6..].iter().map(String::as_str).collect();
+    assert_eq!(tail, ["stop b", "stop c", "new b", "start b", "new c", "start c"]);
 }
 
 #[actix_rt::test]
@@ -347,4 +360,34 @@ async fn envelope_accounting_counts_messages_and_samples_latency() {
     assert_eq!(cell.queue_len(), 0);
     assert!(cell.latency_us(0.99).is_some());
     assert!(cell.last_activity_ms() > 0);
+}
+
+struct StuckStarter;
+
+impl Actor for StuckStarter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        use actix::AsyncContext;
+        ctx.wait(actix::fut::wrap_future(std::future::pending::<()>()));
+    }
+}
+
+impl Managed for StuckStarter {
+    const KIND: &'static str = "test-stuck";
+}
+
+#[actix_rt::test]
+async fn a_child_stuck_in_started_times_out_and_the_children_after_it_still_start() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (stuck, _) = ChildSpec::actor("stuck", || StuckStarter);
+        vec![stuck.shutdown_timeout(Duration::from_millis(50)), worker("after", &j).0]
+    });
+    let rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    let failed = wait_for(&mut events, is("/node/stuck", EventKind::Failed)).await;
+    assert!(failed.reason.unwrap().contains("did not finish starting"));
+    wait_for(&mut events, is("/node/after", EventKind::Started)).await;
 }
