@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["lodge/admin/v1/admin.proto"];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("lodge_descriptor.bin"))
-        .compile_protos(&protos.map(|p| root.join(p)), &[root.clone()])?;
+        .compile_protos(&protos.map(|p| root.join(p)), std::slice::from_ref(&root))?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

@@ -134,11 +134,17 @@ impl NodeConfig {
         Self::load_from(o, std::env::vars())
     }
 
-    fn load_from(o: &Overrides, env: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    fn load_from(
+        o: &Overrides,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut b = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(path) = &o.config_file {
             if !path.is_file() {
-                return Err(err("--config", format!("{} is not a readable file", path.display())));
+                return Err(err(
+                    "--config",
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
             b = b.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
@@ -166,16 +172,24 @@ impl NodeConfig {
         if let Some(v) = o.allow_mutations {
             b = set(b, "admin.allow_mutations", v.into())?;
         }
-        let merged = b.build().map_err(|e| err(o.config_file.as_deref().map_or("config", |_| "--config"), e.to_string()))?;
+        let merged = b.build().map_err(|e| {
+            err(
+                o.config_file.as_deref().map_or("config", |_| "--config"),
+                e.to_string(),
+            )
+        })?;
         let defaults = Config::builder()
             .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
             .build()
             .expect("the embedded defaults parse");
         check_known_keys(&defaults.cache, &merged.cache, "")?;
         let cfg: NodeConfig = merged.try_deserialize().map_err(|e| match e {
-            config::ConfigError::Type { key: Some(key), unexpected, expected, .. } => {
-                err(&key, format!("expected {expected}, got {unexpected}"))
-            }
+            config::ConfigError::Type {
+                key: Some(key),
+                unexpected,
+                expected,
+                ..
+            } => err(&key, format!("expected {expected}, got {unexpected}")),
             other => err("config", other.to_string()),
         })?;
         cfg.validate()?;
@@ -191,23 +205,46 @@ impl NodeConfig {
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(err("node.data_dir", "must not be empty"));
         }
-        if !["critical", "error", "warning", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
-            return Err(err("log.level", format!("{:?} is not one of critical, error, warning, info, debug, trace", self.log.level)));
+        if !["critical", "error", "warning", "info", "debug", "trace"]
+            .contains(&self.log.level.as_str())
+        {
+            return Err(err(
+                "log.level",
+                format!(
+                    "{:?} is not one of critical, error, warning, info, debug, trace",
+                    self.log.level
+                ),
+            ));
         }
         if !["term", "json"].contains(&self.log.format.as_str()) {
-            return Err(err("log.format", format!("{:?} is not one of term, json", self.log.format)));
+            return Err(err(
+                "log.format",
+                format!("{:?} is not one of term, json", self.log.format),
+            ));
         }
         let s = &self.server;
         for (key, v) in [
             ("server.max_connections", s.max_connections as u64),
-            ("server.max_concurrent_streams", s.max_concurrent_streams as u64),
+            (
+                "server.max_concurrent_streams",
+                s.max_concurrent_streams as u64,
+            ),
             ("server.max_message_bytes", s.max_message_bytes as u64),
             ("server.request_timeout_ms", s.request_timeout_ms),
             ("server.keepalive_interval_ms", s.keepalive_interval_ms),
             ("server.keepalive_timeout_ms", s.keepalive_timeout_ms),
-            ("runtime.mailbox_capacity", self.runtime.mailbox_capacity as u64),
-            ("supervision.restart_window_ms", self.supervision.restart_window_ms),
-            ("supervision.shutdown_timeout_ms", self.supervision.shutdown_timeout_ms),
+            (
+                "runtime.mailbox_capacity",
+                self.runtime.mailbox_capacity as u64,
+            ),
+            (
+                "supervision.restart_window_ms",
+                self.supervision.restart_window_ms,
+            ),
+            (
+                "supervision.shutdown_timeout_ms",
+                self.supervision.shutdown_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(err(key, "must be greater than 0"));
@@ -217,7 +254,10 @@ impl NodeConfig {
             return Err(err("supervision.backoff_jitter", "must be between 0 and 1"));
         }
         if self.supervision.backoff_initial_ms > self.supervision.backoff_max_ms {
-            return Err(err("supervision.backoff_initial_ms", "must not exceed supervision.backoff_max_ms"));
+            return Err(err(
+                "supervision.backoff_initial_ms",
+                "must not exceed supervision.backoff_max_ms",
+            ));
         }
         self.tls_material()?;
         Ok(())
@@ -254,7 +294,12 @@ impl NodeConfig {
                 Some(read("server.tls.client_ca_file", &t.client_ca_file)?)
             },
         };
-        lodge_grpc::server::tls_config(&material).map_err(|e| err("server.tls", format!("certificate or key does not load: {e}")))?;
+        lodge_grpc::server::tls_config(&material).map_err(|e| {
+            err(
+                "server.tls",
+                format!("certificate or key does not load: {e}"),
+            )
+        })?;
         Ok(Some(material))
     }
 
@@ -276,14 +321,20 @@ impl NodeConfig {
 }
 
 fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse()
-        .map_err(|e| err(key, format!("{v:?} is not a HOST:PORT socket address ({e})")))
+    v.parse().map_err(|e| {
+        err(
+            key,
+            format!("{v:?} is not a HOST:PORT socket address ({e})"),
+        )
+    })
 }
 
 /// Keys whose values are never shown (NodeInfo, logs). Paths to key files are not secret.
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["secret", "password", "token", "api_key"].iter().any(|s| k.contains(s))
+    ["secret", "password", "token", "api_key"]
+        .iter()
+        .any(|s| k.contains(s))
 }
 
 fn redact(v: &mut serde_json::Value) {
@@ -305,7 +356,11 @@ fn check_known_keys(known: &Value, given: &Value, prefix: &str) -> Result<(), Co
     };
     let known_keys: BTreeMap<&String, &Value> = k.iter().collect();
     for (key, val) in g {
-        let full = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let full = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
         match known_keys.get(key) {
             None => return Err(err(&full, "unknown key")),
             Some(kv) => check_known_keys(kv, val, &full)?,
@@ -326,17 +381,39 @@ mod tests {
     fn layers_apply_in_order_defaults_file_env_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("n.toml");
-        std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:9000\"\nmax_connections = 7\n[node]\nid = 4\n").unwrap();
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:9000\"\nmax_connections = 7\n[node]\nid = 4\n",
+        )
+        .unwrap();
         let base = Overrides {
             config_file: Some(file),
             ..Default::default()
         };
         let c = load(base.clone(), &[]).unwrap();
-        assert_eq!((c.server.listen.as_str(), c.server.max_connections, c.node.id), ("127.0.0.1:9000", 7, 4));
-        assert_eq!(c.metrics.listen, "127.0.0.1:7401", "untouched keys keep their defaults");
-        let env = [("LODGE_SERVER__MAX_CONNECTIONS", "9"), ("LODGE_NODE__ID", "5"), ("LODGE_ENDPOINT", "x:1")];
+        assert_eq!(
+            (
+                c.server.listen.as_str(),
+                c.server.max_connections,
+                c.node.id
+            ),
+            ("127.0.0.1:9000", 7, 4)
+        );
+        assert_eq!(
+            c.metrics.listen, "127.0.0.1:7401",
+            "untouched keys keep their defaults"
+        );
+        let env = [
+            ("LODGE_SERVER__MAX_CONNECTIONS", "9"),
+            ("LODGE_NODE__ID", "5"),
+            ("LODGE_ENDPOINT", "x:1"),
+        ];
         let c = load(base.clone(), &env).unwrap();
-        assert_eq!((c.server.max_connections, c.node.id), (9, 5), "env beats the file; LODGE_ENDPOINT is not config");
+        assert_eq!(
+            (c.server.max_connections, c.node.id),
+            (9, 5),
+            "env beats the file; LODGE_ENDPOINT is not config"
+        );
         let flags = Overrides {
             node_id: Some(6),
             ..base
@@ -346,13 +423,35 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let e = load(Overrides { listen: Some("nowhere".into()), ..Default::default() }, &[]).unwrap_err();
+        let e = load(
+            Overrides {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e.key, "server.listen");
-        let e = load(Overrides::default(), &[("LODGE_SERVER__LISTN", "1.2.3.4:5")]).unwrap_err();
-        assert_eq!((e.key.as_str(), e.problem.as_str()), ("server.listn", "unknown key"));
-        let e = load(Overrides::default(), &[("LODGE_SERVER__MAX_CONNECTIONS", "many")]).unwrap_err();
+        let e = load(
+            Overrides::default(),
+            &[("LODGE_SERVER__LISTN", "1.2.3.4:5")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.problem.as_str()),
+            ("server.listn", "unknown key")
+        );
+        let e = load(
+            Overrides::default(),
+            &[("LODGE_SERVER__MAX_CONNECTIONS", "many")],
+        )
+        .unwrap_err();
         assert_eq!(e.key, "server.max_connections");
-        let e = load(Overrides::default(), &[("LODGE_SERVER__TLS__ENABLED", "true")]).unwrap_err();
+        let e = load(
+            Overrides::default(),
+            &[("LODGE_SERVER__TLS__ENABLED", "true")],
+        )
+        .unwrap_err();
         assert_eq!(e.key, "server.tls.cert_file");
         let e = load(Overrides::default(), &[("LODGE_LOG__LEVEL", "loud")]).unwrap_err();
         assert_eq!(e.key, "log.level");

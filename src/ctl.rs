@@ -12,7 +12,12 @@ use tokio_stream::StreamExt;
 #[derive(Args, Clone, Debug)]
 pub struct Connection {
     /// Node address HOST:PORT.
-    #[arg(long, global = true, env = "LODGE_ENDPOINT", default_value = "127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "LODGE_ENDPOINT",
+        default_value = "127.0.0.1:7400"
+    )]
     pub endpoint: String,
     /// CA certificate (PEM) to verify a TLS node with; turns TLS on.
     #[arg(long, global = true)]
@@ -120,8 +125,20 @@ fn tree_json(n: &pb::TreeNode) -> Value {
 }
 
 fn print_tree(n: &pb::TreeNode, prefix: &str, last: bool, top: bool) {
-    let (branch, next) = if top { ("", "") } else if last { ("└── ", "    ") } else { ("├── ", "│   ") };
-    println!("{prefix}{branch}{}  [{} {}, restarts {}]", n.path, n.kind, state_name(n.state), n.restarts);
+    let (branch, next) = if top {
+        ("", "")
+    } else if last {
+        ("└── ", "    ")
+    } else {
+        ("├── ", "│   ")
+    };
+    println!(
+        "{prefix}{branch}{}  [{} {}, restarts {}]",
+        n.path,
+        n.kind,
+        state_name(n.state),
+        n.restarts
+    );
     let child_prefix = format!("{prefix}{next}");
     for (i, c) in n.children.iter().enumerate() {
         print_tree(c, &child_prefix, i + 1 == n.children.len(), false);
@@ -137,7 +154,11 @@ fn print_table(rows: &[Vec<String>]) {
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
 }
@@ -167,7 +188,12 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
     let channel = client::connect(&conn.endpoint, &tls).await?;
     let mut c = AdminClient::new(channel);
     match cmd {
-        Ctl::Actors { glob, kind, sort, limit } => {
+        Ctl::Actors {
+            glob,
+            kind,
+            sort,
+            limit,
+        } => {
             let sort_by = match sort {
                 Sort::Path => pb::SortBy::Path,
                 Sort::Queue => pb::SortBy::QueueLen,
@@ -175,16 +201,35 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
                 Sort::Rate => pb::SortBy::MessageRate,
             } as i32;
             let r = c
-                .list_actors(pb::ListActorsRequest { path_glob: glob, kind, sort_by, limit })
+                .list_actors(pb::ListActorsRequest {
+                    path_glob: glob,
+                    kind,
+                    sort_by,
+                    limit,
+                })
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
             if conn.json {
-                println!("{}", json!({"matched": r.matched, "actors": r.actors.iter().map(summary_json).collect::<Vec<_>>()}));
+                println!(
+                    "{}",
+                    json!({"matched": r.matched, "actors": r.actors.iter().map(summary_json).collect::<Vec<_>>()})
+                );
             } else {
-                let mut rows = vec![["PATH", "KIND", "STATE", "QUEUE", "MSGS", "RATE/S", "RESTARTS", "P50", "P99", "LAST FAILURE"]
-                    .map(String::from)
-                    .to_vec()];
+                let mut rows = vec![[
+                    "PATH",
+                    "KIND",
+                    "STATE",
+                    "QUEUE",
+                    "MSGS",
+                    "RATE/S",
+                    "RESTARTS",
+                    "P50",
+                    "P99",
+                    "LAST FAILURE",
+                ]
+                .map(String::from)
+                .to_vec()];
                 for a in &r.actors {
                     rows.push(vec![
                         a.path.clone(),
@@ -196,7 +241,9 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
                         a.restarts.to_string(),
                         us(a.latency_p50_us),
                         us(a.latency_p99_us),
-                        a.last_failure.as_ref().map_or("-".into(), |f| f.reason.clone()),
+                        a.last_failure
+                            .as_ref()
+                            .map_or("-".into(), |f| f.reason.clone()),
                     ]);
                 }
                 print_table(&rows);
@@ -204,7 +251,11 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             }
         }
         Ctl::Actor { path } => {
-            let r = c.get_actor(pb::GetActorRequest { path }).await.map_err(rpc_error)?.into_inner();
+            let r = c
+                .get_actor(pb::GetActorRequest { path })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
             let state: Value = serde_json::from_str(&r.state_json).unwrap_or(Value::Null);
             let mut doc = r.actor.as_ref().map(summary_json).unwrap_or(Value::Null);
             doc["children"] = json!(r.children);
@@ -212,11 +263,18 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             if conn.json {
                 println!("{doc}");
             } else {
-                println!("{}", serde_json::to_string_pretty(&doc).expect("JSON value"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).expect("JSON value")
+                );
             }
         }
         Ctl::Tree { root, depth } => {
-            let r = c.tree(pb::TreeRequest { root, depth }).await.map_err(rpc_error)?.into_inner();
+            let r = c
+                .tree(pb::TreeRequest { root, depth })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
             let root = r.root.ok_or("empty tree answer")?;
             if conn.json {
                 println!("{}", tree_json(&root));
@@ -225,30 +283,56 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             }
         }
         Ctl::Events { glob } => {
-            let mut stream = c.watch_events(pb::WatchEventsRequest { path_glob: glob }).await.map_err(rpc_error)?.into_inner();
+            let mut stream = c
+                .watch_events(pb::WatchEventsRequest { path_glob: glob })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
             while let Some(e) = stream.next().await {
                 let e = e.map_err(rpc_error)?;
                 if conn.json {
-                    println!("{}", json!({"at_unix_ms": e.at_unix_ms, "path": e.path, "kind": e.kind, "type": event_name(e.r#type), "reason": e.reason, "restarts": e.restarts, "missed": e.missed}));
+                    println!(
+                        "{}",
+                        json!({"at_unix_ms": e.at_unix_ms, "path": e.path, "kind": e.kind, "type": event_name(e.r#type), "reason": e.reason, "restarts": e.restarts, "missed": e.missed})
+                    );
                 } else if e.missed > 0 {
                     println!("... {} events missed (reading too slowly)", e.missed);
                 } else {
-                    println!("{} {:<9} {} [{}] restarts={} {}", e.at_unix_ms, event_name(e.r#type), e.path, e.kind, e.restarts, e.reason);
+                    println!(
+                        "{} {:<9} {} [{}] restarts={} {}",
+                        e.at_unix_ms,
+                        event_name(e.r#type),
+                        e.path,
+                        e.kind,
+                        e.restarts,
+                        e.reason
+                    );
                 }
             }
         }
         Ctl::Info => {
-            let r = c.node_info(pb::NodeInfoRequest {}).await.map_err(rpc_error)?.into_inner();
+            let r = c
+                .node_info(pb::NodeInfoRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
             let cfg: Value = serde_json::from_str(&r.config_json).unwrap_or(Value::Null);
             let doc = json!({"node_id": r.node_id, "version": r.version, "started_at_unix_ms": r.started_at_unix_ms, "uptime_ms": r.uptime_ms, "config": cfg});
             if conn.json {
                 println!("{doc}");
             } else {
-                println!("{}", serde_json::to_string_pretty(&doc).expect("JSON value"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).expect("JSON value")
+                );
             }
         }
         Ctl::Restart { path } => {
-            let r = c.restart_actor(pb::RestartActorRequest { path: path.clone() }).await.map_err(rpc_error)?.into_inner();
+            let r = c
+                .restart_actor(pb::RestartActorRequest { path: path.clone() })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
             if conn.json {
                 println!("{}", json!({"path": path, "restarts": r.restarts}));
             } else {
@@ -256,7 +340,9 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             }
         }
         Ctl::Stop { path } => {
-            c.stop_actor(pb::StopActorRequest { path: path.clone() }).await.map_err(rpc_error)?;
+            c.stop_actor(pb::StopActorRequest { path: path.clone() })
+                .await
+                .map_err(rpc_error)?;
             if conn.json {
                 println!("{}", json!({"path": path, "stopped": true}));
             } else {

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lodge", version, about = "Lodge: an actor-system runtime for gRPC cluster services")]
+#[command(
+    name = "lodge",
+    version,
+    about = "Lodge: an actor-system runtime for gRPC cluster services"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

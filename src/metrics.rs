@@ -9,6 +9,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use lodge_actors::introspect::KindTotals;
 use lodge_actors::Registry as Actors;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -19,38 +20,56 @@ use tokio::net::TcpListener;
 
 /// Per-kind actor figures, computed on scrape (nothing on the message path).
 #[derive(Debug)]
-pub struct ActorCollector(pub ActorsHandle);
+pub struct ActorCollector(pub Actors);
 
-/// `Registry` is not `Debug`; this wrapper is, as `Collector` requires.
-pub struct ActorsHandle(pub Actors);
-
-impl std::fmt::Debug for ActorsHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ActorsHandle")
-    }
-}
+/// A per-kind figure: metric name, help, and how to read it from the totals.
+type KindFigure = (&'static str, &'static str, fn(&KindTotals) -> u64);
 
 impl Collector for ActorCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let totals = self.0 .0.kind_totals();
-        let gauges: [(&str, &str, fn(&lodge_actors::introspect::KindTotals) -> u64); 2] = [
+        let totals = self.0.kind_totals();
+        let gauges: [KindFigure; 2] = [
             ("lodge_actors", "Live actors, by kind", |t| t.live),
-            ("lodge_actor_queue_depth", "Messages waiting in mailboxes, by kind", |t| t.queued),
+            (
+                "lodge_actor_queue_depth",
+                "Messages waiting in mailboxes, by kind",
+                |t| t.queued,
+            ),
         ];
         for (name, help, get) in gauges {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
             for (kind, t) in &totals {
                 let labels = [("kind", *kind)];
                 ConstGauge::new(get(t) as i64).encode(family.encode_family(&labels)?)?;
             }
         }
-        let counters: [(&str, &str, fn(&lodge_actors::introspect::KindTotals) -> u64); 3] = [
-            ("lodge_actor_messages", "Messages handled, by kind", |t| t.messages),
-            ("lodge_actor_failures", "Actor failures (panics, reported failures, unexpected exits), by kind", |t| t.failures),
-            ("lodge_actor_restarts", "Actor restarts by supervisors, by kind", |t| t.restarts),
+        let counters: [KindFigure; 3] = [
+            ("lodge_actor_messages", "Messages handled, by kind", |t| {
+                t.messages
+            }),
+            (
+                "lodge_actor_failures",
+                "Actor failures (panics, reported failures, unexpected exits), by kind",
+                |t| t.failures,
+            ),
+            (
+                "lodge_actor_restarts",
+                "Actor restarts by supervisors, by kind",
+                |t| t.restarts,
+            ),
         ];
         for (name, help, get) in counters {
-            let mut family = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
             for (kind, t) in &totals {
                 let labels = [("kind", *kind)];
                 ConstCounter::new(get(t)).encode(family.encode_family(&labels)?)?;
@@ -69,28 +88,62 @@ const PAGE_SIZE: u64 = 4096;
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Ok(()) };
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return Ok(());
+        };
         // Fields after the parenthesised command name, which may itself contain spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-        let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |i: usize| {
+            fields
+                .get(i - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let cpu = (field(14) + field(15)) as f64 / TICKS_PER_SECOND;
         let threads = field(20);
         let vsize = field(23);
         let rss = field(24) * PAGE_SIZE;
         let boot = std::fs::read_to_string("/proc/stat")
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())))
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("btime ")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+            })
             .unwrap_or(0);
         let start = boot as f64 + field(22) as f64 / TICKS_PER_SECOND;
-        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0);
         let c = ConstCounter::new(cpu);
-        c.encode(encoder.encode_descriptor("process_cpu_seconds", "User and system CPU time", None, c.metric_type())?)?;
+        c.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time",
+            None,
+            c.metric_type(),
+        )?)?;
         for (name, help, v) in [
-            ("process_resident_memory_bytes", "Resident memory size", rss as f64),
-            ("process_virtual_memory_bytes", "Virtual memory size", vsize as f64),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size",
+                rss as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size",
+                vsize as f64,
+            ),
             ("process_open_fds", "Open file descriptors", fds as f64),
             ("process_threads", "OS threads", threads as f64),
-            ("process_start_time_seconds", "Start time since the Unix epoch", start),
+            (
+                "process_start_time_seconds",
+                "Start time since the Unix epoch",
+                start,
+            ),
         ] {
             let g = ConstGauge::new(v);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
@@ -102,7 +155,9 @@ impl Collector for ProcessCollector {
 /// Serves `GET /metrics` until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -131,7 +186,10 @@ fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Respons
         .is_some_and(|v| v.contains("application/openmetrics-text"));
     match prometheus_client::encoding::text::encode(&mut body, registry) {
         Ok(()) if openmetrics => Response::builder()
-            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(body)))
             .expect("static response"),
         Ok(()) => Response::builder()
@@ -161,7 +219,9 @@ fn to_prometheus_text(openmetrics: &str) -> String {
         let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
             let rest = line.strip_prefix(prefix)?;
             let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
         });
         out.push_str(renamed.as_deref().unwrap_or(line));
         out.push('\n');

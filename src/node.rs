@@ -8,13 +8,16 @@ use std::sync::Arc;
 
 use lodge_actors::admin::{AdminActor, NodeFacts};
 use lodge_actors::supervision::Exit;
-use lodge_actors::{clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy, SupervisorSpec};
+use lodge_actors::{
+    clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy,
+    SupervisorSpec,
+};
 use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
 
 use crate::config::NodeConfig;
-use crate::metrics::{ActorCollector, ActorsHandle, ProcessCollector};
+use crate::metrics::{ActorCollector, ProcessCollector};
 
 fn runtime_config(c: &NodeConfig) -> RuntimeConfig {
     let s = &c.supervision;
@@ -54,13 +57,22 @@ fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSe
 
 /// The supervision tree of a node. `/node` is rest_for_one: a later child may depend on an
 /// earlier one, never the reverse.
-fn root_spec(admin: &ActorRef<AdminActor>, registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>, facts: Arc<NodeFacts>, allow_mutations: bool) -> SupervisorSpec {
+fn root_spec(
+    admin: &ActorRef<AdminActor>,
+    registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>,
+    facts: Arc<NodeFacts>,
+    allow_mutations: bool,
+) -> SupervisorSpec {
     let admin = admin.clone();
     SupervisorSpec::new(Strategy::RestForOne, move || {
         let registry = registry.clone();
         let facts = facts.clone();
         vec![ChildSpec::actor_for("admin", &admin, move || {
-            AdminActor::new(registry.get().expect("registry set before start").clone(), facts.clone(), allow_mutations)
+            AdminActor::new(
+                registry.get().expect("registry set before start").clone(),
+                facts.clone(),
+                allow_mutations,
+            )
         })
         .placement(Placement::Control)]
     })
@@ -85,7 +97,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
         .expect("building the I/O runtime");
     let grpc_addr = cfg.grpc_addr().expect("validated");
     let metrics_addr = cfg.metrics_addr().expect("validated");
-    let listeners = tokio_rt.block_on(async { Ok::<_, std::io::Error>((server::bind(grpc_addr).await?, server::bind(metrics_addr).await?)) });
+    let listeners = tokio_rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            server::bind(grpc_addr).await?,
+            server::bind(metrics_addr).await?,
+        ))
+    });
     let (grpc_listener, metrics_listener) = match listeners {
         Ok(l) => l,
         Err(e) => {
@@ -96,7 +113,10 @@ pub fn run(cfg: NodeConfig) -> i32 {
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
     if let Err(e) = std::fs::create_dir_all(&cfg.node.data_dir) {
-        eprintln!("lodge: configuration error: node.data_dir: cannot create {}: {e}", cfg.node.data_dir.display());
+        eprintln!(
+            "lodge: configuration error: node.data_dir: cannot create {}: {e}",
+            cfg.node.data_dir.display()
+        );
         return 2;
     }
 
@@ -118,7 +138,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
 
         let mut prom = prometheus_client::registry::Registry::default();
         let server_metrics = ServerMetrics::register(&mut prom);
-        prom.register_collector(Box::new(ActorCollector(ActorsHandle(runtime.registry().clone()))));
+        prom.register_collector(Box::new(ActorCollector(runtime.registry().clone())));
         prom.register_collector(Box::new(ProcessCollector));
         let prom = Arc::new(prom);
 

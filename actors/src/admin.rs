@@ -183,10 +183,13 @@ impl Handler<GetActor> for AdminActor {
             (snapshot, children, dump)
         });
         Box::pin(async move {
-            let (snapshot, children, dump) =
-                found.ok_or_else(|| AdminError::NotFound(format!("no actor at path {:?}", msg.path)))?;
+            let (snapshot, children, dump) = found
+                .ok_or_else(|| AdminError::NotFound(format!("no actor at path {:?}", msg.path)))?;
             // The dump comes from the actor's own thread; it never blocks this one.
-            let state = tokio::time::timeout(DUMP_TIMEOUT, dump).await.ok().and_then(Result::ok);
+            let state = tokio::time::timeout(DUMP_TIMEOUT, dump)
+                .await
+                .ok()
+                .and_then(Result::ok);
             Ok(ActorDetail {
                 snapshot,
                 children,
@@ -200,7 +203,11 @@ impl Handler<Tree> for AdminActor {
     type Result = Result<TreeNode, AdminError>;
 
     fn handle(&mut self, msg: Tree, _: &mut Context<Self>) -> Self::Result {
-        let root = if msg.root.is_empty() { crate::runtime::ROOT_PATH } else { &msg.root };
+        let root = if msg.root.is_empty() {
+            crate::runtime::ROOT_PATH
+        } else {
+            &msg.root
+        };
         self.registry
             .tree(root, msg.depth)
             .ok_or_else(|| AdminError::NotFound(format!("no actor at path {root:?}")))
@@ -259,7 +266,10 @@ impl Handler<Subscribe> for AdminActor {
 }
 
 impl AdminActor {
-    fn supervisor_of(&self, parent: &str) -> Result<crate::ActorRef<crate::Supervisor>, AdminError> {
+    fn supervisor_of(
+        &self,
+        parent: &str,
+    ) -> Result<crate::ActorRef<crate::Supervisor>, AdminError> {
         self.registry
             .supervisor(parent)
             .ok_or_else(|| AdminError::Unavailable(format!("supervisor {parent} is not running")))

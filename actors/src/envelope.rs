@@ -148,7 +148,10 @@ impl<A: Actor> ActorRef<A> {
     /// A reference to an actor not started yet; a supervisor binds it when it starts the actor.
     pub(crate) fn unbound() -> Self {
         Self {
-            slot: Arc::new(RwLock::new(Slot { addr: None, cell: None })),
+            slot: Arc::new(RwLock::new(Slot {
+                addr: None,
+                cell: None,
+            })),
         }
     }
 

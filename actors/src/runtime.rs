@@ -89,7 +89,9 @@ impl Runtime {
     /// system thread; the root and other control actors run on that thread's arbiter.
     pub fn start(config: RuntimeConfig, log: slog::Logger, root: SupervisorSpec) -> Self {
         install_panic_hook();
-        let workers = (0..config.worker_arbiters.max(1)).map(|_| Arbiter::new()).collect();
+        let workers = (0..config.worker_arbiters.max(1))
+            .map(|_| Arbiter::new())
+            .collect();
         let shared = Arc::new(RuntimeShared {
             registry: Registry::new(),
             log,
@@ -106,7 +108,9 @@ impl Runtime {
             .expect("a fresh registry has no root");
         let root_ref: ActorRef<Supervisor> = ActorRef::unbound();
         root_ref.bind(&cell);
-        shared.registry.set_supervisor(cell.path().clone(), root_ref.clone());
+        shared
+            .registry
+            .set_supervisor(cell.path().clone(), root_ref.clone());
         let (tx, rx) = oneshot::channel();
         cell.begin_incarnation(1);
         let item = ControlItem::new(cell.clone(), 1, ExitNotify::Root(tx));

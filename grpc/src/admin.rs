@@ -104,7 +104,9 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
     if value.is_empty() {
         Err(Status::invalid_argument(format!("{field} is required")))
     } else if !value.starts_with('/') {
-        Err(Status::invalid_argument(format!("{field} must be an absolute actor path such as /node/admin, got {value:?}")))
+        Err(Status::invalid_argument(format!(
+            "{field} must be an absolute actor path such as /node/admin, got {value:?}"
+        )))
     } else {
         Ok(value)
     }
@@ -114,14 +116,22 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ActorEvent, Status>> + S
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn list_actors(&self, req: Request<pb::ListActorsRequest>) -> Result<Response<pb::ListActorsResponse>, Status> {
+    async fn list_actors(
+        &self,
+        req: Request<pb::ListActorsRequest>,
+    ) -> Result<Response<pb::ListActorsResponse>, Status> {
         let r = req.get_ref();
         let sort = match pb::SortBy::try_from(r.sort_by) {
             Ok(pb::SortBy::Path) => SortKey::Path,
             Ok(pb::SortBy::QueueLen) => SortKey::QueueLen,
             Ok(pb::SortBy::Restarts) => SortKey::Restarts,
             Ok(pb::SortBy::MessageRate) => SortKey::MessageRate,
-            Err(_) => return Err(Status::invalid_argument(format!("sort_by: unknown value {}", r.sort_by))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "sort_by: unknown value {}",
+                    r.sort_by
+                )))
+            }
         };
         let query = ListQuery {
             path_glob: r.path_glob.clone(),
@@ -129,16 +139,25 @@ impl pb::admin_server::Admin for AdminService {
             sort,
             limit: r.limit as usize,
         };
-        let reply = self.call(&req, actor::ListActors(query)).await?.map_err(status)?;
+        let reply = self
+            .call(&req, actor::ListActors(query))
+            .await?
+            .map_err(status)?;
         Ok(Response::new(pb::ListActorsResponse {
             actors: reply.actors.into_iter().map(summary).collect(),
             matched: reply.matched as u64,
         }))
     }
 
-    async fn get_actor(&self, req: Request<pb::GetActorRequest>) -> Result<Response<pb::GetActorResponse>, Status> {
+    async fn get_actor(
+        &self,
+        req: Request<pb::GetActorRequest>,
+    ) -> Result<Response<pb::GetActorResponse>, Status> {
         let path = required("path", &req.get_ref().path)?.to_string();
-        let d = self.call(&req, actor::GetActor { path }).await?.map_err(status)?;
+        let d = self
+            .call(&req, actor::GetActor { path })
+            .await?
+            .map_err(status)?;
         Ok(Response::new(pb::GetActorResponse {
             actor: Some(summary(d.snapshot)),
             children: d.children.iter().map(|c| c.to_string()).collect(),
@@ -146,7 +165,10 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn tree(&self, req: Request<pb::TreeRequest>) -> Result<Response<pb::TreeResponse>, Status> {
+    async fn tree(
+        &self,
+        req: Request<pb::TreeRequest>,
+    ) -> Result<Response<pb::TreeResponse>, Status> {
         let r = req.get_ref();
         if !r.root.is_empty() {
             required("root", &r.root)?;
@@ -156,12 +178,17 @@ impl pb::admin_server::Admin for AdminService {
             depth: r.depth as usize,
         };
         let root = self.call(&req, msg).await?.map_err(status)?;
-        Ok(Response::new(pb::TreeResponse { root: Some(tree(root)) }))
+        Ok(Response::new(pb::TreeResponse {
+            root: Some(tree(root)),
+        }))
     }
 
     type WatchEventsStream = EventStream;
 
-    async fn watch_events(&self, req: Request<pb::WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let glob = req.get_ref().path_glob.clone();
         let rx = self.call(&req, actor::Subscribe).await?.map_err(status)?;
         let glob = (!glob.is_empty()).then(|| WildMatch::new(&glob));
@@ -185,7 +212,10 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn node_info(&self, req: Request<pb::NodeInfoRequest>) -> Result<Response<pb::NodeInfoResponse>, Status> {
+    async fn node_info(
+        &self,
+        req: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoResponse>, Status> {
         let f = self.call(&req, actor::GetNodeInfo).await?.map_err(status)?;
         Ok(Response::new(pb::NodeInfoResponse {
             node_id: f.node_id,
@@ -196,15 +226,26 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn restart_actor(&self, req: Request<pb::RestartActorRequest>) -> Result<Response<pb::RestartActorResponse>, Status> {
+    async fn restart_actor(
+        &self,
+        req: Request<pb::RestartActorRequest>,
+    ) -> Result<Response<pb::RestartActorResponse>, Status> {
         let path = required("path", &req.get_ref().path)?.to_string();
-        let restarts = self.call(&req, actor::RestartActor { path }).await?.map_err(status)?;
+        let restarts = self
+            .call(&req, actor::RestartActor { path })
+            .await?
+            .map_err(status)?;
         Ok(Response::new(pb::RestartActorResponse { restarts }))
     }
 
-    async fn stop_actor(&self, req: Request<pb::StopActorRequest>) -> Result<Response<pb::StopActorResponse>, Status> {
+    async fn stop_actor(
+        &self,
+        req: Request<pb::StopActorRequest>,
+    ) -> Result<Response<pb::StopActorResponse>, Status> {
         let path = required("path", &req.get_ref().path)?.to_string();
-        self.call(&req, actor::StopActor { path }).await?.map_err(status)?;
+        self.call(&req, actor::StopActor { path })
+            .await?
+            .map_err(status)?;
         Ok(Response::new(pb::StopActorResponse {}))
     }
 }

@@ -29,9 +29,13 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String>
         .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5));
     if let Some(ca) = &tls.ca {
-        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+        let mut cfg =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
         if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-            cfg = cfg.identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?));
+            cfg = cfg.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
         }
         if let Some(d) = &tls.domain {
             cfg = cfg.domain_name(d.clone());

@@ -53,9 +53,14 @@ mod tests {
         assert_eq!(parse("5x"), None);
         assert_eq!(parse("S"), None);
         let mut req = Request::new(());
-        req.metadata_mut().insert("grpc-timeout", "100m".parse().unwrap());
-        assert_eq!(of(&req, Duration::from_secs(30)), Duration::from_millis(100));
-        req.metadata_mut().insert("grpc-timeout", "1H".parse().unwrap());
+        req.metadata_mut()
+            .insert("grpc-timeout", "100m".parse().unwrap());
+        assert_eq!(
+            of(&req, Duration::from_secs(30)),
+            Duration::from_millis(100)
+        );
+        req.metadata_mut()
+            .insert("grpc-timeout", "1H".parse().unwrap());
         assert_eq!(of(&req, Duration::from_secs(30)), Duration::from_secs(30));
     }
 }

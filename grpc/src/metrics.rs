@@ -45,15 +45,33 @@ impl ServerMetrics {
     pub fn register(registry: &mut Registry) -> Arc<Self> {
         let m = Self {
             handled: Family::default(),
-            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.0, 20))),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+            }),
             connections_active: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_rejected: Counter::default(),
         };
-        registry.register("lodge_grpc_server_handled", "RPCs completed, by method and status code", m.handled.clone());
-        registry.register("lodge_grpc_server_handling_seconds", "RPC latency from request to status, by method", m.latency.clone());
-        registry.register("lodge_grpc_connections_active", "Open client connections", m.connections_active.clone());
-        registry.register("lodge_grpc_connections_accepted", "Client connections accepted", m.connections_accepted.clone());
+        registry.register(
+            "lodge_grpc_server_handled",
+            "RPCs completed, by method and status code",
+            m.handled.clone(),
+        );
+        registry.register(
+            "lodge_grpc_server_handling_seconds",
+            "RPC latency from request to status, by method",
+            m.latency.clone(),
+        );
+        registry.register(
+            "lodge_grpc_connections_active",
+            "Open client connections",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "lodge_grpc_connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
         registry.register(
             "lodge_grpc_connections_rejected",
             "Client connections refused because server.max_connections was reached",
@@ -133,7 +151,13 @@ where
                 }
                 None => Some(recorder),
             };
-            Ok(http::Response::from_parts(parts, MetricsBody { inner: body, recorder }))
+            Ok(http::Response::from_parts(
+                parts,
+                MetricsBody {
+                    inner: body,
+                    recorder,
+                },
+            ))
         })
     }
 }
@@ -168,7 +192,10 @@ impl<B: Body + Unpin> Body for MetricsBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(code) = frame.trailers_ref().and_then(status_of) {

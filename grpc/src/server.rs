@@ -55,7 +55,9 @@ pub struct ServerSettings {
 pub fn tls_config(tls: &TlsMaterial) -> Result<ServerTlsConfig, String> {
     let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
     if let Some(ca) = &tls.client_ca_pem {
-        cfg = cfg.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+        cfg = cfg
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(false);
     }
     // tonic parses the PEM when the config is applied; do it now to surface errors early.
     Server::builder().tls_config(cfg.clone()).map_err(|e| {
@@ -80,29 +82,41 @@ pub struct NodeServices {
 const SERVICE_NAMES: &[&str] = &["lodge.admin.v1.Admin"];
 
 /// Builds the routes: admin, health and reflection.
-pub async fn node_services(admin: ActorRef<AdminActor>, s: &ServerSettings) -> Result<NodeServices, String> {
+pub async fn node_services(
+    admin: ActorRef<AdminActor>,
+    s: &ServerSettings,
+) -> Result<NodeServices, String> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     for name in SERVICE_NAMES {
-        health.set_service_status(*name, ServingStatus::Serving).await;
+        health
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
-    let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(admin, s.request_timeout))
-        .max_decoding_message_size(s.max_message_bytes)
-        .max_encoding_message_size(s.max_message_bytes);
-    let routes = Routes::new(health_service).add_service(reflection).add_service(admin);
+    let admin =
+        pb::admin::admin_server::AdminServer::new(AdminService::new(admin, s.request_timeout))
+            .max_decoding_message_size(s.max_message_bytes)
+            .max_encoding_message_size(s.max_message_bytes);
+    let routes = Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(admin);
     Ok(NodeServices { routes, health })
 }
 
 /// Marks every service NOT_SERVING (the first step of a shutdown).
 pub async fn set_not_serving(health: &HealthReporter) {
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     for name in SERVICE_NAMES {
-        health.set_service_status(*name, ServingStatus::NotServing).await;
+        health
+            .set_service_status(*name, ServingStatus::NotServing)
+            .await;
     }
 }
 
@@ -117,7 +131,8 @@ pub async fn serve(
 ) -> Result<bool, tonic::transport::Error> {
     let mut builder = Server::builder();
     if let Some(tls) = &settings.tls {
-        builder = builder.tls_config(tls_config(tls).expect("TLS material is validated at start-up"))?;
+        builder =
+            builder.tls_config(tls_config(tls).expect("TLS material is validated at start-up"))?;
     }
     let incoming = limited(listener, settings.max_connections, metrics.clone());
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
@@ -202,13 +217,21 @@ impl Connected for LimitedConn {
 }
 
 impl AsyncRead for LimitedConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for LimitedConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

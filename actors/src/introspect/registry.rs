@@ -125,6 +125,14 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("actors", &self.len())
+            .finish()
+    }
+}
+
 impl Default for Registry {
     fn default() -> Self {
         Self::new()
@@ -355,19 +363,31 @@ mod tests {
     fn sample() -> Registry {
         let r = Registry::new();
         r.register(cell("/node", "supervisor", None)).unwrap();
-        r.register(cell("/node/admin", "admin", Some("/node"))).unwrap();
-        r.register(cell("/node/registry", "supervisor", Some("/node"))).unwrap();
-        r.register(cell("/node/registry/clients/a", "client", Some("/node/registry")))
+        r.register(cell("/node/admin", "admin", Some("/node")))
             .unwrap();
-        r.register(cell("/node/registry/clients/b", "client", Some("/node/registry")))
+        r.register(cell("/node/registry", "supervisor", Some("/node")))
             .unwrap();
+        r.register(cell(
+            "/node/registry/clients/a",
+            "client",
+            Some("/node/registry"),
+        ))
+        .unwrap();
+        r.register(cell(
+            "/node/registry/clients/b",
+            "client",
+            Some("/node/registry"),
+        ))
+        .unwrap();
         r
     }
 
     #[test]
     fn duplicate_paths_are_refused() {
         let r = sample();
-        assert!(r.register(cell("/node/admin", "admin", Some("/node"))).is_err());
+        assert!(r
+            .register(cell("/node/admin", "admin", Some("/node")))
+            .is_err());
     }
 
     #[test]
@@ -391,7 +411,11 @@ mod tests {
         let r = sample();
         let t = r.tree("/node", 0).unwrap();
         assert_eq!(t.children.len(), 2);
-        let reg = t.children.iter().find(|c| &*c.path == "/node/registry").unwrap();
+        let reg = t
+            .children
+            .iter()
+            .find(|c| &*c.path == "/node/registry")
+            .unwrap();
         assert_eq!(reg.children.len(), 2);
         let shallow = r.tree("/node", 1).unwrap();
         assert!(shallow.children.iter().all(|c| c.children.is_empty()));

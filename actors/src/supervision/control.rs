@@ -114,7 +114,11 @@ impl<A: Managed> ActorFuture<A> for ControlItem {
             if !c.waker.as_ref().is_some_and(|w| w.will_wake(task.waker())) {
                 c.waker = Some(task.waker().clone());
             }
-            (std::mem::take(&mut c.stop), std::mem::take(&mut c.dumps), ready)
+            (
+                std::mem::take(&mut c.stop),
+                std::mem::take(&mut c.dumps),
+                ready,
+            )
         };
         // actix polls context items only after `started()` has returned (and any future it
         // `wait`ed on): the first poll is the moment the actor is up.

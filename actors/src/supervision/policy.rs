@@ -99,10 +99,7 @@ impl Backoff {
     /// The delay's bounds before jitter is drawn: (lowest, highest).
     pub fn bounds(&self, attempt: u32) -> (Duration, Duration) {
         let shift = attempt.saturating_sub(1).min(30);
-        let base = self
-            .initial
-            .saturating_mul(1u32 << shift)
-            .min(self.max);
+        let base = self.initial.saturating_mul(1u32 << shift).min(self.max);
         let low = base.mul_f64(1.0 - self.jitter.clamp(0.0, 1.0));
         (low, base)
     }

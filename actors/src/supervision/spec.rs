@@ -116,7 +116,10 @@ impl ChildSpec {
     }
 
     /// A child that is itself a supervisor, running on the control arbiter.
-    pub fn supervisor(name: impl Into<String>, spec: SupervisorSpec) -> (Self, ActorRef<Supervisor>) {
+    pub fn supervisor(
+        name: impl Into<String>,
+        spec: SupervisorSpec,
+    ) -> (Self, ActorRef<Supervisor>) {
         let actor_ref: ActorRef<Supervisor> = ActorRef::unbound();
         let starter_ref = actor_ref.clone();
         let detach_ref = actor_ref.clone();
@@ -188,7 +191,10 @@ pub struct SupervisorSpec {
 
 impl SupervisorSpec {
     /// A supervisor with `strategy` and runtime defaults for limit and backoff.
-    pub fn new(strategy: Strategy, children: impl Fn() -> Vec<ChildSpec> + Send + Sync + 'static) -> Self {
+    pub fn new(
+        strategy: Strategy,
+        children: impl Fn() -> Vec<ChildSpec> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             strategy,
             limit: None,

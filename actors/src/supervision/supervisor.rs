@@ -8,7 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Running, SpawnHandle};
+use actix::{
+    Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Running,
+    SpawnHandle,
+};
 use slog::{error, info, warn};
 use tokio::sync::oneshot;
 
@@ -88,9 +91,18 @@ struct Child {
 }
 
 enum Then {
-    Restart { ids: Vec<u64>, delay: Duration },
-    ManualRestart { id: u64, reply: oneshot::Sender<Result<u32, String>> },
-    ManualStop { id: u64, reply: oneshot::Sender<Result<(), String>> },
+    Restart {
+        ids: Vec<u64>,
+        delay: Duration,
+    },
+    ManualRestart {
+        id: u64,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    ManualStop {
+        id: u64,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Shutdown,
     Escalate(String),
 }
@@ -200,7 +212,10 @@ impl Actor for Supervisor {
                 Some(job) => {
                     Self::abandon_then(std::mem::replace(&mut job.then, Then::Shutdown));
                     let current = job.current.map(|(id, _)| id);
-                    job.queue = running.into_iter().filter(|id| Some(*id) != current).collect();
+                    job.queue = running
+                        .into_iter()
+                        .filter(|id| Some(*id) != current)
+                        .collect();
                 }
                 None => self.begin_job(running, Then::Shutdown, ctx),
             }
@@ -250,7 +265,12 @@ impl Supervisor {
     fn live_ids(&self, from: usize) -> Vec<u64> {
         self.children[from..]
             .iter()
-            .filter(|c| matches!(c.status, Status::Running | Status::Waiting | Status::Stopping))
+            .filter(|c| {
+                matches!(
+                    c.status,
+                    Status::Running | Status::Waiting | Status::Stopping
+                )
+            })
             .map(|c| c.id)
             .collect()
     }
@@ -292,7 +312,9 @@ impl Supervisor {
 
     /// Queues the given waiting children for starting, in order.
     fn start_now(&mut self, ids: &[u64], is_restart: bool, ctx: &mut Context<Self>) {
-        self.starts.pending.extend(ids.iter().map(|id| (*id, is_restart)));
+        self.starts
+            .pending
+            .extend(ids.iter().map(|id| (*id, is_restart)));
         self.pump_starts(ctx);
     }
 
@@ -311,9 +333,14 @@ impl Supervisor {
             match self.start_child(idx, is_restart, ctx) {
                 Ok(()) => {
                     let child = &self.children[idx];
-                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
+                    let timeout = child
+                        .spec
+                        .shutdown_timeout
+                        .unwrap_or(self.rt.config.shutdown_timeout);
                     let inc = child.incarnation;
-                    let timer = ctx.run_later(timeout, move |act, ctx| act.start_timed_out(id, inc, timeout, ctx));
+                    let timer = ctx.run_later(timeout, move |act, ctx| {
+                        act.start_timed_out(id, inc, timeout, ctx)
+                    });
                     self.starts.current = Some((id, inc, is_restart, timer));
                 }
                 Err(reason) => self.on_failure(idx, reason, true, ctx),
@@ -322,7 +349,12 @@ impl Supervisor {
     }
 
     /// Clears the start in progress if it is `id`'s; returns (is_restart) when it was.
-    fn end_current_start(&mut self, id: u64, incarnation: u64, ctx: &mut Context<Self>) -> Option<bool> {
+    fn end_current_start(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        ctx: &mut Context<Self>,
+    ) -> Option<bool> {
         match self.starts.current {
             Some((cur, inc, is_restart, timer)) if cur == id && inc == incarnation => {
                 ctx.cancel_future(timer);
@@ -334,19 +366,31 @@ impl Supervisor {
     }
 
     fn on_started(&mut self, msg: ChildStarted, ctx: &mut Context<Self>) {
-        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else { return };
+        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else {
+            return;
+        };
         if let Some(idx) = self.index(msg.child) {
             let child = &self.children[idx];
             if child.status == Status::Running {
                 child.cell.set_state(Lifecycle::Running);
-                let event = if is_restart { EventKind::Restarted } else { EventKind::Started };
+                let event = if is_restart {
+                    EventKind::Restarted
+                } else {
+                    EventKind::Started
+                };
                 self.rt.registry.emit(&child.cell, event, None);
             }
         }
         self.pump_starts(ctx);
     }
 
-    fn start_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+    fn start_timed_out(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) {
         if self.end_current_start(id, incarnation, ctx).is_none() {
             return;
         }
@@ -363,7 +407,12 @@ impl Supervisor {
     }
 
     /// Builds and launches one child; it counts as running once its `started()` acknowledges.
-    fn start_child(&mut self, idx: usize, is_restart: bool, ctx: &mut Context<Self>) -> Result<(), String> {
+    fn start_child(
+        &mut self,
+        idx: usize,
+        is_restart: bool,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), String> {
         let arbiter = match &self.children[idx].spec.placement {
             Placement::Control => self.rt.control.clone(),
             Placement::Worker => self.rt.next_worker(),
@@ -393,11 +442,15 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
-        let Some(idx) = self.index(msg.child) else { return };
+        let Some(idx) = self.index(msg.child) else {
+            return;
+        };
         if self.children[idx].incarnation != msg.incarnation {
             return;
         }
-        let was_starting = self.end_current_start(msg.child, msg.incarnation, ctx).is_some();
+        let was_starting = self
+            .end_current_start(msg.child, msg.incarnation, ctx)
+            .is_some();
         self.handle_exit(idx, msg, ctx);
         if was_starting {
             self.pump_starts(ctx);
@@ -415,7 +468,9 @@ impl Supervisor {
                     Exit::Normal => None,
                     Exit::Failed(r) | Exit::Panicked(r) => Some(r.clone()),
                 };
-                self.rt.registry.emit(&child.cell, EventKind::Stopped, reason);
+                self.rt
+                    .registry
+                    .emit(&child.cell, EventKind::Stopped, reason);
                 self.job_child_done(msg.child, ctx);
             }
             Status::Running => {
@@ -436,7 +491,9 @@ impl Supervisor {
         let child = &mut self.children[idx];
         let id = child.id;
         child.cell.record_failure(reason.clone());
-        self.rt.registry.emit(&child.cell, EventKind::Failed, Some(reason.clone()));
+        self.rt
+            .registry
+            .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
         warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
         let restart = match child.spec.restart {
             Restart::Permanent => true,
@@ -445,7 +502,11 @@ impl Supervisor {
         };
         if !restart || self.phase != Phase::Running {
             child.status = Status::Stopped;
-            child.cell.set_state(if failed { Lifecycle::Failed } else { Lifecycle::Stopped });
+            child.cell.set_state(if failed {
+                Lifecycle::Failed
+            } else {
+                Lifecycle::Stopped
+            });
             if child.dynamic {
                 self.remove(idx);
             }
@@ -489,8 +550,16 @@ impl Supervisor {
         match self.strategy {
             Strategy::OneForOne => self.schedule_restart(vec![id], delay, ctx),
             Strategy::OneForAll | Strategy::RestForOne => {
-                let from = if self.strategy == Strategy::OneForAll { 0 } else { idx };
-                let to_stop: Vec<u64> = self.live_ids(from).into_iter().filter(|c| *c != id).collect();
+                let from = if self.strategy == Strategy::OneForAll {
+                    0
+                } else {
+                    idx
+                };
+                let to_stop: Vec<u64> = self
+                    .live_ids(from)
+                    .into_iter()
+                    .filter(|c| *c != id)
+                    .collect();
                 let ids = self.children[from..]
                     .iter()
                     .filter(|c| !c.held && (c.id == id || to_stop.contains(&c.id)))
@@ -546,9 +615,14 @@ impl Supervisor {
                     child.status = Status::Stopping;
                     child.cell.set_state(Lifecycle::Stopping);
                     child.cell.request_stop();
-                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
+                    let timeout = child
+                        .spec
+                        .shutdown_timeout
+                        .unwrap_or(self.rt.config.shutdown_timeout);
                     let inc = child.incarnation;
-                    let h = ctx.run_later(timeout, move |act, ctx| act.stop_timed_out(id, inc, timeout, ctx));
+                    let h = ctx.run_later(timeout, move |act, ctx| {
+                        act.stop_timed_out(id, inc, timeout, ctx)
+                    });
                     job.current = Some((id, h));
                     return;
                 }
@@ -573,7 +647,13 @@ impl Supervisor {
         }
     }
 
-    fn stop_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+    fn stop_timed_out(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(idx) = self.index(id) else { return };
         let child = &mut self.children[idx];
         if child.incarnation != incarnation || child.status != Status::Stopping {
@@ -585,7 +665,9 @@ impl Supervisor {
         child.cell.set_state(Lifecycle::Stopped);
         child.cell.record_failure(reason.clone());
         (child.spec.detach)();
-        self.rt.registry.emit(&child.cell, EventKind::Stopped, Some(reason));
+        self.rt
+            .registry
+            .emit(&child.cell, EventKind::Stopped, Some(reason));
         if let Some(job) = self.job.as_mut() {
             if job.current.map(|(c, _)| c) == Some(id) {
                 job.current = None;
@@ -638,7 +720,10 @@ impl Supervisor {
                 self.deferred.push(id);
                 continue;
             }
-            if self.index(id).is_some_and(|i| self.children[i].status == Status::Down) {
+            if self
+                .index(id)
+                .is_some_and(|i| self.children[i].status == Status::Down)
+            {
                 self.apply_strategy(id, ctx);
             }
         }
@@ -671,7 +756,10 @@ impl Supervisor {
         if self.phase != Phase::Running {
             Some(format!("{} is stopping", self.path()))
         } else if self.job.is_some() {
-            Some(format!("{} is busy restarting or stopping children; try again", self.path()))
+            Some(format!(
+                "{} is busy restarting or stopping children; try again",
+                self.path()
+            ))
         } else {
             None
         }
@@ -722,13 +810,19 @@ impl Handler<RestartChild> for Supervisor {
                 .ok_or_else(|| format!("{}/{} not found", self.path(), msg.name))?;
             let (tx, rx) = oneshot::channel();
             let id = self.children[idx].id;
-            let to_stop = if self.children[idx].status == Status::Running { vec![id] } else { vec![] };
+            let to_stop = if self.children[idx].status == Status::Running {
+                vec![id]
+            } else {
+                vec![]
+            };
             self.begin_job(to_stop, Then::ManualRestart { id, reply: tx }, ctx);
             Ok(rx)
         })();
         Box::pin(async move {
             match result {
-                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Ok(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
                 Err(e) => Err(e),
             }
         })
@@ -753,7 +847,9 @@ impl Handler<StopChild> for Supervisor {
         })();
         Box::pin(async move {
             match result {
-                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Ok(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
                 Err(e) => Err(e),
             }
         })

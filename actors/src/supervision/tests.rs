@@ -24,7 +24,10 @@ impl Actor for Worker {
     type Context = Context<Self>;
 
     fn started(&mut self, _: &mut Context<Self>) {
-        self.journal.lock().unwrap().push(format!("start {}", self.name));
+        self.journal
+            .lock()
+            .unwrap()
+            .push(format!("start {}", self.name));
     }
 
     fn stopping(&mut self, _: &mut Context<Self>) -> Running {
@@ -36,7 +39,10 @@ impl Actor for Worker {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.journal.lock().unwrap().push(format!("stop {}", self.name));
+        self.journal
+            .lock()
+            .unwrap()
+            .push(format!("stop {}", self.name));
     }
 }
 
@@ -201,14 +207,21 @@ async fn one_for_all_restarts_every_child() {
         wait_for(&mut t.events, is(path, EventKind::Restarted)).await;
     }
     assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (1, 1, 1));
-    assert_eq!(t.a.send(Ping).await, Ok(1), "a was restarted with fresh state");
+    assert_eq!(
+        t.a.send(Ping).await,
+        Ok(1),
+        "a was restarted with fresh state"
+    );
     // The panicked child's own `stopped` runs as it unwinds; the survivors are then stopped
     // latest-first, and only then does everything start again, each after the previous is up.
     let j = journal.lock().unwrap().clone();
     let tail: Vec<&str> = j[6..].iter().map(String::as_str).collect();
     assert_eq!(
         tail,
-        ["stop b", "stop c", "stop a", "new a", "start a", "new b", "start b", "new c", "start c"]
+        [
+            "stop b", "stop c", "stop a", "new a", "start a", "new b", "start b", "new c",
+            "start c"
+        ]
     );
 }
 
@@ -221,7 +234,10 @@ async fn rest_for_one_restarts_the_failed_child_and_those_started_after_it() {
     assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 1));
     let j = journal.lock().unwrap().clone();
     let tail: Vec<&str> = j[6..].iter().map(String::as_str).collect();
-    assert_eq!(tail, ["stop b", "stop c", "new b", "start b", "new c", "start c"]);
+    assert_eq!(
+        tail,
+        ["stop b", "stop c", "new b", "start b", "new c", "start c"]
+    );
 }
 
 #[actix_rt::test]
@@ -291,7 +307,10 @@ async fn restart_waits_at_least_the_backoff_lower_bound() {
         let failed_at = Instant::now();
         wait_for(&mut events, is("/node/slow", EventKind::Restarted)).await;
         let (low, _) = backoff.bounds(attempt);
-        assert!(failed_at.elapsed() >= low.mul_f64(0.9), "attempt {attempt} restarted too early");
+        assert!(
+            failed_at.elapsed() >= low.mul_f64(0.9),
+            "attempt {attempt} restarted too early"
+        );
     }
 }
 
@@ -319,9 +338,16 @@ async fn shutdown_stops_children_in_reverse_order_and_abandons_one_that_will_not
     assert!(abandoned.reason.unwrap().contains("did not stop within"));
     assert_eq!(rt.wait_exit().await, Exit::Normal);
     let j = journal.lock().unwrap().clone();
-    let stops: Vec<&str> = j.iter().filter(|l| l.starts_with("stop")).map(String::as_str).collect();
+    let stops: Vec<&str> = j
+        .iter()
+        .filter(|l| l.starts_with("stop"))
+        .map(String::as_str)
+        .collect();
     assert_eq!(stops, ["stop c", "stop a"]);
-    assert!(rt.registry().get("/node/a").is_none(), "stopped children leave the registry");
+    assert!(
+        rt.registry().get("/node/a").is_none(),
+        "stopped children leave the registry"
+    );
 }
 
 #[actix_rt::test]
@@ -330,16 +356,30 @@ async fn operators_can_restart_and_stop_a_child_and_add_one_at_run_time() {
     let t = trio(Strategy::OneForAll, &journal).await;
     let sup = t.rt.registry().supervisor("/node/sup").unwrap();
     // A requested restart touches only that child, whatever the strategy.
-    assert_eq!(sup.send(RestartChild { name: "b".into() }).await.unwrap(), Ok(1));
+    assert_eq!(
+        sup.send(RestartChild { name: "b".into() }).await.unwrap(),
+        Ok(1)
+    );
     assert_eq!((restarts(&t.a), restarts(&t.b), restarts(&t.c)), (0, 1, 0));
-    sup.send(StopChild { name: "c".into() }).await.unwrap().unwrap();
+    sup.send(StopChild { name: "c".into() })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(t.c.cell().unwrap().state(), Lifecycle::Stopped);
     assert_eq!(t.c.send(Ping).await, Err(crate::SendError::NotRunning));
-    let err = sup.send(RestartChild { name: "zz".into() }).await.unwrap().unwrap_err();
+    let err = sup
+        .send(RestartChild { name: "zz".into() })
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(err.contains("not found"));
     // Dynamic children get their own paths and state dumps.
     let (spec, d) = worker("sessions/d", &journal);
-    let path = sup.send(AddChild(spec.restart(Restart::Temporary))).await.unwrap().unwrap();
+    let path = sup
+        .send(AddChild(spec.restart(Restart::Temporary)))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(path, "/node/sup/sessions/d");
     assert_eq!(d.send(Ping).await, Ok(1));
     let dump = d.cell().unwrap().request_dump().await.unwrap();
@@ -383,7 +423,10 @@ async fn a_child_stuck_in_started_times_out_and_the_children_after_it_still_star
     let j = journal.clone();
     let root = SupervisorSpec::new(Strategy::OneForOne, move || {
         let (stuck, _) = ChildSpec::actor("stuck", || StuckStarter);
-        vec![stuck.shutdown_timeout(Duration::from_millis(50)), worker("after", &j).0]
+        vec![
+            stuck.shutdown_timeout(Duration::from_millis(50)),
+            worker("after", &j).0,
+        ]
     });
     let rt = Runtime::start(config(), quiet(), root);
     let mut events = rt.registry().subscribe();

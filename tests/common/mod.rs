@@ -1,0 +1,222 @@
+//! Starting real `lodge` processes for end-to-end tests.
+//!
+//! Nodes listen on port 0 and report the ports they got on stdout, so tests never race for ports.
+//! Every process is killed and reaped when its handle drops, whatever the test's outcome.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const LODGE: &str = env!("CARGO_BIN_EXE_lodge");
+/// Upper bound for a node to come up; only turns a hang into a failure.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running node.
+pub struct Node {
+    child: Option<Child>,
+    pub grpc: String,
+    pub metrics: String,
+    pub dir: tempfile::TempDir,
+    stderr: PathBuf,
+}
+
+/// How a node that failed to start ended.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+impl Node {
+    /// Starts `lodge node` with `args` on free loopback ports and a fresh data dir.
+    pub fn start(args: &[&str]) -> Node {
+        Self::try_start(args).unwrap_or_else(|f| panic!("node did not start: {f:?}"))
+    }
+
+    pub fn try_start(args: &[&str]) -> Result<Node, StartFailure> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr = dir.path().join("stderr.log");
+        let mut cmd = Command::new(LODGE);
+        cmd.arg("node")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(args)
+            .env_remove("LODGE_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let mut child = cmd.spawn().expect("spawning lodge");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("lodge node ready") => {
+                    let field = |k: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(k))
+                            .expect("ready line field")
+                            .to_string()
+                    };
+                    return Ok(Node {
+                        grpc: field("grpc="),
+                        metrics: field("metrics="),
+                        child: Some(child),
+                        dir,
+                        stderr,
+                    });
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    // Ended (stdout closed) or timed out: collect the exit.
+                    let status = match child.try_wait().expect("try_wait") {
+                        Some(s) => s,
+                        None => {
+                            let _ = child.kill();
+                            child.wait().expect("wait")
+                        }
+                    };
+                    return Err(StartFailure {
+                        status,
+                        stderr: std::fs::read_to_string(&stderr).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Runs `lodge ctl --endpoint <this node> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.grpc, args)
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        signal(self.pid(), "TERM");
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The metrics page as the classic Prometheus text.
+    pub fn scrape(&self) -> String {
+        http_get(&self.metrics, "/metrics")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn ctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(LODGE)
+        .arg("ctl")
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .env_remove("LODGE_ENDPOINT")
+        .output()
+        .expect("running lodge ctl")
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A minimal HTTP/1.0 GET (no client library needed for one page).
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+pub fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Lodge test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) =
+        leaf(vec!["localhost".into(), "127.0.0.1".into()], "lodge node");
+    let (client_cert, client_key) = leaf(vec!["client.lodge.test".into()], "lodge client");
+    let write = |name: &str, content: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    };
+    Pki {
+        ca: write("ca.pem", &ca_cert.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client.key", &client_key),
+    }
+}
