@@ -163,6 +163,12 @@ impl Runtime {
         }
     }
 
+    /// The arbiter of a [`Placement::Dedicated`](crate::Placement::Dedicated) name, created on
+    /// first use: for code that must share a thread with such actors (benchmarks, tests).
+    pub fn dedicated_arbiter(&self, name: &'static str) -> ArbiterHandle {
+        self.shared.dedicated(name)
+    }
+
     /// Stops the worker threads; call after the tree has exited.
     pub fn stop_arbiters(&self) {
         self.shared.stop_arbiters();

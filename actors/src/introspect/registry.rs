@@ -220,7 +220,8 @@ impl Registry {
         self.inner.supervisors.write().unwrap().insert(path, addr);
     }
 
-    pub(crate) fn supervisor(&self, path: &str) -> Option<ActorRef<Supervisor>> {
+    /// The supervisor at `path`, to add children to or restart them through.
+    pub fn supervisor(&self, path: &str) -> Option<ActorRef<Supervisor>> {
         self.inner.supervisors.read().unwrap().get(path).cloned()
     }
 

@@ -1,10 +1,16 @@
 //! The supervisor actor.
 //!
-//! Failures and requests that take children down run as a *stop job*: children are stopped one at
-//! a time in reverse start order, each given its shutdown timeout, and when the last one is down the
-//! job's follow-up runs (restart some children, answer an operator, stop the supervisor itself, or
-//! escalate). One job runs at a time; failures that arrive meanwhile wait for it to finish.
+//! Children start one at a time in order: the next starts once the previous acknowledges that its
+//! `started()` ran (or fails, or times out). Failures and requests that take children down run as a
+//! *stop job*: children stop one at a time in reverse start order, each within its shutdown
+//! timeout, and when the last is down the job's follow-up runs (restart some children, answer an
+//! operator, stop the supervisor itself, or escalate). One job runs at a time; failures arriving
+//! meanwhile wait for it.
+//!
+//! Children are kept in a map keyed by a growing id, so start order is key order and lookups,
+//! inserts and removals stay logarithmic with a hundred thousand per-entity children.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::control::{Exit, ExitNotify};
 use super::policy::{Backoff, Restart, RestartHistory, RestartLimit, Strategy};
-use super::spec::{ChildSpec, Managed, Placement, StartArgs, SupervisorSpec};
+use super::spec::{ChildSpec, ChildrenFactory, Managed, Placement, StartArgs, SupervisorSpec};
 use crate::introspect::{ActorCell, EventKind, Lifecycle};
 use crate::runtime::RuntimeShared;
 
@@ -66,9 +72,9 @@ enum Status {
     Running,
     /// Asked to stop; its exit is expected.
     Stopping,
-    /// Waiting out its backoff; the pending start picks it up.
+    /// Waiting for its (re)start: in the start queue or out its backoff.
     Waiting,
-    /// Exited and waiting for the running stop job to finish before its failure is handled.
+    /// Exited during a stop job; its failure is handled when the job ends.
     Down,
     /// Not running and not to be restarted.
     Stopped,
@@ -77,7 +83,6 @@ enum Status {
 }
 
 struct Child {
-    id: u64,
     spec: ChildSpec,
     cell: Arc<ActorCell>,
     incarnation: u64,
@@ -91,18 +96,9 @@ struct Child {
 }
 
 enum Then {
-    Restart {
-        ids: Vec<u64>,
-        delay: Duration,
-    },
-    ManualRestart {
-        id: u64,
-        reply: oneshot::Sender<Result<u32, String>>,
-    },
-    ManualStop {
-        id: u64,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
+    Restart { ids: Vec<u64>, delay: Duration },
+    ManualRestart { id: u64, reply: oneshot::Sender<Result<u32, String>> },
+    ManualStop { id: u64, reply: oneshot::Sender<Result<(), String>> },
     Shutdown,
     Escalate(String),
 }
@@ -114,11 +110,10 @@ struct StopJob {
     then: Then,
 }
 
-/// Children to start one after the other: the next starts when the previous has acknowledged
-/// that its `started()` ran, or failed, or timed out.
+/// Children to start one after the other.
 #[derive(Default)]
 struct StartQueue {
-    pending: std::collections::VecDeque<(u64, bool)>,
+    pending: VecDeque<(u64, bool)>,
     /// (child, incarnation, is_restart, timeout timer) of the start in progress.
     current: Option<(u64, u64, bool, SpawnHandle)>,
 }
@@ -137,8 +132,8 @@ pub struct Supervisor {
     strategy: Strategy,
     limit: RestartLimit,
     backoff: Backoff,
-    factory: super::spec::ChildrenFactory,
-    children: Vec<Child>,
+    factory: ChildrenFactory,
+    children: BTreeMap<u64, Child>,
     next_id: u64,
     history: RestartHistory,
     job: Option<StopJob>,
@@ -146,6 +141,8 @@ pub struct Supervisor {
     /// Children whose failure arrived during a job.
     deferred: Vec<u64>,
     timers: Vec<SpawnHandle>,
+    /// Operators waiting for a requested restart to be acknowledged (or to fail).
+    restart_replies: Vec<(u64, oneshot::Sender<Result<u32, String>>)>,
     phase: Phase,
 }
 
@@ -167,14 +164,16 @@ impl Managed for Supervisor {
                 "jitter": self.backoff.jitter,
             },
             "phase": format!("{:?}", self.phase).to_lowercase(),
-            "children": self.children.iter().map(|c| serde_json::json!({
+            "children": self.children.len(),
+            // Per-child rows only for small supervisors; big ones are listed by ListActors.
+            "child_states": (self.children.len() <= 64).then(|| self.children.values().map(|c| serde_json::json!({
                 "name": c.spec.name,
                 "kind": c.spec.kind,
                 "restart": c.spec.restart,
                 "status": format!("{:?}", c.status).to_lowercase(),
                 "incarnation": c.incarnation,
                 "held": c.held,
-            })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()),
         })
     }
 }
@@ -183,20 +182,21 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        let mut ids = Vec::new();
         for spec in (self.factory)() {
-            if let Err(e) = self.add(spec, false) {
-                error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e);
+            match self.add(spec, false) {
+                Ok(id) => ids.push(id),
+                Err(e) => error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e),
             }
         }
-        let ids: Vec<u64> = self.children.iter().map(|c| c.id).collect();
         self.start_now(&ids, false, ctx);
     }
 
     fn stopping(&mut self, ctx: &mut Context<Self>) -> Running {
-        if std::thread::panicking() {
-            // Our own code panicked: the children cannot be stopped in order any more, but they
-            // must not outlive us unsupervised.
-            for c in &self.children {
+        if std::thread::panicking() || tokio::runtime::Handle::try_current().is_err() {
+            // Our own code panicked, or the runtime is being torn down without a shutdown: no
+            // ordered stop is possible any more, but the children must not outlive us unsupervised.
+            for c in self.children.values() {
                 c.cell.request_stop();
                 self.rt.registry.deregister(c.cell.path());
             }
@@ -207,17 +207,14 @@ impl Actor for Supervisor {
             for t in self.timers.drain(..) {
                 ctx.cancel_future(t);
             }
-            let running = self.live_ids(0);
+            let live = self.live_ids(0);
             match self.job.as_mut() {
                 Some(job) => {
                     Self::abandon_then(std::mem::replace(&mut job.then, Then::Shutdown));
                     let current = job.current.map(|(id, _)| id);
-                    job.queue = running
-                        .into_iter()
-                        .filter(|id| Some(*id) != current)
-                        .collect();
+                    job.queue = live.into_iter().filter(|id| Some(*id) != current).collect();
                 }
-                None => self.begin_job(running, Then::Shutdown, ctx),
+                None => self.begin_job(live, Then::Shutdown, ctx),
             }
         }
         if self.phase == Phase::Done {
@@ -237,13 +234,14 @@ impl Supervisor {
             factory: spec.children,
             rt,
             cell,
-            children: Vec::new(),
+            children: BTreeMap::new(),
             next_id: 0,
             history: RestartHistory::default(),
             job: None,
             starts: StartQueue::default(),
             deferred: Vec::new(),
             timers: Vec::new(),
+            restart_replies: Vec::new(),
             phase: Phase::Running,
         }
     }
@@ -252,69 +250,61 @@ impl Supervisor {
         self.cell.path().clone()
     }
 
-    fn index(&self, id: u64) -> Option<usize> {
-        // Ids grow in insertion order, so the vector is sorted by id.
-        self.children.binary_search_by_key(&id, |c| c.id).ok()
+    /// The child called `name` (operator requests; linear, and rare).
+    fn id_by_name(&self, name: &str) -> Option<u64> {
+        self.children.iter().find(|(_, c)| c.spec.name == name).map(|(id, _)| *id)
     }
 
-    fn index_by_name(&self, name: &str) -> Option<usize> {
-        self.children.iter().position(|c| c.spec.name == name)
-    }
-
-    /// Ids of running or waiting children from position `from` on, in start order.
-    fn live_ids(&self, from: usize) -> Vec<u64> {
-        self.children[from..]
-            .iter()
-            .filter(|c| {
-                matches!(
-                    c.status,
-                    Status::Running | Status::Waiting | Status::Stopping
-                )
-            })
-            .map(|c| c.id)
+    /// Ids of running or waiting children from id `from` on, in start order.
+    fn live_ids(&self, from: u64) -> Vec<u64> {
+        self.children
+            .range(from..)
+            .filter(|(_, c)| matches!(c.status, Status::Running | Status::Waiting | Status::Stopping))
+            .map(|(id, _)| *id)
             .collect()
     }
 
-    fn add(&mut self, spec: ChildSpec, dynamic: bool) -> Result<usize, String> {
+    fn timeout_of(&self, c: &Child) -> Duration {
+        c.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout)
+    }
+
+    fn add(&mut self, spec: ChildSpec, dynamic: bool) -> Result<u64, String> {
         if spec.name.is_empty() || spec.name.starts_with('/') || spec.name.ends_with('/') {
             return Err(format!("invalid child name {:?}", spec.name));
         }
-        if self.index_by_name(&spec.name).is_some() {
-            return Err(format!("{}/{} already exists", self.path(), spec.name));
-        }
         let path: Arc<str> = format!("{}/{}", self.path(), spec.name).into();
         let cell = Arc::new(ActorCell::new(path.clone(), spec.kind, Some(self.path())));
-        // A previous incarnation of this supervisor may have left the path behind if it panicked.
-        self.rt.registry.deregister(&path);
+        // The registry refuses a taken path: that is the duplicate-name check, in O(log n).
         self.rt.registry.register(cell.clone())?;
         if let Some(r) = &spec.supervisor_ref {
             self.rt.registry.set_supervisor(path, r.clone());
         }
         self.next_id += 1;
-        self.children.push(Child {
-            id: self.next_id,
-            spec,
-            cell,
-            incarnation: 0,
-            status: Status::Waiting,
-            dynamic,
-            held: false,
-            consecutive_failures: 0,
-            last_start: Instant::now(),
-        });
-        Ok(self.children.len() - 1)
+        self.children.insert(
+            self.next_id,
+            Child {
+                spec,
+                cell,
+                incarnation: 0,
+                status: Status::Waiting,
+                dynamic,
+                held: false,
+                consecutive_failures: 0,
+                last_start: Instant::now(),
+            },
+        );
+        Ok(self.next_id)
     }
 
-    fn remove(&mut self, idx: usize) {
-        let c = self.children.remove(idx);
-        self.rt.registry.deregister(c.cell.path());
+    fn remove(&mut self, id: u64) {
+        if let Some(c) = self.children.remove(&id) {
+            self.rt.registry.deregister(c.cell.path());
+        }
     }
 
     /// Queues the given waiting children for starting, in order.
     fn start_now(&mut self, ids: &[u64], is_restart: bool, ctx: &mut Context<Self>) {
-        self.starts
-            .pending
-            .extend(ids.iter().map(|id| (*id, is_restart)));
+        self.starts.pending.extend(ids.iter().map(|id| (*id, is_restart)));
         self.pump_starts(ctx);
     }
 
@@ -322,39 +312,28 @@ impl Supervisor {
     fn pump_starts(&mut self, ctx: &mut Context<Self>) {
         while self.starts.current.is_none() {
             let Some((id, is_restart)) = self.starts.pending.pop_front() else {
-                // The initial children are up (or being retried): this subtree has started.
+                // The queued children are up (or being retried): this subtree has started.
                 self.cell.mark_ready();
                 return;
             };
-            let Some(idx) = self.index(id) else { continue };
-            if self.children[idx].status != Status::Waiting || self.phase != Phase::Running {
+            let waiting = self.children.get(&id).is_some_and(|c| c.status == Status::Waiting);
+            if !waiting || self.phase != Phase::Running {
                 continue;
             }
-            match self.start_child(idx, is_restart, ctx) {
+            match self.start_child(id, is_restart, ctx) {
                 Ok(()) => {
-                    let child = &self.children[idx];
-                    let timeout = child
-                        .spec
-                        .shutdown_timeout
-                        .unwrap_or(self.rt.config.shutdown_timeout);
-                    let inc = child.incarnation;
-                    let timer = ctx.run_later(timeout, move |act, ctx| {
-                        act.start_timed_out(id, inc, timeout, ctx)
-                    });
+                    let child = &self.children[&id];
+                    let (timeout, inc) = (self.timeout_of(child), child.incarnation);
+                    let timer = ctx.run_later(timeout, move |act, ctx| act.start_timed_out(id, inc, timeout, ctx));
                     self.starts.current = Some((id, inc, is_restart, timer));
                 }
-                Err(reason) => self.on_failure(idx, reason, true, ctx),
+                Err(reason) => self.on_failure(id, reason, true, ctx),
             }
         }
     }
 
-    /// Clears the start in progress if it is `id`'s; returns (is_restart) when it was.
-    fn end_current_start(
-        &mut self,
-        id: u64,
-        incarnation: u64,
-        ctx: &mut Context<Self>,
-    ) -> Option<bool> {
+    /// Clears the start in progress if it is this incarnation's; returns its `is_restart`.
+    fn end_current_start(&mut self, id: u64, incarnation: u64, ctx: &mut Context<Self>) -> Option<bool> {
         match self.starts.current {
             Some((cur, inc, is_restart, timer)) if cur == id && inc == incarnation => {
                 ctx.cancel_future(timer);
@@ -366,69 +345,54 @@ impl Supervisor {
     }
 
     fn on_started(&mut self, msg: ChildStarted, ctx: &mut Context<Self>) {
-        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else {
-            return;
-        };
-        if let Some(idx) = self.index(msg.child) {
-            let child = &self.children[idx];
+        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else { return };
+        if let Some(child) = self.children.get(&msg.child) {
             if child.status == Status::Running {
                 child.cell.set_state(Lifecycle::Running);
-                let event = if is_restart {
-                    EventKind::Restarted
-                } else {
-                    EventKind::Started
-                };
+                let event = if is_restart { EventKind::Restarted } else { EventKind::Started };
                 self.rt.registry.emit(&child.cell, event, None);
+                let restarts = child.cell.restarts();
+                self.answer_restart(msg.child, Ok(restarts));
             }
         }
         self.pump_starts(ctx);
     }
 
-    fn start_timed_out(
-        &mut self,
-        id: u64,
-        incarnation: u64,
-        timeout: Duration,
-        ctx: &mut Context<Self>,
-    ) {
+    fn answer_restart(&mut self, id: u64, result: Result<u32, String>) {
+        if let Some(pos) = self.restart_replies.iter().position(|(c, _)| *c == id) {
+            let (_, reply) = self.restart_replies.swap_remove(pos);
+            let _ = reply.send(result);
+        }
+    }
+
+    fn start_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
         if self.end_current_start(id, incarnation, ctx).is_none() {
             return;
         }
-        if let Some(idx) = self.index(id) {
-            if self.children[idx].status == Status::Running {
-                // Stuck in `started()`: ask it to go, forget this incarnation, and treat it as a failure.
-                self.children[idx].cell.request_stop();
-                (self.children[idx].spec.detach)();
-                let reason = format!("did not finish starting within {timeout:?}");
-                self.on_failure(idx, reason, true, ctx);
-            }
+        if let Some(child) = self.children.get(&id).filter(|c| c.status == Status::Running) {
+            // Stuck in `started()`: ask it to go, forget this incarnation, count it as a failure.
+            child.cell.request_stop();
+            (child.spec.detach)();
+            self.on_failure(id, format!("did not finish starting within {timeout:?}"), true, ctx);
         }
         self.pump_starts(ctx);
     }
 
     /// Builds and launches one child; it counts as running once its `started()` acknowledges.
-    fn start_child(
-        &mut self,
-        idx: usize,
-        is_restart: bool,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), String> {
-        let arbiter = match &self.children[idx].spec.placement {
+    fn start_child(&mut self, id: u64, is_restart: bool, ctx: &mut Context<Self>) -> Result<(), String> {
+        let child = self.children.get_mut(&id).expect("caller checked the child exists");
+        let arbiter = match &child.spec.placement {
             Placement::Control => self.rt.control.clone(),
             Placement::Worker => self.rt.next_worker(),
             Placement::Dedicated(name) => self.rt.dedicated(name),
         };
-        let child = &mut self.children[idx];
         child.incarnation += 1;
         child.cell.begin_incarnation(child.incarnation);
         child.cell.set_state(Lifecycle::Starting);
         let args = StartArgs {
             cell: &child.cell,
             incarnation: child.incarnation,
-            notify: ExitNotify::Supervisor {
-                addr: ctx.address(),
-                child: child.id,
-            },
+            notify: ExitNotify::Supervisor { addr: ctx.address(), child: id },
             arbiter,
             runtime: &self.rt,
         };
@@ -442,35 +406,21 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
-        let Some(idx) = self.index(msg.child) else {
-            return;
-        };
-        if self.children[idx].incarnation != msg.incarnation {
+        if self.children.get(&msg.child).is_none_or(|c| c.incarnation != msg.incarnation) {
             return;
         }
-        let was_starting = self
-            .end_current_start(msg.child, msg.incarnation, ctx)
-            .is_some();
-        self.handle_exit(idx, msg, ctx);
-        if was_starting {
-            self.pump_starts(ctx);
-        }
-    }
-
-    fn handle_exit(&mut self, idx: usize, msg: ChildExited, ctx: &mut Context<Self>) {
-        let child = &mut self.children[idx];
+        let was_starting = self.end_current_start(msg.child, msg.incarnation, ctx).is_some();
+        let child = self.children.get_mut(&msg.child).expect("checked above");
         match child.status {
             Status::Stopping => {
                 child.status = Status::Stopped;
                 child.cell.set_state(Lifecycle::Stopped);
                 (child.spec.detach)();
-                let reason = match &msg.exit {
+                let reason = match msg.exit {
                     Exit::Normal => None,
-                    Exit::Failed(r) | Exit::Panicked(r) => Some(r.clone()),
+                    Exit::Failed(r) | Exit::Panicked(r) => Some(r),
                 };
-                self.rt
-                    .registry
-                    .emit(&child.cell, EventKind::Stopped, reason);
+                self.rt.registry.emit(&child.cell, EventKind::Stopped, reason);
                 self.job_child_done(msg.child, ctx);
             }
             Status::Running => {
@@ -480,20 +430,21 @@ impl Supervisor {
                     Exit::Failed(r) => (r, true),
                     Exit::Panicked(r) => (format!("panicked: {r}"), true),
                 };
-                self.on_failure(idx, reason, failed, ctx);
+                self.on_failure(msg.child, reason, failed, ctx);
             }
             _ => {}
+        }
+        if was_starting {
+            self.pump_starts(ctx);
         }
     }
 
     /// A child went down on its own (or failed to start): record it and apply the policy.
-    fn on_failure(&mut self, idx: usize, reason: String, failed: bool, ctx: &mut Context<Self>) {
-        let child = &mut self.children[idx];
-        let id = child.id;
+    fn on_failure(&mut self, id: u64, reason: String, failed: bool, ctx: &mut Context<Self>) {
+        self.answer_restart(id, Err(format!("restart failed: {reason}")));
+        let Some(child) = self.children.get_mut(&id) else { return };
         child.cell.record_failure(reason.clone());
-        self.rt
-            .registry
-            .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
+        self.rt.registry.emit(&child.cell, EventKind::Failed, Some(reason.clone()));
         warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
         let restart = match child.spec.restart {
             Restart::Permanent => true,
@@ -502,13 +453,9 @@ impl Supervisor {
         };
         if !restart || self.phase != Phase::Running {
             child.status = Status::Stopped;
-            child.cell.set_state(if failed {
-                Lifecycle::Failed
-            } else {
-                Lifecycle::Stopped
-            });
+            child.cell.set_state(if failed { Lifecycle::Failed } else { Lifecycle::Stopped });
             if child.dynamic {
-                self.remove(idx);
+                self.remove(id);
             }
             return;
         }
@@ -527,20 +474,22 @@ impl Supervisor {
     }
 
     fn apply_strategy(&mut self, id: u64, ctx: &mut Context<Self>) {
-        let Some(idx) = self.index(id) else { return };
+        if !self.children.contains_key(&id) {
+            return;
+        }
         if !self.history.allow(self.limit, Instant::now()) {
             let reason = format!(
                 "restart limit reached: more than {} restarts within {:?} (last: {})",
                 self.limit.max_restarts,
                 self.limit.within,
-                self.children[idx].cell.path()
+                self.children[&id].cell.path()
             );
             error!(self.rt.log, "supervisor giving up"; "path" => &*self.path(), "reason" => &reason);
             let all = self.live_ids(0);
             self.begin_job(all, Then::Escalate(reason), ctx);
             return;
         }
-        let child = &mut self.children[idx];
+        let child = self.children.get_mut(&id).expect("checked above");
         child.consecutive_failures = if child.last_start.elapsed() > self.limit.within {
             1
         } else {
@@ -550,20 +499,13 @@ impl Supervisor {
         match self.strategy {
             Strategy::OneForOne => self.schedule_restart(vec![id], delay, ctx),
             Strategy::OneForAll | Strategy::RestForOne => {
-                let from = if self.strategy == Strategy::OneForAll {
-                    0
-                } else {
-                    idx
-                };
-                let to_stop: Vec<u64> = self
-                    .live_ids(from)
-                    .into_iter()
-                    .filter(|c| *c != id)
-                    .collect();
-                let ids = self.children[from..]
-                    .iter()
-                    .filter(|c| !c.held && (c.id == id || to_stop.contains(&c.id)))
-                    .map(|c| c.id)
+                let from = if self.strategy == Strategy::OneForAll { 0 } else { id };
+                let to_stop: Vec<u64> = self.live_ids(from).into_iter().filter(|c| *c != id).collect();
+                let ids = self
+                    .children
+                    .range(from..)
+                    .filter(|(cid, c)| !c.held && (**cid == id || to_stop.contains(cid)))
+                    .map(|(cid, _)| *cid)
                     .collect();
                 self.begin_job(to_stop, Then::Restart { ids, delay }, ctx);
             }
@@ -571,9 +513,8 @@ impl Supervisor {
     }
 
     fn schedule_restart(&mut self, ids: Vec<u64>, delay: Duration, ctx: &mut Context<Self>) {
-        for &id in &ids {
-            if let Some(idx) = self.index(id) {
-                let c = &mut self.children[idx];
+        for id in &ids {
+            if let Some(c) = self.children.get_mut(id) {
                 c.status = Status::Waiting;
                 c.cell.set_state(Lifecycle::Restarting);
             }
@@ -587,11 +528,7 @@ impl Supervisor {
         if matches!(then, Then::Escalate(_)) {
             self.phase = Phase::ShuttingDown;
         }
-        self.job = Some(StopJob {
-            queue,
-            current: None,
-            then,
-        });
+        self.job = Some(StopJob { queue, current: None, then });
         self.advance_job(ctx);
     }
 
@@ -606,23 +543,15 @@ impl Supervisor {
                 self.finish_job(job.then, ctx);
                 return;
             };
-            let Some(idx) = self.children.binary_search_by_key(&id, |c| c.id).ok() else {
-                continue;
-            };
-            let child = &mut self.children[idx];
+            let Some(child) = self.children.get_mut(&id) else { continue };
             match child.status {
                 Status::Running => {
                     child.status = Status::Stopping;
                     child.cell.set_state(Lifecycle::Stopping);
                     child.cell.request_stop();
-                    let timeout = child
-                        .spec
-                        .shutdown_timeout
-                        .unwrap_or(self.rt.config.shutdown_timeout);
+                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
                     let inc = child.incarnation;
-                    let h = ctx.run_later(timeout, move |act, ctx| {
-                        act.stop_timed_out(id, inc, timeout, ctx)
-                    });
+                    let h = ctx.run_later(timeout, move |act, ctx| act.stop_timed_out(id, inc, timeout, ctx));
                     job.current = Some((id, h));
                     return;
                 }
@@ -636,26 +565,18 @@ impl Supervisor {
     }
 
     fn job_child_done(&mut self, id: u64, ctx: &mut Context<Self>) {
-        if let Some(job) = self.job.as_mut() {
-            if let Some((cur, h)) = job.current {
-                if cur == id {
-                    ctx.cancel_future(h);
-                    job.current = None;
-                    self.advance_job(ctx);
-                }
+        let Some(job) = self.job.as_mut() else { return };
+        if let Some((cur, h)) = job.current {
+            if cur == id {
+                ctx.cancel_future(h);
+                job.current = None;
+                self.advance_job(ctx);
             }
         }
     }
 
-    fn stop_timed_out(
-        &mut self,
-        id: u64,
-        incarnation: u64,
-        timeout: Duration,
-        ctx: &mut Context<Self>,
-    ) {
-        let Some(idx) = self.index(id) else { return };
-        let child = &mut self.children[idx];
+    fn stop_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+        let Some(child) = self.children.get_mut(&id) else { return };
         if child.incarnation != incarnation || child.status != Status::Stopping {
             return;
         }
@@ -665,9 +586,7 @@ impl Supervisor {
         child.cell.set_state(Lifecycle::Stopped);
         child.cell.record_failure(reason.clone());
         (child.spec.detach)();
-        self.rt
-            .registry
-            .emit(&child.cell, EventKind::Stopped, Some(reason));
+        self.rt.registry.emit(&child.cell, EventKind::Stopped, Some(reason));
         if let Some(job) = self.job.as_mut() {
             if job.current.map(|(c, _)| c) == Some(id) {
                 job.current = None;
@@ -679,51 +598,37 @@ impl Supervisor {
     fn finish_job(&mut self, then: Then, ctx: &mut Context<Self>) {
         match then {
             Then::Restart { ids, delay } => self.schedule_restart(ids, delay, ctx),
-            Then::ManualRestart { id, reply } => {
-                let result = match self.index(id) {
-                    Some(idx) if self.phase == Phase::Running => {
-                        self.children[idx].held = false;
-                        self.children[idx].status = Status::Waiting;
-                        let before = self.children[idx].cell.restarts();
-                        self.start_now(&[id], true, ctx);
-                        match self.index(id) {
-                            Some(i) if self.children[i].cell.restarts() > before => Ok(before + 1),
-                            Some(i) => Ok(self.children[i].cell.restarts()),
-                            None => Err("restart failed; the child was removed".to_string()),
-                        }
-                    }
-                    _ => Err("supervisor is stopping".to_string()),
-                };
-                let _ = reply.send(result);
-            }
+            Then::ManualRestart { id, reply } => match self.children.get_mut(&id) {
+                Some(child) if self.phase == Phase::Running => {
+                    child.held = false;
+                    child.status = Status::Waiting;
+                    // Answered when the new incarnation acknowledges its start, or fails.
+                    self.restart_replies.push((id, reply));
+                    self.start_now(&[id], true, ctx);
+                }
+                _ => {
+                    let _ = reply.send(Err("supervisor is stopping".to_string()));
+                }
+            },
             Then::ManualStop { id, reply } => {
-                if let Some(idx) = self.index(id) {
-                    self.children[idx].held = true;
-                    if self.children[idx].dynamic {
-                        self.remove(idx);
+                if let Some(child) = self.children.get_mut(&id) {
+                    child.held = true;
+                    if child.dynamic {
+                        self.remove(id);
                     }
                 }
                 let _ = reply.send(Ok(()));
             }
-            Then::Shutdown => {
-                self.finish(ctx);
-                return;
-            }
+            Then::Shutdown => return self.finish(ctx),
             Then::Escalate(reason) => {
                 self.cell.set_exit_failure(reason);
-                self.finish(ctx);
-                return;
+                return self.finish(ctx);
             }
         }
         for id in std::mem::take(&mut self.deferred) {
             if self.job.is_some() {
                 self.deferred.push(id);
-                continue;
-            }
-            if self
-                .index(id)
-                .is_some_and(|i| self.children[i].status == Status::Down)
-            {
+            } else if self.children.get(&id).is_some_and(|c| c.status == Status::Down) {
                 self.apply_strategy(id, ctx);
             }
         }
@@ -732,10 +637,10 @@ impl Supervisor {
     /// All children are down: forget them and stop.
     fn finish(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Done;
-        for c in self.children.drain(..) {
+        for c in std::mem::take(&mut self.children).into_values() {
             self.rt.registry.deregister(c.cell.path());
         }
-        info!(self.rt.log, "supervisor stopped"; "path" => &*self.cell.path().clone());
+        info!(self.rt.log, "supervisor stopped"; "path" => &*self.path());
         ctx.stop();
     }
 
@@ -752,17 +657,40 @@ impl Supervisor {
         }
     }
 
+    /// Why an operator request cannot run now, if it cannot.
     fn busy_or_stopping(&self) -> Option<String> {
         if self.phase != Phase::Running {
             Some(format!("{} is stopping", self.path()))
         } else if self.job.is_some() {
-            Some(format!(
-                "{} is busy restarting or stopping children; try again",
-                self.path()
-            ))
+            Some(format!("{} is busy restarting or stopping children; try again", self.path()))
         } else {
             None
         }
+    }
+
+    /// Starts a stop job for an operator request and answers when its follow-up has run.
+    fn operator_job<T: Send + 'static>(
+        &mut self,
+        name: &str,
+        ctx: &mut Context<Self>,
+        make: impl FnOnce(u64, &Child, oneshot::Sender<Result<T, String>>) -> (Vec<u64>, Then),
+    ) -> ResponseFuture<Result<T, String>> {
+        let result = match (self.busy_or_stopping(), self.id_by_name(name)) {
+            (Some(e), _) => Err(e),
+            (None, None) => Err(format!("{}/{name} not found", self.path())),
+            (None, Some(id)) => {
+                let (tx, rx) = oneshot::channel();
+                let (to_stop, then) = make(id, &self.children[&id], tx);
+                self.begin_job(to_stop, then, ctx);
+                Ok(rx)
+            }
+        };
+        Box::pin(async move {
+            match result {
+                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 
@@ -789,9 +717,8 @@ impl Handler<AddChild> for Supervisor {
         if self.phase != Phase::Running {
             return Err(format!("{} is stopping", self.path()));
         }
-        let idx = self.add(msg.0, true)?;
-        let child = &self.children[idx];
-        let (id, path) = (child.id, child.cell.path().to_string());
+        let id = self.add(msg.0, true)?;
+        let path = self.children[&id].cell.path().to_string();
         self.start_now(&[id], false, ctx);
         Ok(path)
     }
@@ -801,30 +728,9 @@ impl Handler<RestartChild> for Supervisor {
     type Result = ResponseFuture<Result<u32, String>>;
 
     fn handle(&mut self, msg: RestartChild, ctx: &mut Context<Self>) -> Self::Result {
-        let result = (|| {
-            if let Some(e) = self.busy_or_stopping() {
-                return Err(e);
-            }
-            let idx = self
-                .index_by_name(&msg.name)
-                .ok_or_else(|| format!("{}/{} not found", self.path(), msg.name))?;
-            let (tx, rx) = oneshot::channel();
-            let id = self.children[idx].id;
-            let to_stop = if self.children[idx].status == Status::Running {
-                vec![id]
-            } else {
-                vec![]
-            };
-            self.begin_job(to_stop, Then::ManualRestart { id, reply: tx }, ctx);
-            Ok(rx)
-        })();
-        Box::pin(async move {
-            match result {
-                Ok(rx) => rx
-                    .await
-                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
-                Err(e) => Err(e),
-            }
+        self.operator_job(&msg.name, ctx, |id, child, reply| {
+            let to_stop = if child.status == Status::Running { vec![id] } else { vec![] };
+            (to_stop, Then::ManualRestart { id, reply })
         })
     }
 }
@@ -833,25 +739,6 @@ impl Handler<StopChild> for Supervisor {
     type Result = ResponseFuture<Result<(), String>>;
 
     fn handle(&mut self, msg: StopChild, ctx: &mut Context<Self>) -> Self::Result {
-        let result = (|| {
-            if let Some(e) = self.busy_or_stopping() {
-                return Err(e);
-            }
-            let idx = self
-                .index_by_name(&msg.name)
-                .ok_or_else(|| format!("{}/{} not found", self.path(), msg.name))?;
-            let (tx, rx) = oneshot::channel();
-            let id = self.children[idx].id;
-            self.begin_job(vec![id], Then::ManualStop { id, reply: tx }, ctx);
-            Ok(rx)
-        })();
-        Box::pin(async move {
-            match result {
-                Ok(rx) => rx
-                    .await
-                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
-                Err(e) => Err(e),
-            }
-        })
+        self.operator_job(&msg.name, ctx, |id, _, reply| (vec![id], Then::ManualStop { id, reply }))
     }
 }

@@ -1,0 +1,156 @@
+//! Memory per idle actor and ListActors latency, each in a fresh process so that memory freed by
+//! one measurement cannot flatter the next.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Arbiter, Context};
+use lodge_actors::admin::{AdminActor, ListActors, NodeFacts};
+use lodge_actors::introspect::{ListQuery, SortKey};
+use lodge_actors::supervision::AddChild;
+use lodge_actors::{ActorRef, ChildSpec, EventKind, Managed, Restart, Runtime, RuntimeConfig, Strategy, SupervisorSpec};
+
+use super::median;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Mode {
+    /// Supervised Lodge actors with introspection.
+    Lodge,
+    /// Plain actix actors (the baseline).
+    Raw,
+}
+
+#[derive(Default)]
+struct Idle;
+
+impl Actor for Idle {
+    type Context = Context<Self>;
+}
+
+impl Managed for Idle {
+    const KIND: &'static str = "bench-idle";
+}
+
+fn rss_bytes() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    pages * 4096.0
+}
+
+/// Runs both modes in child processes; returns (lodge bytes/actor, raw bytes/actor, ListActors figures).
+pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
+    let exe = std::env::current_exe().expect("own path");
+    let run = |mode: &str| -> serde_json::Value {
+        let out = Command::new(&exe)
+            .args(["bench", "memory", "--mode", mode, "--actors", &actors.to_string()])
+            .output()
+            .expect("running the memory child");
+        assert!(out.status.success(), "memory child failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("memory child prints JSON")
+    };
+    let lodge = run("lodge");
+    let raw = run("raw");
+    let list = lodge["list_ms"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN))).collect())
+        .unwrap_or_default();
+    (
+        lodge["bytes_per_actor"].as_f64().unwrap_or(f64::NAN),
+        raw["bytes_per_actor"].as_f64().unwrap_or(f64::NAN),
+        list,
+    )
+}
+
+pub fn run_child(mode: Mode, actors: usize) -> i32 {
+    let system = actix_rt::System::new();
+    let result = system.block_on(async move {
+        match mode {
+            Mode::Raw => {
+                let arbiter = Arbiter::new();
+                let before = rss_bytes();
+                let addrs: Vec<_> = (0..actors).map(|_| Idle::start_in_arbiter(&arbiter.handle(), |_| Idle)).collect();
+                // Let the arbiter run every actor's start before measuring.
+                let last = addrs.last().cloned();
+                if let Some(a) = last {
+                    while !a.connected() {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let per = (rss_bytes() - before) / actors as f64;
+                drop(addrs);
+                serde_json::json!({ "bytes_per_actor": per })
+            }
+            Mode::Lodge => lodge_child(actors).await,
+        }
+    });
+    println!("{result}");
+    0
+}
+
+async fn lodge_child(actors: usize) -> serde_json::Value {
+    let quiet = slog::Logger::root(slog::Discard, slog::o!());
+    let admin_ref: ActorRef<AdminActor> = ActorRef::default();
+    let registry_slot = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (a, reg) = (admin_ref.clone(), registry_slot.clone());
+    let facts = std::sync::Arc::new(NodeFacts {
+        node_id: 1,
+        version: String::new(),
+        started_at_ms: 0,
+        config_json: String::new(),
+    });
+    let spec = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (reg, facts) = (reg.clone(), facts.clone());
+        vec![
+            ChildSpec::actor_for("admin", &a, move || AdminActor::new(reg.get().cloned().expect("registry"), facts.clone(), false)),
+            ChildSpec::supervisor("bench", SupervisorSpec::new(Strategy::OneForOne, Vec::new)).0,
+        ]
+    });
+    let cfg = RuntimeConfig {
+        worker_arbiters: 1,
+        ..RuntimeConfig::default()
+    };
+    let runtime = Runtime::start(cfg, quiet, spec);
+    let _ = registry_slot.set(runtime.registry().clone());
+    let mut events = runtime.registry().subscribe();
+    loop {
+        let e = events.recv().await.expect("events");
+        if &*e.path == "/node/bench" && e.event == EventKind::Started {
+            break;
+        }
+    }
+    let sup = runtime.registry().supervisor("/node/bench").expect("bench supervisor");
+    let before = rss_bytes();
+    let last = format!("/node/bench/a{}", actors - 1);
+    for i in 0..actors {
+        let (spec, _) = ChildSpec::actor(format!("a{i}"), Idle::default);
+        sup.send(AddChild(spec.restart(Restart::Temporary))).await.unwrap().unwrap();
+    }
+    // Children start one after the other; the last one running means all are.
+    let registry = runtime.registry().clone();
+    while registry.get(&last).is_none_or(|c| c.state() != lodge_actors::Lifecycle::Running) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per = (rss_bytes() - before) / actors as f64;
+    let mut list_ms = serde_json::Map::new();
+    for (name, sort, limit) in [
+        ("sorted by queue length, limit 100", SortKey::QueueLen, 100),
+        ("sorted by message rate, limit 100", SortKey::MessageRate, 100),
+        ("all rows by path", SortKey::Path, 0),
+    ] {
+        let mut samples = Vec::new();
+        for _ in 0..9 {
+            let q = ListQuery {
+                sort,
+                limit,
+                ..ListQuery::default()
+            };
+            let t = Instant::now();
+            let reply = admin_ref.send(ListActors(q)).await.unwrap().unwrap();
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
+            assert!(reply.matched > actors);
+        }
+        list_ms.insert(name.to_string(), median(samples).into());
+    }
+    serde_json::json!({ "bytes_per_actor": per, "list_ms": list_ms })
+}

@@ -1,0 +1,64 @@
+//! `lodge bench`: each figure is measured beside its baseline in the same run, repeated, and
+//! reported as a median (these machines are shared and noisy). Results go to docs/benchmarks.md.
+
+mod actors;
+mod memory;
+
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum Bench {
+    /// Actor runtime: messaging throughput, memory per actor, ListActors latency.
+    Actors {
+        /// Repetitions of each throughput measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Messages per fire-and-forget round.
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        /// Requests per task per request/response round (64 tasks).
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        /// Actors for the memory and ListActors figures.
+        #[arg(long, default_value_t = 100_000)]
+        actors: usize,
+    },
+    /// One memory measurement in this process (run by `bench actors` in a fresh child process).
+    #[command(hide = true)]
+    Memory {
+        #[arg(long)]
+        mode: memory::Mode,
+        #[arg(long)]
+        actors: usize,
+    },
+}
+
+pub fn run(cmd: Bench) -> i32 {
+    match cmd {
+        Bench::Actors { rounds, messages, requests, actors } => {
+            actors::run(rounds.max(1), messages, requests, actors);
+            0
+        }
+        Bench::Memory { mode, actors } => memory::run_child(mode, actors),
+    }
+}
+
+/// Median of a set of samples.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even_sets() {
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}
