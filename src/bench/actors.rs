@@ -1,10 +1,12 @@
 //! Messaging throughput: Lodge's instrumented, bounded paths against plain actix.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Arbiter, Context, Handler, Message};
-use lodge_actors::{handles, ActorRef, ChildSpec, Managed, Placement, Runtime, RuntimeConfig, SendError, Strategy, SupervisorSpec};
+use lodge_actors::{
+    handles, ActorRef, ChildSpec, Managed, Placement, Runtime, RuntimeConfig, SendError, Strategy,
+    SupervisorSpec,
+};
 use tokio::sync::oneshot;
 
 use super::median;
@@ -90,7 +92,8 @@ async fn fire_and_forget(rounds: usize, n: u64) -> (f64, f64, f64) {
     let sink_ref: ActorRef<Sink> = ActorRef::default();
     let r = sink_ref.clone();
     let spec = SupervisorSpec::new(Strategy::OneForOne, move || {
-        vec![ChildSpec::actor_for("sink", &r, Sink::default).placement(Placement::Dedicated("bench"))]
+        vec![ChildSpec::actor_for("sink", &r, Sink::default)
+            .placement(Placement::Dedicated("bench"))]
     });
     let runtime = Runtime::start(cfg, quiet(), spec);
     let lodge_arbiter = runtime.dedicated_arbiter("bench");
@@ -161,7 +164,9 @@ async fn request_response(rounds: usize, per_task: u64) -> (f64, f64) {
     });
     let sink_ref: ActorRef<Sink> = ActorRef::default();
     let r = sink_ref.clone();
-    let spec = SupervisorSpec::new(Strategy::OneForOne, move || vec![ChildSpec::actor_for("sink", &r, Sink::default)]);
+    let spec = SupervisorSpec::new(Strategy::OneForOne, move || {
+        vec![ChildSpec::actor_for("sink", &r, Sink::default)]
+    });
     let cfg = RuntimeConfig {
         mailbox_capacity: CAPACITY,
         worker_arbiters: 1,
@@ -171,13 +176,11 @@ async fn request_response(rounds: usize, per_task: u64) -> (f64, f64) {
     while sink_ref.send(Ping).await.is_err() {
         tokio::task::yield_now().await;
     }
-    let io = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let total = (CALLERS * per_task) as f64;
     let (mut raw_rates, mut lodge_rates) = (vec![], vec![]);
     for _ in 0..rounds {
@@ -206,8 +209,8 @@ async fn request_response(rounds: usize, per_task: u64) -> (f64, f64) {
     }
     runtime.shutdown();
     arbiter.stop();
-    let io = Arc::try_unwrap(io).ok().expect("no other holder");
-    std::thread::spawn(move || drop(io)).join().unwrap();
+    // Dropping a runtime inside this async context would block it; let it wind down on its own.
+    io.shutdown_background();
     (median(raw_rates), median(lodge_rates))
 }
 
@@ -225,7 +228,10 @@ where
 }
 
 pub fn run(rounds: usize, messages: u64, requests: u64, actors: usize) {
-    println!("lodge bench actors: {rounds} rounds, medians; machine: {} CPUs", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "lodge bench actors: {rounds} rounds, medians; machine: {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let system = actix_rt::System::new();
     let ((unbounded, bounded, lodge), (rr_raw, rr_lodge)) = system.block_on(async {
         let ff = fire_and_forget(rounds, messages).await;

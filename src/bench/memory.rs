@@ -8,7 +8,10 @@ use actix::{Actor, Arbiter, Context};
 use lodge_actors::admin::{AdminActor, ListActors, NodeFacts};
 use lodge_actors::introspect::{ListQuery, SortKey};
 use lodge_actors::supervision::AddChild;
-use lodge_actors::{ActorRef, ChildSpec, EventKind, Managed, Restart, Runtime, RuntimeConfig, Strategy, SupervisorSpec};
+use lodge_actors::{
+    ActorRef, ChildSpec, EventKind, Managed, Restart, Runtime, RuntimeConfig, Strategy,
+    SupervisorSpec,
+};
 
 use super::median;
 
@@ -33,7 +36,11 @@ impl Managed for Idle {
 
 fn rss_bytes() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     pages * 4096.0
 }
 
@@ -42,17 +49,32 @@ pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
     let exe = std::env::current_exe().expect("own path");
     let run = |mode: &str| -> serde_json::Value {
         let out = Command::new(&exe)
-            .args(["bench", "memory", "--mode", mode, "--actors", &actors.to_string()])
+            .args([
+                "bench",
+                "memory",
+                "--mode",
+                mode,
+                "--actors",
+                &actors.to_string(),
+            ])
             .output()
             .expect("running the memory child");
-        assert!(out.status.success(), "memory child failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "memory child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("memory child prints JSON")
     };
     let lodge = run("lodge");
     let raw = run("raw");
     let list = lodge["list_ms"]
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+                .collect()
+        })
         .unwrap_or_default();
     (
         lodge["bytes_per_actor"].as_f64().unwrap_or(f64::NAN),
@@ -68,7 +90,9 @@ pub fn run_child(mode: Mode, actors: usize) -> i32 {
             Mode::Raw => {
                 let arbiter = Arbiter::new();
                 let before = rss_bytes();
-                let addrs: Vec<_> = (0..actors).map(|_| Idle::start_in_arbiter(&arbiter.handle(), |_| Idle)).collect();
+                let addrs: Vec<_> = (0..actors)
+                    .map(|_| Idle::start_in_arbiter(&arbiter.handle(), |_| Idle))
+                    .collect();
                 // Let the arbiter run every actor's start before measuring.
                 let last = addrs.last().cloned();
                 if let Some(a) = last {
@@ -102,7 +126,9 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
     let spec = SupervisorSpec::new(Strategy::OneForOne, move || {
         let (reg, facts) = (reg.clone(), facts.clone());
         vec![
-            ChildSpec::actor_for("admin", &a, move || AdminActor::new(reg.get().cloned().expect("registry"), facts.clone(), false)),
+            ChildSpec::actor_for("admin", &a, move || {
+                AdminActor::new(reg.get().cloned().expect("registry"), facts.clone(), false)
+            }),
             ChildSpec::supervisor("bench", SupervisorSpec::new(Strategy::OneForOne, Vec::new)).0,
         ]
     });
@@ -119,23 +145,36 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
             break;
         }
     }
-    let sup = runtime.registry().supervisor("/node/bench").expect("bench supervisor");
+    let sup = runtime
+        .registry()
+        .supervisor("/node/bench")
+        .expect("bench supervisor");
     let before = rss_bytes();
     let last = format!("/node/bench/a{}", actors - 1);
     for i in 0..actors {
         let (spec, _) = ChildSpec::actor(format!("a{i}"), Idle::default);
-        sup.send(AddChild(spec.restart(Restart::Temporary))).await.unwrap().unwrap();
+        sup.send(AddChild(spec.restart(Restart::Temporary)))
+            .await
+            .unwrap()
+            .unwrap();
     }
     // Children start one after the other; the last one running means all are.
     let registry = runtime.registry().clone();
-    while registry.get(&last).is_none_or(|c| c.state() != lodge_actors::Lifecycle::Running) {
+    while registry
+        .get(&last)
+        .is_none_or(|c| c.state() != lodge_actors::Lifecycle::Running)
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let per = (rss_bytes() - before) / actors as f64;
     let mut list_ms = serde_json::Map::new();
     for (name, sort, limit) in [
         ("sorted by queue length, limit 100", SortKey::QueueLen, 100),
-        ("sorted by message rate, limit 100", SortKey::MessageRate, 100),
+        (
+            "sorted by message rate, limit 100",
+            SortKey::MessageRate,
+            100,
+        ),
         ("all rows by path", SortKey::Path, 0),
     ] {
         let mut samples = Vec::new();

@@ -35,7 +35,12 @@ pub enum Bench {
 
 pub fn run(cmd: Bench) -> i32 {
     match cmd {
-        Bench::Actors { rounds, messages, requests, actors } => {
+        Bench::Actors {
+            rounds,
+            messages,
+            requests,
+            actors,
+        } => {
             actors::run(rounds.max(1), messages, requests, actors);
             0
         }

@@ -96,9 +96,18 @@ struct Child {
 }
 
 enum Then {
-    Restart { ids: Vec<u64>, delay: Duration },
-    ManualRestart { id: u64, reply: oneshot::Sender<Result<u32, String>> },
-    ManualStop { id: u64, reply: oneshot::Sender<Result<(), String>> },
+    Restart {
+        ids: Vec<u64>,
+        delay: Duration,
+    },
+    ManualRestart {
+        id: u64,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    ManualStop {
+        id: u64,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Shutdown,
     Escalate(String),
 }
@@ -133,7 +142,8 @@ pub struct Supervisor {
     limit: RestartLimit,
     backoff: Backoff,
     factory: ChildrenFactory,
-    children: BTreeMap<u64, Child>,
+    /// Boxed: sequential inserts leave B-tree leaves half full, and a child record is large.
+    children: BTreeMap<u64, Box<Child>>,
     next_id: u64,
     history: RestartHistory,
     job: Option<StopJob>,
@@ -186,7 +196,9 @@ impl Actor for Supervisor {
         for spec in (self.factory)() {
             match self.add(spec, false) {
                 Ok(id) => ids.push(id),
-                Err(e) => error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e),
+                Err(e) => {
+                    error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e)
+                }
             }
         }
         self.start_now(&ids, false, ctx);
@@ -252,20 +264,30 @@ impl Supervisor {
 
     /// The child called `name` (operator requests; linear, and rare).
     fn id_by_name(&self, name: &str) -> Option<u64> {
-        self.children.iter().find(|(_, c)| c.spec.name == name).map(|(id, _)| *id)
+        self.children
+            .iter()
+            .find(|(_, c)| c.spec.name == name)
+            .map(|(id, _)| *id)
     }
 
     /// Ids of running or waiting children from id `from` on, in start order.
     fn live_ids(&self, from: u64) -> Vec<u64> {
         self.children
             .range(from..)
-            .filter(|(_, c)| matches!(c.status, Status::Running | Status::Waiting | Status::Stopping))
+            .filter(|(_, c)| {
+                matches!(
+                    c.status,
+                    Status::Running | Status::Waiting | Status::Stopping
+                )
+            })
             .map(|(id, _)| *id)
             .collect()
     }
 
     fn timeout_of(&self, c: &Child) -> Duration {
-        c.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout)
+        c.spec
+            .shutdown_timeout
+            .unwrap_or(self.rt.config.shutdown_timeout)
     }
 
     fn add(&mut self, spec: ChildSpec, dynamic: bool) -> Result<u64, String> {
@@ -282,7 +304,7 @@ impl Supervisor {
         self.next_id += 1;
         self.children.insert(
             self.next_id,
-            Child {
+            Box::new(Child {
                 spec,
                 cell,
                 incarnation: 0,
@@ -291,7 +313,7 @@ impl Supervisor {
                 held: false,
                 consecutive_failures: 0,
                 last_start: Instant::now(),
-            },
+            }),
         );
         Ok(self.next_id)
     }
@@ -304,7 +326,9 @@ impl Supervisor {
 
     /// Queues the given waiting children for starting, in order.
     fn start_now(&mut self, ids: &[u64], is_restart: bool, ctx: &mut Context<Self>) {
-        self.starts.pending.extend(ids.iter().map(|id| (*id, is_restart)));
+        self.starts
+            .pending
+            .extend(ids.iter().map(|id| (*id, is_restart)));
         self.pump_starts(ctx);
     }
 
@@ -316,7 +340,10 @@ impl Supervisor {
                 self.cell.mark_ready();
                 return;
             };
-            let waiting = self.children.get(&id).is_some_and(|c| c.status == Status::Waiting);
+            let waiting = self
+                .children
+                .get(&id)
+                .is_some_and(|c| c.status == Status::Waiting);
             if !waiting || self.phase != Phase::Running {
                 continue;
             }
@@ -324,7 +351,9 @@ impl Supervisor {
                 Ok(()) => {
                     let child = &self.children[&id];
                     let (timeout, inc) = (self.timeout_of(child), child.incarnation);
-                    let timer = ctx.run_later(timeout, move |act, ctx| act.start_timed_out(id, inc, timeout, ctx));
+                    let timer = ctx.run_later(timeout, move |act, ctx| {
+                        act.start_timed_out(id, inc, timeout, ctx)
+                    });
                     self.starts.current = Some((id, inc, is_restart, timer));
                 }
                 Err(reason) => self.on_failure(id, reason, true, ctx),
@@ -333,7 +362,12 @@ impl Supervisor {
     }
 
     /// Clears the start in progress if it is this incarnation's; returns its `is_restart`.
-    fn end_current_start(&mut self, id: u64, incarnation: u64, ctx: &mut Context<Self>) -> Option<bool> {
+    fn end_current_start(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        ctx: &mut Context<Self>,
+    ) -> Option<bool> {
         match self.starts.current {
             Some((cur, inc, is_restart, timer)) if cur == id && inc == incarnation => {
                 ctx.cancel_future(timer);
@@ -345,11 +379,17 @@ impl Supervisor {
     }
 
     fn on_started(&mut self, msg: ChildStarted, ctx: &mut Context<Self>) {
-        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else { return };
+        let Some(is_restart) = self.end_current_start(msg.child, msg.incarnation, ctx) else {
+            return;
+        };
         if let Some(child) = self.children.get(&msg.child) {
             if child.status == Status::Running {
                 child.cell.set_state(Lifecycle::Running);
-                let event = if is_restart { EventKind::Restarted } else { EventKind::Started };
+                let event = if is_restart {
+                    EventKind::Restarted
+                } else {
+                    EventKind::Started
+                };
                 self.rt.registry.emit(&child.cell, event, None);
                 let restarts = child.cell.restarts();
                 self.answer_restart(msg.child, Ok(restarts));
@@ -365,22 +405,45 @@ impl Supervisor {
         }
     }
 
-    fn start_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
+    fn start_timed_out(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) {
         if self.end_current_start(id, incarnation, ctx).is_none() {
             return;
         }
-        if let Some(child) = self.children.get(&id).filter(|c| c.status == Status::Running) {
+        if let Some(child) = self
+            .children
+            .get(&id)
+            .filter(|c| c.status == Status::Running)
+        {
             // Stuck in `started()`: ask it to go, forget this incarnation, count it as a failure.
             child.cell.request_stop();
             (child.spec.detach)();
-            self.on_failure(id, format!("did not finish starting within {timeout:?}"), true, ctx);
+            self.on_failure(
+                id,
+                format!("did not finish starting within {timeout:?}"),
+                true,
+                ctx,
+            );
         }
         self.pump_starts(ctx);
     }
 
     /// Builds and launches one child; it counts as running once its `started()` acknowledges.
-    fn start_child(&mut self, id: u64, is_restart: bool, ctx: &mut Context<Self>) -> Result<(), String> {
-        let child = self.children.get_mut(&id).expect("caller checked the child exists");
+    fn start_child(
+        &mut self,
+        id: u64,
+        is_restart: bool,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), String> {
+        let child = self
+            .children
+            .get_mut(&id)
+            .expect("caller checked the child exists");
         let arbiter = match &child.spec.placement {
             Placement::Control => self.rt.control.clone(),
             Placement::Worker => self.rt.next_worker(),
@@ -392,7 +455,10 @@ impl Supervisor {
         let args = StartArgs {
             cell: &child.cell,
             incarnation: child.incarnation,
-            notify: ExitNotify::Supervisor { addr: ctx.address(), child: id },
+            notify: ExitNotify::Supervisor {
+                addr: ctx.address(),
+                child: id,
+            },
             arbiter,
             runtime: &self.rt,
         };
@@ -406,10 +472,16 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, msg: ChildExited, ctx: &mut Context<Self>) {
-        if self.children.get(&msg.child).is_none_or(|c| c.incarnation != msg.incarnation) {
+        if self
+            .children
+            .get(&msg.child)
+            .is_none_or(|c| c.incarnation != msg.incarnation)
+        {
             return;
         }
-        let was_starting = self.end_current_start(msg.child, msg.incarnation, ctx).is_some();
+        let was_starting = self
+            .end_current_start(msg.child, msg.incarnation, ctx)
+            .is_some();
         let child = self.children.get_mut(&msg.child).expect("checked above");
         match child.status {
             Status::Stopping => {
@@ -420,7 +492,9 @@ impl Supervisor {
                     Exit::Normal => None,
                     Exit::Failed(r) | Exit::Panicked(r) => Some(r),
                 };
-                self.rt.registry.emit(&child.cell, EventKind::Stopped, reason);
+                self.rt
+                    .registry
+                    .emit(&child.cell, EventKind::Stopped, reason);
                 self.job_child_done(msg.child, ctx);
             }
             Status::Running => {
@@ -442,9 +516,13 @@ impl Supervisor {
     /// A child went down on its own (or failed to start): record it and apply the policy.
     fn on_failure(&mut self, id: u64, reason: String, failed: bool, ctx: &mut Context<Self>) {
         self.answer_restart(id, Err(format!("restart failed: {reason}")));
-        let Some(child) = self.children.get_mut(&id) else { return };
+        let Some(child) = self.children.get_mut(&id) else {
+            return;
+        };
         child.cell.record_failure(reason.clone());
-        self.rt.registry.emit(&child.cell, EventKind::Failed, Some(reason.clone()));
+        self.rt
+            .registry
+            .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
         warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
         let restart = match child.spec.restart {
             Restart::Permanent => true,
@@ -453,7 +531,11 @@ impl Supervisor {
         };
         if !restart || self.phase != Phase::Running {
             child.status = Status::Stopped;
-            child.cell.set_state(if failed { Lifecycle::Failed } else { Lifecycle::Stopped });
+            child.cell.set_state(if failed {
+                Lifecycle::Failed
+            } else {
+                Lifecycle::Stopped
+            });
             if child.dynamic {
                 self.remove(id);
             }
@@ -499,8 +581,16 @@ impl Supervisor {
         match self.strategy {
             Strategy::OneForOne => self.schedule_restart(vec![id], delay, ctx),
             Strategy::OneForAll | Strategy::RestForOne => {
-                let from = if self.strategy == Strategy::OneForAll { 0 } else { id };
-                let to_stop: Vec<u64> = self.live_ids(from).into_iter().filter(|c| *c != id).collect();
+                let from = if self.strategy == Strategy::OneForAll {
+                    0
+                } else {
+                    id
+                };
+                let to_stop: Vec<u64> = self
+                    .live_ids(from)
+                    .into_iter()
+                    .filter(|c| *c != id)
+                    .collect();
                 let ids = self
                     .children
                     .range(from..)
@@ -528,7 +618,11 @@ impl Supervisor {
         if matches!(then, Then::Escalate(_)) {
             self.phase = Phase::ShuttingDown;
         }
-        self.job = Some(StopJob { queue, current: None, then });
+        self.job = Some(StopJob {
+            queue,
+            current: None,
+            then,
+        });
         self.advance_job(ctx);
     }
 
@@ -543,15 +637,22 @@ impl Supervisor {
                 self.finish_job(job.then, ctx);
                 return;
             };
-            let Some(child) = self.children.get_mut(&id) else { continue };
+            let Some(child) = self.children.get_mut(&id) else {
+                continue;
+            };
             match child.status {
                 Status::Running => {
                     child.status = Status::Stopping;
                     child.cell.set_state(Lifecycle::Stopping);
                     child.cell.request_stop();
-                    let timeout = child.spec.shutdown_timeout.unwrap_or(self.rt.config.shutdown_timeout);
+                    let timeout = child
+                        .spec
+                        .shutdown_timeout
+                        .unwrap_or(self.rt.config.shutdown_timeout);
                     let inc = child.incarnation;
-                    let h = ctx.run_later(timeout, move |act, ctx| act.stop_timed_out(id, inc, timeout, ctx));
+                    let h = ctx.run_later(timeout, move |act, ctx| {
+                        act.stop_timed_out(id, inc, timeout, ctx)
+                    });
                     job.current = Some((id, h));
                     return;
                 }
@@ -575,8 +676,16 @@ impl Supervisor {
         }
     }
 
-    fn stop_timed_out(&mut self, id: u64, incarnation: u64, timeout: Duration, ctx: &mut Context<Self>) {
-        let Some(child) = self.children.get_mut(&id) else { return };
+    fn stop_timed_out(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        timeout: Duration,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(child) = self.children.get_mut(&id) else {
+            return;
+        };
         if child.incarnation != incarnation || child.status != Status::Stopping {
             return;
         }
@@ -586,7 +695,9 @@ impl Supervisor {
         child.cell.set_state(Lifecycle::Stopped);
         child.cell.record_failure(reason.clone());
         (child.spec.detach)();
-        self.rt.registry.emit(&child.cell, EventKind::Stopped, Some(reason));
+        self.rt
+            .registry
+            .emit(&child.cell, EventKind::Stopped, Some(reason));
         if let Some(job) = self.job.as_mut() {
             if job.current.map(|(c, _)| c) == Some(id) {
                 job.current = None;
@@ -628,7 +739,11 @@ impl Supervisor {
         for id in std::mem::take(&mut self.deferred) {
             if self.job.is_some() {
                 self.deferred.push(id);
-            } else if self.children.get(&id).is_some_and(|c| c.status == Status::Down) {
+            } else if self
+                .children
+                .get(&id)
+                .is_some_and(|c| c.status == Status::Down)
+            {
                 self.apply_strategy(id, ctx);
             }
         }
@@ -662,7 +777,10 @@ impl Supervisor {
         if self.phase != Phase::Running {
             Some(format!("{} is stopping", self.path()))
         } else if self.job.is_some() {
-            Some(format!("{} is busy restarting or stopping children; try again", self.path()))
+            Some(format!(
+                "{} is busy restarting or stopping children; try again",
+                self.path()
+            ))
         } else {
             None
         }
@@ -687,7 +805,9 @@ impl Supervisor {
         };
         Box::pin(async move {
             match result {
-                Ok(rx) => rx.await.unwrap_or_else(|_| Err("supervisor stopped".into())),
+                Ok(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
                 Err(e) => Err(e),
             }
         })
@@ -729,7 +849,11 @@ impl Handler<RestartChild> for Supervisor {
 
     fn handle(&mut self, msg: RestartChild, ctx: &mut Context<Self>) -> Self::Result {
         self.operator_job(&msg.name, ctx, |id, child, reply| {
-            let to_stop = if child.status == Status::Running { vec![id] } else { vec![] };
+            let to_stop = if child.status == Status::Running {
+                vec![id]
+            } else {
+                vec![]
+            };
             (to_stop, Then::ManualRestart { id, reply })
         })
     }
@@ -739,6 +863,8 @@ impl Handler<StopChild> for Supervisor {
     type Result = ResponseFuture<Result<(), String>>;
 
     fn handle(&mut self, msg: StopChild, ctx: &mut Context<Self>) -> Self::Result {
-        self.operator_job(&msg.name, ctx, |id, _, reply| (vec![id], Then::ManualStop { id, reply }))
+        self.operator_job(&msg.name, ctx, |id, _, reply| {
+            (vec![id], Then::ManualStop { id, reply })
+        })
     }
 }
