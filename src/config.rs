@@ -197,8 +197,19 @@ impl NodeConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        self.grpc_addr()?;
-        self.metrics_addr()?;
+        let (grpc, metrics) = (self.grpc_addr()?, self.metrics_addr()?);
+        if grpc == metrics && grpc.port() != 0 {
+            return Err(err(
+                "metrics.listen",
+                format!("{metrics} is also server.listen; they need different ports"),
+            ));
+        }
+        if self.runtime.worker_arbiters > 256 {
+            return Err(err(
+                "runtime.worker_arbiters",
+                "must be at most 256 (0 = one per CPU)",
+            ));
+        }
         if self.node.id == 0 {
             return Err(err("node.id", "must be 1 or more (raft ids start at 1)"));
         }
@@ -233,6 +244,7 @@ impl NodeConfig {
             ("server.request_timeout_ms", s.request_timeout_ms),
             ("server.keepalive_interval_ms", s.keepalive_interval_ms),
             ("server.keepalive_timeout_ms", s.keepalive_timeout_ms),
+            ("server.drain_timeout_ms", s.drain_timeout_ms),
             (
                 "runtime.mailbox_capacity",
                 self.runtime.mailbox_capacity as u64,
@@ -277,6 +289,10 @@ impl NodeConfig {
     pub fn tls_material(&self) -> Result<Option<lodge_grpc::server::TlsMaterial>, ConfigError> {
         let t = &self.server.tls;
         if !t.enabled {
+            if !(t.cert_file.is_empty() && t.key_file.is_empty() && t.client_ca_file.is_empty()) {
+                // Serving plaintext while certificates are configured would be a silent downgrade.
+                return Err(err("server.tls.enabled", "TLS files are set but TLS is off; set server.tls.enabled = true or remove the files"));
+            }
             return Ok(None);
         }
         let read = |key: &str, path: &str| -> Result<Vec<u8>, ConfigError> {
@@ -455,6 +471,21 @@ mod tests {
         assert_eq!(e.key, "server.tls.cert_file");
         let e = load(Overrides::default(), &[("LODGE_LOG__LEVEL", "loud")]).unwrap_err();
         assert_eq!(e.key, "log.level");
+        let e = load(
+            Overrides::default(),
+            &[("LODGE_SERVER__TLS__CERT_FILE", "/x.pem")],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.key, "server.tls.enabled",
+            "certificates without TLS on must not serve plaintext"
+        );
+        let same = Overrides {
+            listen: Some("127.0.0.1:7000".into()),
+            metrics_listen: Some("127.0.0.1:7000".into()),
+            ..Default::default()
+        };
+        assert_eq!(load(same, &[]).unwrap_err().key, "metrics.listen");
     }
 
     #[test]

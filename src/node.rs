@@ -74,7 +74,8 @@ fn root_spec(
                 allow_mutations,
             )
         })
-        .placement(Placement::Control)]
+        // Its own thread: a ListActors scan over 100 k actors must not delay supervision.
+        .placement(Placement::Dedicated("admin"))]
     })
 }
 
@@ -95,6 +96,13 @@ pub fn run(cfg: NodeConfig) -> i32 {
         .enable_all()
         .build()
         .expect("building the I/O runtime");
+    if let Err(e) = std::fs::create_dir_all(&cfg.node.data_dir) {
+        eprintln!(
+            "lodge: configuration error: node.data_dir: cannot create {}: {e}",
+            cfg.node.data_dir.display()
+        );
+        return 2;
+    }
     let grpc_addr = cfg.grpc_addr().expect("validated");
     let metrics_addr = cfg.metrics_addr().expect("validated");
     let listeners = tokio_rt.block_on(async {
@@ -112,13 +120,6 @@ pub fn run(cfg: NodeConfig) -> i32 {
     };
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
-    if let Err(e) = std::fs::create_dir_all(&cfg.node.data_dir) {
-        eprintln!(
-            "lodge: configuration error: node.data_dir: cannot create {}: {e}",
-            cfg.node.data_dir.display()
-        );
-        return 2;
-    }
 
     let facts = Arc::new(NodeFacts {
         node_id: cfg.node.id,
@@ -142,9 +143,10 @@ pub fn run(cfg: NodeConfig) -> i32 {
         prom.register_collector(Box::new(ProcessCollector));
         let prom = Arc::new(prom);
 
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let built = {
             let (admin, settings) = (admin_ref.clone(), settings.clone());
-            io.spawn(async move { server::node_services(admin, &settings).await }).await
+            io.spawn(async move { server::node_services(admin, &settings, shutdown_rx).await }).await
         };
         let services = match built.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(s) => s,
@@ -169,11 +171,20 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
         io.spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = int.recv() => "SIGINT",
             };
             let _ = sig_tx.send(name);
+            // A second signal means "now": skip the rest of the drain.
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            // Written directly: exit() skips the async logger's flush.
+            eprintln!("lodge: second signal: exiting without finishing the drain");
+            std::process::exit(1);
         });
         info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some());
         // One machine-readable line on stdout: scripts and tests read the bound ports from it.
@@ -189,6 +200,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         };
         // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
         let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
+        let _ = shutdown_tx.send(true);
         let _ = stop_tx.send(());
         match server_task.await {
             Ok(Ok(true)) => info!(log, "in-flight calls drained"),

@@ -210,10 +210,85 @@ async fn sigterm_turns_health_not_serving_then_exits_zero_within_the_drain_timeo
     assert_eq!(update.unwrap().unwrap().status(), ServingStatus::NotServing);
     drop(watch);
     let status = node
-        .terminate(Duration::from_secs(3 + 10))
+        .wait_exit(Duration::from_secs(3 + 10))
         .expect("exited within the drain timeout");
     assert_eq!(status.code(), Some(0), "{}", node.stderr());
     assert!(node.stderr().contains("shutting down"));
+}
+
+#[test]
+fn an_open_event_watch_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    // A drain long enough that waiting it out would show.
+    let cfg = config_file(dir.path(), "[server]\ndrain_timeout_ms = 120000\n");
+    let mut node = Node::start(&["--config", &cfg]);
+    let mut watcher = Reaper(
+        Command::new(LODGE)
+            .args(["ctl", "--endpoint", &node.grpc, "events"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until the watcher's connection is open (the connection gauge counts it).
+    let mut open = false;
+    for _ in 0..200 {
+        let page = node.scrape();
+        if page
+            .lines()
+            .any(|l| l.starts_with("lodge_grpc_connections_active ") && !l.ends_with(" 0"))
+        {
+            open = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(open, "the watcher never connected");
+    let status = node
+        .terminate(Duration::from_secs(60))
+        .expect("exit long before the 120 s drain");
+    assert_eq!(status.code(), Some(0), "{}", node.stderr());
+    assert!(
+        node.stderr().contains("in-flight calls drained"),
+        "{}",
+        node.stderr()
+    );
+    let _ = watcher.0.wait();
+}
+
+#[test]
+fn a_second_signal_cuts_the_drain_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(dir.path(), "[server]\ndrain_timeout_ms = 120000\n");
+    let mut node = Node::start(&["--config", &cfg]);
+    // A health watch keeps a call in flight, so the first SIGTERM's drain would wait 120 s.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut watch = rt.block_on(async {
+        let channel = connect(&node.grpc, &ClientTls::default()).await.unwrap();
+        let mut w = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            w.message().await.unwrap().unwrap().status(),
+            ServingStatus::Serving
+        );
+        w
+    });
+    signal(node.pid(), "TERM");
+    rt.block_on(async {
+        let next = watch.message().await.unwrap().unwrap();
+        assert_eq!(next.status(), ServingStatus::NotServing);
+    });
+    let status = node
+        .terminate(Duration::from_secs(60))
+        .expect("the second signal ends it");
+    assert_eq!(status.code(), Some(1), "{}", node.stderr());
+    assert!(node.stderr().contains("second signal"), "{}", node.stderr());
+    drop(watch);
 }
 
 #[test]

@@ -8,7 +8,18 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use tokio::sync::broadcast;
 
 use crate::introspect::{ActorEvent, ActorSnapshot, ListQuery, Registry, TreeNode};
-use crate::supervision::{Managed, RestartChild, StopChild};
+use crate::supervision::{ChildError, Managed, RestartChild, StopChild};
+
+impl From<ChildError> for AdminError {
+    fn from(e: ChildError) -> Self {
+        match e {
+            ChildError::NotFound(m) => Self::NotFound(m),
+            ChildError::Busy(m) => Self::Aborted(m),
+            ChildError::Stopping(m) => Self::Unavailable(m),
+            ChildError::Failed(m) => Self::Internal(m),
+        }
+    }
+}
 
 /// How long `GetActor` waits for an actor's state dump: a busy or stuck actor must not hang the
 /// admin RPC, so its figures are returned without the dump.
@@ -25,6 +36,10 @@ pub enum AdminError {
     FailedPrecondition(String),
     /// The supervisor could not do it now.
     Unavailable(String),
+    /// A conflicting change was under way; the caller may try again.
+    Aborted(String),
+    /// The actor did not come back up after a restart.
+    Internal(String),
 }
 
 impl std::fmt::Display for AdminError {
@@ -33,7 +48,9 @@ impl std::fmt::Display for AdminError {
             Self::NotFound(m)
             | Self::PermissionDenied(m)
             | Self::FailedPrecondition(m)
-            | Self::Unavailable(m) => f.write_str(m),
+            | Self::Unavailable(m)
+            | Self::Aborted(m)
+            | Self::Internal(m) => f.write_str(m),
         }
     }
 }
@@ -186,10 +203,13 @@ impl Handler<GetActor> for AdminActor {
             let (snapshot, children, dump) = found
                 .ok_or_else(|| AdminError::NotFound(format!("no actor at path {:?}", msg.path)))?;
             // The dump comes from the actor's own thread; it never blocks this one.
-            let state = tokio::time::timeout(DUMP_TIMEOUT, dump)
-                .await
-                .ok()
-                .and_then(Result::ok);
+            let state = match dump {
+                Some(rx) => tokio::time::timeout(DUMP_TIMEOUT, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
             Ok(ActorDetail {
                 snapshot,
                 children,
@@ -235,7 +255,7 @@ impl Handler<RestartActor> for AdminActor {
             sup.send(RestartChild { name })
                 .await
                 .map_err(|e| AdminError::Unavailable(e.to_string()))?
-                .map_err(AdminError::Unavailable)
+                .map_err(AdminError::from)
         })
     }
 }
@@ -252,7 +272,7 @@ impl Handler<StopActor> for AdminActor {
             sup.send(StopChild { name })
                 .await
                 .map_err(|e| AdminError::Unavailable(e.to_string()))?
-                .map_err(AdminError::Unavailable)
+                .map_err(AdminError::from)
         })
     }
 }

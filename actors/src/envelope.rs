@@ -123,6 +123,8 @@ impl std::error::Error for SendError {}
 struct Slot<A: Actor> {
     addr: Option<Addr<A>>,
     cell: Option<Arc<ActorCell>>,
+    /// Which incarnation `addr` belongs to, so a late detach of an old one changes nothing.
+    incarnation: u64,
 }
 
 /// A restart-proof, instrumented reference to a supervised actor.
@@ -151,6 +153,7 @@ impl<A: Actor> ActorRef<A> {
             slot: Arc::new(RwLock::new(Slot {
                 addr: None,
                 cell: None,
+                incarnation: 0,
             })),
         }
     }
@@ -159,8 +162,18 @@ impl<A: Actor> ActorRef<A> {
         self.slot.write().unwrap().cell = Some(cell.clone());
     }
 
-    pub(crate) fn set_addr(&self, addr: Option<Addr<A>>) {
-        self.slot.write().unwrap().addr = addr;
+    pub(crate) fn attach(&self, addr: Addr<A>, incarnation: u64) {
+        let mut slot = self.slot.write().unwrap();
+        slot.addr = Some(addr);
+        slot.incarnation = incarnation;
+    }
+
+    /// Forgets the address if it is still `incarnation`'s.
+    pub(crate) fn detach(&self, incarnation: u64) {
+        let mut slot = self.slot.write().unwrap();
+        if slot.incarnation == incarnation {
+            slot.addr = None;
+        }
     }
 
     /// The actor's introspection cell (once started).

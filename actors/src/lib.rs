@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod clock;
+pub mod cluster;
 pub mod envelope;
 pub mod introspect;
 pub mod runtime;

@@ -114,14 +114,14 @@ impl Runtime {
         let (tx, rx) = oneshot::channel();
         cell.begin_incarnation(1);
         let item = ControlItem::new(cell.clone(), 1, ExitNotify::Root(tx));
-        let sup = Supervisor::new(shared.clone(), cell.clone(), root);
+        let sup = Supervisor::new(shared.clone(), cell.clone(), 1, root);
         let capacity = shared.config.mailbox_capacity;
         let addr = Supervisor::start_in_arbiter(&shared.control, move |ctx| {
             ctx.set_mailbox_capacity(capacity);
             ctx.spawn(item);
             sup
         });
-        root_ref.set_addr(Some(addr));
+        root_ref.attach(addr, 1);
         cell.set_state(Lifecycle::Running);
         shared.registry.emit(&cell, EventKind::Started, None);
         Self {

@@ -19,12 +19,22 @@ use crate::pb::admin as pb;
 pub struct AdminService {
     admin: ActorRef<AdminActor>,
     timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AdminService {
-    /// An adapter sending to `admin`, with `timeout` as the longest deadline.
-    pub fn new(admin: ActorRef<AdminActor>, timeout: Duration) -> Self {
-        Self { admin, timeout }
+    /// An adapter sending to `admin`, with `timeout` as the longest deadline; event streams end
+    /// when `shutdown` turns true.
+    pub fn new(
+        admin: ActorRef<AdminActor>,
+        timeout: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            admin,
+            timeout,
+            shutdown,
+        }
     }
 
     async fn call<M>(&self, req: &Request<impl Sized>, msg: M) -> Result<M::Result, Status>
@@ -46,6 +56,8 @@ fn status(e: AdminError) -> Status {
         AdminError::PermissionDenied(m) => Status::permission_denied(m),
         AdminError::FailedPrecondition(m) => Status::failed_precondition(m),
         AdminError::Unavailable(m) => Status::unavailable(m),
+        AdminError::Aborted(m) => Status::aborted(m),
+        AdminError::Internal(m) => Status::internal(m),
     }
 }
 
@@ -113,6 +125,26 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ActorEvent, Status>> + Send>>;
+
+/// Ends a stream when the node starts shutting down.
+struct UntilShutdown {
+    inner: EventStream,
+    shutdown: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl Stream for UntilShutdown {
+    type Item = Result<pb::ActorEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        self.inner.as_mut().poll_next(cx)
+    }
+}
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -209,7 +241,14 @@ impl pb::admin_server::Admin for AdminService {
                 ..Default::default()
             })),
         });
-        Ok(Response::new(Box::pin(stream)))
+        let mut shutdown = self.shutdown.clone();
+        let until = Box::pin(async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        });
+        Ok(Response::new(Box::pin(UntilShutdown {
+            inner: Box::pin(stream),
+            shutdown: until,
+        })))
     }
 
     async fn node_info(

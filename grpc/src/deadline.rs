@@ -5,13 +5,18 @@ use std::time::Duration;
 use lodge_actors::SendError;
 use tonic::{Request, Status};
 
-/// The request's `grpc-timeout`, capped by `default` (the server's own per-request timeout).
+/// The budget for the actor call: the request's `grpc-timeout`, capped by `default` (the server's
+/// own per-request timeout), less a small margin. tonic enforces the same deadline from the moment
+/// the request arrived and would answer CANCELLED; finishing a little earlier lets the caller get
+/// the DEADLINE_EXCEEDED it should.
 pub fn of<T>(req: &Request<T>, default: Duration) -> Duration {
-    req.metadata()
+    let d = req
+        .metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse)
-        .map_or(default, |d| d.min(default))
+        .map_or(default, |d| d.min(default));
+    d.saturating_sub((d / 20).min(Duration::from_millis(50)))
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -55,12 +60,12 @@ mod tests {
         let mut req = Request::new(());
         req.metadata_mut()
             .insert("grpc-timeout", "100m".parse().unwrap());
-        assert_eq!(
-            of(&req, Duration::from_secs(30)),
-            Duration::from_millis(100)
-        );
+        assert_eq!(of(&req, Duration::from_secs(30)), Duration::from_millis(95));
         req.metadata_mut()
             .insert("grpc-timeout", "1H".parse().unwrap());
-        assert_eq!(of(&req, Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(
+            of(&req, Duration::from_secs(30)),
+            Duration::from_millis(29_950)
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! A gRPC call's status travels in the trailers (or, for an early error, in the response headers),
 //! so the layer wraps the response body and records the call when the trailers go by.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -95,9 +96,44 @@ impl ServerMetrics {
     }
 }
 
+/// Method paths served by a node, from the encoded descriptor sets of its services: anything else
+/// is labelled `unknown`, so a client cannot grow the metrics page with made-up paths.
+pub fn known_methods(descriptor_sets: &[&[u8]], extra: &[&str]) -> HashSet<String> {
+    use prost::Message as _;
+    let mut out: HashSet<String> = extra.iter().map(|s| s.to_string()).collect();
+    for set in descriptor_sets {
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(*set) else {
+            continue;
+        };
+        for file in fds.file {
+            let package = file.package.unwrap_or_default();
+            for svc in file.service {
+                let name = svc.name.unwrap_or_default();
+                for m in svc.method {
+                    out.insert(format!("/{package}.{name}/{}", m.name.unwrap_or_default()));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Layer adding [`ServerMetrics`] recording to a service.
 #[derive(Clone)]
-pub struct MetricsLayer(pub Arc<ServerMetrics>);
+pub struct MetricsLayer {
+    metrics: Arc<ServerMetrics>,
+    known: Arc<HashSet<String>>,
+}
+
+impl MetricsLayer {
+    /// Records into `metrics`; methods outside `known` are labelled `unknown`.
+    pub fn new(metrics: Arc<ServerMetrics>, known: HashSet<String>) -> Self {
+        Self {
+            metrics,
+            known: Arc::new(known),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for MetricsLayer {
     type Service = MetricsService<S>;
@@ -105,7 +141,8 @@ impl<S> tower::Layer<S> for MetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         MetricsService {
             inner,
-            metrics: self.0.clone(),
+            metrics: self.metrics.clone(),
+            known: self.known.clone(),
         }
     }
 }
@@ -115,6 +152,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 pub struct MetricsService<S> {
     inner: S,
     metrics: Arc<ServerMetrics>,
+    known: Arc<HashSet<String>>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -134,10 +172,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let path = req.uri().path();
         let recorder = Recorder {
             metrics: self.metrics.clone(),
-            method: req.uri().path().to_string(),
+            method: if self.known.contains(path) {
+                path.to_string()
+            } else {
+                "unknown".to_string()
+            },
             started: Instant::now(),
+            code: None,
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -170,14 +214,24 @@ fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
         .map(tonic::Code::from_i32)
 }
 
+/// Records its call exactly once: with the status seen, or as CANCELLED if it is dropped first
+/// (the client went away, or the call was cut before answering).
 struct Recorder {
     metrics: Arc<ServerMetrics>,
     method: String,
     started: Instant,
+    code: Option<tonic::Code>,
 }
 
 impl Recorder {
-    fn finish(self, code: tonic::Code) {
+    fn finish(mut self, code: tonic::Code) {
+        self.code = Some(code);
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
         self.metrics.record(&self.method, code, self.started);
     }
 }
@@ -216,11 +270,55 @@ impl<B: Body + Unpin> Body for MetricsBody<B> {
     }
 }
 
-impl<B> Drop for MetricsBody<B> {
-    fn drop(&mut self) {
-        // The body went away before its status: the client cancelled or the connection broke.
-        if let Some(r) = self.recorder.take() {
-            r.finish(tonic::Code::Cancelled);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    #[tokio::test]
+    async fn calls_are_labelled_by_known_method_or_unknown_and_cancelled_calls_are_counted() {
+        let mut registry = Registry::default();
+        let metrics = ServerMetrics::register(&mut registry);
+        let known = known_methods(&[crate::pb::FILE_DESCRIPTOR_SET], &[]);
+        assert!(known.contains("/lodge.admin.v1.Admin/ListActors"));
+        let inner = tower::service_fn(|_req: http::Request<()>| async {
+            let resp = http::Response::builder()
+                .header("grpc-status", "12")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(resp)
+        });
+        let mut svc = tower::Layer::layer(&MetricsLayer::new(metrics.clone(), known), inner);
+        for path in [
+            "/lodge.admin.v1.Admin/ListActors",
+            "/made.up/Path1",
+            "/made.up/Path2",
+        ] {
+            let req = http::Request::builder().uri(path).body(()).unwrap();
+            svc.ready().await.unwrap().call(req).await.unwrap();
         }
+        // A call whose future is dropped before it answers counts as cancelled.
+        let req = http::Request::builder()
+            .uri("/lodge.admin.v1.Admin/Tree")
+            .body(())
+            .unwrap();
+        drop(svc.ready().await.unwrap().call(req));
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains(
+                r#"grpc_method="/lodge.admin.v1.Admin/ListActors",grpc_code="Unimplemented"} 1"#
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"grpc_method="unknown",grpc_code="Unimplemented"} 2"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"grpc_method="/lodge.admin.v1.Admin/Tree",grpc_code="Cancelled"} 1"#),
+            "{page}"
+        );
+        assert!(!page.contains("made.up"), "{page}");
     }
 }

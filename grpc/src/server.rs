@@ -14,8 +14,6 @@ use lodge_actors::admin::AdminActor;
 use lodge_actors::ActorRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -81,10 +79,26 @@ pub struct NodeServices {
 /// Service names reported by grpc.health.v1 besides the node-wide "".
 const SERVICE_NAMES: &[&str] = &["lodge.admin.v1.Admin"];
 
-/// Builds the routes: admin, health and reflection.
+/// Path of the reflection method (its descriptor is not among the sets we register).
+const REFLECTION_METHOD: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// Every method the node serves, for bounded metric labels.
+pub fn served_methods() -> std::collections::HashSet<String> {
+    crate::metrics::known_methods(
+        &[
+            pb::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ],
+        &[REFLECTION_METHOD],
+    )
+}
+
+/// Builds the routes: admin, health and reflection. Streams that never end by themselves (event
+/// watches) end when `shutdown` turns true, so they do not hold up the drain.
 pub async fn node_services(
     admin: ActorRef<AdminActor>,
     s: &ServerSettings,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<NodeServices, String> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -98,10 +112,13 @@ pub async fn node_services(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
-    let admin =
-        pb::admin::admin_server::AdminServer::new(AdminService::new(admin, s.request_timeout))
-            .max_decoding_message_size(s.max_message_bytes)
-            .max_encoding_message_size(s.max_message_bytes);
+    let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(
+        admin,
+        s.request_timeout,
+        shutdown,
+    ))
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
     let routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(admin);
@@ -134,7 +151,14 @@ pub async fn serve(
         builder =
             builder.tls_config(tls_config(tls).expect("TLS material is validated at start-up"))?;
     }
-    let incoming = limited(listener, settings.max_connections, metrics.clone());
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(accept_loop(
+        listener,
+        settings.max_connections,
+        metrics.clone(),
+        conn_tx,
+    ));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = settings.drain_timeout;
     let signal = async move {
@@ -147,7 +171,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .max_concurrent_streams(settings.max_concurrent_streams)
         .tcp_nodelay(true)
-        .layer(MetricsLayer(metrics))
+        .layer(MetricsLayer::new(metrics, served_methods()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
@@ -162,31 +186,49 @@ pub async fn serve(
     }
 }
 
-/// Accepts connections up to `max`; extra ones are closed at once and counted.
-fn limited(
+/// How long to wait after a failed accept (out of file descriptors, say) before trying again,
+/// rather than spinning on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts connections up to `max`; extra ones are closed at once and counted. Ends (closing the
+/// listener) when the server stops taking connections.
+async fn accept_loop(
     listener: TcpListener,
     max: usize,
     metrics: Arc<ServerMetrics>,
-) -> impl Stream<Item = Result<LimitedConn, io::Error>> {
+    tx: tokio::sync::mpsc::Sender<io::Result<LimitedConn>>,
+) {
     let active = Arc::new(AtomicUsize::new(0));
-    TcpListenerStream::new(listener).filter_map(move |conn| {
-        let stream = conn.ok()?;
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = tx.closed() => return,
+        };
         if active.load(Ordering::Relaxed) >= max {
             metrics.connections_rejected.inc();
             drop(stream);
-            return None;
+            continue;
         }
         active.fetch_add(1, Ordering::Relaxed);
         metrics.connections_accepted.inc();
         metrics.connections_active.inc();
-        Some(Ok(LimitedConn {
+        let conn = LimitedConn {
             inner: stream,
             slot: Slot {
                 active: active.clone(),
                 metrics: metrics.clone(),
             },
-        }))
-    })
+        };
+        if tx.send(Ok(conn)).await.is_err() {
+            return;
+        }
+    }
 }
 
 struct Slot {

@@ -108,6 +108,11 @@ impl Node {
     /// Sends SIGTERM and waits (at most `limit`) for the exit.
     pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
         signal(self.pid(), "TERM");
+        self.wait_exit(limit)
+    }
+
+    /// Waits (at most `limit`) for the process to exit; kills it past that and answers `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {

@@ -266,7 +266,9 @@ impl ActorCell {
             .store(clock::precise_ms(), Ordering::Relaxed);
     }
 
-    /// Asks the running incarnation to stop. It stops after the message it is handling.
+    /// Asks the running incarnation to stop. actix serves a context's items after its mailbox, so
+    /// the stop takes effect once the messages already queued have been handled (the supervisor's
+    /// shutdown timeout bounds that wait).
     pub(crate) fn request_stop(&self) {
         let mut c = self.lock_control();
         c.stop = true;
@@ -275,29 +277,43 @@ impl ActorCell {
         }
     }
 
-    /// Asks the running incarnation for its state dump.
-    pub fn request_dump(&self) -> oneshot::Receiver<serde_json::Value> {
+    /// Asks the live incarnation for its state dump; `None` when there is none (stopped, failed,
+    /// or waiting out a restart backoff), since nobody would answer.
+    pub fn request_dump(&self) -> Option<oneshot::Receiver<serde_json::Value>> {
+        if matches!(
+            self.state(),
+            Lifecycle::Stopped | Lifecycle::Failed | Lifecycle::Restarting
+        ) {
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
         let mut c = self.lock_control();
         c.dumps.push(tx);
         if let Some(w) = c.waker.take() {
             w.wake();
         }
-        rx
+        Some(rx)
     }
 
-    /// Declares the running incarnation ready (for actors that defer their start acknowledgement).
-    pub(crate) fn mark_ready(&self) {
+    /// Declares incarnation `incarnation` ready (for actors that defer their start acknowledgement);
+    /// a no-op if a newer incarnation has begun.
+    pub(crate) fn mark_ready(&self, incarnation: u64) {
         let mut c = self.lock_control();
+        if c.incarnation != incarnation {
+            return;
+        }
         c.ready = true;
         if let Some(w) = c.waker.take() {
             w.wake();
         }
     }
 
-    /// Marks the running incarnation as failing with `reason`; the actor is expected to stop next.
-    pub(crate) fn set_exit_failure(&self, reason: String) {
-        self.lock_control().failure = Some(reason);
+    /// Marks incarnation `incarnation` as failing with `reason`; it is expected to stop next.
+    pub(crate) fn set_exit_failure(&self, incarnation: u64, reason: String) {
+        let mut c = self.lock_control();
+        if c.incarnation == incarnation {
+            c.failure = Some(reason);
+        }
     }
 }
 

@@ -165,13 +165,20 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes a path, folding its message count into the per-kind totals.
-    pub fn deregister(&self, path: &str) {
-        let removed = self.inner.actors.write().unwrap().remove(path);
-        if let Some(cell) = removed {
-            let mut totals = self.inner.totals.lock().unwrap();
-            totals.entry(cell.kind()).or_default().messages += cell.messages_handled();
+    /// Removes `cell` from its path, folding its message count into the per-kind totals. Does
+    /// nothing if another cell has taken the path since (a newer incarnation of its supervisor).
+    pub fn deregister(&self, cell: &Arc<ActorCell>) {
+        let path = cell.path();
+        {
+            let mut map = self.inner.actors.write().unwrap();
+            if !map.get(path).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                return;
+            }
+            map.remove(path);
         }
+        let mut totals = self.inner.totals.lock().unwrap();
+        totals.entry(cell.kind()).or_default().messages += cell.messages_handled();
+        drop(totals);
         self.inner.supervisors.write().unwrap().remove(path);
     }
 
@@ -430,7 +437,14 @@ mod tests {
         let c = r.get("/node/registry/clients/a").unwrap();
         c.begin_handling();
         c.begin_handling();
-        r.deregister("/node/registry/clients/a");
+        // A stranger cell at the same path removes nothing.
+        r.deregister(&cell(
+            "/node/registry/clients/a",
+            "client",
+            Some("/node/registry"),
+        ));
+        assert!(r.get("/node/registry/clients/a").is_some());
+        r.deregister(&c);
         let totals = r.kind_totals();
         let client = totals.iter().find(|(k, _)| *k == "client").unwrap().1;
         assert_eq!(client.live, 1);

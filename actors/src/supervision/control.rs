@@ -108,6 +108,10 @@ impl<A: Managed> ActorFuture<A> for ControlItem {
         let (stop, dumps, ready) = {
             let mut c = self.cell.lock_control();
             if c.incarnation != self.incarnation {
+                // A newer incarnation runs at this path (this one was abandoned, e.g. stuck in
+                // `started()` past its timeout): this one must go, not linger unsupervised.
+                drop(c);
+                ctx.stop();
                 return Poll::Pending;
             }
             let ready = !A::DEFERS_READY || c.ready;
@@ -149,7 +153,12 @@ impl Drop for ControlItem {
         let exit = if std::thread::panicking() {
             Exit::Panicked(take_panic_message())
         } else {
-            match self.cell.lock_control().failure.take() {
+            let mut c = self.cell.lock_control();
+            // Only this incarnation's own failure report; a newer one's is not ours to take.
+            match (c.incarnation == self.incarnation)
+                .then(|| c.failure.take())
+                .flatten()
+            {
                 Some(reason) => Exit::Failed(reason),
                 None => Exit::Normal,
             }

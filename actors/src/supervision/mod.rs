@@ -14,7 +14,7 @@ pub use control::Exit;
 pub(crate) use control::{install_panic_hook, ControlItem, ExitNotify};
 pub use policy::{Backoff, Restart, RestartLimit, Strategy};
 pub use spec::{ChildSpec, Managed, Placement, SupervisorSpec};
-pub use supervisor::{AddChild, RestartChild, StopChild, Supervisor};
+pub use supervisor::{AddChild, ChildError, RestartChild, StopChild, Supervisor};
 
 #[cfg(test)]
 mod tests;

@@ -51,7 +51,7 @@ pub(crate) struct StartArgs<'a> {
 }
 
 type Starter = Box<dyn FnMut(StartArgs<'_>) -> Result<(), String> + Send>;
-type Detach = Box<dyn Fn() + Send>;
+type Detach = Box<dyn Fn(u64) + Send>;
 
 /// A child of a supervisor.
 pub struct ChildSpec {
@@ -61,7 +61,7 @@ pub struct ChildSpec {
     pub(crate) shutdown_timeout: Option<Duration>,
     pub(crate) placement: Placement,
     pub(crate) starter: Starter,
-    /// Forgets the address of a stopped incarnation, so senders get `NotRunning`.
+    /// Forgets the address of a stopped incarnation (by number), so senders get `NotRunning`.
     pub(crate) detach: Detach,
     pub(crate) supervisor_ref: Option<ActorRef<Supervisor>>,
 }
@@ -100,7 +100,7 @@ impl ChildSpec {
                 ctx.spawn(item);
                 actor
             });
-            starter_ref.set_addr(Some(addr));
+            starter_ref.attach(addr, args.incarnation);
             Ok(())
         });
         Self {
@@ -110,7 +110,7 @@ impl ChildSpec {
             shutdown_timeout: None,
             placement: Placement::Worker,
             starter,
-            detach: Box::new(move || detach_ref.set_addr(None)),
+            detach: Box::new(move |incarnation| detach_ref.detach(incarnation)),
             supervisor_ref: None,
         }
     }
@@ -125,7 +125,12 @@ impl ChildSpec {
         let detach_ref = actor_ref.clone();
         let starter: Starter = Box::new(move |args: StartArgs<'_>| {
             starter_ref.bind(args.cell);
-            let sup = Supervisor::new(args.runtime.clone(), args.cell.clone(), spec.clone());
+            let sup = Supervisor::new(
+                args.runtime.clone(),
+                args.cell.clone(),
+                args.incarnation,
+                spec.clone(),
+            );
             let item = ControlItem::new(args.cell.clone(), args.incarnation, args.notify);
             let capacity = args.runtime.config.mailbox_capacity;
             let addr = Supervisor::start_in_arbiter(&args.arbiter, move |ctx| {
@@ -133,17 +138,20 @@ impl ChildSpec {
                 ctx.spawn(item);
                 sup
             });
-            starter_ref.set_addr(Some(addr));
+            starter_ref.attach(addr, args.incarnation);
             Ok(())
         });
         let spec = Self {
             name: name.into(),
             kind: Supervisor::KIND,
             restart: Restart::Permanent,
-            shutdown_timeout: None,
+            // A supervisor starts and stops its children one by one, each within its own timeout,
+            // so its own start and stop are bounded by theirs. Timing it out as a whole would
+            // leave a live subtree behind a restarted supervisor (OTP uses `infinity` here too).
+            shutdown_timeout: Some(SUPERVISOR_TIMEOUT),
             placement: Placement::Control,
             starter,
-            detach: Box::new(move || detach_ref.set_addr(None)),
+            detach: Box::new(move |incarnation| detach_ref.detach(incarnation)),
             supervisor_ref: Some(actor_ref.clone()),
         };
         (spec, actor_ref)
@@ -155,7 +163,8 @@ impl ChildSpec {
         self
     }
 
-    /// Sets how long a stop may take before the child is abandoned (default: the runtime's).
+    /// Sets how long a start or a stop may take before the child counts as failed or is abandoned
+    /// (default: the runtime's `shutdown_timeout`; supervisors: unbounded).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = Some(timeout);
         self
@@ -172,6 +181,9 @@ impl ChildSpec {
         &self.name
     }
 }
+
+/// Start and stop timeout of a supervisor child: long enough to mean "as long as its children take".
+const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Builds a supervisor's static children; called again on every restart of the supervisor.
 pub type ChildrenFactory = Arc<dyn Fn() -> Vec<ChildSpec> + Send + Sync>;

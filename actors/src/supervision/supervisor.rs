@@ -10,7 +10,7 @@
 //! Children are kept in a map keyed by a growing id, so start order is key order and lookups,
 //! inserts and removals stay logarithmic with a hundred thousand per-entity children.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,32 @@ pub(crate) struct ChildStarted {
 #[rtype(result = "Result<String, String>")]
 pub struct AddChild(pub ChildSpec);
 
+/// Why an operator's request about a child was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildError {
+    /// No child of that name.
+    NotFound(String),
+    /// Another change to the children is under way; try again.
+    Busy(String),
+    /// The supervisor is stopping.
+    Stopping(String),
+    /// The child did not come back up.
+    Failed(String),
+}
+
+impl std::fmt::Display for ChildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound(m) | Self::Busy(m) | Self::Stopping(m) | Self::Failed(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
 /// Stops and starts one child again, whatever the strategy. Answers its new restart count.
 #[derive(Message)]
-#[rtype(result = "Result<u32, String>")]
+#[rtype(result = "Result<u32, ChildError>")]
 pub struct RestartChild {
     /// The child's name (its path below the supervisor).
     pub name: String,
@@ -59,7 +82,7 @@ pub struct RestartChild {
 
 /// Stops one child for good; a child added at run time is removed.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), ChildError>")]
 pub struct StopChild {
     /// The child's name (its path below the supervisor).
     pub name: String,
@@ -102,11 +125,11 @@ enum Then {
     },
     ManualRestart {
         id: u64,
-        reply: oneshot::Sender<Result<u32, String>>,
+        reply: oneshot::Sender<Result<u32, ChildError>>,
     },
     ManualStop {
         id: u64,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), ChildError>>,
     },
     Shutdown,
     Escalate(String),
@@ -138,6 +161,8 @@ enum Phase {
 pub struct Supervisor {
     rt: Arc<RuntimeShared>,
     cell: Arc<ActorCell>,
+    /// This supervisor's own incarnation (its cell outlives it).
+    incarnation: u64,
     strategy: Strategy,
     limit: RestartLimit,
     backoff: Backoff,
@@ -150,9 +175,11 @@ pub struct Supervisor {
     starts: StartQueue,
     /// Children whose failure arrived during a job.
     deferred: Vec<u64>,
-    timers: Vec<SpawnHandle>,
+    /// Pending restart timers by key, removed as they fire.
+    timers: HashMap<u64, SpawnHandle>,
+    next_timer: u64,
     /// Operators waiting for a requested restart to be acknowledged (or to fail).
-    restart_replies: Vec<(u64, oneshot::Sender<Result<u32, String>>)>,
+    restart_replies: Vec<(u64, oneshot::Sender<Result<u32, ChildError>>)>,
     phase: Phase,
 }
 
@@ -197,7 +224,11 @@ impl Actor for Supervisor {
             match self.add(spec, false) {
                 Ok(id) => ids.push(id),
                 Err(e) => {
-                    error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => e)
+                    // A subtree missing a child is not "started": fail, and let the parent retry.
+                    error!(self.rt.log, "child not added"; "supervisor" => &*self.path(), "error" => &e);
+                    let all: Vec<u64> = self.children.keys().copied().collect();
+                    self.begin_job(all, Then::Escalate(format!("cannot add child: {e}")), ctx);
+                    return;
                 }
             }
         }
@@ -210,13 +241,13 @@ impl Actor for Supervisor {
             // ordered stop is possible any more, but the children must not outlive us unsupervised.
             for c in self.children.values() {
                 c.cell.request_stop();
-                self.rt.registry.deregister(c.cell.path());
+                self.rt.registry.deregister(&c.cell);
             }
             return Running::Stop;
         }
         if self.phase == Phase::Running {
             self.phase = Phase::ShuttingDown;
-            for t in self.timers.drain(..) {
+            for (_, t) in self.timers.drain() {
                 ctx.cancel_future(t);
             }
             let live = self.live_ids(0);
@@ -238,7 +269,12 @@ impl Actor for Supervisor {
 }
 
 impl Supervisor {
-    pub(crate) fn new(rt: Arc<RuntimeShared>, cell: Arc<ActorCell>, spec: SupervisorSpec) -> Self {
+    pub(crate) fn new(
+        rt: Arc<RuntimeShared>,
+        cell: Arc<ActorCell>,
+        incarnation: u64,
+        spec: SupervisorSpec,
+    ) -> Self {
         Self {
             limit: spec.limit.unwrap_or(rt.config.restart_limit),
             backoff: spec.backoff.unwrap_or(rt.config.backoff),
@@ -246,13 +282,15 @@ impl Supervisor {
             factory: spec.children,
             rt,
             cell,
+            incarnation,
             children: BTreeMap::new(),
             next_id: 0,
             history: RestartHistory::default(),
             job: None,
             starts: StartQueue::default(),
             deferred: Vec::new(),
-            timers: Vec::new(),
+            timers: HashMap::new(),
+            next_timer: 0,
             restart_replies: Vec::new(),
             phase: Phase::Running,
         }
@@ -320,7 +358,7 @@ impl Supervisor {
 
     fn remove(&mut self, id: u64) {
         if let Some(c) = self.children.remove(&id) {
-            self.rt.registry.deregister(c.cell.path());
+            self.rt.registry.deregister(&c.cell);
         }
     }
 
@@ -334,10 +372,11 @@ impl Supervisor {
 
     /// Starts queued children until one is in progress.
     fn pump_starts(&mut self, ctx: &mut Context<Self>) {
-        while self.starts.current.is_none() {
+        // A stop job decides what starts next; the queue resumes when it is done.
+        while self.starts.current.is_none() && self.job.is_none() {
             let Some((id, is_restart)) = self.starts.pending.pop_front() else {
                 // The queued children are up (or being retried): this subtree has started.
-                self.cell.mark_ready();
+                self.cell.mark_ready(self.incarnation);
                 return;
             };
             let waiting = self
@@ -398,10 +437,10 @@ impl Supervisor {
         self.pump_starts(ctx);
     }
 
-    fn answer_restart(&mut self, id: u64, result: Result<u32, String>) {
-        if let Some(pos) = self.restart_replies.iter().position(|(c, _)| *c == id) {
+    fn answer_restart(&mut self, id: u64, result: Result<u32, ChildError>) {
+        while let Some(pos) = self.restart_replies.iter().position(|(c, _)| *c == id) {
             let (_, reply) = self.restart_replies.swap_remove(pos);
-            let _ = reply.send(result);
+            let _ = reply.send(result.clone());
         }
     }
 
@@ -422,7 +461,7 @@ impl Supervisor {
         {
             // Stuck in `started()`: ask it to go, forget this incarnation, count it as a failure.
             child.cell.request_stop();
-            (child.spec.detach)();
+            (child.spec.detach)(child.incarnation);
             self.on_failure(
                 id,
                 format!("did not finish starting within {timeout:?}"),
@@ -487,7 +526,7 @@ impl Supervisor {
             Status::Stopping => {
                 child.status = Status::Stopped;
                 child.cell.set_state(Lifecycle::Stopped);
-                (child.spec.detach)();
+                (child.spec.detach)(child.incarnation);
                 let reason = match msg.exit {
                     Exit::Normal => None,
                     Exit::Failed(r) | Exit::Panicked(r) => Some(r),
@@ -498,7 +537,7 @@ impl Supervisor {
                 self.job_child_done(msg.child, ctx);
             }
             Status::Running => {
-                (child.spec.detach)();
+                (child.spec.detach)(child.incarnation);
                 let (reason, failed) = match msg.exit {
                     Exit::Normal => ("exited without being asked to".to_string(), false),
                     Exit::Failed(r) => (r, true),
@@ -515,7 +554,10 @@ impl Supervisor {
 
     /// A child went down on its own (or failed to start): record it and apply the policy.
     fn on_failure(&mut self, id: u64, reason: String, failed: bool, ctx: &mut Context<Self>) {
-        self.answer_restart(id, Err(format!("restart failed: {reason}")));
+        self.answer_restart(
+            id,
+            Err(ChildError::Failed(format!("restart failed: {reason}"))),
+        );
         let Some(child) = self.children.get_mut(&id) else {
             return;
         };
@@ -591,10 +633,13 @@ impl Supervisor {
                     .into_iter()
                     .filter(|c| *c != id)
                     .collect();
+                let stopped: HashSet<u64> = to_stop.iter().copied().collect();
+                // Temporary children are never restarted; held ones stay down.
                 let ids = self
                     .children
                     .range(from..)
-                    .filter(|(cid, c)| !c.held && (**cid == id || to_stop.contains(cid)))
+                    .filter(|(cid, _)| **cid == id || stopped.contains(cid))
+                    .filter(|(_, c)| !c.held && c.spec.restart != Restart::Temporary)
                     .map(|(cid, _)| *cid)
                     .collect();
                 self.begin_job(to_stop, Then::Restart { ids, delay }, ctx);
@@ -603,18 +648,33 @@ impl Supervisor {
     }
 
     fn schedule_restart(&mut self, ids: Vec<u64>, delay: Duration, ctx: &mut Context<Self>) {
+        self.unqueue(&ids);
         for id in &ids {
             if let Some(c) = self.children.get_mut(id) {
                 c.status = Status::Waiting;
                 c.cell.set_state(Lifecycle::Restarting);
             }
         }
-        let handle = ctx.run_later(delay, move |act, ctx| act.start_now(&ids, true, ctx));
-        self.timers.push(handle);
+        self.next_timer += 1;
+        let key = self.next_timer;
+        let handle = ctx.run_later(delay, move |act, ctx| {
+            act.timers.remove(&key);
+            act.start_now(&ids, true, ctx)
+        });
+        self.timers.insert(key, handle);
+    }
+
+    /// Drops queued starts of these children: whoever takes them over queues them again.
+    fn unqueue(&mut self, ids: &[u64]) {
+        if !self.starts.pending.is_empty() {
+            let ids: HashSet<u64> = ids.iter().copied().collect();
+            self.starts.pending.retain(|(id, _)| !ids.contains(id));
+        }
     }
 
     fn begin_job(&mut self, queue: Vec<u64>, then: Then, ctx: &mut Context<Self>) {
         debug_assert!(self.job.is_none());
+        self.unqueue(&queue);
         if matches!(then, Then::Escalate(_)) {
             self.phase = Phase::ShuttingDown;
         }
@@ -694,7 +754,7 @@ impl Supervisor {
         child.status = Status::Abandoned;
         child.cell.set_state(Lifecycle::Stopped);
         child.cell.record_failure(reason.clone());
-        (child.spec.detach)();
+        (child.spec.detach)(child.incarnation);
         self.rt
             .registry
             .emit(&child.cell, EventKind::Stopped, Some(reason));
@@ -708,7 +768,23 @@ impl Supervisor {
 
     fn finish_job(&mut self, then: Then, ctx: &mut Context<Self>) {
         match then {
-            Then::Restart { ids, delay } => self.schedule_restart(ids, delay, ctx),
+            Then::Restart { ids, delay } => {
+                // Temporary children the job stopped are done for; dynamic ones leave.
+                let gone: Vec<u64> = self
+                    .children
+                    .iter()
+                    .filter(|(_, c)| {
+                        c.dynamic
+                            && c.status == Status::Stopped
+                            && c.spec.restart == Restart::Temporary
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    self.remove(id);
+                }
+                self.schedule_restart(ids, delay, ctx)
+            }
             Then::ManualRestart { id, reply } => match self.children.get_mut(&id) {
                 Some(child) if self.phase == Phase::Running => {
                     child.held = false;
@@ -718,7 +794,10 @@ impl Supervisor {
                     self.start_now(&[id], true, ctx);
                 }
                 _ => {
-                    let _ = reply.send(Err("supervisor is stopping".to_string()));
+                    let _ = reply.send(Err(ChildError::Stopping(format!(
+                        "{} is stopping",
+                        self.path()
+                    ))));
                 }
             },
             Then::ManualStop { id, reply } => {
@@ -732,7 +811,7 @@ impl Supervisor {
             }
             Then::Shutdown => return self.finish(ctx),
             Then::Escalate(reason) => {
-                self.cell.set_exit_failure(reason);
+                self.cell.set_exit_failure(self.incarnation, reason);
                 return self.finish(ctx);
             }
         }
@@ -747,13 +826,14 @@ impl Supervisor {
                 self.apply_strategy(id, ctx);
             }
         }
+        self.pump_starts(ctx);
     }
 
     /// All children are down: forget them and stop.
     fn finish(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Done;
         for c in std::mem::take(&mut self.children).into_values() {
-            self.rt.registry.deregister(c.cell.path());
+            self.rt.registry.deregister(&c.cell);
         }
         info!(self.rt.log, "supervisor stopped"; "path" => &*self.path());
         ctx.stop();
@@ -761,26 +841,27 @@ impl Supervisor {
 
     /// Fails the reply of a follow-up that a shutdown replaced.
     fn abandon_then(then: Then) {
+        let stopping = || ChildError::Stopping("supervisor is stopping".into());
         match then {
             Then::ManualRestart { reply, .. } => {
-                let _ = reply.send(Err("supervisor is stopping".into()));
+                let _ = reply.send(Err(stopping()));
             }
             Then::ManualStop { reply, .. } => {
-                let _ = reply.send(Err("supervisor is stopping".into()));
+                let _ = reply.send(Err(stopping()));
             }
             _ => {}
         }
     }
 
-    /// Why an operator request cannot run now, if it cannot.
-    fn busy_or_stopping(&self) -> Option<String> {
+    /// Why an operator request about child `id` cannot run now, if it cannot.
+    fn busy_or_stopping(&self, id: u64) -> Option<ChildError> {
         if self.phase != Phase::Running {
-            Some(format!("{} is stopping", self.path()))
-        } else if self.job.is_some() {
-            Some(format!(
+            Some(ChildError::Stopping(format!("{} is stopping", self.path())))
+        } else if self.job.is_some() || self.restart_replies.iter().any(|(c, _)| *c == id) {
+            Some(ChildError::Busy(format!(
                 "{} is busy restarting or stopping children; try again",
                 self.path()
-            ))
+            )))
         } else {
             None
         }
@@ -791,23 +872,28 @@ impl Supervisor {
         &mut self,
         name: &str,
         ctx: &mut Context<Self>,
-        make: impl FnOnce(u64, &Child, oneshot::Sender<Result<T, String>>) -> (Vec<u64>, Then),
-    ) -> ResponseFuture<Result<T, String>> {
-        let result = match (self.busy_or_stopping(), self.id_by_name(name)) {
-            (Some(e), _) => Err(e),
-            (None, None) => Err(format!("{}/{name} not found", self.path())),
-            (None, Some(id)) => {
-                let (tx, rx) = oneshot::channel();
-                let (to_stop, then) = make(id, &self.children[&id], tx);
-                self.begin_job(to_stop, then, ctx);
-                Ok(rx)
-            }
+        make: impl FnOnce(u64, &Child, oneshot::Sender<Result<T, ChildError>>) -> (Vec<u64>, Then),
+    ) -> ResponseFuture<Result<T, ChildError>> {
+        let result = match self.id_by_name(name) {
+            None => Err(ChildError::NotFound(format!(
+                "{}/{name} not found",
+                self.path()
+            ))),
+            Some(id) => match self.busy_or_stopping(id) {
+                Some(e) => Err(e),
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    let (to_stop, then) = make(id, &self.children[&id], tx);
+                    self.begin_job(to_stop, then, ctx);
+                    Ok(rx)
+                }
+            },
         };
         Box::pin(async move {
             match result {
                 Ok(rx) => rx
                     .await
-                    .unwrap_or_else(|_| Err("supervisor stopped".into())),
+                    .unwrap_or_else(|_| Err(ChildError::Stopping("supervisor stopped".into()))),
                 Err(e) => Err(e),
             }
         })
@@ -845,7 +931,7 @@ impl Handler<AddChild> for Supervisor {
 }
 
 impl Handler<RestartChild> for Supervisor {
-    type Result = ResponseFuture<Result<u32, String>>;
+    type Result = ResponseFuture<Result<u32, ChildError>>;
 
     fn handle(&mut self, msg: RestartChild, ctx: &mut Context<Self>) -> Self::Result {
         self.operator_job(&msg.name, ctx, |id, child, reply| {
@@ -860,7 +946,7 @@ impl Handler<RestartChild> for Supervisor {
 }
 
 impl Handler<StopChild> for Supervisor {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<Result<(), ChildError>>;
 
     fn handle(&mut self, msg: StopChild, ctx: &mut Context<Self>) -> Self::Result {
         self.operator_job(&msg.name, ctx, |id, _, reply| {

@@ -372,7 +372,7 @@ async fn operators_can_restart_and_stop_a_child_and_add_one_at_run_time() {
         .await
         .unwrap()
         .unwrap_err();
-    assert!(err.contains("not found"));
+    assert!(matches!(err, ChildError::NotFound(_)), "{err:?}");
     // Dynamic children get their own paths and state dumps.
     let (spec, d) = worker("sessions/d", &journal);
     let path = sup
@@ -382,7 +382,7 @@ async fn operators_can_restart_and_stop_a_child_and_add_one_at_run_time() {
         .unwrap();
     assert_eq!(path, "/node/sup/sessions/d");
     assert_eq!(d.send(Ping).await, Ok(1));
-    let dump = d.cell().unwrap().request_dump().await.unwrap();
+    let dump = d.cell().unwrap().request_dump().unwrap().await.unwrap();
     assert_eq!(dump["pings"], 1);
     let (dup, _) = worker("sessions/d", &journal);
     assert!(sup.send(AddChild(dup)).await.unwrap().is_err());
@@ -433,4 +433,176 @@ async fn a_child_stuck_in_started_times_out_and_the_children_after_it_still_star
     let failed = wait_for(&mut events, is("/node/stuck", EventKind::Failed)).await;
     assert!(failed.reason.unwrap().contains("did not finish starting"));
     wait_for(&mut events, is("/node/after", EventKind::Started)).await;
+}
+
+/// Journals its start; incarnations listed in `slow` wait `delay` in `started()`; reports its
+/// incarnation number when stopped.
+struct Tagged {
+    tag: u32,
+    slow: bool,
+    delay: Duration,
+    journal: Journal,
+    stopped: tokio::sync::mpsc::UnboundedSender<u32>,
+}
+
+impl Actor for Tagged {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        use actix::AsyncContext;
+        if self.slow {
+            ctx.wait(actix::fut::wrap_future(tokio::time::sleep(self.delay)));
+        }
+        self.journal
+            .lock()
+            .unwrap()
+            .push(format!("start {}", self.tag));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let _ = self.stopped.send(self.tag);
+    }
+}
+
+impl Managed for Tagged {
+    const KIND: &'static str = "test-tagged";
+}
+
+#[actix_rt::test]
+async fn an_incarnation_timed_out_in_started_is_stopped_when_it_wakes_up() {
+    let (tx, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+    let journal = Journal::default();
+    let j = journal.clone();
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        let (j, tx) = (j.clone(), tx.clone());
+        let mut n = 0;
+        let (spec, _) = ChildSpec::actor("slow", move || {
+            n += 1;
+            Tagged {
+                tag: n,
+                slow: n == 1,
+                delay: Duration::from_millis(300),
+                journal: j.clone(),
+                stopped: tx.clone(),
+            }
+        });
+        vec![spec.shutdown_timeout(Duration::from_millis(50))]
+    });
+    let _rt = Runtime::start(config(), quiet(), root);
+    // Incarnation 1 times out and is replaced by 2; when 1 finally leaves `started()` it must go.
+    let first_stopped = tokio::time::timeout(Duration::from_secs(20), stopped.recv())
+        .await
+        .unwrap();
+    assert_eq!(first_stopped, Some(1));
+    assert!(journal.lock().unwrap().contains(&"start 2".to_string()));
+}
+
+#[actix_rt::test]
+async fn after_a_failed_start_later_children_wait_for_the_restart_of_the_failed_one() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let root = SupervisorSpec::new(Strategy::RestForOne, move || {
+        let j1 = j.clone();
+        let mut attempts = 0;
+        let (first, _) = ChildSpec::actor("first", move || {
+            attempts += 1;
+            assert!(attempts > 1, "first construction fails");
+            j1.lock().unwrap().push("new first".into());
+            Worker {
+                name: "first",
+                journal: j1.clone(),
+                pings: 0,
+                refuse_stop: false,
+            }
+        });
+        vec![first, worker("second", &j).0]
+    });
+    let rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, |e| {
+        &*e.path == "/node/second" && matches!(e.event, EventKind::Started | EventKind::Restarted)
+    })
+    .await;
+    let j = journal.lock().unwrap().clone();
+    let first = j
+        .iter()
+        .position(|l| l == "start first")
+        .expect("first started");
+    let second = j
+        .iter()
+        .position(|l| l == "new second")
+        .expect("second built");
+    assert!(
+        first < second,
+        "second was built before first was up: {j:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_child_supervisor_is_not_timed_out_while_its_children_start_one_by_one() {
+    let (tx, _stopped) = tokio::sync::mpsc::unbounded_channel();
+    let journal = Journal::default();
+    let j = journal.clone();
+    let inner = SupervisorSpec::new(Strategy::OneForOne, move || {
+        // Each grandchild needs 100 ms; together longer than the 150 ms child timeout.
+        (1..=2)
+            .map(|tag| {
+                let (j, tx) = (j.clone(), tx.clone());
+                ChildSpec::actor(format!("g{tag}"), move || Tagged {
+                    tag,
+                    slow: true,
+                    delay: Duration::from_millis(100),
+                    journal: j.clone(),
+                    stopped: tx.clone(),
+                })
+                .0
+            })
+            .collect()
+    });
+    let root = SupervisorSpec::new(Strategy::OneForOne, move || {
+        vec![ChildSpec::supervisor("sup", inner.clone()).0]
+    });
+    let cfg = RuntimeConfig {
+        shutdown_timeout: Duration::from_millis(150),
+        ..config()
+    };
+    let rt = Runtime::start(cfg, quiet(), root);
+    let mut events = rt.registry().subscribe();
+    let e = wait_for(&mut events, |e| {
+        &*e.path == "/node/sup" && e.event != EventKind::Restarted
+    })
+    .await;
+    assert_eq!(e.event, EventKind::Started, "{e:?}");
+    assert_eq!(rt.registry().get("/node/sup").unwrap().restarts(), 0);
+    assert_eq!(journal.lock().unwrap().len(), 2);
+}
+
+#[actix_rt::test]
+async fn one_for_all_does_not_restart_temporary_children() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let refs: Arc<Mutex<Option<ActorRef<Worker>>>> = Arc::default();
+    let r = refs.clone();
+    let root = SupervisorSpec::new(Strategy::OneForAll, move || {
+        let (a, w) = worker("a", &j);
+        *r.lock().unwrap() = Some(w);
+        let (t, _) = worker("temp", &j);
+        vec![a, t.restart(Restart::Temporary)]
+    });
+    let rt = Runtime::start(config(), quiet(), root);
+    let mut events = rt.registry().subscribe();
+    wait_for(&mut events, is("/node/temp", EventKind::Started)).await;
+    let a = refs.lock().unwrap().clone().unwrap();
+    a.try_send(Boom).unwrap();
+    wait_for(&mut events, is("/node/a", EventKind::Restarted)).await;
+    let temp = rt.registry().get("/node/temp").unwrap();
+    assert_eq!(temp.state(), Lifecycle::Stopped);
+    assert_eq!(temp.restarts(), 0);
+    let starts = journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| *l == "start temp")
+        .count();
+    assert_eq!(starts, 1);
 }
