@@ -79,6 +79,8 @@ enum Request {
     Write(Box<WriteBatch>, Done),
     /// Finish queued writes, close the file, then answer.
     Close(std::sync::mpsc::Sender<()>),
+    /// Read back everything durable (after the writes queued before it).
+    Load(std::sync::mpsc::Sender<Result<Recovered, DiskError>>),
 }
 
 /// Handle to the storage thread. Dropping every handle ends the thread.
@@ -116,6 +118,17 @@ impl Disk {
                 batch.number
             ))));
         }
+    }
+
+    /// Everything durable now, read on the storage thread after the writes queued before this
+    /// call. Blocks the caller: a raft actor's (re)start uses it, once, on the supervisor's thread.
+    pub fn load(&self) -> Result<Recovered, DiskError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Request::Load(tx))
+            .map_err(|_| DiskError("storage thread is gone".into()))?;
+        rx.recv()
+            .map_err(|_| DiskError("storage thread is gone".into()))?
     }
 
     /// Writes what is queued, closes the file and waits for that: after this returns the directory
@@ -215,10 +228,12 @@ fn writer(db: Database, path: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atom
     let mut closing = None;
     while let Ok(first) = rx.recv() {
         let mut writes: Vec<(WriteBatch, Done)> = Vec::new();
+        let mut loads = Vec::new();
         for req in std::iter::once(first).chain(rx.try_iter()) {
             match req {
                 Request::Write(b, d) => writes.push((*b, d)),
                 Request::Close(ack) => closing = Some(ack),
+                Request::Load(reply) => loads.push(reply),
             }
         }
         let result = if writes.iter().all(|(b, _)| b.is_empty()) {
@@ -232,6 +247,9 @@ fn writer(db: Database, path: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atom
         };
         for (b, done) in writes {
             done(result.clone().map(|()| b.number));
+        }
+        for reply in loads {
+            let _ = reply.send(recover(&db, &path));
         }
         if closing.is_some() {
             break;

@@ -90,8 +90,14 @@ impl ChildSpec {
         let starter: Starter = Box::new(move |args: StartArgs<'_>| {
             // Built here, not on the target arbiter, so a panicking constructor is a start failure
             // the supervisor can see instead of a dead arbiter thread.
-            let actor = std::panic::catch_unwind(AssertUnwindSafe(&mut factory))
-                .map_err(|_| "constructor panicked".to_string())?;
+            let actor = std::panic::catch_unwind(AssertUnwindSafe(&mut factory)).map_err(|p| {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("constructor panicked: {msg}")
+            })?;
             starter_ref.bind(args.cell);
             let item = ControlItem::new(args.cell.clone(), args.incarnation, args.notify);
             let capacity = args.runtime.config.mailbox_capacity;

@@ -1,0 +1,317 @@
+//! The replicated key-value state machine, with revisions in the style of etcd: every write
+//! command that changes something takes the next revision; each key remembers the revision that
+//! created it, the one that last changed it, and how many times it changed.
+//!
+//! Commands arrive through the raft log in the same order on every member, so applying them is
+//! deterministic: no clocks, no randomness, no iteration over hash maps.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A write, as replicated through the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Sets `key` to `value`.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Deletes `key`, or every key starting with it when `prefix` is set.
+    Delete { key: Vec<u8>, prefix: bool },
+    /// Applies `success` if every compare holds, else `failure`, atomically.
+    Txn {
+        compares: Vec<Compare>,
+        success: Vec<Op>,
+        failure: Vec<Op>,
+    },
+}
+
+/// One operation inside a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8>, prefix: bool },
+    Get { key: Vec<u8> },
+}
+
+/// What a compare looks at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// The value (an absent key has none, and compares unequal to any value).
+    Value(Vec<u8>),
+    /// Times the key was written since it was created (0 when absent).
+    Version(i64),
+    /// Revision of its creation (0 when absent).
+    CreateRevision(i64),
+    /// Revision of its last change (0 when absent).
+    ModRevision(i64),
+}
+
+/// Comparison operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cmp {
+    Equal,
+    NotEqual,
+    Greater,
+    Less,
+}
+
+/// `key`'s `target` compared with `cmp`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: Vec<u8>,
+    pub cmp: Cmp,
+    pub target: Target,
+}
+
+/// A stored key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+}
+
+/// The answer to an applied command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyResult {
+    /// The store's revision after the command.
+    pub revision: i64,
+    /// Previous values of the keys a put or delete touched.
+    pub prev: Vec<KeyValue>,
+    /// Keys deleted.
+    pub deleted: u64,
+    /// For a txn: whether the compares held.
+    pub succeeded: bool,
+    /// For a txn: results of its `Get` operations, in order.
+    pub reads: Vec<Option<KeyValue>>,
+}
+
+/// The state machine.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KvState {
+    data: BTreeMap<Vec<u8>, KeyValue>,
+    revision: i64,
+}
+
+impl KvState {
+    /// Current revision.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// One key.
+    pub fn get(&self, key: &[u8]) -> Option<&KeyValue> {
+        self.data.get(key)
+    }
+
+    /// Keys starting with `prefix`, in key order, at most `limit` (0 = all); and how many matched.
+    pub fn range(&self, prefix: &[u8], limit: usize) -> (Vec<KeyValue>, usize) {
+        let matching = self
+            .data
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        let mut out = Vec::new();
+        let mut count = 0;
+        for (_, kv) in matching {
+            if limit == 0 || out.len() < limit {
+                out.push(kv.clone());
+            }
+            count += 1;
+        }
+        (out, count)
+    }
+
+    /// Applies a command; it takes a new revision if it changed anything.
+    pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
+        let next = self.revision + 1;
+        let mut res = ApplyResult::default();
+        let changed = match cmd {
+            Command::Put { key, value } => self.put(key, value, next, &mut res),
+            Command::Delete { key, prefix } => self.delete(key, *prefix, next, &mut res),
+            Command::Txn {
+                compares,
+                success,
+                failure,
+            } => {
+                res.succeeded = compares.iter().all(|c| self.holds(c));
+                let ops = if res.succeeded { success } else { failure };
+                let mut changed = false;
+                for op in ops {
+                    changed |= match op {
+                        Op::Put { key, value } => self.put(key, value, next, &mut res),
+                        Op::Delete { key, prefix } => self.delete(key, *prefix, next, &mut res),
+                        Op::Get { key } => {
+                            res.reads.push(self.data.get(key).cloned());
+                            false
+                        }
+                    };
+                }
+                changed
+            }
+        };
+        if changed {
+            self.revision = next;
+        }
+        res.revision = self.revision;
+        res
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8], rev: i64, res: &mut ApplyResult) -> bool {
+        let prev = self.data.get(key).cloned();
+        let kv = KeyValue {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+        };
+        self.data.insert(key.to_vec(), kv);
+        res.prev.extend(prev);
+        true
+    }
+
+    fn delete(&mut self, key: &[u8], prefix: bool, _rev: i64, res: &mut ApplyResult) -> bool {
+        let keys: Vec<Vec<u8>> = if prefix {
+            self.data
+                .range(key.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(key))
+                .map(|(k, _)| k.clone())
+                .collect()
+        } else {
+            if self.data.contains_key(key) {
+                vec![key.to_vec()]
+            } else {
+                Vec::new()
+            }
+        };
+        for k in &keys {
+            res.prev.extend(self.data.remove(k));
+        }
+        res.deleted += keys.len() as u64;
+        !keys.is_empty()
+    }
+
+    fn holds(&self, c: &Compare) -> bool {
+        use std::cmp::Ordering;
+        let kv = self.data.get(&c.key);
+        let ord: Option<Ordering> = match &c.target {
+            Target::Value(v) => kv.map(|kv| kv.value.as_slice().cmp(v.as_slice())),
+            Target::Version(n) => Some(kv.map_or(0, |kv| kv.version).cmp(n)),
+            Target::CreateRevision(n) => Some(kv.map_or(0, |kv| kv.create_revision).cmp(n)),
+            Target::ModRevision(n) => Some(kv.map_or(0, |kv| kv.mod_revision).cmp(n)),
+        };
+        match (c.cmp, ord) {
+            (Cmp::Equal, Some(o)) => o == Ordering::Equal,
+            (Cmp::NotEqual, Some(o)) => o != Ordering::Equal,
+            (Cmp::Greater, Some(o)) => o == Ordering::Greater,
+            (Cmp::Less, Some(o)) => o == Ordering::Less,
+            // An absent key has no value: only "not equal" holds.
+            (Cmp::NotEqual, None) => true,
+            (_, None) => false,
+        }
+    }
+
+    /// The whole state, for a raft snapshot.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("the KV state serialises")
+    }
+
+    /// Restores a state from snapshot bytes (empty bytes: the empty state).
+    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        if b.is_empty() {
+            return Ok(Self::default());
+        }
+        postcard::from_bytes(b).map_err(|e| format!("corrupt KV snapshot: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: &str, v: &str) -> Command {
+        Command::Put {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn revisions_versions_and_prev_values_follow_etcd() {
+        let mut s = KvState::default();
+        assert_eq!(s.apply(&put("a", "1")).revision, 1);
+        let r = s.apply(&put("a", "2"));
+        assert_eq!(r.revision, 2);
+        assert_eq!(r.prev[0].value, b"1");
+        let a = s.get(b"a").unwrap();
+        assert_eq!((a.create_revision, a.mod_revision, a.version), (1, 2, 2));
+        // Deleting nothing changes nothing, so no new revision.
+        assert_eq!(
+            s.apply(&Command::Delete {
+                key: "zz".into(),
+                prefix: false
+            })
+            .revision,
+            2
+        );
+        s.apply(&put("ab", "x"));
+        s.apply(&put("b", "y"));
+        let (rows, count) = s.range(b"a", 1);
+        assert_eq!((rows.len(), count), (1, 2));
+        let r = s.apply(&Command::Delete {
+            key: "a".into(),
+            prefix: true,
+        });
+        assert_eq!(r.deleted, 2);
+        assert_eq!(s.range(b"", 0).1, 1);
+    }
+
+    #[test]
+    fn txn_compare_and_swap_is_atomic() {
+        let mut s = KvState::default();
+        s.apply(&put("k", "old"));
+        let cas = |expect: &str, new: &str| Command::Txn {
+            compares: vec![Compare {
+                key: "k".into(),
+                cmp: Cmp::Equal,
+                target: Target::Value(expect.into()),
+            }],
+            success: vec![Op::Put {
+                key: "k".into(),
+                value: new.into(),
+            }],
+            failure: vec![Op::Get { key: "k".into() }],
+        };
+        let r = s.apply(&cas("nope", "x"));
+        assert!(!r.succeeded);
+        assert_eq!(r.reads[0].as_ref().unwrap().value, b"old");
+        assert_eq!(r.revision, 1, "a failed compare writes nothing");
+        let r = s.apply(&cas("old", "new"));
+        assert!(r.succeeded);
+        assert_eq!(s.get(b"k").unwrap().value, b"new");
+        // An absent key: version 0, create revision 0.
+        let absent = Compare {
+            key: "none".into(),
+            cmp: Cmp::Equal,
+            target: Target::Version(0),
+        };
+        assert!(
+            s.apply(&Command::Txn {
+                compares: vec![absent],
+                success: vec![],
+                failure: vec![]
+            })
+            .succeeded
+        );
+    }
+
+    #[test]
+    fn snapshots_round_trip() {
+        let mut s = KvState::default();
+        s.apply(&put("a", "1"));
+        let back = KvState::from_bytes(&s.to_bytes()).unwrap();
+        assert_eq!(back, s);
+        assert!(KvState::from_bytes(b"\xff\xff").is_err());
+    }
+}

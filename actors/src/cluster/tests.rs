@@ -1,0 +1,338 @@
+//! In-process raft groups on the in-memory network: elections, replication, leader loss,
+//! partitions, recovery from disk, joint consensus and snapshot catch-up.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+
+use super::disk::Disk;
+use super::kv::Command;
+use super::raft::*;
+use super::transport::MemNetwork;
+use crate::envelope::ActorRef;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::supervision::{AddChild, ChildSpec, RestartChild, Strategy, Supervisor, SupervisorSpec};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn quiet() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+struct Cluster {
+    rt: Runtime,
+    net: MemNetwork,
+    members: BTreeMap<u64, ActorRef<RaftNode>>,
+    _dirs: Vec<tempfile::TempDir>,
+    snapshot_interval: u64,
+}
+
+impl Cluster {
+    async fn start(voters: &[u64], snapshot_interval: u64) -> Self {
+        let rt = Runtime::start(
+            RuntimeConfig::default(),
+            quiet(),
+            SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+        );
+        let mut c = Cluster {
+            rt,
+            net: MemNetwork::default(),
+            members: BTreeMap::new(),
+            _dirs: Vec::new(),
+            snapshot_interval,
+        };
+        for id in voters {
+            c.add_member(*id, voters.to_vec()).await;
+        }
+        c
+    }
+
+    fn root(&self) -> ActorRef<Supervisor> {
+        self.rt.registry().supervisor("/node").unwrap()
+    }
+
+    /// Starts member `id`; `voters` empty means it joins an existing group.
+    async fn add_member(&mut self, id: u64, voters: Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(dir.path()).unwrap();
+        self._dirs.push(dir);
+        let settings = RaftSettings {
+            id,
+            initial_voters: voters,
+            tick: Duration::from_millis(10),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval: self.snapshot_interval,
+            read_timeout: Duration::from_secs(1),
+        };
+        let member: ActorRef<RaftNode> = ActorRef::default();
+        let net = self.net.clone();
+        let spec = ChildSpec::actor_for(format!("raft-{id}"), &member, move || {
+            RaftNode::new(
+                settings.clone(),
+                disk.clone(),
+                Arc::new(net.clone()),
+                &quiet(),
+            )
+            .unwrap()
+        });
+        self.net.register(id, member.clone());
+        self.root().send(AddChild(spec)).await.unwrap().unwrap();
+        self.members.insert(id, member);
+    }
+
+    async fn status(&self, id: u64) -> RaftStatus {
+        self.members[&id].send(GetStatus).await.unwrap().unwrap()
+    }
+
+    /// The leader that every member of `among` agrees on (and that is one of them).
+    async fn leader(&self, among: &[u64]) -> u64 {
+        eventually(|| async {
+            let mut leaders = Vec::new();
+            for id in among {
+                let s = self.members[id].send(GetStatus).await.ok()?.ok()?;
+                leaders.push(s.leader?);
+            }
+            let l = leaders[0];
+            (leaders.iter().all(|x| *x == l) && among.contains(&l)).then_some(l)
+        })
+        .await
+    }
+
+    async fn put(&self, id: u64, k: &str, v: &str) -> Result<i64, RaftError> {
+        let cmd = Command::Put {
+            key: k.into(),
+            value: v.into(),
+        };
+        match self.members[&id]
+            .send_timeout(Propose(cmd), Duration::from_secs(5))
+            .await
+        {
+            Ok(r) => r.map(|a| a.revision),
+            Err(_) => Err(RaftError::Timeout),
+        }
+    }
+
+    async fn read(
+        &self,
+        id: u64,
+        k: &str,
+        linearizable: bool,
+    ) -> Result<Option<String>, RaftError> {
+        let q = Read {
+            query: Query::Get(k.into()),
+            linearizable,
+        };
+        let a = self.members[&id]
+            .send(q)
+            .await
+            .map_err(|_| RaftError::Timeout)??;
+        Ok(a.kvs
+            .first()
+            .map(|kv| String::from_utf8(kv.value.clone()).unwrap()))
+    }
+
+    /// Waits until member `id` has applied `k = v`.
+    async fn sees(&self, id: u64, k: &str, v: &str) {
+        eventually(|| async {
+            (self.read(id, k, false).await.ok()?.as_deref() == Some(v)).then_some(())
+        })
+        .await
+    }
+}
+
+/// Polls `f` until it answers; the bound only turns a hang into a failure.
+async fn eventually<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn change(changes: &[(ConfChangeType, u64)]) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    let singles: Vec<ConfChangeSingle> = changes
+        .iter()
+        .map(|(t, id)| {
+            let mut c = ConfChangeSingle::default();
+            c.set_change_type(*t);
+            c.node_id = *id;
+            c
+        })
+        .collect();
+    cc.set_changes(singles.into());
+    cc
+}
+
+#[actix_rt::test]
+async fn three_members_elect_one_leader_and_replicate_writes_to_all() {
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    assert_eq!(c.put(leader, "k", "v1").await, Ok(1));
+    assert_eq!(c.put(leader, "k", "v2").await, Ok(2));
+    for id in [1, 2, 3] {
+        c.sees(id, "k", "v2").await;
+    }
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    assert_eq!(
+        c.put(follower, "k", "x").await,
+        Err(RaftError::NotLeader {
+            leader: Some(leader)
+        })
+    );
+    assert_eq!(
+        c.read(follower, "k", true).await,
+        Ok(Some("v2".into())),
+        "a follower serves linearizable reads via ReadIndex"
+    );
+}
+
+#[actix_rt::test]
+async fn a_cut_off_leader_is_replaced_cannot_serve_linearizable_reads_and_catches_up_after_healing()
+{
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let old = c.leader(&[1, 2, 3]).await;
+    c.put(old, "k", "before").await.unwrap();
+    c.net.isolate(old);
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != old).collect();
+    let new = c.leader(&rest).await;
+    assert_ne!(new, old);
+    assert!(c.put(new, "k", "after").await.is_ok());
+    // The stale leader can neither commit nor prove it is still the leader.
+    assert!(c.put(old, "k", "lost").await.is_err());
+    assert!(c.read(old, "k", true).await.is_err());
+    c.net.heal();
+    c.sees(old, "k", "after").await;
+    assert_eq!(c.read(old, "k", true).await, Ok(Some("after".into())));
+}
+
+#[actix_rt::test]
+async fn a_minority_cannot_commit_and_healing_converges_on_the_majority() {
+    let c = Cluster::start(&[1, 2, 3, 4, 5], 10_000).await;
+    let leader = c.leader(&[1, 2, 3, 4, 5]).await;
+    let other = [1, 2, 3, 4, 5].into_iter().find(|i| *i != leader).unwrap();
+    let minority = [leader, other];
+    let majority: Vec<u64> = [1, 2, 3, 4, 5]
+        .into_iter()
+        .filter(|i| !minority.contains(i))
+        .collect();
+    c.net.partition(&minority, &majority);
+    assert!(c.put(leader, "k", "minority").await.is_err());
+    let new = c.leader(&majority).await;
+    c.put(new, "k", "majority").await.unwrap();
+    c.net.heal();
+    for id in [1, 2, 3, 4, 5] {
+        c.sees(id, "k", "majority").await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_restarted_member_recovers_its_log_from_disk_and_catches_up() {
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    c.put(leader, "a", "1").await.unwrap();
+    let victim = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    c.sees(victim, "a", "1").await;
+    // Cut off and restarted, the member can only get "a" back from its own disk.
+    c.net.isolate(victim);
+    c.put(leader, "b", "2").await.unwrap();
+    let root = c.root();
+    root.send(RestartChild {
+        name: format!("raft-{victim}"),
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    c.sees(victim, "a", "1").await;
+    assert_eq!(c.read(victim, "b", false).await, Ok(None));
+    c.net.heal();
+    c.sees(victim, "b", "2").await;
+}
+
+#[actix_rt::test]
+async fn joint_consensus_replaces_a_voter_and_leaves_the_joint_configuration() {
+    let mut c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    c.put(leader, "k", "v").await.unwrap();
+    c.add_member(4, vec![]).await;
+    let cs = c.members[&leader]
+        .send(ChangeMembership(change(&[(
+            ConfChangeType::AddLearnerNode,
+            4,
+        )])))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cs.learners.contains(&4));
+    c.sees(4, "k", "v").await;
+    // Promote 4 and remove a follower in one joint change.
+    let gone = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    let cc = change(&[
+        (ConfChangeType::AddNode, 4),
+        (ConfChangeType::RemoveNode, gone),
+    ]);
+    c.members[&leader]
+        .send(ChangeMembership(cc))
+        .await
+        .unwrap()
+        .unwrap();
+    // raft leaves the joint configuration by itself through an empty EntryConfChangeV2.
+    let final_voters = eventually(|| async {
+        let s = c.status(leader).await;
+        s.voters_outgoing.is_empty().then_some(s.voters)
+    })
+    .await;
+    let mut expected: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|i| *i != gone).collect();
+    expected.sort();
+    let mut got = final_voters;
+    got.sort();
+    assert_eq!(got, expected);
+    c.put(leader, "k", "after").await.unwrap();
+    c.sees(4, "k", "after").await;
+}
+
+#[actix_rt::test]
+async fn a_new_member_catches_up_from_a_snapshot() {
+    let mut c = Cluster::start(&[1, 2, 3], 16).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    for i in 0..40 {
+        c.put(leader, &format!("key{i:02}"), &format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        c.status(leader).await.snapshot_index > 1,
+        "the leader compacted its log"
+    );
+    c.add_member(4, vec![]).await;
+    c.members[&leader]
+        .send(ChangeMembership(change(&[(
+            ConfChangeType::AddLearnerNode,
+            4,
+        )])))
+        .await
+        .unwrap()
+        .unwrap();
+    for i in [0, 17, 39] {
+        c.sees(4, &format!("key{i:02}"), &format!("v{i}")).await;
+    }
+    let s = c.status(4).await;
+    assert!(
+        s.snapshot_index > 1,
+        "member 4 was brought up by a snapshot: {s:?}"
+    );
+}
