@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
-    let protos = ["lodge/admin/v1/admin.proto"];
+    let protos = [
+        "lodge/admin/v1/admin.proto",
+        "lodge/kv/v1/kv.proto",
+        "lodge/raft/v1/raft.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("lodge_descriptor.bin"))
         .compile_protos(&protos.map(|p| root.join(p)), std::slice::from_ref(&root))?;

@@ -19,6 +19,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/node.toml");
 pub struct NodeConfig {
     pub node: NodeSection,
     pub server: ServerSection,
+    pub cluster: ClusterSection,
     pub metrics: MetricsSection,
     pub log: LogSection,
     pub admin: AdminSection,
@@ -51,6 +52,15 @@ pub struct TlsSection {
     pub cert_file: String,
     pub key_file: String,
     pub client_ca_file: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ClusterSection {
+    pub initial_cluster: String,
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_interval: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -95,6 +105,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub log_level: Option<String>,
     pub allow_mutations: Option<bool>,
+    pub initial_cluster: Option<String>,
 }
 
 /// A configuration problem: which key, and what is wrong with it.
@@ -171,6 +182,9 @@ impl NodeConfig {
         }
         if let Some(v) = o.allow_mutations {
             b = set(b, "admin.allow_mutations", v.into())?;
+        }
+        if let Some(v) = &o.initial_cluster {
+            b = set(b, "cluster.initial_cluster", v.clone().into())?;
         }
         let merged = b.build().map_err(|e| {
             err(
@@ -271,8 +285,61 @@ impl NodeConfig {
                 "must not exceed supervision.backoff_max_ms",
             ));
         }
+        let c = &self.cluster;
+        if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.snapshot_interval == 0 {
+            return Err(err(
+                "cluster",
+                "tick_ms, heartbeat_ticks and snapshot_interval must be greater than 0",
+            ));
+        }
+        if c.election_ticks <= c.heartbeat_ticks {
+            return Err(err(
+                "cluster.election_ticks",
+                "must be greater than cluster.heartbeat_ticks",
+            ));
+        }
+        let members = self.members()?;
+        if members.len() > 1 && self.server.tls.enabled && self.server.tls.client_ca_file.is_empty()
+        {
+            return Err(err(
+                "server.tls.client_ca_file",
+                "is required for a TLS cluster of several members (members verify each other with it)",
+            ));
+        }
         self.tls_material()?;
         Ok(())
+    }
+
+    /// The first members, id → gRPC address; this node alone when `initial_cluster` is empty.
+    pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+        let key = "cluster.initial_cluster";
+        let mut out = std::collections::BTreeMap::new();
+        let spec = self.cluster.initial_cluster.trim();
+        if spec.is_empty() {
+            out.insert(self.node.id, self.server.listen.clone());
+            return Ok(out);
+        }
+        for part in spec.split(',').map(str::trim) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| err(key, format!("{part:?} is not ID=HOST:PORT")))?;
+            let id: u64 = id
+                .parse()
+                .ok()
+                .filter(|i| *i > 0)
+                .ok_or_else(|| err(key, format!("{id:?} is not a member id (1 or more)")))?;
+            parse_addr(key, addr)?;
+            if out.insert(id, addr.to_string()).is_some() {
+                return Err(err(key, format!("member {id} is listed twice")));
+            }
+        }
+        if !out.contains_key(&self.node.id) {
+            return Err(err(
+                key,
+                format!("does not list this node (node.id = {})", self.node.id),
+            ));
+        }
+        Ok(out)
     }
 
     /// The gRPC listen address.

@@ -11,7 +11,7 @@ use tokio_stream::StreamExt;
 /// Where and how to reach a node; shared by every client subcommand.
 #[derive(Args, Clone, Debug)]
 pub struct Connection {
-    /// Node address HOST:PORT.
+    /// Node address HOST:PORT (for `kv`: a comma-separated list to fail over across).
     #[arg(
         long,
         global = true,

@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod ctl;
+mod kv;
 mod logging;
 mod metrics;
 mod node;
@@ -32,6 +33,13 @@ enum Command {
         conn: ctl::Connection,
         #[command(subcommand)]
         cmd: ctl::Ctl,
+    },
+    /// Read and write the replicated key-value store.
+    Kv {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: kv::Kv,
     },
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
@@ -63,6 +71,9 @@ struct NodeArgs {
     /// Allow mutating admin calls (restart, stop).
     #[arg(long)]
     allow_mutations: bool,
+    /// First members of the cluster: ID=HOST:PORT,... (must include this node's id).
+    #[arg(long)]
+    initial_cluster: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -80,6 +91,7 @@ fn main() {
                 data_dir: a.data_dir,
                 log_level: a.log_level,
                 allow_mutations: a.allow_mutations.then_some(true),
+                initial_cluster: a.initial_cluster,
             };
             match config::NodeConfig::load(&overrides) {
                 Err(e) => {
@@ -94,6 +106,7 @@ fn main() {
             }
         }
         Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),
+        Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

@@ -7,12 +7,17 @@
 use std::sync::Arc;
 
 use lodge_actors::admin::{AdminActor, NodeFacts};
+use lodge_actors::cluster::disk::Disk;
+use lodge_actors::cluster::raft::{RaftNode, RaftSettings};
+use lodge_actors::cluster::transport::Transport;
 use lodge_actors::supervision::Exit;
 use lodge_actors::{
     clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy,
     SupervisorSpec,
 };
+use lodge_grpc::client::ClientTls;
 use lodge_grpc::metrics::ServerMetrics;
+use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
 
@@ -55,27 +60,62 @@ fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSe
     }
 }
 
-/// The supervision tree of a node. `/node` is rest_for_one: a later child may depend on an
-/// earlier one, never the reverse.
-fn root_spec(
-    admin: &ActorRef<AdminActor>,
+/// What the tree's actors are built from.
+struct TreeParts {
+    admin: ActorRef<AdminActor>,
+    raft: ActorRef<RaftNode>,
     registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>,
     facts: Arc<NodeFacts>,
     allow_mutations: bool,
-) -> SupervisorSpec {
-    let admin = admin.clone();
+    raft_settings: RaftSettings,
+    disk: Disk,
+    transport: Arc<dyn Transport>,
+    log: slog::Logger,
+}
+
+/// The supervision tree of a node. `/node` is rest_for_one: a later child may depend on an
+/// earlier one, never the reverse.
+///
+/// ```text
+/// /node                        rest_for_one
+/// ├── /node/admin              introspection (own arbiter)
+/// └── /node/cluster            one_for_one
+///     └── /node/cluster/raft   the raft member (own arbiter)
+/// ```
+fn root_spec(p: TreeParts) -> SupervisorSpec {
+    let p = Arc::new(p);
     SupervisorSpec::new(Strategy::RestForOne, move || {
-        let registry = registry.clone();
-        let facts = facts.clone();
-        vec![ChildSpec::actor_for("admin", &admin, move || {
-            AdminActor::new(
-                registry.get().expect("registry set before start").clone(),
-                facts.clone(),
-                allow_mutations,
-            )
-        })
-        // Its own thread: a ListActors scan over 100 k actors must not delay supervision.
-        .placement(Placement::Dedicated("admin"))]
+        let admin = {
+            let p = p.clone();
+            ChildSpec::actor_for("admin", &p.admin.clone(), move || {
+                AdminActor::new(
+                    p.registry.get().expect("registry set before start").clone(),
+                    p.facts.clone(),
+                    p.allow_mutations,
+                )
+            })
+            // Its own thread: a ListActors scan over 100 k actors must not delay supervision.
+            .placement(Placement::Dedicated("admin"))
+        };
+        let cluster = {
+            let p = p.clone();
+            SupervisorSpec::new(Strategy::OneForOne, move || {
+                let p = p.clone();
+                vec![ChildSpec::actor_for("raft", &p.raft.clone(), move || {
+                    // A member that cannot read its log must not run; the supervisor retries.
+                    RaftNode::new(
+                        p.raft_settings.clone(),
+                        p.disk.clone(),
+                        p.transport.clone(),
+                        &p.log,
+                    )
+                    .unwrap_or_else(|e| panic!("{e}"))
+                })
+                // Its own thread, so that client traffic cannot starve its ticks.
+                .placement(Placement::Dedicated("raft"))]
+            })
+        };
+        vec![admin, ChildSpec::supervisor("cluster", cluster).0]
     })
 }
 
@@ -121,6 +161,38 @@ pub fn run(cfg: NodeConfig) -> i32 {
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
 
+    let disk = match Disk::open(&cfg.node.data_dir.join("raft")) {
+        Ok((disk, _)) => disk,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 1;
+        }
+    };
+    let members = cfg.members().expect("validated");
+    let peer_tls = if cfg.server.tls.enabled {
+        ClientTls {
+            ca: Some(cfg.server.tls.client_ca_file.clone().into()),
+            cert: Some(cfg.server.tls.cert_file.clone().into()),
+            key: Some(cfg.server.tls.key_file.clone().into()),
+            domain: None,
+        }
+    } else {
+        ClientTls::default()
+    };
+    let peers = members
+        .iter()
+        .filter(|(id, _)| **id != cfg.node.id)
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    let raft_settings = RaftSettings {
+        id: cfg.node.id,
+        initial_voters: members.keys().copied().collect(),
+        tick: NodeConfig::duration(cfg.cluster.tick_ms),
+        election_ticks: cfg.cluster.election_ticks,
+        heartbeat_ticks: cfg.cluster.heartbeat_ticks,
+        snapshot_interval: cfg.cluster.snapshot_interval,
+        read_timeout: NodeConfig::duration(cfg.server.request_timeout_ms),
+    };
     let facts = Arc::new(NodeFacts {
         node_id: cfg.node.id,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -131,8 +203,20 @@ pub fn run(cfg: NodeConfig) -> i32 {
     let system = actix_rt::System::new();
     let code = system.block_on(async move {
         let admin_ref: ActorRef<AdminActor> = ActorRef::default();
+        let raft_ref: ActorRef<RaftNode> = ActorRef::default();
         let registry_slot = Arc::new(std::sync::OnceLock::new());
-        let root = root_spec(&admin_ref, registry_slot.clone(), facts, cfg.admin.allow_mutations);
+        let transport: Arc<dyn Transport> = GrpcTransport::new(io.clone(), &peers, peer_tls.clone(), log.clone());
+        let root = root_spec(TreeParts {
+            admin: admin_ref.clone(),
+            raft: raft_ref.clone(),
+            registry: registry_slot.clone(),
+            facts,
+            allow_mutations: cfg.admin.allow_mutations,
+            raft_settings,
+            disk,
+            transport,
+            log: log.clone(),
+        });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
         let _ = registry_slot.set(runtime.registry().clone());
         let tree_exit = runtime.wait_exit();
@@ -145,8 +229,15 @@ pub fn run(cfg: NodeConfig) -> i32 {
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let built = {
-            let (admin, settings) = (admin_ref.clone(), settings.clone());
-            io.spawn(async move { server::node_services(admin, &settings, shutdown_rx).await }).await
+            let backends = server::Backends {
+                admin: admin_ref.clone(),
+                raft: raft_ref.clone(),
+                member_id: cfg.node.id,
+                members: Arc::new(members.clone().into_iter().collect()),
+                peer_tls: peer_tls.clone(),
+            };
+            let settings = settings.clone();
+            io.spawn(async move { server::node_services(backends, &settings, shutdown_rx).await }).await
         };
         let services = match built.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(s) => s,

@@ -7,7 +7,9 @@
 pub mod admin;
 pub mod client;
 pub mod deadline;
+pub mod kv;
 pub mod metrics;
+pub mod raft;
 pub mod server;
 
 /// Generated protobuf and gRPC code.
@@ -15,6 +17,16 @@ pub mod pb {
     /// `lodge.admin.v1`.
     pub mod admin {
         tonic::include_proto!("lodge.admin.v1");
+    }
+
+    /// `lodge.kv.v1`.
+    pub mod kv {
+        tonic::include_proto!("lodge.kv.v1");
+    }
+
+    /// `lodge.raft.v1`.
+    pub mod raft {
+        tonic::include_proto!("lodge.raft.v1");
     }
 
     /// Encoded descriptors of every Lodge service, for server reflection.

@@ -77,7 +77,22 @@ pub struct NodeServices {
 }
 
 /// Service names reported by grpc.health.v1 besides the node-wide "".
-const SERVICE_NAMES: &[&str] = &["lodge.admin.v1.Admin"];
+const SERVICE_NAMES: &[&str] = &[
+    "lodge.admin.v1.Admin",
+    "lodge.kv.v1.KV",
+    "lodge.raft.v1.Raft",
+];
+
+/// What the node's services talk to.
+pub struct Backends {
+    pub admin: ActorRef<AdminActor>,
+    pub raft: ActorRef<lodge_actors::cluster::raft::RaftNode>,
+    pub member_id: u64,
+    /// Every member's gRPC address, by id (for forwarding writes to the leader).
+    pub members: std::sync::Arc<std::collections::HashMap<u64, String>>,
+    /// How this node connects to other members.
+    pub peer_tls: crate::client::ClientTls,
+}
 
 /// Path of the reflection method (its descriptor is not among the sets we register).
 const REFLECTION_METHOD: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -96,7 +111,7 @@ pub fn served_methods() -> std::collections::HashSet<String> {
 /// Builds the routes: admin, health and reflection. Streams that never end by themselves (event
 /// watches) end when `shutdown` turns true, so they do not hold up the drain.
 pub async fn node_services(
-    admin: ActorRef<AdminActor>,
+    b: Backends,
     s: &ServerSettings,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<NodeServices, String> {
@@ -113,15 +128,29 @@ pub async fn node_services(
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(
-        admin,
+        b.admin,
         s.request_timeout,
         shutdown,
     ))
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
+    let kv = pb::kv::kv_server::KvServer::new(crate::kv::KvService::new(
+        b.raft.clone(),
+        b.member_id,
+        b.members,
+        b.peer_tls,
+        s.request_timeout,
+    ))
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
+    // Raft batches are bounded by the transport (4 MiB per batch); snapshots arrive in chunks.
+    let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft))
+        .max_decoding_message_size(8 << 20);
     let routes = Routes::new(health_service)
         .add_service(reflection)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(kv)
+        .add_service(raft);
     Ok(NodeServices { routes, health })
 }
 

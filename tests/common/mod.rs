@@ -38,18 +38,37 @@ impl Node {
     }
 
     pub fn try_start(args: &[&str]) -> Result<Node, StartFailure> {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::try_start_in(tempfile::tempdir().expect("temp dir"), "127.0.0.1:0", args)
+    }
+
+    /// Starts a node listening on `listen`, keeping its data in `dir` (reused across restarts).
+    pub fn start_in(dir: tempfile::TempDir, listen: &str, args: &[&str]) -> Node {
+        Self::try_start_in(dir, listen, args)
+            .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
+    }
+
+    fn try_start_in(
+        dir: tempfile::TempDir,
+        listen: &str,
+        args: &[&str],
+    ) -> Result<Node, StartFailure> {
         let stderr = dir.path().join("stderr.log");
         let mut cmd = Command::new(LODGE);
         cmd.arg("node")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(args)
             .env_remove("LODGE_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stderr)
+                    .expect("stderr file"),
+            );
         let mut child = cmd.spawn().expect("spawning lodge");
         let stdout = child.stdout.take().expect("stdout piped");
         let (tx, rx) = mpsc::channel();
@@ -94,6 +113,16 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Kills the process (SIGKILL) and gives back its data directory.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, dir)
     }
 
     pub fn pid(&self) -> u32 {
@@ -143,6 +172,26 @@ impl Drop for Node {
             let _ = c.wait();
         }
     }
+}
+
+/// A loopback port free right now (for members that must know each other's addresses up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `lodge kv --endpoint ENDPOINTS ARGS`.
+pub fn kv(endpoints: &str, args: &[&str]) -> Output {
+    Command::new(LODGE)
+        .arg("kv")
+        .args(["--endpoint", endpoints])
+        .args(args)
+        .env_remove("LODGE_ENDPOINT")
+        .output()
+        .expect("running lodge kv")
 }
 
 pub fn ctl(endpoint: &str, args: &[&str]) -> Output {

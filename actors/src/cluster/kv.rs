@@ -83,8 +83,16 @@ pub struct ApplyResult {
     pub deleted: u64,
     /// For a txn: whether the compares held.
     pub succeeded: bool,
-    /// For a txn: results of its `Get` operations, in order.
-    pub reads: Vec<Option<KeyValue>>,
+    /// For a txn: one result per operation of the branch taken, in order.
+    pub ops: Vec<OpResult>,
+}
+
+/// The result of one operation inside a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpResult {
+    Put { prev: Option<KeyValue> },
+    Delete { deleted: u64, prev: Vec<KeyValue> },
+    Get(Option<KeyValue>),
 }
 
 /// The state machine.
@@ -138,14 +146,26 @@ impl KvState {
                 let ops = if res.succeeded { success } else { failure };
                 let mut changed = false;
                 for op in ops {
-                    changed |= match op {
-                        Op::Put { key, value } => self.put(key, value, next, &mut res),
-                        Op::Delete { key, prefix } => self.delete(key, *prefix, next, &mut res),
-                        Op::Get { key } => {
-                            res.reads.push(self.data.get(key).cloned());
-                            false
+                    // Each operation's own effects, then folded into the command's totals.
+                    let mut one = ApplyResult::default();
+                    match op {
+                        Op::Put { key, value } => {
+                            changed |= self.put(key, value, next, &mut one);
+                            res.ops.push(OpResult::Put {
+                                prev: one.prev.first().cloned(),
+                            });
                         }
-                    };
+                        Op::Delete { key, prefix } => {
+                            changed |= self.delete(key, *prefix, next, &mut one);
+                            res.ops.push(OpResult::Delete {
+                                deleted: one.deleted,
+                                prev: one.prev.clone(),
+                            });
+                        }
+                        Op::Get { key } => res.ops.push(OpResult::Get(self.data.get(key).cloned())),
+                    }
+                    res.deleted += one.deleted;
+                    res.prev.extend(one.prev);
                 }
                 changed
             }
@@ -285,7 +305,10 @@ mod tests {
         };
         let r = s.apply(&cas("nope", "x"));
         assert!(!r.succeeded);
-        assert_eq!(r.reads[0].as_ref().unwrap().value, b"old");
+        let OpResult::Get(Some(got)) = &r.ops[0] else {
+            panic!("{r:?}")
+        };
+        assert_eq!(got.value, b"old");
         assert_eq!(r.revision, 1, "a failed compare writes nothing");
         let r = s.apply(&cas("old", "new"));
         assert!(r.succeeded);

@@ -181,6 +181,10 @@ struct PendingRead {
     /// The commit index to wait for, once the ReadIndex answer came.
     index: Option<u64>,
     since: Instant,
+    /// Its tag, to ask again: raft-rs drops read requests silently while there is no leader or
+    /// the new leader has not committed in its term yet.
+    tag: Vec<u8>,
+    asked: Instant,
 }
 
 /// The raft member actor.
@@ -215,7 +219,8 @@ impl RaftNode {
         let recovered = disk.load().map_err(|e| e.to_string())?;
         let store = LogStore::from_recovered(recovered);
         let mut kv = KvState::default();
-        let log = log.new(slog::o!("raft_id" => settings.id));
+        // raft-rs tags its own records with raft_id; ours get the same key.
+        let log = log.new(slog::o!());
         if !store.is_initialized() && !settings.initial_voters.is_empty() {
             bootstrap(&store, &disk, &settings.initial_voters);
         } else {
@@ -236,7 +241,7 @@ impl RaftNode {
         cfg.validate()
             .map_err(|e| format!("raft configuration: {e}"))?;
         let node = RawNode::new(&cfg, store.clone(), &log).map_err(|e| format!("raft: {e}"))?;
-        info!(log, "raft member starting"; "applied" => applied_from, "voters" => ?store.conf_state().voters);
+        info!(log, "raft member starting"; "raft_id" => settings.id, "applied" => applied_from, "voters" => ?store.conf_state().voters);
         Ok(Self {
             settings,
             node,
@@ -533,6 +538,23 @@ impl RaftNode {
         }
     }
 
+    /// Repeats the ReadIndex request of reads still without an answer after a heartbeat interval.
+    fn ask_reads_again(&mut self) {
+        let every = self.settings.tick * self.settings.heartbeat_ticks as u32;
+        let again: Vec<Vec<u8>> = self
+            .reads
+            .values_mut()
+            .filter(|r| r.index.is_none() && r.asked.elapsed() >= every)
+            .map(|r| {
+                r.asked = Instant::now();
+                r.tag.clone()
+            })
+            .collect();
+        for tag in again {
+            self.node.read_index(tag);
+        }
+    }
+
     /// Answers reads whose index is applied; fails those that waited too long.
     fn serve_reads(&mut self) {
         if self.reads.is_empty() {
@@ -598,9 +620,16 @@ impl Actor for RaftNode {
             if act.last_tick.elapsed() >= period {
                 act.last_tick = Instant::now();
                 act.node.tick();
+                act.ask_reads_again();
                 act.drive(ctx);
             }
         });
+        // A lone voter has nobody to wait for: campaign now rather than after a timeout.
+        if self.store.conf_state().voters == [self.settings.id]
+            && self.node.raft.state != StateRole::Leader
+        {
+            let _ = self.node.campaign();
+        }
         self.drive(ctx);
     }
 }
@@ -697,6 +726,8 @@ impl Handler<Read> for RaftNode {
                 reply: tx,
                 index: None,
                 since: Instant::now(),
+                tag: tag.clone(),
+                asked: Instant::now(),
             },
         );
         self.node.read_index(tag);

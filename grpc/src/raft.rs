@@ -1,0 +1,283 @@
+//! Raft over gRPC: the member-to-member transport and its server side.
+//!
+//! Each peer gets a task that keeps one client stream (`Raft/Send`) open and feeds it batches (up
+//! to 256 messages or 4 MiB) from a bounded queue, reconnecting with backoff. While a peer is not
+//! connected, or its queue is full, messages to it are dropped and raft is told the peer is
+//! unreachable (raft resends what matters). Snapshots travel on a stream of their own, in 1 MiB
+//! chunks, so a large state is not bound by the message-size limit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lodge_actors::cluster::raft::{RaftNode, Step};
+use lodge_actors::cluster::transport::Transport;
+use lodge_actors::ActorRef;
+use protobuf::Message as _;
+use raft::eraftpb::{Message as RaftMessage, MessageType};
+use slog::{debug, info, warn, Logger};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::client::{self, ClientTls};
+use crate::pb::raft::{
+    raft_client::RaftClient, raft_server, MessageBatch, SendAck, SnapshotAck, SnapshotChunk,
+};
+
+const QUEUE: usize = 4096;
+const BATCH_MESSAGES: usize = 256;
+const BATCH_BYTES: usize = 4 << 20;
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+struct Peer {
+    messages: mpsc::Sender<Vec<u8>>,
+    snapshots: mpsc::Sender<Vec<u8>>,
+    connected: Arc<AtomicBool>,
+}
+
+/// Sends raft messages to peers over gRPC.
+pub struct GrpcTransport {
+    peers: RwLock<HashMap<u64, Peer>>,
+    io: tokio::runtime::Handle,
+    tls: ClientTls,
+    log: Logger,
+}
+
+impl GrpcTransport {
+    /// A transport to `peers` (id → `HOST:PORT`), running its tasks on `io`.
+    pub fn new(
+        io: tokio::runtime::Handle,
+        peers: &HashMap<u64, String>,
+        tls: ClientTls,
+        log: Logger,
+    ) -> Arc<Self> {
+        let t = Arc::new(Self {
+            peers: RwLock::new(HashMap::new()),
+            io,
+            tls,
+            log,
+        });
+        for (id, addr) in peers {
+            t.add_peer(*id, addr.clone());
+        }
+        t
+    }
+
+    /// Starts talking to peer `id` at `addr`.
+    pub fn add_peer(&self, id: u64, addr: String) {
+        let (mtx, mrx) = mpsc::channel(QUEUE);
+        let (stx, srx) = mpsc::channel(4);
+        let connected = Arc::new(AtomicBool::new(false));
+        let log = self.log.new(slog::o!("peer" => id, "addr" => addr.clone()));
+        self.io.spawn(stream_messages(
+            addr.clone(),
+            self.tls.clone(),
+            mrx,
+            connected.clone(),
+            log.clone(),
+        ));
+        self.io
+            .spawn(stream_snapshots(addr, self.tls.clone(), srx, log));
+        self.peers.write().unwrap().insert(
+            id,
+            Peer {
+                messages: mtx,
+                snapshots: stx,
+                connected,
+            },
+        );
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msgs: Vec<RaftMessage>) -> Vec<(u64, bool)> {
+        let mut by_peer: HashMap<u64, Vec<RaftMessage>> = HashMap::new();
+        for m in msgs {
+            by_peer.entry(m.to).or_default().push(m);
+        }
+        let peers = self.peers.read().unwrap();
+        by_peer
+            .into_iter()
+            .map(|(to, batch)| {
+                let Some(peer) = peers.get(&to) else {
+                    return (to, false);
+                };
+                if !peer.connected.load(Ordering::Relaxed) {
+                    return (to, false);
+                }
+                let ok = batch.into_iter().all(|m| {
+                    let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+                    let Ok(bytes) = m.write_to_bytes() else {
+                        return false;
+                    };
+                    let queue = if snapshot {
+                        &peer.snapshots
+                    } else {
+                        &peer.messages
+                    };
+                    queue.try_send(bytes).is_ok()
+                });
+                (to, ok)
+            })
+            .collect()
+    }
+}
+
+async fn stream_messages(
+    addr: String,
+    tls: ClientTls,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    connected: Arc<AtomicBool>,
+    log: Logger,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let channel = match client::connect(&addr, &tls).await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(log, "peer unreachable"; "error" => e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let (btx, brx) = mpsc::channel::<MessageBatch>(8);
+        let mut client = RaftClient::new(channel);
+        let mut call = Box::pin(async move { client.send(ReceiverStream::new(brx)).await });
+        connected.store(true, Ordering::Relaxed);
+        info!(log, "peer stream open");
+        backoff = BACKOFF_MIN;
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { return };
+                    let mut size = first.len();
+                    let mut messages = vec![first];
+                    while messages.len() < BATCH_MESSAGES && size < BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(m) => {
+                                size += m.len();
+                                messages.push(m);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if btx.send(MessageBatch { messages }).await.is_err() {
+                        break;
+                    }
+                }
+                r = &mut call => {
+                    if let Err(e) = r {
+                        warn!(log, "peer stream ended"; "error" => %e);
+                    }
+                    break;
+                }
+            }
+        }
+        connected.store(false, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+async fn stream_snapshots(
+    addr: String,
+    tls: ClientTls,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    log: Logger,
+) {
+    while let Some(bytes) = rx.recv().await {
+        let total = bytes.len() as u64;
+        let chunks: Vec<SnapshotChunk> = bytes
+            .chunks(SNAPSHOT_CHUNK)
+            .enumerate()
+            .map(|(i, c)| SnapshotChunk {
+                data: c.to_vec(),
+                total_bytes: if i == 0 { total } else { 0 },
+            })
+            .collect();
+        let result = async {
+            let channel = client::connect(&addr, &tls)
+                .await
+                .map_err(Status::unavailable)?;
+            RaftClient::new(channel)
+                .snapshot(tokio_stream::iter(chunks))
+                .await
+        }
+        .await;
+        match result {
+            Ok(_) => info!(log, "snapshot sent"; "bytes" => total),
+            // raft sends it again when the follower still lags.
+            Err(e) => warn!(log, "snapshot not sent"; "error" => %e),
+        }
+    }
+}
+
+/// Server side: steps incoming messages into this member's raft actor.
+pub struct RaftService {
+    raft: ActorRef<RaftNode>,
+}
+
+impl RaftService {
+    pub fn new(raft: ActorRef<RaftNode>) -> Self {
+        Self { raft }
+    }
+
+    async fn step(&self, msgs: Vec<RaftMessage>) -> Result<(), Status> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        // Awaiting the actor gives the stream backpressure.
+        self.raft
+            .send(Step(msgs))
+            .await
+            .map_err(|e| Status::unavailable(format!("raft member: {e}")))
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<RaftMessage, Status> {
+    RaftMessage::parse_from_bytes(bytes)
+        .map_err(|e| Status::invalid_argument(format!("messages: not a raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn send(
+        &self,
+        req: Request<Streaming<MessageBatch>>,
+    ) -> Result<Response<SendAck>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(batch) = stream.message().await? {
+            let msgs = batch
+                .messages
+                .iter()
+                .map(|b| decode(b))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.step(msgs).await?;
+        }
+        Ok(Response::new(SendAck {}))
+    }
+
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        let mut stream = req.into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            if bytes.is_empty() {
+                bytes.reserve(chunk.total_bytes as usize);
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let msg = decode(&bytes)?;
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument("data: not a snapshot message"));
+        }
+        self.step(vec![msg]).await?;
+        Ok(Response::new(SnapshotAck {}))
+    }
+}

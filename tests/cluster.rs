@@ -1,0 +1,140 @@
+//! End-to-end: raft members as separate `lodge` processes on loopback.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Retries `f` until it succeeds; the bound only turns a hang into a failure.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not reached in 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get(endpoints: &str, key: &str, serializable: bool) -> Option<String> {
+    let mut args = vec!["get", key, "--json"];
+    if serializable {
+        args.push("--serializable");
+    }
+    let out = kv(endpoints, &args);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&stdout(&out)).ok()?;
+    v["kvs"][0]["value"].as_str().map(String::from)
+}
+
+fn leader_of(node: &Node) -> Option<u64> {
+    let out = node.ctl(&["actor", "/node/cluster/raft", "--json"]);
+    let v: Value = serde_json::from_str(&stdout(&out)).ok()?;
+    v["state_dump"]["leader"].as_u64()
+}
+
+#[test]
+fn a_single_node_keeps_acknowledged_writes_across_a_restart() {
+    let node = Node::start(&[]);
+    assert!(kv(&node.grpc, &["put", "k", "v"]).status.success());
+    let listen = node.grpc.clone();
+    let dir = node.kill9();
+    let node = Node::start_in(dir, &listen, &[]);
+    let seen = eventually("the restarted node answers", || get(&node.grpc, "k", false));
+    assert_eq!(seen, "v");
+    let bad = kv(&node.grpc, &["put", "", "x"]);
+    assert!(
+        stderr(&bad).contains("InvalidArgument") && stderr(&bad).contains("key"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
+fn three_members_replicate_survive_a_kill_9_of_the_leader_and_the_killed_member_catches_up() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let initial = (0..3)
+        .map(|i| format!("{}={}", i + 1, addr(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let fast = ["--initial-cluster", initial.as_str()];
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fast.toml");
+    std::fs::write(&cfg, "[cluster]\ntick_ms = 20\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let mut nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| {
+            let id = (i + 1).to_string();
+            let mut args = vec!["--node-id", id.as_str(), "--config", cfg.as_str()];
+            args.extend(fast);
+            Some(Node::start_in(
+                tempfile::tempdir().unwrap(),
+                &addr(i),
+                &args,
+            ))
+        })
+        .collect();
+    let all = (0..3).map(addr).collect::<Vec<_>>().join(",");
+
+    // Writes may reach any member: followers forward them to the leader.
+    eventually("a first write", || {
+        kv(&addr(1), &["put", "k0", "v0"])
+            .status
+            .success()
+            .then_some(())
+    });
+    for i in 0..3 {
+        // A linearizable read on every member: followers ask the leader for the read index.
+        assert_eq!(
+            eventually("replicated", || get(&addr(i), "k0", false)),
+            "v0"
+        );
+    }
+
+    // Kill the leader with writes going on; a new leader takes over and nothing acknowledged is lost.
+    let leader = eventually("a leader", || leader_of(nodes[0].as_ref().unwrap())) as usize;
+    let mut acked = vec!["k0".to_string()];
+    for n in 1..=5 {
+        assert!(kv(&all, &["put", &format!("k{n}"), &format!("v{n}")])
+            .status
+            .success());
+        acked.push(format!("k{n}"));
+    }
+    let dead_dir = nodes[leader - 1].take().unwrap().kill9();
+    let alive: Vec<String> = (0..3).filter(|i| *i != leader - 1).map(addr).collect();
+    let alive_eps = alive.join(",");
+    let killed_at = Instant::now();
+    eventually("a write after the leader died", || {
+        kv(&alive_eps, &["put", "after", "kill"])
+            .status
+            .success()
+            .then_some(())
+    });
+    eprintln!(
+        "first write after kill -9 of the leader: {:?}",
+        killed_at.elapsed()
+    );
+    acked.push("after".into());
+    for ep in &alive {
+        for k in &acked {
+            assert!(get(ep, k, false).is_some(), "{k} missing on {ep}");
+        }
+    }
+
+    // The killed member restarts from its data directory and catches up.
+    let id = leader.to_string();
+    let mut args = vec!["--node-id", id.as_str(), "--config", cfg.as_str()];
+    args.extend(fast);
+    let back = Node::start_in(dead_dir, &addr(leader - 1), &args);
+    let seen = eventually("the restarted member catches up", || {
+        get(&back.grpc, "after", true)
+    });
+    assert_eq!(seen, "kill");
+    nodes[leader - 1] = Some(back);
+}
