@@ -17,6 +17,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("lodge_descriptor.bin"))
         .compile_protos(&protos.map(|p| root.join(p)), std::slice::from_ref(&root))?;
+    // etcd's KV, for `lodge bench kv` only: client code, and kept out of the descriptor set above
+    // so that reflection never advertises a service the node does not serve.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(
+            &[root.join("bench/etcd_kv.proto")],
+            std::slice::from_ref(&root),
+        )?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

@@ -29,6 +29,11 @@ pub mod pb {
         tonic::include_proto!("lodge.raft.v1");
     }
 
+    /// etcd v3's KV (client side only), for comparing against etcd in `lodge bench kv`.
+    pub mod etcd {
+        tonic::include_proto!("etcdserverpb");
+    }
+
     /// Encoded descriptors of every Lodge service, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lodge_descriptor");
 }

@@ -2,6 +2,7 @@
 //! reported as a median (these machines are shared and noisy). Results go to docs/benchmarks.md.
 
 mod actors;
+mod kv;
 mod memory;
 
 use clap::Subcommand;
@@ -23,6 +24,21 @@ pub enum Bench {
         #[arg(long, default_value_t = 100_000)]
         actors: usize,
     },
+    /// Replicated KV: a 3-member Lodge cluster against a 3-member etcd cluster, same load.
+    Kv {
+        /// Concurrent clients for the put runs, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        clients: Vec<usize>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 256)]
+        value_bytes: usize,
+        /// Skip the etcd comparison.
+        #[arg(long)]
+        no_etcd: bool,
+    },
     /// One memory measurement in this process (run by `bench actors` in a fresh child process).
     #[command(hide = true)]
     Memory {
@@ -42,6 +58,15 @@ pub fn run(cmd: Bench) -> i32 {
             actors,
         } => {
             actors::run(rounds.max(1), messages, requests, actors);
+            0
+        }
+        Bench::Kv {
+            clients,
+            seconds,
+            value_bytes,
+            no_etcd,
+        } => {
+            kv::run(&clients, seconds.max(1), value_bytes, !no_etcd);
             0
         }
         Bench::Memory { mode, actors } => memory::run_child(mode, actors),

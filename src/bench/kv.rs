@@ -1,0 +1,413 @@
+//! `lodge bench kv`: a 3-member Lodge cluster and a 3-member etcd 3.4 cluster on this machine,
+//! driven with the same load in the same run: 256-byte puts from 1, 16 and 64 concurrent clients,
+//! then linearizable gets from 64 clients, then (Lodge) the time from `kill -9` of the leader to
+//! the first acknowledged write. Both systems fsync every commit (their defaults); each client has
+//! its own connection, to endpoint `client % 3`, so both pay for forwarding from followers.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::pb::etcd::{self as epb, kv_client::KvClient as EtcdClient};
+use lodge_grpc::pb::kv::{self as lpb, kv_client::KvClient as LodgeClient};
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum System {
+    Lodge,
+    Etcd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    Get,
+}
+
+/// A child process killed and reaped on drop.
+struct Proc {
+    child: Child,
+    client: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_lodge(n: usize) -> Vec<Proc> {
+    let exe = std::env::current_exe().expect("own path");
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial = (0..n)
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    (0..n)
+        .map(|i| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut child = Command::new(&exe)
+                .args([
+                    "node",
+                    "--node-id",
+                    &(i + 1).to_string(),
+                    "--listen",
+                    &format!("127.0.0.1:{}", ports[i]),
+                ])
+                .args([
+                    "--metrics-listen",
+                    "127.0.0.1:0",
+                    "--log-level",
+                    "warning",
+                    "--initial-cluster",
+                    &initial,
+                ])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+                .spawn()
+                .expect("starting a lodge node");
+            let out = child.stdout.take().unwrap();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            loop {
+                let line = rx
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("lodge node did not start");
+                if line.starts_with("lodge node ready") {
+                    break;
+                }
+            }
+            Proc {
+                child,
+                client: format!("127.0.0.1:{}", ports[i]),
+                _dir: dir,
+            }
+        })
+        .collect()
+}
+
+fn start_etcd(n: usize, etcd: &Path) -> Vec<Proc> {
+    let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let initial = (0..n)
+        .map(|i| format!("n{i}=http://127.0.0.1:{}", peer[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    (0..n)
+        .map(|i| {
+            let dir = tempfile::tempdir().unwrap();
+            let c = format!("http://127.0.0.1:{}", client[i]);
+            let p = format!("http://127.0.0.1:{}", peer[i]);
+            let child = Command::new(etcd)
+                .args([
+                    "--name",
+                    &format!("n{i}"),
+                    "--listen-client-urls",
+                    &c,
+                    "--advertise-client-urls",
+                    &c,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &p,
+                    "--initial-advertise-peer-urls",
+                    &p,
+                ])
+                .args([
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "lodge-bench",
+                ])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+                .spawn()
+                .expect("starting etcd");
+            Proc {
+                child,
+                client: format!("127.0.0.1:{}", client[i]),
+                _dir: dir,
+            }
+        })
+        .collect()
+}
+
+enum Conn {
+    Lodge(LodgeClient<Channel>),
+    Etcd(EtcdClient<Channel>),
+}
+
+impl Conn {
+    async fn open(system: System, endpoint: &str) -> Result<Self, String> {
+        let ch = client::connect(endpoint, &ClientTls::default()).await?;
+        Ok(match system {
+            System::Lodge => Conn::Lodge(LodgeClient::new(ch)),
+            System::Etcd => Conn::Etcd(EtcdClient::new(ch)),
+        })
+    }
+
+    async fn call(&mut self, op: Op, key: Vec<u8>, value: &[u8]) -> Result<(), tonic::Status> {
+        match (self, op) {
+            (Conn::Lodge(c), Op::Put) => c
+                .put(lpb::PutRequest {
+                    key,
+                    value: value.to_vec(),
+                    prev_kv: false,
+                })
+                .await
+                .map(drop),
+            (Conn::Lodge(c), Op::Get) => c
+                .range(lpb::RangeRequest {
+                    key,
+                    prefix: false,
+                    limit: 0,
+                    serializable: false,
+                })
+                .await
+                .map(drop),
+            (Conn::Etcd(c), Op::Put) => c
+                .put(epb::PutRequest {
+                    key,
+                    value: value.to_vec(),
+                    lease: 0,
+                    prev_kv: false,
+                })
+                .await
+                .map(drop),
+            (Conn::Etcd(c), Op::Get) => c
+                .range(epb::RangeRequest {
+                    key,
+                    range_end: vec![],
+                    limit: 0,
+                    revision: 0,
+                    serializable: false,
+                })
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// Throughput and latency of one load run.
+struct Load {
+    ops_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn load(
+    system: System,
+    endpoints: &[String],
+    clients: usize,
+    op: Op,
+    duration: Duration,
+    value: &[u8],
+) -> Load {
+    let mut tasks = Vec::new();
+    let start_at = Instant::now() + Duration::from_millis(500); // warm-up before this instant
+    let end_at = start_at + duration;
+    for c in 0..clients {
+        let ep = endpoints[c % endpoints.len()].clone();
+        let value = value.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(system, &ep).await.expect("connect");
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            loop {
+                let now = Instant::now();
+                if now >= end_at {
+                    break;
+                }
+                let key = format!("bench/{c}/{}", i % 1000).into_bytes();
+                i += 1;
+                let ok = conn.call(op, key, &value).await.is_ok();
+                if now >= start_at {
+                    if ok {
+                        lat.push(now.elapsed().as_micros() as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    all.sort_unstable();
+    let q = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(f64::NAN, |v| *v as f64 / 1000.0)
+    };
+    Load {
+        ops_per_s: all.len() as f64 / duration.as_secs_f64(),
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        errors,
+    }
+}
+
+/// Waits until a put succeeds through `endpoint` (the cluster has a leader).
+async fn ready(system: System, endpoint: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut c) = Conn::open(system, endpoint).await {
+            if c.call(Op::Put, b"bench/ready".to_vec(), b"1").await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{system:?} cluster did not become ready");
+}
+
+/// The leader's index in `nodes`, asked through the admin RPC of the first node.
+async fn lodge_leader(nodes: &[Proc]) -> usize {
+    use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
+    let ch = client::connect(&nodes[0].client, &ClientTls::default())
+        .await
+        .unwrap();
+    let r = AdminClient::new(ch)
+        .get_actor(GetActorRequest {
+            path: "/node/cluster/raft".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let state: serde_json::Value = serde_json::from_str(&r.state_json).unwrap();
+    state["leader"].as_u64().expect("a leader") as usize - 1
+}
+
+pub fn run(clients: &[usize], seconds: u64, value_bytes: usize, with_etcd: bool) {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let value = vec![b'x'; value_bytes];
+    let duration = Duration::from_secs(seconds);
+    let etcd_bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists());
+    let mut systems = vec![System::Lodge];
+    match (with_etcd, etcd_bin) {
+        (true, Some(_)) => systems.push(System::Etcd),
+        (true, None) => eprintln!("etcd not found (scripts/bench-deps installs Debian's etcd-server); measuring Lodge alone"),
+        _ => {}
+    }
+    println!("lodge bench kv: 3 members each, fsync on, {value_bytes}-byte values, {seconds} s per run, 2 CPUs shared by servers and load");
+    println!();
+    println!("| system | load | clients | ops/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for system in &systems {
+        let nodes = match system {
+            System::Lodge => start_lodge(3),
+            System::Etcd => start_etcd(3, etcd_bin.unwrap()),
+        };
+        let eps: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
+        io.block_on(ready(*system, &eps[0]));
+        let runs: Vec<(Op, usize)> = clients
+            .iter()
+            .map(|c| (Op::Put, *c))
+            .chain([(Op::Get, 64)])
+            .collect();
+        for (op, c) in runs {
+            let r = io.block_on(load(*system, &eps, c, op, duration, &value));
+            let name = if op == Op::Put {
+                "put"
+            } else {
+                "linearizable get"
+            };
+            println!(
+                "| {system:?} | {name} | {c} | {:.0} | {:.2} | {:.2} | {} |",
+                r.ops_per_s, r.p50_ms, r.p99_ms, r.errors
+            );
+            results.push((*system, op, c, r));
+        }
+        if *system == System::Lodge {
+            let leader = io.block_on(lodge_leader(&nodes));
+            let mut nodes = nodes;
+            let killed = nodes.remove(leader);
+            let alive: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
+            drop(killed); // SIGKILL
+            let t = Instant::now();
+            let took = io.block_on(async {
+                loop {
+                    for ep in &alive {
+                        if let Ok(mut c) = Conn::open(System::Lodge, ep).await {
+                            let put = c.call(Op::Put, b"bench/after-kill".to_vec(), b"1");
+                            if let Ok(Ok(())) =
+                                tokio::time::timeout(Duration::from_millis(500), put).await
+                            {
+                                return t.elapsed();
+                            }
+                        }
+                    }
+                }
+            });
+            println!(
+                "| Lodge | first write after kill -9 of the leader | - | {:.0} ms | | | |",
+                took.as_secs_f64() * 1000.0
+            );
+        }
+    }
+    if systems.len() == 2 {
+        println!();
+        println!("| load | clients | Lodge / etcd ops/s | Lodge p99 / etcd p99 |");
+        println!("|---|---|---|---|");
+        for (op, c, l) in results
+            .iter()
+            .filter(|r| r.0 == System::Lodge)
+            .map(|r| (r.1, r.2, &r.3))
+        {
+            if let Some((_, _, _, e)) = results
+                .iter()
+                .find(|r| r.0 == System::Etcd && r.1 == op && r.2 == c)
+            {
+                let name = if op == Op::Put {
+                    "put"
+                } else {
+                    "linearizable get"
+                };
+                println!(
+                    "| {name} | {c} | {:.2} | {:.2} |",
+                    l.ops_per_s / e.ops_per_s,
+                    l.p99_ms / e.p99_ms
+                );
+            }
+        }
+    }
+    io.shutdown_background();
+}
