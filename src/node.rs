@@ -205,7 +205,13 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let admin_ref: ActorRef<AdminActor> = ActorRef::default();
         let raft_ref: ActorRef<RaftNode> = ActorRef::default();
         let registry_slot = Arc::new(std::sync::OnceLock::new());
-        let transport: Arc<dyn Transport> = GrpcTransport::new(io.clone(), &peers, peer_tls.clone(), log.clone());
+        let transport: Arc<dyn Transport> = GrpcTransport::new(
+            io.clone(),
+            raft_ref.clone(),
+            &peers,
+            peer_tls.clone(),
+            log.clone(),
+        );
         let root = root_spec(TreeParts {
             admin: admin_ref.clone(),
             raft: raft_ref.clone(),

@@ -139,19 +139,27 @@ fn raft_status(e: &RaftError, peers: &HashMap<u64, String>) -> Status {
         RaftError::NotLeader { leader: None } => {
             Status::unavailable("no leader is known; try again shortly")
         }
+        // Not UNAVAILABLE: clients retry that blindly, and this write may have applied.
+        RaftError::Unknown { .. } => Status::aborted(
+            "leadership changed while the write was in flight; it may or may not have been applied: read before retrying",
+        ),
         RaftError::Timeout => Status::unavailable("no leader could confirm the read in time"),
         RaftError::Rejected(m) => Status::unavailable(m.clone()),
         RaftError::Invalid(m) => Status::invalid_argument(m.clone()),
     }
 }
 
-fn forwarded<T>(msg: T, deadline_of: &Request<impl Sized>) -> Request<T> {
+/// The request to send to the leader: marked as forwarded, with what is left of the caller's
+/// budget as its deadline.
+fn forwarded<T>(msg: T, budget: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert(FORWARDED, "1".parse().expect("static"));
-    if let Some(t) = deadline_of.metadata().get("grpc-timeout") {
-        r.metadata_mut().insert("grpc-timeout", t.clone());
-    }
+    let ms = budget.as_millis().clamp(1, 99_999_999);
+    r.metadata_mut().insert(
+        "grpc-timeout",
+        format!("{ms}m").parse().expect("digits and a unit"),
+    );
     r
 }
 
@@ -258,7 +266,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .put(forwarded(r.clone(), &req))
+                    .put(forwarded(r.clone(), deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -293,7 +301,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .range(forwarded(r.clone(), &req))
+                    .range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -323,7 +331,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .delete_range(forwarded(r.clone(), &req))
+                    .delete_range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -397,7 +405,7 @@ impl kv_server::Kv for KvService {
                 let original = req.get_ref().clone();
                 self.leader_client(&req, &e)
                     .await?
-                    .txn(forwarded(original, &req))
+                    .txn(forwarded(original, deadline::of(&req, self.timeout)))
                     .await
             }
         }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use lodge_actors::cluster::raft::{RaftNode, Step};
-use lodge_actors::cluster::transport::Transport;
+use lodge_actors::cluster::raft::{RaftNode, SnapshotSent, Step};
+use lodge_actors::cluster::transport::{Delivery, Transport};
 use lodge_actors::ActorRef;
 use protobuf::Message as _;
 use raft::eraftpb::{Message as RaftMessage, MessageType};
@@ -28,7 +28,12 @@ use crate::pb::raft::{
 
 const QUEUE: usize = 4096;
 const BATCH_MESSAGES: usize = 256;
-const BATCH_BYTES: usize = 4 << 20;
+const BATCH_BYTES: usize = 2 << 20;
+/// Largest batch or snapshot chunk the server decodes: a batch stops growing at BATCH_BYTES, plus
+/// one message of at most raft's 1 MiB per message (or one entry as large as a client request).
+pub const MAX_DECODE: usize = 64 << 20;
+/// Largest snapshot accepted from a peer.
+const MAX_SNAPSHOT: u64 = 4 << 30;
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -41,6 +46,7 @@ struct Peer {
 
 /// Sends raft messages to peers over gRPC.
 pub struct GrpcTransport {
+    raft: ActorRef<RaftNode>,
     peers: RwLock<HashMap<u64, Peer>>,
     io: tokio::runtime::Handle,
     tls: ClientTls,
@@ -48,14 +54,16 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// A transport to `peers` (id → `HOST:PORT`), running its tasks on `io`.
+    /// A transport to `peers` (id → `HOST:PORT`) for the member `raft`, running its tasks on `io`.
     pub fn new(
         io: tokio::runtime::Handle,
+        raft: ActorRef<RaftNode>,
         peers: &HashMap<u64, String>,
         tls: ClientTls,
         log: Logger,
     ) -> Arc<Self> {
         let t = Arc::new(Self {
+            raft,
             peers: RwLock::new(HashMap::new()),
             io,
             tls,
@@ -80,8 +88,14 @@ impl GrpcTransport {
             connected.clone(),
             log.clone(),
         ));
-        self.io
-            .spawn(stream_snapshots(addr, self.tls.clone(), srx, log));
+        self.io.spawn(stream_snapshots(
+            id,
+            addr,
+            self.tls.clone(),
+            srx,
+            self.raft.clone(),
+            log,
+        ));
         self.peers.write().unwrap().insert(
             id,
             Peer {
@@ -94,7 +108,7 @@ impl GrpcTransport {
 }
 
 impl Transport for GrpcTransport {
-    fn send(&self, msgs: Vec<RaftMessage>) -> Vec<(u64, bool)> {
+    fn send(&self, msgs: Vec<RaftMessage>) -> Vec<(u64, Delivery)> {
         let mut by_peer: HashMap<u64, Vec<RaftMessage>> = HashMap::new();
         for m in msgs {
             by_peer.entry(m.to).or_default().push(m);
@@ -104,24 +118,31 @@ impl Transport for GrpcTransport {
             .into_iter()
             .map(|(to, batch)| {
                 let Some(peer) = peers.get(&to) else {
-                    return (to, false);
+                    return (to, Delivery::Unreachable);
                 };
                 if !peer.connected.load(Ordering::Relaxed) {
-                    return (to, false);
+                    return (to, Delivery::Unreachable);
                 }
-                let ok = batch.into_iter().all(|m| {
+                let mut delivery = Delivery::Delivered;
+                for m in batch {
                     let snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
                     let Ok(bytes) = m.write_to_bytes() else {
-                        return false;
+                        return (to, Delivery::Unreachable);
                     };
                     let queue = if snapshot {
                         &peer.snapshots
                     } else {
                         &peer.messages
                     };
-                    queue.try_send(bytes).is_ok()
-                });
-                (to, ok)
+                    if queue.try_send(bytes).is_err() {
+                        return (to, Delivery::Unreachable);
+                    }
+                    if snapshot {
+                        // Reported to raft by the snapshot task when the transfer ends.
+                        delivery = Delivery::InFlight;
+                    }
+                }
+                (to, delivery)
             })
             .collect()
     }
@@ -184,9 +205,11 @@ async fn stream_messages(
 }
 
 async fn stream_snapshots(
+    peer: u64,
     addr: String,
     tls: ClientTls,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    raft: ActorRef<RaftNode>,
     log: Logger,
 ) {
     while let Some(bytes) = rx.recv().await {
@@ -208,11 +231,18 @@ async fn stream_snapshots(
                 .await
         }
         .await;
-        match result {
+        match &result {
             Ok(_) => info!(log, "snapshot sent"; "bytes" => total),
             // raft sends it again when the follower still lags.
             Err(e) => warn!(log, "snapshot not sent"; "error" => %e),
         }
+        // Only now may raft probe the follower past the snapshot.
+        let _ = raft
+            .send(SnapshotSent {
+                to: peer,
+                ok: result.is_ok(),
+            })
+            .await;
     }
 }
 
@@ -268,8 +298,16 @@ impl raft_server::Raft for RaftService {
         let mut stream = req.into_inner();
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.message().await? {
+            if chunk.total_bytes > MAX_SNAPSHOT
+                || bytes.len() as u64 + chunk.data.len() as u64 > MAX_SNAPSHOT
+            {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {MAX_SNAPSHOT} bytes"
+                )));
+            }
             if bytes.is_empty() {
-                bytes.reserve(chunk.total_bytes as usize);
+                // Trust the announced size only as far as a modest first allocation.
+                bytes.reserve((chunk.total_bytes as usize).min(64 << 20));
             }
             bytes.extend_from_slice(&chunk.data);
         }

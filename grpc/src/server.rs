@@ -143,9 +143,9 @@ pub async fn node_services(
     ))
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
-    // Raft batches are bounded by the transport (4 MiB per batch); snapshots arrive in chunks.
+    // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft))
-        .max_decoding_message_size(8 << 20);
+        .max_decoding_message_size(crate::raft::MAX_DECODE);
     let routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(admin)

@@ -46,6 +46,8 @@ pub struct WriteBatch {
     pub snapshot: Option<Snapshot>,
     /// Drop entries below this index (they are covered by the snapshot).
     pub compact_below: Option<u64>,
+    /// Drop every stored entry before appending (a snapshot from the leader replaces the log).
+    pub clear_entries: bool,
 }
 
 impl WriteBatch {
@@ -55,6 +57,7 @@ impl WriteBatch {
             && self.conf_state.is_none()
             && self.snapshot.is_none()
             && self.compact_below.is_none()
+            && !self.clear_entries
     }
 }
 
@@ -226,6 +229,8 @@ fn recover(db: &Database, path: &Path) -> Result<Recovered, DiskError> {
 
 fn writer(db: Database, path: PathBuf, rx: Receiver<Request>, delay_ms: Arc<AtomicU64>) {
     let mut closing = None;
+    // After one failed commit nothing later may be written: it could leave a hole in the log.
+    let mut broken: Option<DiskError> = None;
     while let Ok(first) = rx.recv() {
         let mut writes: Vec<(WriteBatch, Done)> = Vec::new();
         let mut loads = Vec::new();
@@ -236,7 +241,9 @@ fn writer(db: Database, path: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atom
                 Request::Load(reply) => loads.push(reply),
             }
         }
-        let result = if writes.iter().all(|(b, _)| b.is_empty()) {
+        let result = if let Some(e) = &broken {
+            Err(e.clone())
+        } else if writes.iter().all(|(b, _)| b.is_empty()) {
             Ok(())
         } else {
             let delay = delay_ms.load(Ordering::Relaxed);
@@ -245,6 +252,9 @@ fn writer(db: Database, path: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atom
             }
             commit(&db, &path, writes.iter().map(|(b, _)| b))
         };
+        if let Err(e) = &result {
+            broken.get_or_insert_with(|| e.clone());
+        }
         for (b, done) in writes {
             done(result.clone().map(|()| b.number));
         }
@@ -280,6 +290,11 @@ fn commit<'a>(
             if let Some(s) = &b.snapshot {
                 meta.insert(SNAPSHOT, enc(s)?.as_slice())
                     .map_err(|e| err(path, "write snapshot", e))?;
+            }
+            if b.clear_entries {
+                entries
+                    .retain_in(0u64.., |_, _| false)
+                    .map_err(|e| err(path, "clear", e))?;
             }
             if let Some(first) = b.entries.first() {
                 // A leader's entries overwrite a conflicting suffix of ours.
@@ -397,6 +412,42 @@ mod tests {
         assert_eq!(&rec.snapshot.data[..], b"state");
         assert_eq!(rec.entries.first().map(|e| e.index), Some(7));
         assert_eq!(rec.entries.len(), 4);
+    }
+
+    #[test]
+    fn a_snapshot_from_the_leader_replaces_a_conflicting_tail_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (disk, _) = Disk::open(dir.path()).unwrap();
+            let b = WriteBatch {
+                number: 1,
+                entries: (1..=8).map(|i| entry(i, 1, "old")).collect(),
+                ..Default::default()
+            };
+            write_sync(&disk, b).unwrap();
+            let mut snap = Snapshot::default();
+            snap.mut_metadata().index = 5;
+            snap.mut_metadata().term = 3;
+            let b = WriteBatch {
+                number: 2,
+                snapshot: Some(snap),
+                compact_below: Some(6),
+                clear_entries: true,
+                entries: vec![entry(6, 3, "new")],
+                ..Default::default()
+            };
+            write_sync(&disk, b).unwrap();
+            disk.close();
+        }
+        let (_, rec) = Disk::open(dir.path()).unwrap();
+        // Entries 7 and 8 of the old term are gone; 6 is the leader's.
+        assert_eq!(
+            rec.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            [(6, 3)]
+        );
     }
 
     #[test]

@@ -45,13 +45,11 @@ pub struct LogStore {
 impl LogStore {
     /// A log rebuilt from what was on disk.
     pub fn from_recovered(r: Recovered) -> Self {
+        // The configuration as of the snapshot: raft replays the entries after it, membership
+        // changes included, and must not find them applied already.
         let inner = Inner {
             hard_state: r.hard_state,
-            conf_state: if r.conf_state == ConfState::default() {
-                r.snapshot.get_metadata().get_conf_state().clone()
-            } else {
-                r.conf_state
-            },
+            conf_state: r.snapshot.get_metadata().get_conf_state().clone(),
             snapshot: r.snapshot,
             entries: r.entries.into(),
         };

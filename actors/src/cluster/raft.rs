@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use super::disk::{Disk, DiskError, WriteBatch};
 use super::kv::{ApplyResult, Command, KeyValue, KvState};
 use super::log::LogStore;
-use super::transport::Transport;
+use super::transport::{Delivery, Transport};
 use crate::supervision::Managed;
 
 /// How a raft member runs.
@@ -65,9 +65,12 @@ impl Default for RaftSettings {
 /// Why a request to the raft member failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RaftError {
-    /// This member is not the leader; `leader` is the one it knows of, if any. The outcome of a
-    /// write that was in flight when leadership changed is unknown.
+    /// This member is not the leader, and did nothing with the request; `leader` is the one it
+    /// knows of, if any. Safe to send the request to the leader.
     NotLeader { leader: Option<u64> },
+    /// Leadership changed while the write was in the log: it may still commit, or not. Not safe
+    /// to resend blindly (a resent compare-and-swap could apply twice).
+    Unknown { leader: Option<u64> },
     /// raft refused the proposal (e.g. a configuration change already pending).
     Rejected(String),
     /// No answer in time (no leader reachable for a linearizable read).
@@ -83,6 +86,9 @@ impl std::fmt::Display for RaftError {
                 write!(f, "not the leader; the leader is member {l}")
             }
             Self::NotLeader { leader: None } => write!(f, "not the leader, and no leader is known"),
+            Self::Unknown { .. } => f.write_str(
+                "leadership changed while the write was in flight; its outcome is unknown",
+            ),
             Self::Rejected(m) | Self::Invalid(m) => f.write_str(m),
             Self::Timeout => f.write_str("no answer in time"),
         }
@@ -160,6 +166,14 @@ pub struct RaftStatus {
     pub snapshot_index: u64,
 }
 
+/// From the transport: a snapshot sent to `to` arrived (`ok`) or failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SnapshotSent {
+    pub to: u64,
+    pub ok: bool,
+}
+
 /// Asks for [`RaftStatus`].
 #[derive(Message)]
 #[rtype(result = "Result<RaftStatus, RaftError>")]
@@ -173,7 +187,7 @@ struct Persisted {
     messages: Vec<RaftMessage>,
 }
 
-crate::handles!(RaftNode: Step, Propose, Read, ChangeMembership, GetStatus);
+crate::handles!(RaftNode: Step, Propose, Read, ChangeMembership, GetStatus, SnapshotSent);
 
 struct PendingRead {
     query: Query,
@@ -199,10 +213,12 @@ pub struct RaftNode {
     epoch: u64,
     next_tag: u64,
     proposals: HashMap<u64, oneshot::Sender<Result<ApplyResult, RaftError>>>,
-    conf_changes: HashMap<u64, oneshot::Sender<Result<ConfState, RaftError>>>,
+    /// Pending membership changes by tag, with the log index raft gave them: raft turns a change
+    /// it refuses into an empty entry at that index, which must fail the waiter.
+    conf_changes: HashMap<u64, (u64, oneshot::Sender<Result<ConfState, RaftError>>)>,
     reads: HashMap<u64, PendingRead>,
     /// Reports for raft that must wait until the current Ready is advanced.
-    reports: Vec<(u64, bool, bool)>,
+    reports: Vec<(u64, Delivery, bool)>,
     last_tick: Instant,
     log: Logger,
 }
@@ -331,6 +347,9 @@ impl RaftNode {
                 self.store.apply_snapshot(snap.clone());
                 batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
                 batch.compact_below = Some(index + 1);
+                // raft installs a leader's snapshot when our log conflicts with it: every stored
+                // entry goes, not only those up to its index.
+                batch.clear_entries = true;
                 batch.snapshot = Some(snap);
                 info!(self.log, "installed snapshot"; "index" => index);
             }
@@ -389,24 +408,24 @@ impl RaftNode {
             .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
             .map(|m| m.to)
             .collect();
-        for (to, queued) in self.transport.send(msgs) {
-            self.reports.push((to, queued, snapshots.contains(&to)));
+        for (to, delivery) in self.transport.send(msgs) {
+            self.reports.push((to, delivery, snapshots.contains(&to)));
         }
     }
 
     /// Tells raft about unreachable peers and snapshot sends; only allowed outside a Ready.
     fn flush_reports(&mut self) {
-        for (to, queued, snapshot) in std::mem::take(&mut self.reports) {
-            if !queued {
+        for (to, delivery, snapshot) in std::mem::take(&mut self.reports) {
+            if delivery == Delivery::Unreachable {
                 self.node.report_unreachable(to);
             }
             if snapshot {
-                let status = if queued {
-                    SnapshotStatus::Finish
-                } else {
-                    SnapshotStatus::Failure
-                };
-                self.node.report_snapshot(to, status);
+                match delivery {
+                    Delivery::Delivered => self.node.report_snapshot(to, SnapshotStatus::Finish),
+                    Delivery::Unreachable => self.node.report_snapshot(to, SnapshotStatus::Failure),
+                    // The transport sends `SnapshotSent` when the transfer ends.
+                    Delivery::InFlight => {}
+                }
             }
         }
     }
@@ -464,13 +483,35 @@ impl RaftNode {
                         }
                     };
                     if let Some(id) = self.own_tag(&e.context) {
-                        if let Some(tx) = self.conf_changes.remove(&id) {
+                        if let Some((_, tx)) = self.conf_changes.remove(&id) {
                             let _ = tx.send(reply);
                         }
                     }
                 }
             }
             self.applied = e.index;
+            self.fail_refused_conf_changes(e.index);
+        }
+    }
+
+    /// A membership change whose log index was applied without answering it was refused by raft
+    /// (it replaces such a proposal with an empty entry).
+    fn fail_refused_conf_changes(&mut self, index: u64) {
+        if self.conf_changes.is_empty() {
+            return;
+        }
+        let refused: Vec<u64> = self
+            .conf_changes
+            .iter()
+            .filter(|(_, (i, _))| *i <= index)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in refused {
+            if let Some((_, tx)) = self.conf_changes.remove(&id) {
+                let _ = tx.send(Err(RaftError::Rejected(
+                    "raft refused the membership change".into(),
+                )));
+            }
         }
     }
 
@@ -513,11 +554,13 @@ impl RaftNode {
     }
 
     fn lost_leadership(&mut self) {
-        let err = self.not_leader();
+        let err = RaftError::Unknown {
+            leader: self.leader(),
+        };
         for (_, tx) in self.proposals.drain() {
             let _ = tx.send(Err(err.clone()));
         }
-        for (_, tx) in self.conf_changes.drain() {
+        for (_, (_, tx)) in self.conf_changes.drain() {
             let _ = tx.send(Err(err.clone()));
         }
     }
@@ -742,12 +785,20 @@ impl Handler<ChangeMembership> for RaftNode {
     fn handle(&mut self, msg: ChangeMembership, ctx: &mut Context<Self>) -> Self::Result {
         let result = if self.node.raft.state != StateRole::Leader {
             Err(self.not_leader())
+        } else if self.node.raft.has_pending_conf()
+            || !self.store.conf_state().voters_outgoing.is_empty()
+        {
+            Err(RaftError::Rejected(
+                "another membership change is still in progress; try again when it is applied"
+                    .into(),
+            ))
         } else {
             let (id, tag) = self.tag();
             match self.node.propose_conf_change(tag, msg.0) {
                 Ok(()) => {
                     let (tx, rx) = oneshot::channel();
-                    self.conf_changes.insert(id, tx);
+                    let index = self.node.raft.raft_log.last_index();
+                    self.conf_changes.insert(id, (index, tx));
                     Ok(rx)
                 }
                 Err(e) => Err(RaftError::Rejected(format!(
@@ -763,6 +814,20 @@ impl Handler<ChangeMembership> for RaftNode {
                 Err(e) => Err(e),
             }
         })
+    }
+}
+
+impl Handler<SnapshotSent> for RaftNode {
+    type Result = ();
+
+    fn handle(&mut self, msg: SnapshotSent, ctx: &mut Context<Self>) {
+        let status = if msg.ok {
+            SnapshotStatus::Finish
+        } else {
+            SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(msg.to, status);
+        self.drive(ctx);
     }
 }
 

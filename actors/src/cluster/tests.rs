@@ -336,3 +336,32 @@ async fn a_new_member_catches_up_from_a_snapshot() {
         "member 4 was brought up by a snapshot: {s:?}"
     );
 }
+
+#[actix_rt::test]
+async fn a_second_membership_change_while_one_is_pending_is_refused_at_once() {
+    let mut c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    c.add_member(4, vec![]).await;
+    c.add_member(5, vec![]).await;
+    let first = c.members[&leader].send(ChangeMembership(change(&[(
+        ConfChangeType::AddLearnerNode,
+        4,
+    )])));
+    let second = c.members[&leader].send(ChangeMembership(change(&[(
+        ConfChangeType::AddLearnerNode,
+        5,
+    )])));
+    let (first, second) = tokio::join!(first, second);
+    assert!(first.unwrap().is_ok());
+    assert!(matches!(second.unwrap(), Err(RaftError::Rejected(_))));
+    // Once the first is applied, the next one goes through.
+    let cs = c.members[&leader]
+        .send(ChangeMembership(change(&[(
+            ConfChangeType::AddLearnerNode,
+            5,
+        )])))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cs.learners.contains(&4) && cs.learners.contains(&5));
+}

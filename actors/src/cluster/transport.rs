@@ -12,11 +12,22 @@ use raft::eraftpb::Message;
 use super::raft::{RaftNode, Step};
 use crate::envelope::ActorRef;
 
+/// What became of the messages to one peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Handed over (a snapshot among them counts as delivered).
+    Delivered,
+    /// Queued, with a snapshot whose transfer is still going on: the transport sends the raft
+    /// actor `SnapshotSent` when it ends.
+    InFlight,
+    /// Not sent: the peer is unknown, not connected, or its queue is full.
+    Unreachable,
+}
+
 /// Sends raft messages to other members.
 pub trait Transport: Send + Sync + 'static {
-    /// Queues `msgs` for delivery; answers, per destination, whether they could be queued (false:
-    /// the peer is unknown or its queue is full, and raft should treat it as unreachable).
-    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)>;
+    /// Queues `msgs` for delivery and says, per destination, what became of them.
+    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, Delivery)>;
 }
 
 #[derive(Default)]
@@ -70,7 +81,7 @@ impl MemNetwork {
 }
 
 impl Transport for MemNetwork {
-    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)> {
+    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, Delivery)> {
         let mut by_peer: HashMap<u64, Vec<Message>> = HashMap::new();
         for m in msgs {
             by_peer.entry(m.to).or_default().push(m);
@@ -79,13 +90,13 @@ impl Transport for MemNetwork {
         let mut out = Vec::new();
         for (to, batch) in by_peer {
             let from = batch[0].from;
-            let queued = match net.nodes.get(&to) {
+            let delivery = match net.nodes.get(&to) {
                 // A cut link loses messages silently, like a real partition.
-                Some(_) if net.cut.contains(&(from, to)) => true,
-                Some(node) => node.try_send(Step(batch)).is_ok(),
-                None => false,
+                Some(_) if net.cut.contains(&(from, to)) => Delivery::Delivered,
+                Some(node) if node.try_send(Step(batch)).is_ok() => Delivery::Delivered,
+                _ => Delivery::Unreachable,
             };
-            out.push((to, queued));
+            out.push((to, delivery));
         }
         out
     }
