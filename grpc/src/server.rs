@@ -244,6 +244,9 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
+        // tonic's own listener sets this; ours must too, or small answers wait for the peer's
+        // delayed ACK (Nagle's algorithm), some 40 ms each.
+        let _ = stream.set_nodelay(true);
         active.fetch_add(1, Ordering::Relaxed);
         metrics.connections_accepted.inc();
         metrics.connections_active.inc();

@@ -51,7 +51,8 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    fn is_empty(&self) -> bool {
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
             && self.hard_state.is_none()
             && self.conf_state.is_none()

@@ -195,10 +195,18 @@ struct PendingRead {
     /// The commit index to wait for, once the ReadIndex answer came.
     index: Option<u64>,
     since: Instant,
-    /// Its tag, to ask again: raft-rs drops read requests silently while there is no leader or
-    /// the new leader has not committed in its term yet.
+}
+
+/// One ReadIndex request answering every read that arrived before it was issued (as etcd does):
+/// a single heartbeat round confirms leadership for all of them.
+struct ReadBatch {
+    /// The tag the request carries; asked again with the same tag while unanswered, since raft-rs
+    /// drops read requests silently while there is no leader or the new leader has not committed
+    /// in its term yet.
     tag: Vec<u8>,
+    id: u64,
     asked: Instant,
+    reads: Vec<u64>,
 }
 
 /// The raft member actor.
@@ -217,6 +225,11 @@ pub struct RaftNode {
     /// it refuses into an empty entry at that index, which must fail the waiter.
     conf_changes: HashMap<u64, (u64, oneshot::Sender<Result<ConfState, RaftError>>)>,
     reads: HashMap<u64, PendingRead>,
+    /// Reads that arrived after the ReadIndex request in flight was issued: they wait for the next.
+    unbatched: Vec<u64>,
+    read_batch: Option<ReadBatch>,
+    /// Ready batches handed to the storage thread and not yet reported durable.
+    writes_in_flight: u64,
     /// Reports for raft that must wait until the current Ready is advanced.
     reports: Vec<(u64, Delivery, bool)>,
     last_tick: Instant,
@@ -271,6 +284,9 @@ impl RaftNode {
             proposals: HashMap::new(),
             conf_changes: HashMap::new(),
             reads: HashMap::new(),
+            unbatched: Vec::new(),
+            read_batch: None,
+            writes_in_flight: 0,
             reports: Vec::new(),
             last_tick: Instant::now(),
             log,
@@ -364,29 +380,64 @@ impl RaftNode {
                 batch.hard_state = Some(hs.clone());
             }
             for rs in rd.take_read_states() {
-                if let Some(id) = self.own_tag(&rs.request_ctx) {
-                    if let Some(r) = self.reads.get_mut(&id) {
-                        r.index = Some(rs.index);
+                let answered = self.own_tag(&rs.request_ctx);
+                if answered.is_some() && answered == self.read_batch.as_ref().map(|b| b.id) {
+                    let batch = self.read_batch.take().expect("checked");
+                    for id in batch.reads {
+                        if let Some(r) = self.reads.get_mut(&id) {
+                            r.index = Some(rs.index);
+                        }
                     }
                 }
             }
             let persisted = rd.take_persisted_messages();
+            let number = rd.number();
             self.node.advance_append_async(rd);
             self.advance_apply();
-            let addr = ctx.address();
-            self.disk.write(
-                batch,
-                Box::new(move |result| {
-                    addr.do_send(Persisted {
-                        result,
-                        messages: persisted,
-                    })
-                }),
-            );
+            if batch.is_empty() && self.writes_in_flight == 0 {
+                // Nothing to write and nothing being written: the ready is as durable as it gets.
+                // Skipping the storage thread spares followers' heartbeat and ReadIndex answers
+                // a thread round trip each.
+                self.send(persisted);
+                self.node.on_persist_ready(number);
+                self.advance_apply();
+            } else {
+                self.writes_in_flight += 1;
+                let addr = ctx.address();
+                self.disk.write(
+                    batch,
+                    Box::new(move |result| {
+                        addr.do_send(Persisted {
+                            result,
+                            messages: persisted,
+                        })
+                    }),
+                );
+            }
             self.flush_reports();
         }
-        self.maybe_snapshot();
+        self.maybe_snapshot(ctx);
+        if self.read_batch.is_none() && !self.unbatched.is_empty() {
+            self.issue_read_batch();
+            // A lone voter answers a ReadIndex at once, in the next Ready.
+            return self.drive(ctx);
+        }
         self.serve_reads();
+    }
+
+    /// Sends one ReadIndex request for every read waiting for one, unless one is in flight.
+    fn issue_read_batch(&mut self) {
+        if self.read_batch.is_some() || self.unbatched.is_empty() {
+            return;
+        }
+        let (id, tag) = self.tag();
+        self.node.read_index(tag.clone());
+        self.read_batch = Some(ReadBatch {
+            tag,
+            id,
+            asked: Instant::now(),
+            reads: std::mem::take(&mut self.unbatched),
+        });
     }
 
     /// Tells raft what is applied, as far as it allows: a snapshot installed from the leader is
@@ -518,7 +569,7 @@ impl RaftNode {
     /// Every `snapshot_interval` applied entries, or when raft needs a fresher snapshot for a
     /// peer: snapshot the state machine and compact the log. Written as a batch of its own,
     /// queued after every ready before it.
-    fn maybe_snapshot(&mut self) {
+    fn maybe_snapshot(&mut self, ctx: &mut Context<Self>) {
         let requested = self.store.take_snapshot_request();
         let due = self.applied >= self.store.snapshot_index() + self.settings.snapshot_interval;
         let covered = self.applied <= self.store.snapshot_index();
@@ -544,11 +595,17 @@ impl RaftNode {
             compact_below: Some(self.applied + 1),
             ..Default::default()
         };
+        // Counted and reported like a ready's batch: later readies must not skip the storage
+        // thread while it is writing, and a failed write must fail the member.
+        self.writes_in_flight += 1;
+        let addr = ctx.address();
         self.disk.write(
             batch,
-            Box::new(|r| {
-                // A failed write here is caught by the next ready's batch, which fails the same way.
-                let _ = r;
+            Box::new(move |result| {
+                addr.do_send(Persisted {
+                    result,
+                    messages: Vec::new(),
+                })
             }),
         );
     }
@@ -581,20 +638,15 @@ impl RaftNode {
         }
     }
 
-    /// Repeats the ReadIndex request of reads still without an answer after a heartbeat interval.
+    /// Repeats the ReadIndex request in flight if unanswered after a heartbeat interval.
     fn ask_reads_again(&mut self) {
         let every = self.settings.tick * self.settings.heartbeat_ticks as u32;
-        let again: Vec<Vec<u8>> = self
-            .reads
-            .values_mut()
-            .filter(|r| r.index.is_none() && r.asked.elapsed() >= every)
-            .map(|r| {
-                r.asked = Instant::now();
-                r.tag.clone()
-            })
-            .collect();
-        for tag in again {
-            self.node.read_index(tag);
+        if let Some(b) = self.read_batch.as_mut() {
+            if b.asked.elapsed() >= every {
+                b.asked = Instant::now();
+                let tag = b.tag.clone();
+                self.node.read_index(tag);
+            }
         }
     }
 
@@ -708,6 +760,7 @@ impl Handler<Persisted> for RaftNode {
     fn handle(&mut self, msg: Persisted, ctx: &mut Context<Self>) {
         match msg.result {
             Ok(number) => {
+                self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
                 self.send(msg.messages);
                 if number > 0 {
                     self.node.on_persist_ready(number);
@@ -760,7 +813,8 @@ impl Handler<Read> for RaftNode {
             let answer = self.answer(&msg.query);
             return Box::pin(async move { Ok(answer) });
         }
-        let (id, tag) = self.tag();
+        self.next_tag += 1;
+        let id = self.next_tag;
         let (tx, rx) = oneshot::channel();
         self.reads.insert(
             id,
@@ -769,11 +823,9 @@ impl Handler<Read> for RaftNode {
                 reply: tx,
                 index: None,
                 since: Instant::now(),
-                tag: tag.clone(),
-                asked: Instant::now(),
             },
         );
-        self.node.read_index(tag);
+        self.unbatched.push(id);
         self.drive(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(RaftError::Timeout)) })
     }

@@ -62,7 +62,9 @@ impl Cluster {
         let settings = RaftSettings {
             id,
             initial_voters: voters,
-            tick: Duration::from_millis(10),
+            // Elections after 200-400 ms of silence: short enough for quick tests, long enough
+            // that a busy machine (the suite runs nodes in parallel) does not depose leaders.
+            tick: Duration::from_millis(20),
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_interval: self.snapshot_interval,
