@@ -1,13 +1,16 @@
 //! `lodge kv`: the replicated key-value store from a terminal.
 //!
 //! `--endpoint` takes a comma-separated list: a call that cannot reach a node, or that a node
-//! answers UNAVAILABLE (no leader, shutting down), is tried on the next endpoint. Nodes forward
-//! writes to the leader themselves.
+//! answers UNAVAILABLE (no leader yet, an election under way, shutting down), is tried on the next
+//! endpoint, going round the list with a short pause for up to `--retry-for`. Nodes forward writes
+//! to the leader themselves. ABORTED (a write whose outcome is unknown) is never retried.
 
 use clap::Subcommand;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::kv::{self as pb, kv_client::KvClient};
 use serde_json::{json, Value};
+use std::time::Duration;
+
 use tonic::Code;
 
 use crate::ctl::Connection;
@@ -61,31 +64,43 @@ pub async fn run(conn: Connection, cmd: Kv) -> i32 {
         .filter(|e| !e.is_empty())
         .collect();
     let mut last = String::from("no endpoint given");
-    for ep in endpoints {
-        let channel = match client::connect(ep, &tls).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        match call(KvClient::new(channel), &cmd).await {
-            Ok(doc) => {
-                print(&doc, conn.json);
-                return 0;
-            }
-            Err(s) if s.code() == Code::Unavailable => {
-                last = format!("{ep}: {:?}: {}", s.code(), s.message())
-            }
-            Err(s) => {
-                eprintln!("lodge: {:?}: {}", s.code(), s.message());
-                return 1;
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        for ep in &endpoints {
+            let channel = match client::connect(ep, &tls).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match call(KvClient::new(channel), &cmd).await {
+                Ok(doc) => {
+                    print(&doc, conn.json);
+                    return 0;
+                }
+                Err(s) if s.code() == Code::Unavailable => {
+                    last = format!("{ep}: {:?}: {}", s.code(), s.message())
+                }
+                Err(s) => {
+                    eprintln!("lodge: {:?}: {}", s.code(), s.message());
+                    return 1;
+                }
             }
         }
+        if endpoints.is_empty() || tokio::time::Instant::now() + pause > deadline {
+            eprintln!("lodge: {last}");
+            return 1;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
-    eprintln!("lodge: {last}");
-    1
 }
+
+/// How long `lodge kv` keeps trying endpoints that are unreachable or have no leader: about an
+/// election or two.
+const RETRY_FOR: Duration = Duration::from_secs(5);
 
 async fn call(
     mut c: KvClient<tonic::transport::Channel>,

@@ -456,10 +456,16 @@ async fn connections_past_max_connections_are_refused_and_counted() {
         &config_file(dir.path(), "[server]\nmax_connections = 1\n"),
     ]);
     let first = connect(&node.grpc, &ClientTls::default()).await.unwrap();
-    AdminClient::new(first.clone())
+    if let Err(e) = AdminClient::new(first.clone())
         .node_info(NodeInfoRequest {})
         .await
-        .unwrap();
+    {
+        panic!(
+            "the first connection was refused: {e:?}\nnode stderr:\n{}\nmetrics:\n{}",
+            node.stderr(),
+            node.scrape()
+        );
+    }
     let second = async {
         let ch = connect(&node.grpc, &ClientTls::default()).await?;
         AdminClient::new(ch)
