@@ -197,12 +197,11 @@ fn watch_events_streams_a_restart_as_json_lines() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_turns_health_not_serving_then_exits_zero_within_the_drain_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config_file(dir.path(), "[server]\ndrain_timeout_ms = 3000\n");
-    let mut node = Node::start(&["--config", &cfg]);
-    let channel = connect(&node.grpc, &ClientTls::default()).await.unwrap();
+/// A grpc.health.v1 Watch on the node-wide status, after its first answer (SERVING).
+async fn serving_health_watch(
+    endpoint: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let channel = connect(endpoint, &ClientTls::default()).await.unwrap();
     let mut watch = HealthClient::new(channel)
         .watch(HealthCheckRequest {
             service: String::new(),
@@ -214,6 +213,15 @@ async fn sigterm_turns_health_not_serving_then_exits_zero_within_the_drain_timeo
         watch.message().await.unwrap().unwrap().status(),
         ServingStatus::Serving
     );
+    watch
+}
+
+#[tokio::test]
+async fn sigterm_turns_health_not_serving_then_exits_zero_within_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(dir.path(), "[server]\ndrain_timeout_ms = 3000\n");
+    let mut node = Node::start(&["--config", &cfg]);
+    let mut watch = serving_health_watch(&node.grpc).await;
     signal(node.pid(), "TERM");
     let update = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
@@ -274,21 +282,7 @@ fn a_second_signal_cuts_the_drain_short() {
     let mut node = Node::start(&["--config", &cfg]);
     // A health watch keeps a call in flight, so the first SIGTERM's drain would wait 120 s.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut watch = rt.block_on(async {
-        let channel = connect(&node.grpc, &ClientTls::default()).await.unwrap();
-        let mut w = HealthClient::new(channel)
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            w.message().await.unwrap().unwrap().status(),
-            ServingStatus::Serving
-        );
-        w
-    });
+    let mut watch = rt.block_on(serving_health_watch(&node.grpc));
     signal(node.pid(), "TERM");
     rt.block_on(async {
         let next = watch.message().await.unwrap().unwrap();

@@ -7,8 +7,9 @@ use std::time::Duration;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use tokio::sync::broadcast;
 
+use crate::envelope::ActorRef;
 use crate::introspect::{ActorEvent, ActorSnapshot, ListQuery, Registry, TreeNode};
-use crate::supervision::{ChildError, Managed, RestartChild, StopChild};
+use crate::supervision::{ChildError, Managed, RestartChild, StopChild, Supervisor};
 
 impl From<ChildError> for AdminError {
     fn from(e: ChildError) -> Self {
@@ -80,6 +81,15 @@ impl AdminActor {
             facts,
             allow_mutations,
         }
+    }
+
+    /// The supervisor of `path` and the child's name there, if mutations are allowed.
+    fn mutation_target(&self, path: &str) -> Result<(ActorRef<Supervisor>, String), AdminError> {
+        let (parent, name) = self.check_mutation(path)?;
+        let sup = self.registry.supervisor(&parent).ok_or_else(|| {
+            AdminError::Unavailable(format!("supervisor {parent} is not running"))
+        })?;
+        Ok((sup, name))
     }
 
     fn check_mutation(&self, path: &str) -> Result<(String, String), AdminError> {
@@ -246,16 +256,8 @@ impl Handler<RestartActor> for AdminActor {
     type Result = ResponseFuture<Result<u32, AdminError>>;
 
     fn handle(&mut self, msg: RestartActor, _: &mut Context<Self>) -> Self::Result {
-        let target = self
-            .check_mutation(&msg.path)
-            .and_then(|(parent, name)| self.supervisor_of(&parent).map(|s| (s, name)));
-        // A plain future, not tied to this actor: restarting /node/admin itself still answers.
-        Box::pin(async move {
-            let (sup, name) = target?;
-            sup.send(RestartChild { name })
-                .await
-                .map_err(|e| AdminError::Unavailable(e.to_string()))?
-                .map_err(AdminError::from)
+        ask_supervisor(self.mutation_target(&msg.path), |name| RestartChild {
+            name,
         })
     }
 }
@@ -264,17 +266,29 @@ impl Handler<StopActor> for AdminActor {
     type Result = ResponseFuture<Result<(), AdminError>>;
 
     fn handle(&mut self, msg: StopActor, _: &mut Context<Self>) -> Self::Result {
-        let target = self
-            .check_mutation(&msg.path)
-            .and_then(|(parent, name)| self.supervisor_of(&parent).map(|s| (s, name)));
-        Box::pin(async move {
-            let (sup, name) = target?;
-            sup.send(StopChild { name })
-                .await
-                .map_err(|e| AdminError::Unavailable(e.to_string()))?
-                .map_err(AdminError::from)
-        })
+        ask_supervisor(self.mutation_target(&msg.path), |name| StopChild { name })
     }
+}
+
+/// Sends an operator request to the supervisor of the target. A plain future, not tied to the
+/// admin actor: restarting /node/admin itself still answers.
+fn ask_supervisor<M, T>(
+    target: Result<(ActorRef<Supervisor>, String), AdminError>,
+    request: impl FnOnce(String) -> M,
+) -> ResponseFuture<Result<T, AdminError>>
+where
+    M: Message<Result = Result<T, ChildError>> + Send + 'static,
+    T: Send + 'static,
+    Supervisor: Handler<crate::Envelope<M>>,
+{
+    let sent = target.map(|(sup, name)| (sup, request(name)));
+    Box::pin(async move {
+        let (sup, msg) = sent?;
+        sup.send(msg)
+            .await
+            .map_err(|e| AdminError::Unavailable(e.to_string()))?
+            .map_err(AdminError::from)
+    })
 }
 
 impl Handler<Subscribe> for AdminActor {
@@ -282,16 +296,5 @@ impl Handler<Subscribe> for AdminActor {
 
     fn handle(&mut self, _: Subscribe, _: &mut Context<Self>) -> Self::Result {
         Ok(self.registry.subscribe())
-    }
-}
-
-impl AdminActor {
-    fn supervisor_of(
-        &self,
-        parent: &str,
-    ) -> Result<crate::ActorRef<crate::Supervisor>, AdminError> {
-        self.registry
-            .supervisor(parent)
-            .ok_or_else(|| AdminError::Unavailable(format!("supervisor {parent} is not running")))
     }
 }

@@ -675,6 +675,20 @@ impl RaftNode {
     }
 }
 
+/// The caller's answer: now if the request failed at once, else when the entry is applied (or
+/// `if_dropped` if the waiter goes away unanswered, as when the actor stops).
+fn answer_later<T: Send + 'static>(
+    result: Result<oneshot::Receiver<Result<T, RaftError>>, RaftError>,
+    if_dropped: RaftError,
+) -> ResponseFuture<Result<T, RaftError>> {
+    Box::pin(async move {
+        match result {
+            Ok(rx) => rx.await.unwrap_or(Err(if_dropped)),
+            Err(e) => Err(e),
+        }
+    })
+}
+
 /// Writes the initial configuration of a brand-new member: as raft-rs's own bootstrap does, the
 /// log starts at a snapshot of index 1, term 1, holding the voters and an empty state.
 fn bootstrap(store: &LogStore, disk: &Disk, voters: &[u64]) {
@@ -795,13 +809,7 @@ impl Handler<Propose> for RaftNode {
             }
         };
         self.drive(ctx);
-        let not_leader = self.not_leader();
-        Box::pin(async move {
-            match result {
-                Ok(rx) => rx.await.unwrap_or(Err(not_leader)),
-                Err(e) => Err(e),
-            }
-        })
+        answer_later(result, self.not_leader())
     }
 }
 
@@ -859,13 +867,7 @@ impl Handler<ChangeMembership> for RaftNode {
             }
         };
         self.drive(ctx);
-        let not_leader = self.not_leader();
-        Box::pin(async move {
-            match result {
-                Ok(rx) => rx.await.unwrap_or(Err(not_leader)),
-                Err(e) => Err(e),
-            }
-        })
+        answer_later(result, self.not_leader())
     }
 }
 
