@@ -2,6 +2,7 @@
 //! reported as a median (these machines are shared and noisy). Results go to docs/benchmarks.md.
 
 mod actors;
+mod disk;
 mod kv;
 mod memory;
 
@@ -39,6 +40,13 @@ pub enum Bench {
         #[arg(long)]
         no_etcd: bool,
     },
+    /// One durable append: Lodge's redb log against a plain append + fdatasync, same disk.
+    Disk {
+        #[arg(long, default_value_t = 2000)]
+        appends: usize,
+        #[arg(long, default_value_t = 256)]
+        bytes: usize,
+    },
     /// One memory measurement in this process (run by `bench actors` in a fresh child process).
     #[command(hide = true)]
     Memory {
@@ -67,6 +75,10 @@ pub fn run(cmd: Bench) -> i32 {
             no_etcd,
         } => {
             kv::run(&clients, seconds.max(1), value_bytes, !no_etcd);
+            0
+        }
+        Bench::Disk { appends, bytes } => {
+            disk::run(appends.max(10), bytes);
             0
         }
         Bench::Memory { mode, actors } => memory::run_child(mode, actors),
