@@ -254,7 +254,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         };
         let health = services.health.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server_task = {
+        let mut server_task = {
             let settings = settings.clone();
             let metrics = server_metrics.clone();
             io.spawn(async move {
@@ -288,30 +288,42 @@ pub fn run(cfg: NodeConfig) -> i32 {
         println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
 
         tokio::pin!(tree_exit);
-        let failure = tokio::select! {
+        // A node that stops serving must not linger: the server ending on its own is a failure.
+        let (failure, server_ended) = tokio::select! {
             sig = sig_rx => {
                 info!(log, "shutting down"; "signal" => sig.unwrap_or("signal"));
-                None
+                (None, None)
             }
-            exit = &mut tree_exit => Some(exit),
+            exit = &mut tree_exit => (Some(exit), None),
+            ended = &mut server_task => {
+                let reason = format!("the gRPC server stopped on its own: {ended:?}");
+                (Some(Exit::Failed(reason)), Some(ended))
+            }
         };
         // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
         let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
         let _ = shutdown_tx.send(true);
         let _ = stop_tx.send(());
-        match server_task.await {
+        // Whether the tree already stopped by itself (it gave up); otherwise stop it in order.
+        let tree_done = failure.is_some() && server_ended.is_none();
+        let drained = match server_ended {
+            Some(ended) => ended,
+            None => server_task.await,
+        };
+        match drained {
             Ok(Ok(true)) => info!(log, "in-flight calls drained"),
             Ok(Ok(false)) => warn!(log, "drain timeout reached; remaining calls cut"; "drain_timeout_ms" => settings.drain_timeout.as_millis() as u64),
             Ok(Err(e)) => error!(log, "gRPC server error"; "error" => %e),
             Err(e) => error!(log, "gRPC server task failed"; "error" => %e),
         }
         metrics_task.abort();
-        let exit = match failure {
-            Some(exit) => exit,
-            None => {
-                runtime.shutdown();
-                tree_exit.await
-            }
+        let exit = if tree_done {
+            failure.expect("tree_done implies a failure")
+        } else {
+            runtime.shutdown();
+            let stopped = tree_exit.await;
+            // A server that stopped on its own still makes this a failed run.
+            failure.unwrap_or(stopped)
         };
         runtime.stop_arbiters();
         match exit {

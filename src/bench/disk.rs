@@ -46,7 +46,11 @@ pub fn run(appends: usize, bytes: usize) {
     disk.close();
 
     let path = dir.path().join("plain.log");
-    let mut f = OpenOptions::new().create(true).append(true).open(&path).expect("log file");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("log file");
     let mut plain = Vec::with_capacity(appends);
     let record = vec![b'x'; bytes + 24];
     for _ in 0..appends {
@@ -57,12 +61,18 @@ pub fn run(appends: usize, bytes: usize) {
     }
     let (r50, r99) = summary(redb);
     let (p50, p99) = summary(plain);
-    println!("lodge bench disk: {appends} single-entry durable appends of {bytes} bytes, one at a time");
+    println!(
+        "lodge bench disk: {appends} single-entry durable appends of {bytes} bytes, one at a time"
+    );
     println!();
     println!("| path | p50 µs | p99 µs |");
     println!("|---|---|---|");
     println!("| redb commit through the storage thread (Lodge) | {r50:.0} | {r99:.0} |");
     println!("| append + fdatasync on a plain file (baseline) | {p50:.0} | {p99:.0} |");
     println!();
-    println!("ratio redb / plain: p50 {:.2}, p99 {:.2}", r50 / p50, r99 / p99);
+    println!(
+        "ratio redb / plain: p50 {:.2}, p99 {:.2}",
+        r50 / p50,
+        r99 / p99
+    );
 }
