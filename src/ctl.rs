@@ -74,6 +74,31 @@ pub enum Ctl {
     Restart { path: String },
     /// Stop an actor (needs admin.allow_mutations).
     Stop { path: String },
+    /// Replace this member's injected raft faults; no options clears them (needs
+    /// admin.allow_mutations). For tests and drills.
+    Faults {
+        /// Members whose raft traffic with this one is lost, both ways (comma-separated ids).
+        #[arg(long, value_delimiter = ',')]
+        drop: Vec<u64>,
+        /// Delay before each batch sent to a member: ID=MS, comma-separated.
+        #[arg(long, value_delimiter = ',', value_parser = parse_delay)]
+        delay: Vec<(u64, u32)>,
+        /// Delay before each commit of the raft log, in ms.
+        #[arg(long, default_value_t = 0)]
+        fsync_delay_ms: u32,
+    },
+}
+
+fn parse_delay(s: &str) -> Result<(u64, u32), String> {
+    let (id, ms) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=MS"))?;
+    Ok((
+        id.parse()
+            .map_err(|_| format!("{id:?} is not a member id"))?,
+        ms.parse()
+            .map_err(|_| format!("{ms:?} is not a number of milliseconds"))?,
+    ))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -283,11 +308,26 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             }
         }
         Ctl::Events { glob } => {
-            let mut stream = c
-                .watch_events(pb::WatchEventsRequest { path_glob: glob })
-                .await
-                .map_err(rpc_error)?
-                .into_inner();
+            // The subscription is served by /node/admin, which may be restarting right now: ride
+            // that out for a few seconds rather than fail.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut stream = loop {
+                match c
+                    .watch_events(pb::WatchEventsRequest {
+                        path_glob: glob.clone(),
+                    })
+                    .await
+                {
+                    Ok(r) => break r.into_inner(),
+                    Err(s)
+                        if s.code() == tonic::Code::Unavailable
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    Err(s) => return Err(rpc_error(s)),
+                }
+            };
             while let Some(e) = stream.next().await {
                 let e = e.map_err(rpc_error)?;
                 if conn.json {
@@ -338,6 +378,22 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
             } else {
                 println!("restarted {path} (restarts: {})", r.restarts);
             }
+        }
+        Ctl::Faults {
+            drop,
+            delay,
+            fsync_delay_ms,
+        } => {
+            let r = c
+                .inject_faults(pb::InjectFaultsRequest {
+                    drop_peers: drop,
+                    delay_peers_ms: delay.into_iter().collect(),
+                    fsync_delay_ms,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            println!("{}", r.faults_json);
         }
         Ctl::Stop { path } => {
             c.stop_actor(pb::StopActorRequest { path: path.clone() })

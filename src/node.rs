@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use lodge_actors::admin::{AdminActor, NodeFacts};
 use lodge_actors::cluster::disk::Disk;
+use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::raft::{RaftNode, RaftSettings};
 use lodge_actors::cluster::transport::Transport;
 use lodge_actors::supervision::Exit;
@@ -63,6 +64,7 @@ fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSe
 /// What the tree's actors are built from.
 struct TreeParts {
     admin: ActorRef<AdminActor>,
+    faults: Faults,
     raft: ActorRef<RaftNode>,
     registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>,
     facts: Arc<NodeFacts>,
@@ -93,6 +95,7 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                     p.facts.clone(),
                     p.allow_mutations,
                 )
+                .with_faults(p.faults.clone())
             })
             // Its own thread: a ListActors scan over 100 k actors must not delay supervision.
             .placement(Placement::Dedicated("admin"))
@@ -205,15 +208,18 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let admin_ref: ActorRef<AdminActor> = ActorRef::default();
         let raft_ref: ActorRef<RaftNode> = ActorRef::default();
         let registry_slot = Arc::new(std::sync::OnceLock::new());
+        let faults = Faults::new(Some(disk.clone()));
         let transport: Arc<dyn Transport> = GrpcTransport::new(
             io.clone(),
             raft_ref.clone(),
+            faults.clone(),
             &peers,
             peer_tls.clone(),
             log.clone(),
         );
         let root = root_spec(TreeParts {
             admin: admin_ref.clone(),
+            faults: faults.clone(),
             raft: raft_ref.clone(),
             registry: registry_slot.clone(),
             facts,
@@ -241,6 +247,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 member_id: cfg.node.id,
                 members: Arc::new(members.clone().into_iter().collect()),
                 peer_tls: peer_tls.clone(),
+                faults: faults.clone(),
             };
             let settings = settings.clone();
             io.spawn(async move { server::node_services(backends, &settings, shutdown_rx).await }).await

@@ -71,6 +71,7 @@ pub struct AdminActor {
     registry: Registry,
     facts: Arc<NodeFacts>,
     allow_mutations: bool,
+    faults: Option<crate::cluster::fault::Faults>,
 }
 
 impl AdminActor {
@@ -80,6 +81,23 @@ impl AdminActor {
             registry,
             facts,
             allow_mutations,
+            faults: None,
+        }
+    }
+
+    /// Lets the admin RPC set injected faults on this member's raft traffic and storage.
+    pub fn with_faults(mut self, faults: crate::cluster::fault::Faults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    fn check_allowed(&self) -> Result<(), AdminError> {
+        if self.allow_mutations {
+            Ok(())
+        } else {
+            Err(AdminError::PermissionDenied(
+                "mutating admin calls are disabled; set admin.allow_mutations = true to enable them".into(),
+            ))
         }
     }
 
@@ -93,12 +111,7 @@ impl AdminActor {
     }
 
     fn check_mutation(&self, path: &str) -> Result<(String, String), AdminError> {
-        if !self.allow_mutations {
-            return Err(AdminError::PermissionDenied(
-                "mutating admin calls are disabled; set admin.allow_mutations = true to enable them"
-                    .into(),
-            ));
-        }
+        self.check_allowed()?;
         let cell = self
             .registry
             .get(path)
@@ -187,6 +200,28 @@ pub struct StopActor {
 #[derive(Message)]
 #[rtype(result = "Result<broadcast::Receiver<ActorEvent>, AdminError>")]
 pub struct Subscribe;
+
+/// `InjectFaults`: replaces the faults in force; answers them.
+#[derive(Message)]
+#[rtype(result = "Result<crate::cluster::fault::FaultRules, AdminError>")]
+pub struct InjectFaults(pub crate::cluster::fault::FaultRules);
+
+impl Handler<InjectFaults> for AdminActor {
+    type Result = Result<crate::cluster::fault::FaultRules, AdminError>;
+
+    fn handle(&mut self, msg: InjectFaults, _: &mut Context<Self>) -> Self::Result {
+        self.check_allowed()?;
+        let faults = self.faults.as_ref().ok_or_else(|| {
+            AdminError::FailedPrecondition(
+                "this node has no raft member to inject faults into".into(),
+            )
+        })?;
+        faults.set(msg.0);
+        Ok(faults.rules())
+    }
+}
+
+crate::handles!(AdminActor: InjectFaults);
 
 crate::handles!(AdminActor: ListActors, GetActor, Tree, GetNodeInfo, RestartActor, StopActor, Subscribe);
 

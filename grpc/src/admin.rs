@@ -287,4 +287,27 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(status)?;
         Ok(Response::new(pb::StopActorResponse {}))
     }
+
+    async fn inject_faults(
+        &self,
+        req: Request<pb::InjectFaultsRequest>,
+    ) -> Result<Response<pb::InjectFaultsResponse>, Status> {
+        let r = req.get_ref();
+        let rules = lodge_actors::cluster::fault::FaultRules {
+            drop_peers: r.drop_peers.iter().copied().collect(),
+            delay_peers: r
+                .delay_peers_ms
+                .iter()
+                .map(|(peer, ms)| (*peer, Duration::from_millis(*ms as u64)))
+                .collect(),
+            fsync_delay: Duration::from_millis(r.fsync_delay_ms as u64),
+        };
+        let now = self
+            .call(&req, actor::InjectFaults(rules))
+            .await?
+            .map_err(status)?;
+        Ok(Response::new(pb::InjectFaultsResponse {
+            faults_json: serde_json::to_string(&now).unwrap_or_default(),
+        }))
+    }
 }

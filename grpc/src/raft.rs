@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::raft::{RaftNode, SnapshotSent, Step};
 use lodge_actors::cluster::transport::{Delivery, Transport};
 use lodge_actors::ActorRef;
@@ -47,6 +48,7 @@ struct Peer {
 /// Sends raft messages to peers over gRPC.
 pub struct GrpcTransport {
     raft: ActorRef<RaftNode>,
+    faults: Faults,
     peers: RwLock<HashMap<u64, Peer>>,
     io: tokio::runtime::Handle,
     tls: ClientTls,
@@ -58,12 +60,14 @@ impl GrpcTransport {
     pub fn new(
         io: tokio::runtime::Handle,
         raft: ActorRef<RaftNode>,
+        faults: Faults,
         peers: &HashMap<u64, String>,
         tls: ClientTls,
         log: Logger,
     ) -> Arc<Self> {
         let t = Arc::new(Self {
             raft,
+            faults,
             peers: RwLock::new(HashMap::new()),
             io,
             tls,
@@ -82,10 +86,12 @@ impl GrpcTransport {
         let connected = Arc::new(AtomicBool::new(false));
         let log = self.log.new(slog::o!("peer" => id, "addr" => addr.clone()));
         self.io.spawn(stream_messages(
+            id,
             addr.clone(),
             self.tls.clone(),
             mrx,
             connected.clone(),
+            self.faults.clone(),
             log.clone(),
         ));
         self.io.spawn(stream_snapshots(
@@ -120,6 +126,10 @@ impl Transport for GrpcTransport {
                 let Some(peer) = peers.get(&to) else {
                     return (to, Delivery::Unreachable);
                 };
+                if self.faults.drops(to) {
+                    // Injected partition: lost silently, as on a cut link.
+                    return (to, Delivery::Delivered);
+                }
                 if !peer.connected.load(Ordering::Relaxed) {
                     return (to, Delivery::Unreachable);
                 }
@@ -149,10 +159,12 @@ impl Transport for GrpcTransport {
 }
 
 async fn stream_messages(
+    peer: u64,
     addr: String,
     tls: ClientTls,
     mut rx: mpsc::Receiver<Vec<u8>>,
     connected: Arc<AtomicBool>,
+    faults: Faults,
     log: Logger,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -186,6 +198,9 @@ async fn stream_messages(
                             }
                             Err(_) => break,
                         }
+                    }
+                    if let Some(d) = faults.delay(peer) {
+                        tokio::time::sleep(d).await;
                     }
                     if btx.send(MessageBatch { messages }).await.is_err() {
                         break;
@@ -249,14 +264,16 @@ async fn stream_snapshots(
 /// Server side: steps incoming messages into this member's raft actor.
 pub struct RaftService {
     raft: ActorRef<RaftNode>,
+    faults: Faults,
 }
 
 impl RaftService {
-    pub fn new(raft: ActorRef<RaftNode>) -> Self {
-        Self { raft }
+    pub fn new(raft: ActorRef<RaftNode>, faults: Faults) -> Self {
+        Self { raft, faults }
     }
 
-    async fn step(&self, msgs: Vec<RaftMessage>) -> Result<(), Status> {
+    async fn step(&self, mut msgs: Vec<RaftMessage>) -> Result<(), Status> {
+        msgs.retain(|m| !self.faults.drops(m.from));
         if msgs.is_empty() {
             return Ok(());
         }

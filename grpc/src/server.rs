@@ -92,6 +92,8 @@ pub struct Backends {
     pub members: std::sync::Arc<std::collections::HashMap<u64, String>>,
     /// How this node connects to other members.
     pub peer_tls: crate::client::ClientTls,
+    /// Injected faults (the Raft service drops traffic from cut-off peers).
+    pub faults: lodge_actors::cluster::fault::Faults,
 }
 
 /// Path of the reflection method (its descriptor is not among the sets we register).
@@ -144,8 +146,9 @@ pub async fn node_services(
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
-    let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft))
-        .max_decoding_message_size(crate::raft::MAX_DECODE);
+    let raft =
+        pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))
+            .max_decoding_message_size(crate::raft::MAX_DECODE);
     let routes = Routes::new(health_service)
         .add_service(reflection)
         .add_service(admin)

@@ -1,0 +1,63 @@
+//! Fault injection for tests and drills: lose or delay raft traffic to and from chosen peers, and
+//! make every fsync slow. Set through the admin RPC, which refuses unless mutations are allowed.
+//!
+//! Dropping a peer's traffic at one member cuts that link both ways (outgoing messages are not
+//! sent, incoming ones are discarded), which partitions a member without root privileges.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use super::disk::Disk;
+
+/// The faults in force on this member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FaultRules {
+    /// Peers whose raft traffic is lost, both ways.
+    pub drop_peers: BTreeSet<u64>,
+    /// Extra delay before each batch of raft messages sent to a peer.
+    pub delay_peers: BTreeMap<u64, Duration>,
+    /// Extra delay before each commit of the raft log.
+    pub fsync_delay: Duration,
+}
+
+/// Shared handle: the transport reads the rules, the admin actor sets them.
+#[derive(Clone)]
+pub struct Faults {
+    rules: Arc<RwLock<FaultRules>>,
+    disk: Option<Disk>,
+}
+
+impl Faults {
+    /// No faults; `disk` receives the fsync delay.
+    pub fn new(disk: Option<Disk>) -> Self {
+        Self {
+            rules: Arc::default(),
+            disk,
+        }
+    }
+
+    /// Replaces every rule (all empty: no faults).
+    pub fn set(&self, rules: FaultRules) {
+        if let Some(d) = &self.disk {
+            d.set_fsync_delay(rules.fsync_delay);
+        }
+        *self.rules.write().unwrap() = rules;
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> FaultRules {
+        self.rules.read().unwrap().clone()
+    }
+
+    /// Whether traffic with `peer` is lost.
+    pub fn drops(&self, peer: u64) -> bool {
+        let r = self.rules.read().unwrap();
+        !r.drop_peers.is_empty() && r.drop_peers.contains(&peer)
+    }
+
+    /// Delay before sending to `peer`, if any.
+    pub fn delay(&self, peer: u64) -> Option<Duration> {
+        self.rules.read().unwrap().delay_peers.get(&peer).copied()
+    }
+}
