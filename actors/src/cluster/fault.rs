@@ -61,3 +61,51 @@ impl Faults {
         self.rules.read().unwrap().delay_peers.get(&peer).copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::disk::WriteBatch;
+    use raft::eraftpb::Entry;
+    use std::time::Instant;
+
+    #[test]
+    fn rules_answer_per_peer_and_slow_every_commit_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(dir.path()).unwrap();
+        let faults = Faults::new(Some(disk.clone()));
+        let delay = Duration::from_millis(80);
+        faults.set(FaultRules {
+            drop_peers: [2].into(),
+            delay_peers: [(3, Duration::from_millis(10))].into(),
+            fsync_delay: delay,
+        });
+        assert!(faults.drops(2) && !faults.drops(3));
+        assert_eq!(faults.delay(3), Some(Duration::from_millis(10)));
+        let commit = |n: u64| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = Instant::now();
+            let batch = WriteBatch {
+                number: n,
+                entries: vec![Entry {
+                    index: n,
+                    term: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
+            rx.recv().unwrap().unwrap();
+            t.elapsed()
+        };
+        assert!(
+            commit(1) >= delay,
+            "the injected fsync delay was not applied"
+        );
+        faults.set(FaultRules::default());
+        assert!(!faults.drops(2));
+        assert_eq!(faults.delay(3), None);
+        assert_eq!(faults.rules(), FaultRules::default());
+        commit(2);
+    }
+}
