@@ -402,17 +402,7 @@ impl RaftNode {
                 self.node.on_persist_ready(number);
                 self.advance_apply();
             } else {
-                self.writes_in_flight += 1;
-                let addr = ctx.address();
-                self.disk.write(
-                    batch,
-                    Box::new(move |result| {
-                        addr.do_send(Persisted {
-                            result,
-                            messages: persisted,
-                        })
-                    }),
-                );
+                self.write(batch, persisted, ctx);
             }
             self.flush_reports();
         }
@@ -438,6 +428,21 @@ impl RaftNode {
             asked: Instant::now(),
             reads: std::mem::take(&mut self.unbatched),
         });
+    }
+
+    /// Hands a batch to the storage thread; `then_send` goes out once it is durable.
+    fn write(&mut self, batch: WriteBatch, then_send: Vec<RaftMessage>, ctx: &mut Context<Self>) {
+        self.writes_in_flight += 1;
+        let addr = ctx.address();
+        self.disk.write(
+            batch,
+            Box::new(move |result| {
+                addr.do_send(Persisted {
+                    result,
+                    messages: then_send,
+                })
+            }),
+        );
     }
 
     /// Tells raft what is applied, as far as it allows: a snapshot installed from the leader is
@@ -597,17 +602,7 @@ impl RaftNode {
         };
         // Counted and reported like a ready's batch: later readies must not skip the storage
         // thread while it is writing, and a failed write must fail the member.
-        self.writes_in_flight += 1;
-        let addr = ctx.address();
-        self.disk.write(
-            batch,
-            Box::new(move |result| {
-                addr.do_send(Persisted {
-                    result,
-                    messages: Vec::new(),
-                })
-            }),
-        );
+        self.write(batch, Vec::new(), ctx);
     }
 
     fn lost_leadership(&mut self) {
