@@ -38,6 +38,50 @@ fn leader_of(node: &Node) -> Option<u64> {
     v["state_dump"]["leader"].as_u64()
 }
 
+/// Three members on loopback ports chosen now, sharing one configuration file.
+struct Trio {
+    ports: Vec<u16>,
+    initial: String,
+    config: String,
+    extra: Vec<&'static str>,
+    _dir: tempfile::TempDir,
+}
+
+impl Trio {
+    /// `toml` configures every member; `extra` flags go to every member too.
+    fn new(toml: &str, extra: &[&'static str]) -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let initial = (0..3)
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, toml).unwrap();
+        Self {
+            ports,
+            initial,
+            config: config.display().to_string(),
+            extra: extra.to_vec(),
+            _dir: dir,
+        }
+    }
+
+    /// The gRPC address of member index `i` (0-based; its id is `i + 1`).
+    fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Starts member index `i` keeping its data in `dir` (reused across restarts).
+    fn start(&self, i: usize, dir: tempfile::TempDir) -> Node {
+        let id = (i + 1).to_string();
+        let mut args = vec!["--node-id", id.as_str(), "--config", self.config.as_str()];
+        args.extend(["--initial-cluster", self.initial.as_str()]);
+        args.extend(self.extra.iter().copied());
+        Node::start_in(dir, &self.addr(i), &args)
+    }
+}
+
 #[test]
 fn a_single_node_keeps_acknowledged_writes_across_a_restart() {
     let node = Node::start(&[]);
@@ -57,28 +101,10 @@ fn a_single_node_keeps_acknowledged_writes_across_a_restart() {
 
 #[test]
 fn three_members_replicate_survive_a_kill_9_of_the_leader_and_the_killed_member_catches_up() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
-    let initial = (0..3)
-        .map(|i| format!("{}={}", i + 1, addr(i)))
-        .collect::<Vec<_>>()
-        .join(",");
-    let fast = ["--initial-cluster", initial.as_str()];
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("fast.toml");
-    std::fs::write(&cfg, "[cluster]\ntick_ms = 20\n").unwrap();
-    let cfg = cfg.display().to_string();
+    let trio = Trio::new("[cluster]\ntick_ms = 20\n", &[]);
+    let addr = |i: usize| trio.addr(i);
     let mut nodes: Vec<Option<Node>> = (0..3)
-        .map(|i| {
-            let id = (i + 1).to_string();
-            let mut args = vec!["--node-id", id.as_str(), "--config", cfg.as_str()];
-            args.extend(fast);
-            Some(Node::start_in(
-                tempfile::tempdir().unwrap(),
-                &addr(i),
-                &args,
-            ))
-        })
+        .map(|i| Some(trio.start(i, tempfile::tempdir().unwrap())))
         .collect();
     let all = (0..3).map(addr).collect::<Vec<_>>().join(",");
 
@@ -128,10 +154,7 @@ fn three_members_replicate_survive_a_kill_9_of_the_leader_and_the_killed_member_
     }
 
     // The killed member restarts from its data directory and catches up.
-    let id = leader.to_string();
-    let mut args = vec!["--node-id", id.as_str(), "--config", cfg.as_str()];
-    args.extend(fast);
-    let back = Node::start_in(dead_dir, &addr(leader - 1), &args);
+    let back = trio.start(leader - 1, dead_dir);
     let seen = eventually("the restarted member catches up", || {
         get(&back.grpc, "after", true)
     });
@@ -141,35 +164,14 @@ fn three_members_replicate_survive_a_kill_9_of_the_leader_and_the_killed_member_
 
 #[test]
 fn a_stale_leader_cut_off_by_injected_faults_serves_no_linearizable_read_and_catches_up_after() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
-    let initial = (0..3)
-        .map(|i| format!("{}={}", i + 1, addr(i)))
-        .collect::<Vec<_>>()
-        .join(",");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("fast.toml");
     // Short request timeout: a read the stale leader cannot confirm fails within the test.
-    std::fs::write(
-        &cfg,
+    let trio = Trio::new(
         "[cluster]\ntick_ms = 20\n[server]\nrequest_timeout_ms = 1500\n",
-    )
-    .unwrap();
-    let cfg = cfg.display().to_string();
+        &["--allow-mutations"],
+    );
+    let addr = |i: usize| trio.addr(i);
     let nodes: Vec<Node> = (0..3)
-        .map(|i| {
-            let id = (i + 1).to_string();
-            let args = [
-                "--node-id",
-                id.as_str(),
-                "--config",
-                cfg.as_str(),
-                "--initial-cluster",
-                initial.as_str(),
-                "--allow-mutations",
-            ];
-            Node::start_in(tempfile::tempdir().unwrap(), &addr(i), &args)
-        })
+        .map(|i| trio.start(i, tempfile::tempdir().unwrap()))
         .collect();
     eventually("a first write", || {
         kv(&addr(0), &["put", "k", "before"])
