@@ -232,6 +232,19 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
         let _ = registry_slot.set(runtime.registry().clone());
         let tree_exit = runtime.wait_exit();
+        tokio::pin!(tree_exit);
+        // Serve (and say "ready") only once every actor is up: a call arriving earlier would find
+        // /node/admin or the raft member not running yet.
+        let started = runtime.wait_started();
+        let failed_early = tokio::select! {
+            _ = started => None,
+            exit = &mut tree_exit => Some(exit),
+        };
+        if let Some(exit) = failed_early {
+            error!(log, "the actor tree failed while starting"; "exit" => ?exit);
+            runtime.stop_arbiters();
+            return 1;
+        }
 
         let mut prom = prometheus_client::registry::Registry::default();
         let server_metrics = ServerMetrics::register(&mut prom);
@@ -294,7 +307,6 @@ pub fn run(cfg: NodeConfig) -> i32 {
         // One machine-readable line on stdout: scripts and tests read the bound ports from it.
         println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
 
-        tokio::pin!(tree_exit);
         // A node that stops serving must not linger: the server ending on its own is a failure.
         let (failure, server_ended) = tokio::select! {
             sig = sig_rx => {

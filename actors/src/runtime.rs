@@ -82,6 +82,7 @@ pub struct Runtime {
     shared: Arc<RuntimeShared>,
     root: ActorRef<Supervisor>,
     exit: Option<oneshot::Receiver<Exit>>,
+    started: Option<oneshot::Receiver<()>>,
 }
 
 impl Runtime {
@@ -113,7 +114,15 @@ impl Runtime {
             .set_supervisor(cell.path().clone(), root_ref.clone());
         let (tx, rx) = oneshot::channel();
         cell.begin_incarnation(1);
-        let item = ControlItem::new(cell.clone(), 1, ExitNotify::Root(tx));
+        let (started_tx, started_rx) = oneshot::channel();
+        let item = ControlItem::new(
+            cell.clone(),
+            1,
+            ExitNotify::Root {
+                started: Some(started_tx),
+                exit: tx,
+            },
+        );
         let sup = Supervisor::new(shared.clone(), cell.clone(), 1, root);
         let capacity = shared.config.mailbox_capacity;
         let addr = Supervisor::start_in_arbiter(&shared.control, move |ctx| {
@@ -128,6 +137,7 @@ impl Runtime {
             shared,
             root: root_ref,
             exit: Some(rx),
+            started: Some(started_rx),
         }
     }
 
@@ -139,6 +149,23 @@ impl Runtime {
     /// The root supervisor.
     pub fn root(&self) -> &ActorRef<Supervisor> {
         &self.root
+    }
+
+    /// Resolves once every actor of the initial tree has started (supervisors count as started
+    /// when their own children have), so that a node does not serve calls its actors cannot take
+    /// yet. Stays pending if the tree fails before that: wait on it together with
+    /// [`wait_exit`](Self::wait_exit).
+    pub fn wait_started(&mut self) -> impl std::future::Future<Output = ()> + 'static {
+        let rx = self.started.take();
+        async move {
+            let started = match rx {
+                Some(rx) => rx.await.is_ok(),
+                None => false,
+            };
+            if !started {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Resolves when the root supervisor has stopped: `Exit::Normal` after [`shutdown`], a

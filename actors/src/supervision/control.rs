@@ -72,8 +72,12 @@ fn take_panic_message() -> String {
 pub(crate) enum ExitNotify {
     /// The supervising actor.
     Supervisor { addr: Addr<Supervisor>, child: u64 },
-    /// The runtime, for the root supervisor.
-    Root(oneshot::Sender<Exit>),
+    /// The runtime, for the root supervisor: told when the whole tree has started, and how the
+    /// root ended.
+    Root {
+        started: Option<oneshot::Sender<()>>,
+        exit: oneshot::Sender<Exit>,
+    },
 }
 
 /// Lives in a supervised actor's context for as long as the incarnation does.
@@ -128,11 +132,18 @@ impl<A: Managed> ActorFuture<A> for ControlItem {
         // `wait`ed on): the first poll is the moment the actor is up.
         if ready && !self.acked {
             self.acked = true;
-            if let Some(ExitNotify::Supervisor { addr, child }) = &self.notify {
-                addr.do_send(ChildStarted {
+            let incarnation = self.incarnation;
+            match &mut self.notify {
+                Some(ExitNotify::Supervisor { addr, child }) => addr.do_send(ChildStarted {
                     child: *child,
-                    incarnation: self.incarnation,
-                });
+                    incarnation,
+                }),
+                Some(ExitNotify::Root { started, .. }) => {
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                None => {}
             }
         }
         if !dumps.is_empty() {
@@ -169,7 +180,7 @@ impl Drop for ControlItem {
                 incarnation: self.incarnation,
                 exit,
             }),
-            Some(ExitNotify::Root(tx)) => {
+            Some(ExitNotify::Root { exit: tx, .. }) => {
                 let _ = tx.send(exit);
             }
             None => {}

@@ -606,3 +606,38 @@ async fn one_for_all_does_not_restart_temporary_children() {
         .count();
     assert_eq!(starts, 1);
 }
+
+#[actix_rt::test]
+async fn the_runtime_reports_started_only_once_the_whole_tree_is_up() {
+    let journal = Journal::default();
+    let j = journal.clone();
+    let inner = SupervisorSpec::new(Strategy::OneForOne, move || {
+        vec![worker("x", &j).0, worker("y", &j).0]
+    });
+    let j = journal.clone();
+    let root = SupervisorSpec::new(Strategy::RestForOne, move || {
+        vec![
+            worker("a", &j).0,
+            ChildSpec::supervisor("sup", inner.clone()).0,
+        ]
+    });
+    let mut rt = Runtime::start(config(), quiet(), root);
+    tokio::time::timeout(Duration::from_secs(20), rt.wait_started())
+        .await
+        .expect("tree started");
+    for path in ["/node/a", "/node/sup", "/node/sup/x", "/node/sup/y"] {
+        assert_eq!(
+            rt.registry().get(path).unwrap().state(),
+            Lifecycle::Running,
+            "{path}"
+        );
+    }
+    let started: Vec<String> = journal
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("start"))
+        .cloned()
+        .collect();
+    assert_eq!(started, ["start a", "start x", "start y"]);
+}
