@@ -57,6 +57,12 @@ pub struct TlsSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct ClusterSection {
     pub initial_cluster: String,
+    pub join: String,
+    pub join_as: String,
+    pub advertise: String,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub watch_history: usize,
     pub tick_ms: u64,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -106,6 +112,8 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub allow_mutations: Option<bool>,
     pub initial_cluster: Option<String>,
+    pub join: Option<String>,
+    pub advertise: Option<String>,
 }
 
 /// A configuration problem: which key, and what is wrong with it.
@@ -185,6 +193,12 @@ impl NodeConfig {
         }
         if let Some(v) = &o.initial_cluster {
             b = set(b, "cluster.initial_cluster", v.clone().into())?;
+        }
+        if let Some(v) = &o.join {
+            b = set(b, "cluster.join", v.clone().into())?;
+        }
+        if let Some(v) = &o.advertise {
+            b = set(b, "cluster.advertise", v.clone().into())?;
         }
         let merged = b.build().map_err(|e| {
             err(
@@ -298,6 +312,31 @@ impl NodeConfig {
                 "must be greater than cluster.heartbeat_ticks",
             ));
         }
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return Err(err(
+                "cluster.heartbeat_timeout_ms",
+                "must be greater than cluster.heartbeat_interval_ms, itself greater than 0",
+            ));
+        }
+        if c.watch_history == 0 {
+            return Err(err("cluster.watch_history", "must be greater than 0"));
+        }
+        if !matches!(c.join_as.as_str(), "voter" | "learner") {
+            return Err(err(
+                "cluster.join_as",
+                format!("{:?} is not one of voter, learner", c.join_as),
+            ));
+        }
+        if !c.advertise.is_empty() {
+            parse_host_port("cluster.advertise", &c.advertise)?;
+        }
+        let join = self.join_endpoints()?;
+        if !join.is_empty() && !c.initial_cluster.trim().is_empty() {
+            return Err(err(
+                "cluster.join",
+                "cannot be combined with cluster.initial_cluster: a node either founds the cluster or joins it",
+            ));
+        }
         let members = self.members()?;
         if members.len() > 1 && self.server.tls.enabled && self.server.tls.client_ca_file.is_empty()
         {
@@ -340,6 +379,17 @@ impl NodeConfig {
             ));
         }
         Ok(out)
+    }
+
+    /// Members to join through (`cluster.join`); empty when this node founds its cluster.
+    pub fn join_endpoints(&self) -> Result<Vec<String>, ConfigError> {
+        self.cluster
+            .join
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| parse_host_port("cluster.join", e).map(|()| e.to_string()))
+            .collect()
     }
 
     /// The gRPC listen address.
@@ -410,6 +460,19 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
             format!("{v:?} is not a HOST:PORT socket address ({e})"),
         )
     })
+}
+
+/// A `HOST:PORT` where HOST may be a name (addresses other machines use).
+fn parse_host_port(key: &str, v: &str) -> Result<(), ConfigError> {
+    match v.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(err(
+            key,
+            format!("{v:?} is not HOST:PORT with a port in 1..65535"),
+        )),
+    }
 }
 
 /// Keys whose values are never shown (NodeInfo, logs). Paths to key files are not secret.

@@ -1,8 +1,11 @@
 //! `lodge`: the node and its command-line clients.
 
 mod bench;
+mod cluster;
 mod config;
 mod ctl;
+mod failover;
+mod join;
 mod kv;
 mod logging;
 mod metrics;
@@ -41,6 +44,13 @@ enum Command {
         #[command(subcommand)]
         cmd: kv::Kv,
     },
+    /// Cluster membership and topology.
+    Cluster {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: cluster::Cluster,
+    },
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
@@ -74,6 +84,12 @@ struct NodeArgs {
     /// First members of the cluster: ID=HOST:PORT,... (must include this node's id).
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// Join an existing cluster through these members: HOST:PORT,...
+    #[arg(long)]
+    join: Option<String>,
+    /// Address other members reach this node at (default: the bound listen address).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -92,6 +108,8 @@ fn main() {
                 log_level: a.log_level,
                 allow_mutations: a.allow_mutations.then_some(true),
                 initial_cluster: a.initial_cluster,
+                join: a.join,
+                advertise: a.advertise,
             };
             match config::NodeConfig::load(&overrides) {
                 Err(e) => {
@@ -107,6 +125,7 @@ fn main() {
         }
         Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),
         Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
+        Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

@@ -86,21 +86,31 @@ pub struct ProcessCollector;
 const TICKS_PER_SECOND: f64 = 100.0; // USER_HZ on Linux
 const PAGE_SIZE: u64 = 4096;
 
+/// Numeric fields of `/proc/self/stat`, by their 1-based number in proc(5); `None` off Linux.
+fn stat_fields() -> Option<impl Fn(usize) -> u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name, which may itself contain spaces.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    Some(move |i: usize| fields.get(i - 3).copied().unwrap_or(0))
+}
+
+/// CPU seconds used and resident bytes of this process (zeros where /proc is missing).
+pub fn cpu_and_rss() -> (f64, u64) {
+    stat_fields().map_or((0.0, 0), |field| {
+        (
+            (field(14) + field(15)) as f64 / TICKS_PER_SECOND,
+            field(24) * PAGE_SIZE,
+        )
+    })
+}
+
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        let Some(field) = stat_fields() else {
             return Ok(());
-        };
-        // Fields after the parenthesised command name, which may itself contain spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
-        let field = |i: usize| {
-            fields
-                .get(i - 3)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
         };
         let cpu = (field(14) + field(15)) as f64 / TICKS_PER_SECOND;
         let threads = field(20);

@@ -9,7 +9,11 @@ use std::sync::Arc;
 use lodge_actors::admin::{AdminActor, NodeFacts};
 use lodge_actors::cluster::disk::Disk;
 use lodge_actors::cluster::fault::Faults;
+use lodge_actors::cluster::members::{
+    HeartbeatSender, Membership, MembershipSettings, ResourceProbe, Resources,
+};
 use lodge_actors::cluster::raft::{RaftNode, RaftSettings};
+use lodge_actors::cluster::topology::Directory;
 use lodge_actors::cluster::transport::Transport;
 use lodge_actors::supervision::Exit;
 use lodge_actors::{
@@ -18,6 +22,7 @@ use lodge_actors::{
 };
 use lodge_grpc::client::ClientTls;
 use lodge_grpc::metrics::ServerMetrics;
+use lodge_grpc::cluster::GrpcHeartbeats;
 use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
@@ -72,6 +77,11 @@ struct TreeParts {
     raft_settings: RaftSettings,
     disk: Disk,
     transport: Arc<dyn Transport>,
+    directory: Directory,
+    membership: ActorRef<Membership>,
+    membership_settings: MembershipSettings,
+    heartbeats: Arc<dyn HeartbeatSender>,
+    probe: ResourceProbe,
     log: slog::Logger,
 }
 
@@ -81,8 +91,10 @@ struct TreeParts {
 /// ```text
 /// /node                        rest_for_one
 /// ├── /node/admin              introspection (own arbiter)
-/// └── /node/cluster            one_for_one
-///     └── /node/cluster/raft   the raft member (own arbiter)
+/// └── /node/cluster            rest_for_one
+///     ├── /node/cluster/raft         the raft member (own arbiter)
+///     ├── /node/cluster/members      one_for_one; /node/cluster/members/<id>, one per member
+///     └── /node/cluster/membership   keeps members/ equal to the topology, sends heartbeats
 /// ```
 fn root_spec(p: TreeParts) -> SupervisorSpec {
     let p = Arc::new(p);
@@ -102,20 +114,41 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
         };
         let cluster = {
             let p = p.clone();
-            SupervisorSpec::new(Strategy::OneForOne, move || {
-                let p = p.clone();
-                vec![ChildSpec::actor_for("raft", &p.raft.clone(), move || {
-                    // A member that cannot read its log must not run; the supervisor retries.
-                    RaftNode::new(
-                        p.raft_settings.clone(),
-                        p.disk.clone(),
-                        p.transport.clone(),
-                        &p.log,
-                    )
-                    .unwrap_or_else(|e| panic!("{e}"))
-                })
-                // Its own thread, so that client traffic cannot starve its ticks.
-                .placement(Placement::Dedicated("raft"))]
+            SupervisorSpec::new(Strategy::RestForOne, move || {
+                let raft = {
+                    let p = p.clone();
+                    ChildSpec::actor_for("raft", &p.raft.clone(), move || {
+                        // A member that cannot read its log must not run; the supervisor retries.
+                        RaftNode::new(
+                            p.raft_settings.clone(),
+                            p.disk.clone(),
+                            p.transport.clone(),
+                            p.directory.clone(),
+                            &p.log,
+                        )
+                        .unwrap_or_else(|e| panic!("{e}"))
+                    })
+                    // Its own thread, so that client traffic cannot starve its ticks.
+                    .placement(Placement::Dedicated("raft"))
+                };
+                // Member actors are added by the membership actor as the topology changes.
+                let (members, members_ref) =
+                    ChildSpec::supervisor("members", SupervisorSpec::new(Strategy::OneForOne, Vec::new));
+                let membership = {
+                    let p = p.clone();
+                    ChildSpec::actor_for("membership", &p.membership.clone(), move || {
+                        Membership::new(
+                            p.membership_settings.clone(),
+                            p.directory.clone(),
+                            members_ref.clone(),
+                            p.raft.clone(),
+                            p.heartbeats.clone(),
+                            p.probe.clone(),
+                            &p.log,
+                        )
+                    })
+                };
+                vec![raft, members, membership]
             })
         };
         vec![admin, ChildSpec::supervisor("cluster", cluster).0]
@@ -171,7 +204,17 @@ pub fn run(cfg: NodeConfig) -> i32 {
             return 1;
         }
     };
-    let members = cfg.members().expect("validated");
+    let advertise = if cfg.cluster.advertise.is_empty() {
+        grpc_local.to_string()
+    } else {
+        cfg.cluster.advertise.clone()
+    };
+    let join = cfg.join_endpoints().expect("validated");
+    let mut members = cfg.members().expect("validated");
+    if cfg.cluster.initial_cluster.trim().is_empty() {
+        // A one-member cluster: this node at the address it really listens on.
+        members.insert(cfg.node.id, advertise.clone());
+    }
     let peer_tls = if cfg.server.tls.enabled {
         ClientTls {
             ca: Some(cfg.server.tls.client_ca_file.clone().into()),
@@ -182,19 +225,29 @@ pub fn run(cfg: NodeConfig) -> i32 {
     } else {
         ClientTls::default()
     };
-    let peers = members
-        .iter()
-        .filter(|(id, _)| **id != cfg.node.id)
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
+    let directory = Directory::default();
+    // Reachable before the raft member publishes the topology from its log.
+    directory.hint(members.clone());
     let raft_settings = RaftSettings {
         id: cfg.node.id,
-        initial_voters: members.keys().copied().collect(),
+        // A joining node starts empty and waits for the leader's snapshot.
+        initial_members: if join.is_empty() {
+            members.clone().into_iter().collect()
+        } else {
+            Vec::new()
+        },
         tick: NodeConfig::duration(cfg.cluster.tick_ms),
         election_ticks: cfg.cluster.election_ticks,
         heartbeat_ticks: cfg.cluster.heartbeat_ticks,
         snapshot_interval: cfg.cluster.snapshot_interval,
         read_timeout: NodeConfig::duration(cfg.server.request_timeout_ms),
+        watch_history: cfg.cluster.watch_history,
+    };
+    let heartbeat_interval = NodeConfig::duration(cfg.cluster.heartbeat_interval_ms);
+    let membership_settings = MembershipSettings {
+        self_id: cfg.node.id,
+        heartbeat_interval,
+        heartbeat_timeout: NodeConfig::duration(cfg.cluster.heartbeat_timeout_ms),
     };
     let facts = Arc::new(NodeFacts {
         node_id: cfg.node.id,
@@ -211,12 +264,26 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let faults = Faults::new(Some(disk.clone()));
         let transport: Arc<dyn Transport> = GrpcTransport::new(
             io.clone(),
+            cfg.node.id,
             raft_ref.clone(),
             faults.clone(),
-            &peers,
+            directory.clone(),
             peer_tls.clone(),
             log.clone(),
         );
+        let membership_ref: ActorRef<Membership> = ActorRef::default();
+        let probe: ResourceProbe = {
+            let registry_slot = registry_slot.clone();
+            Arc::new(move || {
+                let (cpu_seconds, memory_bytes) = crate::metrics::cpu_and_rss();
+                Resources {
+                    memory_bytes,
+                    cpu_seconds,
+                    actors: registry_slot.get().map_or(0, |r: &lodge_actors::Registry| r.len() as u64),
+                    applied_index: 0,
+                }
+            })
+        };
         let root = root_spec(TreeParts {
             admin: admin_ref.clone(),
             faults: faults.clone(),
@@ -227,6 +294,11 @@ pub fn run(cfg: NodeConfig) -> i32 {
             raft_settings,
             disk,
             transport,
+            directory: directory.clone(),
+            membership: membership_ref.clone(),
+            membership_settings,
+            heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_tls.clone(), heartbeat_interval)),
+            probe,
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
@@ -258,7 +330,9 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 admin: admin_ref.clone(),
                 raft: raft_ref.clone(),
                 member_id: cfg.node.id,
-                members: Arc::new(members.clone().into_iter().collect()),
+                directory: directory.clone(),
+                membership: membership_ref.clone(),
+                heartbeat_interval,
                 peer_tls: peer_tls.clone(),
                 faults: faults.clone(),
             };
@@ -303,28 +377,48 @@ pub fn run(cfg: NodeConfig) -> i32 {
             eprintln!("lodge: second signal: exiting without finishing the drain");
             std::process::exit(1);
         });
+        let (join_failed_tx, join_failed) = tokio::sync::oneshot::channel::<String>();
+        if !join.is_empty() {
+            let join = crate::join::Join {
+                id: cfg.node.id,
+                advertise: advertise.clone(),
+                endpoints: join.clone(),
+                as_voter: cfg.cluster.join_as == "voter",
+                tls: peer_tls.clone(),
+                raft: raft_ref.clone(),
+                directory: directory.clone(),
+                log: log.clone(),
+            };
+            io.spawn(async move {
+                if let Err(e) = join.run().await {
+                    let _ = join_failed_tx.send(e);
+                }
+            });
+        }
         info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some());
         // One machine-readable line on stdout: scripts and tests read the bound ports from it.
         println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
 
         // A node that stops serving must not linger: the server ending on its own is a failure.
-        let (failure, server_ended) = tokio::select! {
+        let (failure, server_ended, tree_done) = tokio::select! {
             sig = sig_rx => {
                 info!(log, "shutting down"; "signal" => sig.unwrap_or("signal"));
-                (None, None)
+                (None, None, false)
             }
-            exit = &mut tree_exit => (Some(exit), None),
+            exit = &mut tree_exit => (Some(exit), None, true),
+            Ok(e) = join_failed => {
+                error!(log, "cannot join the cluster"; "error" => &e);
+                (Some(Exit::Failed(format!("cannot join the cluster: {e}"))), None, false)
+            }
             ended = &mut server_task => {
                 let reason = format!("the gRPC server stopped on its own: {ended:?}");
-                (Some(Exit::Failed(reason)), Some(ended))
+                (Some(Exit::Failed(reason)), Some(ended), false)
             }
         };
         // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
         let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
         let _ = shutdown_tx.send(true);
         let _ = stop_tx.send(());
-        // Whether the tree already stopped by itself (it gave up); otherwise stop it in order.
-        let tree_done = failure.is_some() && server_ended.is_none();
         let drained = match server_ended {
             Some(ended) => ended,
             None => server_task.await,
@@ -351,7 +445,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 0
             }
             Exit::Failed(reason) | Exit::Panicked(reason) => {
-                error!(log, "actor tree gave up; exiting"; "reason" => reason);
+                error!(log, "exiting on a failure"; "reason" => reason);
                 1
             }
         }

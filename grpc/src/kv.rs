@@ -1,69 +1,76 @@
 //! `lodge.kv.v1.KV` → the raft member.
 //!
-//! Writes (and linearizable reads) that reach a follower are forwarded once to the leader it
-//! names, marked so that a second follower does not forward them again; without a known leader
-//! the caller gets UNAVAILABLE.
+//! Writes, linearizable reads and lease calls that reach a follower are forwarded once to the
+//! leader (see [`crate::forward`]). Watches are served by the member the caller reached: every
+//! member applies the same changes in the same order.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lodge_actors::cluster::kv::{
-    ApplyResult, Cmp, Command, Compare, KeyValue, Op, OpResult, Target,
+    ApplyResult, Cmp, Command, Compare, Event, KeyValue, KvError, Op, OpResult, Target,
 };
-use lodge_actors::cluster::raft::{Propose, Query, RaftError, RaftNode, Read, ReadAnswer};
+use lodge_actors::cluster::raft::{
+    CancelWatch, Propose, Query, RaftError, RaftNode, Read, ReadAnswer, Watch,
+};
+use lodge_actors::cluster::watch::{lagged, WatchSpec, WatchUpdate};
 use lodge_actors::ActorRef;
-use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::client::{self, ClientTls};
 use crate::deadline;
+use crate::forward::{forwarded, Forwarder};
 use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
 
-const FORWARDED: &str = "lodge-forwarded";
+/// Updates a watch may have queued before the member drops it as too slow.
+const WATCH_BUFFER: usize = 1024;
 
 /// The KV adapter.
+#[derive(Clone)]
 pub struct KvService {
     raft: ActorRef<RaftNode>,
-    member_id: u64,
-    /// Member id → client address, for forwarding to the leader.
-    peers: Arc<HashMap<u64, String>>,
-    tls: ClientTls,
-    channels: Mutex<HashMap<u64, Channel>>,
+    forward: Arc<Forwarder>,
     timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl KvService {
+    /// Streams (watches, keep-alives) end when `shutdown` turns true.
     pub fn new(
         raft: ActorRef<RaftNode>,
-        member_id: u64,
-        peers: Arc<HashMap<u64, String>>,
-        tls: ClientTls,
+        forward: Arc<Forwarder>,
         timeout: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             raft,
-            member_id,
-            peers,
-            tls,
-            channels: Mutex::new(HashMap::new()),
+            forward,
             timeout,
+            shutdown,
         }
     }
 
     fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             revision,
-            member_id: self.member_id,
+            member_id: self.forward.member_id(),
         })
     }
 
     async fn propose<T>(&self, req: &Request<T>, cmd: Command) -> Result<ApplyResult, Failure> {
-        self.raft
+        let res = self
+            .raft
             .send_timeout(Propose(cmd), deadline::of(req, self.timeout))
             .await
             .map_err(|e| Failure::Status(deadline::send_status(e, "raft member")))?
-            .map_err(Failure::Raft)
+            .map_err(Failure::Raft)?;
+        match &res.error {
+            Some(e) => Err(Failure::Status(kv_error(e))),
+            None => Ok(res),
+        }
     }
 
     async fn read<T>(
@@ -90,32 +97,36 @@ impl KvService {
         &self,
         req: &Request<T>,
         err: &RaftError,
-    ) -> Result<KvClient<Channel>, Status> {
-        let RaftError::NotLeader {
-            leader: Some(leader),
-        } = err
-        else {
-            return Err(raft_status(err, &self.peers));
-        };
-        if req.metadata().contains_key(FORWARDED) || *leader == self.member_id {
-            return Err(raft_status(err, &self.peers));
-        }
-        let addr = self
-            .peers
-            .get(leader)
-            .ok_or_else(|| raft_status(err, &self.peers))?;
-        let cached = self.channels.lock().unwrap().get(leader).cloned();
-        let channel = match cached {
-            Some(c) => c,
-            None => {
-                let c = client::connect(addr, &self.tls)
-                    .await
-                    .map_err(Status::unavailable)?;
-                self.channels.lock().unwrap().insert(*leader, c.clone());
-                c
+    ) -> Result<KvClient<tonic::transport::Channel>, Status> {
+        Ok(KvClient::new(self.forward.leader(req, err).await?))
+    }
+
+    /// One keep-alive: here if this member leads, else on the leader.
+    async fn keep_alive_once(&self, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
+        let req = Request::new(());
+        match self.read(&req, Query::KeepAlive(id), true).await {
+            Ok(a) => {
+                let l = a.lease.expect("keep-alive answers carry the lease");
+                Ok(pb::LeaseKeepAliveResponse {
+                    header: self.header(a.revision),
+                    id,
+                    ttl: l.ttl_secs,
+                })
             }
-        };
-        Ok(KvClient::new(channel))
+            Err(Failure::Status(s)) => Err(s),
+            Err(Failure::Raft(e)) => {
+                let mut leader = self.leader_client(&req, &e).await?;
+                let one = tokio_stream::iter([pb::LeaseKeepAliveRequest { id }]);
+                let mut answers = leader
+                    .lease_keep_alive(forwarded(one, self.timeout))
+                    .await?
+                    .into_inner();
+                answers
+                    .message()
+                    .await?
+                    .ok_or_else(|| Status::unavailable("the leader ended the keep-alive stream"))
+            }
+        }
     }
 }
 
@@ -124,43 +135,34 @@ enum Failure {
     Status(Status),
 }
 
-fn raft_status(e: &RaftError, peers: &HashMap<u64, String>) -> Status {
+fn kv_error(e: &KvError) -> Status {
     match e {
-        RaftError::NotLeader { leader: Some(l) } => {
-            let mut s = Status::unavailable(format!(
-                "not the leader; the leader is member {l} at {}",
-                peers.get(l).map_or("an unknown address", String::as_str)
-            ));
-            if let Some(addr) = peers.get(l).and_then(|a| a.parse().ok()) {
-                s.metadata_mut().insert("lodge-leader", addr);
-            }
-            s
-        }
-        RaftError::NotLeader { leader: None } => {
-            Status::unavailable("no leader is known; try again shortly")
-        }
-        // Not UNAVAILABLE: clients retry that blindly, and this write may have applied.
-        RaftError::Unknown { .. } => Status::aborted(
-            "leadership changed while the write was in flight; it may or may not have been applied: read before retrying",
-        ),
-        RaftError::Timeout => Status::unavailable("no leader could confirm the read in time"),
-        RaftError::Rejected(m) => Status::unavailable(m.clone()),
-        RaftError::Invalid(m) => Status::invalid_argument(m.clone()),
+        KvError::LeaseNotFound(_) => Status::not_found(e.to_string()),
+        KvError::LeaseExists(_) => Status::already_exists(e.to_string()),
+        KvError::BadTtl(_) => Status::invalid_argument(e.to_string()),
     }
 }
 
-/// The request to send to the leader: marked as forwarded, with what is left of the caller's
-/// budget as its deadline.
-fn forwarded<T>(msg: T, budget: Duration) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(FORWARDED, "1".parse().expect("static"));
-    let ms = budget.as_millis().clamp(1, 99_999_999);
-    r.metadata_mut().insert(
-        "grpc-timeout",
-        format!("{ms}m").parse().expect("digits and a unit"),
-    );
-    r
+/// A response stream fed by `work`, which runs until it is done, the node shuts down, or the
+/// caller goes away.
+pub(crate) fn stream_until_shutdown<T, F>(
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    work: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let work = work(tx.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = work => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+            _ = tx.closed() => {}
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }
 
 fn kv(k: KeyValue) -> pb::KeyValue {
@@ -170,6 +172,20 @@ fn kv(k: KeyValue) -> pb::KeyValue {
         create_revision: k.create_revision,
         mod_revision: k.mod_revision,
         version: k.version,
+        lease: k.lease,
+    }
+}
+
+fn event(e: Event) -> pb::Event {
+    let kind = if e.deleted {
+        pb::event::EventType::Delete
+    } else {
+        pb::event::EventType::Put
+    };
+    pb::Event {
+        r#type: kind as i32,
+        kv: Some(kv(e.kv)),
+        prev_kv: e.prev.map(kv),
     }
 }
 
@@ -220,6 +236,7 @@ fn op(o: pb::RequestOp, field: &str) -> Result<Op, Status> {
             Ok(Op::Put {
                 key: p.key,
                 value: p.value,
+                lease: p.lease,
             })
         }
         Some(pb::request_op::Request::Delete(d)) => {
@@ -252,6 +269,7 @@ impl kv_server::Kv for KvService {
         let cmd = Command::Put {
             key: r.key.clone(),
             value: r.value.clone(),
+            lease: r.lease,
         };
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::PutResponse {
@@ -409,5 +427,204 @@ impl kv_server::Kv for KvService {
                     .await
             }
         }
+    }
+
+    async fn lease_grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let r = req.get_ref();
+        if r.ttl < 1 {
+            return Err(Status::invalid_argument(format!(
+                "ttl: {} s; a lease lives at least 1 s",
+                r.ttl
+            )));
+        }
+        if r.id < 0 {
+            return Err(Status::invalid_argument("id must not be negative"));
+        }
+        let cmd = Command::LeaseGrant {
+            id: r.id,
+            ttl_secs: r.ttl,
+        };
+        match self.propose(&req, cmd).await {
+            Ok(a) => Ok(Response::new(pb::LeaseGrantResponse {
+                header: self.header(a.revision),
+                id: a.lease,
+                ttl: r.ttl,
+            })),
+            Err(Failure::Status(s)) => Err(s),
+            Err(Failure::Raft(e)) => {
+                self.leader_client(&req, &e)
+                    .await?
+                    .lease_grant(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .await
+            }
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let r = req.get_ref();
+        if r.id <= 0 {
+            return Err(Status::invalid_argument("id is required (a positive lease id)"));
+        }
+        let cmd = Command::LeaseRevoke {
+            id: r.id,
+            expired: false,
+        };
+        match self.propose(&req, cmd).await {
+            Ok(a) => Ok(Response::new(pb::LeaseRevokeResponse {
+                header: self.header(a.revision),
+                deleted: a.deleted as i64,
+            })),
+            Err(Failure::Status(s)) => Err(s),
+            Err(Failure::Raft(e)) => {
+                self.leader_client(&req, &e)
+                    .await?
+                    .lease_revoke(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .await
+            }
+        }
+    }
+
+    type LeaseKeepAliveStream =
+        Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut incoming = req.into_inner();
+        let this = self.clone();
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| async move {
+            while let Some(next) = incoming.next().await {
+                let answer = match next {
+                    Ok(r) if r.id <= 0 => Err(Status::invalid_argument(
+                        "id is required (a positive lease id)",
+                    )),
+                    Ok(r) => this.keep_alive_once(r.id).await,
+                    Err(e) => Err(e),
+                };
+                let end = answer.is_err();
+                if tx.send(answer).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let r = req.get_ref();
+        if r.id <= 0 {
+            return Err(Status::invalid_argument("id is required (a positive lease id)"));
+        }
+        match self.read(&req, Query::TimeToLive(r.id), true).await {
+            Ok(a) => {
+                let l = a.lease.expect("lease queries answer a lease");
+                Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                    header: self.header(a.revision),
+                    id: l.id,
+                    // Rounded up: a lease with 300 ms left still has "1 s", not 0.
+                    ttl: l.remaining.as_millis().div_ceil(1000) as i64,
+                    granted_ttl: l.ttl_secs,
+                    keys: if r.keys { l.keys } else { Vec::new() },
+                }))
+            }
+            Err(Failure::Status(s)) => Err(s),
+            Err(Failure::Raft(e)) => {
+                self.leader_client(&req, &e)
+                    .await?
+                    .lease_time_to_live(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .await
+            }
+        }
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.get_ref().clone();
+        if !r.prefix {
+            require_key(&r.key, "key")?;
+        }
+        if r.start_revision < 0 {
+            return Err(Status::invalid_argument("start_revision must not be negative"));
+        }
+        let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
+        let spec = WatchSpec {
+            key: r.key,
+            prefix: r.prefix,
+            start_revision: r.start_revision,
+            prev_kv: r.prev_kv,
+        };
+        let (id, revision) = self
+            .raft
+            .send_timeout(Watch { spec, tx }, deadline::of(&req, self.timeout))
+            .await
+            .map_err(|e| deadline::send_status(e, "raft member"))?
+            .map_err(|e| self.forward.status(&e))?;
+        let member_id = self.forward.member_id();
+        let header = move |revision| {
+            Some(pb::ResponseHeader {
+                revision,
+                member_id,
+            })
+        };
+        let raft = self.raft.clone();
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
+            let created = pb::WatchResponse {
+                header: header(revision),
+                created: true,
+                ..Default::default()
+            };
+            if out.send(Ok(created)).await.is_err() {
+                let _ = raft.send(CancelWatch(id)).await;
+                return;
+            }
+            let mut last = revision;
+            loop {
+                let update = rx.recv().await.unwrap_or_else(|| lagged(last));
+                let msg = match update {
+                    WatchUpdate::Events { revision, events } => {
+                        last = revision;
+                        pb::WatchResponse {
+                            header: header(revision),
+                            events: events.into_iter().map(event).collect(),
+                            ..Default::default()
+                        }
+                    }
+                    WatchUpdate::Cancelled {
+                        reason,
+                        resume_from,
+                    } => {
+                        let _ = out
+                            .send(Ok(pb::WatchResponse {
+                                header: header(resume_from - 1),
+                                canceled: true,
+                                cancel_reason: reason,
+                                resume_revision: resume_from,
+                                ..Default::default()
+                            }))
+                            .await;
+                        return;
+                    }
+                };
+                if out.send(Ok(msg)).await.is_err() {
+                    let _ = raft.send(CancelWatch(id)).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 }

@@ -6,7 +6,9 @@
 
 pub mod admin;
 pub mod client;
+pub mod cluster;
 pub mod deadline;
+pub mod forward;
 pub mod kv;
 pub mod metrics;
 pub mod raft;
@@ -17,6 +19,11 @@ pub mod pb {
     /// `lodge.admin.v1`.
     pub mod admin {
         tonic::include_proto!("lodge.admin.v1");
+    }
+
+    /// `lodge.cluster.v1`.
+    pub mod cluster {
+        tonic::include_proto!("lodge.cluster.v1");
     }
 
     /// `lodge.kv.v1`.

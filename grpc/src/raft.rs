@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::raft::{RaftNode, SnapshotSent, Step};
+use lodge_actors::cluster::topology::Directory;
 use lodge_actors::cluster::transport::{Delivery, Transport};
 use lodge_actors::ActorRef;
 use protobuf::Message as _;
@@ -40,6 +41,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 struct Peer {
+    addr: String,
     messages: mpsc::Sender<Vec<u8>>,
     snapshots: mpsc::Sender<Vec<u8>>,
     connected: Arc<AtomicBool>,
@@ -56,12 +58,14 @@ pub struct GrpcTransport {
 }
 
 impl GrpcTransport {
-    /// A transport to `peers` (id → `HOST:PORT`) for the member `raft`, running its tasks on `io`.
+    /// A transport for member `self_id` (`raft`), running its tasks on `io`. Its peers are the
+    /// members `directory` knows: it follows every change of the topology.
     pub fn new(
         io: tokio::runtime::Handle,
+        self_id: u64,
         raft: ActorRef<RaftNode>,
         faults: Faults,
-        peers: &HashMap<u64, String>,
+        directory: Directory,
         tls: ClientTls,
         log: Logger,
     ) -> Arc<Self> {
@@ -69,21 +73,54 @@ impl GrpcTransport {
             raft,
             faults,
             peers: RwLock::new(HashMap::new()),
-            io,
+            io: io.clone(),
             tls,
             log,
         });
-        for (id, addr) in peers {
-            t.add_peer(*id, addr.clone());
-        }
+        let mut changes = directory.subscribe();
+        let weak = Arc::downgrade(&t);
+        t.sync_peers(self_id, &directory);
+        io.spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(t) = weak.upgrade() else { return };
+                t.sync_peers(self_id, &directory);
+            }
+        });
         t
     }
 
+    /// Starts streams to members new in the directory (or at a new address) and ends those to
+    /// members gone from it.
+    fn sync_peers(&self, self_id: u64, directory: &Directory) {
+        let mut wanted = directory.addresses();
+        wanted.remove(&self_id);
+        let stale: Vec<u64> = {
+            let peers = self.peers.read().unwrap();
+            peers
+                .iter()
+                .filter(|(id, p)| wanted.get(id) != Some(&p.addr))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in stale {
+            // Dropping the queues ends the peer's tasks.
+            self.peers.write().unwrap().remove(&id);
+            info!(self.log, "peer removed"; "peer" => id);
+        }
+        for (id, addr) in wanted {
+            if !self.peers.read().unwrap().contains_key(&id) {
+                info!(self.log, "peer added"; "peer" => id, "addr" => &addr);
+                self.add_peer(id, addr);
+            }
+        }
+    }
+
     /// Starts talking to peer `id` at `addr`.
-    pub fn add_peer(&self, id: u64, addr: String) {
+    fn add_peer(&self, id: u64, addr: String) {
         let (mtx, mrx) = mpsc::channel(QUEUE);
         let (stx, srx) = mpsc::channel(4);
         let connected = Arc::new(AtomicBool::new(false));
+        let addr_for_peer = addr.clone();
         let log = self.log.new(slog::o!("peer" => id, "addr" => addr.clone()));
         self.io.spawn(stream_messages(
             id,
@@ -105,6 +142,7 @@ impl GrpcTransport {
         self.peers.write().unwrap().insert(
             id,
             Peer {
+                addr: addr_for_peer,
                 messages: mtx,
                 snapshots: stx,
                 connected,
@@ -172,6 +210,9 @@ async fn stream_messages(
         let channel = match client::connect(&addr, &tls).await {
             Ok(c) => c,
             Err(e) => {
+                if rx.is_closed() {
+                    return;
+                }
                 debug!(log, "peer unreachable"; "error" => e);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -215,6 +256,9 @@ async fn stream_messages(
             }
         }
         connected.store(false, Ordering::Relaxed);
+        if rx.is_closed() {
+            return;
+        }
         tokio::time::sleep(backoff).await;
     }
 }

@@ -79,6 +79,7 @@ pub struct NodeServices {
 /// Service names reported by grpc.health.v1 besides the node-wide "".
 const SERVICE_NAMES: &[&str] = &[
     "lodge.admin.v1.Admin",
+    "lodge.cluster.v1.Cluster",
     "lodge.kv.v1.KV",
     "lodge.raft.v1.Raft",
 ];
@@ -88,8 +89,12 @@ pub struct Backends {
     pub admin: ActorRef<AdminActor>,
     pub raft: ActorRef<lodge_actors::cluster::raft::RaftNode>,
     pub member_id: u64,
-    /// Every member's gRPC address, by id (for forwarding writes to the leader).
-    pub members: std::sync::Arc<std::collections::HashMap<u64, String>>,
+    /// The replicated topology (members' addresses, for forwarding to the leader).
+    pub directory: lodge_actors::cluster::topology::Directory,
+    /// The membership actor (heartbeats, topology with liveness).
+    pub membership: ActorRef<lodge_actors::cluster::members::Membership>,
+    /// How often members send heartbeats.
+    pub heartbeat_interval: Duration,
     /// How this node connects to other members.
     pub peer_tls: crate::client::ClientTls,
     /// Injected faults (the Raft service drops traffic from cut-off peers).
@@ -132,17 +137,34 @@ pub async fn node_services(
     let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(
         b.admin,
         s.request_timeout,
-        shutdown,
+        shutdown.clone(),
     ))
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
+    let forward = Arc::new(crate::forward::Forwarder::new(
+        b.member_id,
+        b.directory.clone(),
+        b.peer_tls,
+    ));
     let kv = pb::kv::kv_server::KvServer::new(crate::kv::KvService::new(
         b.raft.clone(),
-        b.member_id,
-        b.members,
-        b.peer_tls,
+        forward.clone(),
         s.request_timeout,
+        shutdown.clone(),
     ))
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
+    let cluster = pb::cluster::cluster_server::ClusterServer::new(
+        crate::cluster::ClusterService::new(
+            b.raft.clone(),
+            b.membership,
+            b.directory,
+            forward,
+            b.heartbeat_interval,
+            s.request_timeout,
+            shutdown.clone(),
+        ),
+    )
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
@@ -153,6 +175,7 @@ pub async fn node_services(
         .add_service(reflection)
         .add_service(admin)
         .add_service(kv)
+        .add_service(cluster)
         .add_service(raft);
     Ok(NodeServices { routes, health })
 }

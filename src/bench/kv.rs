@@ -176,6 +176,7 @@ impl Conn {
                     key,
                     value: value.to_vec(),
                     prev_kv: false,
+                    lease: 0,
                 })
                 .await
                 .map(drop),

@@ -2,18 +2,26 @@
 //! command that changes something takes the next revision; each key remembers the revision that
 //! created it, the one that last changed it, and how many times it changed.
 //!
+//! Leases live here too: a key written with a lease is deleted when the lease is revoked, which
+//! is how expiry takes effect (the leader decides that a lease expired and proposes its
+//! revocation; see the raft actor).
+//!
 //! Commands arrive through the raft log in the same order on every member, so applying them is
 //! deterministic: no clocks, no randomness, no iteration over hash maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 /// A write, as replicated through the log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Sets `key` to `value`.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Sets `key` to `value`, attached to `lease` (0: none).
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
     /// Deletes `key`, or every key starting with it when `prefix` is set.
     Delete { key: Vec<u8>, prefix: bool },
     /// Applies `success` if every compare holds, else `failure`, atomically.
@@ -22,12 +30,20 @@ pub enum Command {
         success: Vec<Op>,
         failure: Vec<Op>,
     },
+    /// Creates a lease of `ttl_secs`; `id` 0 lets the store pick the next unused id.
+    LeaseGrant { id: i64, ttl_secs: i64 },
+    /// Ends a lease and deletes its keys; `expired` when the leader found it timed out.
+    LeaseRevoke { id: i64, expired: bool },
 }
 
 /// One operation inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
     Delete { key: Vec<u8>, prefix: bool },
     Get { key: Vec<u8> },
 }
@@ -70,6 +86,48 @@ pub struct KeyValue {
     pub create_revision: i64,
     pub mod_revision: i64,
     pub version: i64,
+    /// The lease the key is attached to (0: none).
+    pub lease: i64,
+}
+
+/// A lease: a time-to-live that the leader tracks, and the keys that go with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: i64,
+    pub ttl_secs: i64,
+    pub keys: BTreeSet<Vec<u8>>,
+}
+
+/// A change to one key, as watchers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// False for a put, true for a delete.
+    pub deleted: bool,
+    /// The key after the change; for a delete, only the key and the deleting revision.
+    pub kv: KeyValue,
+    /// The key before the change, if it existed.
+    pub prev: Option<KeyValue>,
+}
+
+/// A command the store refused; nothing of it was applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvError {
+    /// A put names a lease that does not exist (any more).
+    LeaseNotFound(i64),
+    /// A grant asks for an id in use.
+    LeaseExists(i64),
+    /// A grant with a time-to-live under one second.
+    BadTtl(i64),
+}
+
+impl std::fmt::Display for KvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LeaseNotFound(id) => write!(f, "lease: {id} not found (expired or revoked)"),
+            Self::LeaseExists(id) => write!(f, "id: lease {id} already exists"),
+            Self::BadTtl(t) => write!(f, "ttl: {t} s; a lease lives at least 1 s"),
+        }
+    }
 }
 
 /// The answer to an applied command.
@@ -85,6 +143,12 @@ pub struct ApplyResult {
     pub succeeded: bool,
     /// For a txn: one result per operation of the branch taken, in order.
     pub ops: Vec<OpResult>,
+    /// Every key change, in order, for watchers.
+    pub events: Vec<Event>,
+    /// For a lease grant: the lease's id.
+    pub lease: i64,
+    /// Set when the command was refused as a whole.
+    pub error: Option<KvError>,
 }
 
 /// The result of one operation inside a transaction.
@@ -100,12 +164,26 @@ pub enum OpResult {
 pub struct KvState {
     data: BTreeMap<Vec<u8>, KeyValue>,
     revision: i64,
+    leases: BTreeMap<i64, Lease>,
+    /// The highest lease id ever granted: ids are never reused, so a client holding a revoked
+    /// lease's id can never keep someone else's lease alive.
+    last_lease: i64,
 }
 
 impl KvState {
     /// Current revision.
     pub fn revision(&self) -> i64 {
         self.revision
+    }
+
+    /// One lease.
+    pub fn lease(&self, id: i64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    /// Every lease, by id.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
     }
 
     /// One key.
@@ -134,8 +212,13 @@ impl KvState {
     pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
         let next = self.revision + 1;
         let mut res = ApplyResult::default();
+        if let Some(e) = self.refusal(cmd) {
+            res.error = Some(e);
+            res.revision = self.revision;
+            return res;
+        }
         let changed = match cmd {
-            Command::Put { key, value } => self.put(key, value, next, &mut res),
+            Command::Put { key, value, lease } => self.put(key, value, *lease, next, &mut res),
             Command::Delete { key, prefix } => self.delete(key, *prefix, next, &mut res),
             Command::Txn {
                 compares,
@@ -149,8 +232,8 @@ impl KvState {
                     // Each operation's own effects, then folded into the command's totals.
                     let mut one = ApplyResult::default();
                     match op {
-                        Op::Put { key, value } => {
-                            changed |= self.put(key, value, next, &mut one);
+                        Op::Put { key, value, lease } => {
+                            changed |= self.put(key, value, *lease, next, &mut one);
                             res.ops.push(OpResult::Put {
                                 prev: one.prev.first().cloned(),
                             });
@@ -166,6 +249,30 @@ impl KvState {
                     }
                     res.deleted += one.deleted;
                     res.prev.extend(one.prev);
+                    res.events.extend(one.events);
+                }
+                changed
+            }
+            Command::LeaseGrant { id, ttl_secs } => {
+                let id = if *id == 0 { self.last_lease + 1 } else { *id };
+                self.last_lease = self.last_lease.max(id);
+                self.leases.insert(
+                    id,
+                    Lease {
+                        id,
+                        ttl_secs: *ttl_secs,
+                        keys: BTreeSet::new(),
+                    },
+                );
+                res.lease = id;
+                false
+            }
+            Command::LeaseRevoke { id, .. } => {
+                res.lease = *id;
+                let keys = self.leases.remove(id).map(|l| l.keys).unwrap_or_default();
+                let mut changed = false;
+                for k in keys {
+                    changed |= self.delete(&k, false, next, &mut res);
                 }
                 changed
             }
@@ -177,7 +284,40 @@ impl KvState {
         res
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8], rev: i64, res: &mut ApplyResult) -> bool {
+    /// Why `cmd` must be refused as a whole, checked before anything is applied so that a
+    /// transaction is all or nothing.
+    fn refusal(&self, cmd: &Command) -> Option<KvError> {
+        let lease_ok = |lease: i64| lease == 0 || self.leases.contains_key(&lease);
+        match cmd {
+            Command::Put { lease, .. } if !lease_ok(*lease) => Some(KvError::LeaseNotFound(*lease)),
+            Command::Txn {
+                compares,
+                success,
+                failure,
+            } => {
+                let ops = if compares.iter().all(|c| self.holds(c)) {
+                    success
+                } else {
+                    failure
+                };
+                ops.iter().find_map(|op| match op {
+                    Op::Put { lease, .. } if !lease_ok(*lease) => {
+                        Some(KvError::LeaseNotFound(*lease))
+                    }
+                    _ => None,
+                })
+            }
+            Command::LeaseGrant { ttl_secs, .. } if *ttl_secs < 1 => {
+                Some(KvError::BadTtl(*ttl_secs))
+            }
+            Command::LeaseGrant { id, .. } if *id < 0 || self.leases.contains_key(id) => {
+                Some(KvError::LeaseExists(*id))
+            }
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8], lease: i64, rev: i64, res: &mut ApplyResult) -> bool {
         let prev = self.data.get(key).cloned();
         let kv = KeyValue {
             key: key.to_vec(),
@@ -185,13 +325,33 @@ impl KvState {
             create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
             mod_revision: rev,
             version: prev.as_ref().map_or(1, |p| p.version + 1),
+            lease,
         };
-        self.data.insert(key.to_vec(), kv);
+        if let Some(p) = &prev {
+            if p.lease != lease {
+                self.detach(p);
+            }
+        }
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.keys.insert(key.to_vec());
+        }
+        self.data.insert(key.to_vec(), kv.clone());
+        res.events.push(Event {
+            deleted: false,
+            kv,
+            prev: prev.clone(),
+        });
         res.prev.extend(prev);
         true
     }
 
-    fn delete(&mut self, key: &[u8], prefix: bool, _rev: i64, res: &mut ApplyResult) -> bool {
+    fn detach(&mut self, kv: &KeyValue) {
+        if let Some(l) = self.leases.get_mut(&kv.lease) {
+            l.keys.remove(&kv.key);
+        }
+    }
+
+    fn delete(&mut self, key: &[u8], prefix: bool, rev: i64, res: &mut ApplyResult) -> bool {
         let keys: Vec<Vec<u8>> = if prefix {
             self.data
                 .range(key.to_vec()..)
@@ -206,7 +366,22 @@ impl KvState {
             }
         };
         for k in &keys {
-            res.prev.extend(self.data.remove(k));
+            if let Some(prev) = self.data.remove(k) {
+                self.detach(&prev);
+                res.events.push(Event {
+                    deleted: true,
+                    kv: KeyValue {
+                        key: k.clone(),
+                        value: Vec::new(),
+                        create_revision: 0,
+                        mod_revision: rev,
+                        version: 0,
+                        lease: 0,
+                    },
+                    prev: Some(prev.clone()),
+                });
+                res.prev.push(prev);
+            }
         }
         res.deleted += keys.len() as u64;
         !keys.is_empty()
@@ -254,6 +429,7 @@ mod tests {
         Command::Put {
             key: k.into(),
             value: v.into(),
+            lease: 0,
         }
     }
 
@@ -300,6 +476,7 @@ mod tests {
             success: vec![Op::Put {
                 key: "k".into(),
                 value: new.into(),
+                lease: 0,
             }],
             failure: vec![Op::Get { key: "k".into() }],
         };
@@ -327,6 +504,66 @@ mod tests {
             })
             .succeeded
         );
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_and_ids_are_never_reused() {
+        let mut s = KvState::default();
+        let r = s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 5 });
+        assert_eq!(r.lease, 1);
+        let with = |k: &str, lease| Command::Put {
+            key: k.into(),
+            value: "v".into(),
+            lease,
+        };
+        s.apply(&with("a", 1));
+        s.apply(&with("b", 1));
+        // Re-put without the lease: "b" no longer goes with it.
+        s.apply(&with("b", 0));
+        assert_eq!(
+            s.apply(&with("c", 9)).error,
+            Some(KvError::LeaseNotFound(9)),
+            "a put on a missing lease is refused"
+        );
+        assert!(s.get(b"c").is_none());
+        let r = s.apply(&Command::LeaseRevoke { id: 1, expired: true });
+        assert_eq!(r.deleted, 1);
+        assert_eq!(r.events.len(), 1);
+        assert!(r.events[0].deleted);
+        assert!(s.get(b"a").is_none() && s.get(b"b").is_some());
+        assert_eq!(s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 5 }).lease, 2);
+        assert_eq!(
+            s.apply(&Command::LeaseGrant { id: 2, ttl_secs: 5 }).error,
+            Some(KvError::LeaseExists(2))
+        );
+        assert_eq!(
+            s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 0 }).error,
+            Some(KvError::BadTtl(0))
+        );
+    }
+
+    #[test]
+    fn a_txn_on_a_missing_lease_applies_nothing() {
+        let mut s = KvState::default();
+        let r = s.apply(&Command::Txn {
+            compares: vec![],
+            success: vec![
+                Op::Put {
+                    key: "x".into(),
+                    value: "1".into(),
+                    lease: 0,
+                },
+                Op::Put {
+                    key: "y".into(),
+                    value: "1".into(),
+                    lease: 42,
+                },
+            ],
+            failure: vec![],
+        });
+        assert_eq!(r.error, Some(KvError::LeaseNotFound(42)));
+        assert!(s.get(b"x").is_none());
+        assert_eq!(s.revision(), 0);
     }
 
     #[test]

@@ -129,6 +129,18 @@ impl LogStore {
     pub fn snapshot_index(&self) -> u64 {
         self.inner.read().unwrap().snap_index()
     }
+
+    /// Member addresses named by the membership changes in the log after the snapshot.
+    pub fn conf_change_addresses(&self) -> Vec<(u64, String)> {
+        use protobuf::Message as _;
+        let r = self.inner.read().unwrap();
+        r.entries
+            .iter()
+            .filter(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryConfChangeV2)
+            .filter_map(|e| raft::eraftpb::ConfChangeV2::parse_from_bytes(&e.data).ok())
+            .flat_map(|cc| super::topology::Topology::addresses_in(&cc))
+            .collect()
+    }
 }
 
 impl raft::Storage for LogStore {

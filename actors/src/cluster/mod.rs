@@ -3,9 +3,13 @@
 pub mod disk;
 pub mod fault;
 pub mod kv;
+pub mod lease;
 pub mod log;
+pub mod members;
 pub mod raft;
+pub mod topology;
 pub mod transport;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;

@@ -21,12 +21,15 @@ use raft::eraftpb::{
 use raft::{RawNode, SnapshotStatus, StateRole, Storage};
 use serde::{Deserialize, Serialize};
 use slog::{error, info, warn, Logger};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::disk::{Disk, DiskError, WriteBatch};
 use super::kv::{ApplyResult, Command, KeyValue, KvState};
+use super::lease::LeaseClock;
 use super::log::LogStore;
+use super::topology::{Directory, MemberRequest, PlanError, Topology};
 use super::transport::{Delivery, Transport};
+use super::watch::{WatchError, WatchHub, WatchSpec, WatchUpdate};
 use crate::supervision::Managed;
 
 /// How a raft member runs.
@@ -34,9 +37,9 @@ use crate::supervision::Managed;
 pub struct RaftSettings {
     /// This member's id (1..).
     pub id: u64,
-    /// Voters to bootstrap a brand-new log with; empty for a node that joins an existing cluster
-    /// (it waits for the leader's snapshot).
-    pub initial_voters: Vec<u64>,
+    /// Voters (id and gRPC address) to bootstrap a brand-new log with; empty for a node that
+    /// joins an existing cluster (it waits for the leader's snapshot).
+    pub initial_members: Vec<(u64, String)>,
     /// One raft tick.
     pub tick: Duration,
     pub election_ticks: usize,
@@ -46,18 +49,21 @@ pub struct RaftSettings {
     /// Reads waiting for a ReadIndex answer fail after this long (raft-rs drops read requests
     /// silently when there is no leader).
     pub read_timeout: Duration,
+    /// Revisions of key changes kept in memory for watches that start in the past.
+    pub watch_history: usize,
 }
 
 impl Default for RaftSettings {
     fn default() -> Self {
         Self {
             id: 1,
-            initial_voters: vec![1],
+            initial_members: vec![(1, String::new())],
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 3,
             snapshot_interval: 10_000,
             read_timeout: Duration::from_secs(5),
+            watch_history: 10_000,
         }
     }
 }
@@ -77,6 +83,16 @@ pub enum RaftError {
     Timeout,
     /// The request is malformed.
     Invalid(String),
+    /// An id or address is taken.
+    Conflict(String),
+    /// No such member, lease or key.
+    NotFound(String),
+    /// Not possible in the group's current state.
+    Precondition(String),
+    /// Cannot be done right now (another membership change, a leadership transfer); retry.
+    Busy(String),
+    /// A watch asked for history that is no longer kept.
+    Compacted(String),
 }
 
 impl std::fmt::Display for RaftError {
@@ -89,7 +105,13 @@ impl std::fmt::Display for RaftError {
             Self::Unknown { .. } => f.write_str(
                 "leadership changed while the write was in flight; its outcome is unknown",
             ),
-            Self::Rejected(m) | Self::Invalid(m) => f.write_str(m),
+            Self::Rejected(m)
+            | Self::Invalid(m)
+            | Self::Conflict(m)
+            | Self::NotFound(m)
+            | Self::Precondition(m)
+            | Self::Busy(m)
+            | Self::Compacted(m) => f.write_str(m),
             Self::Timeout => f.write_str("no answer in time"),
         }
     }
@@ -124,6 +146,21 @@ pub enum Query {
         prefix: Vec<u8>,
         limit: usize,
     },
+    /// Renews a lease (leader only, once its leadership is confirmed).
+    KeepAlive(i64),
+    /// A lease's time left and keys (leader only).
+    TimeToLive(i64),
+}
+
+/// A lease as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub id: i64,
+    /// The TTL it was granted with.
+    pub ttl_secs: i64,
+    /// Time left before the leader expires it.
+    pub remaining: Duration,
+    pub keys: Vec<Vec<u8>>,
 }
 
 /// A read's answer.
@@ -134,6 +171,8 @@ pub struct ReadAnswer {
     pub count: usize,
     /// Revision the answer reflects.
     pub revision: i64,
+    /// For lease queries.
+    pub lease: Option<LeaseInfo>,
 }
 
 /// A read: linearizable (ReadIndex through the leader) or serializable (this member's state).
@@ -148,6 +187,26 @@ pub struct Read {
 #[derive(Message)]
 #[rtype(result = "Result<ConfState, RaftError>")]
 pub struct ChangeMembership(pub ConfChangeV2);
+
+/// Adds, removes or promotes a member, checked against the topology; answers the topology once
+/// the change is applied (at once if it already is as asked).
+#[derive(Message)]
+#[rtype(result = "Result<Topology, RaftError>")]
+pub struct ChangeMember(pub MemberRequest);
+
+/// Starts a watch; its updates arrive on `tx`. Answers the watch id and the revision it starts
+/// after.
+#[derive(Message)]
+#[rtype(result = "Result<(u64, i64), RaftError>")]
+pub struct Watch {
+    pub spec: WatchSpec,
+    pub tx: mpsc::Sender<WatchUpdate>,
+}
+
+/// Ends a watch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CancelWatch(pub u64);
 
 /// This member's view of the group.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -187,7 +246,10 @@ struct Persisted {
     messages: Vec<RaftMessage>,
 }
 
-crate::handles!(RaftNode: Step, Propose, Read, ChangeMembership, GetStatus, SnapshotSent);
+crate::handles!(RaftNode: Step, Propose, Read, ChangeMembership, ChangeMember, Watch, CancelWatch, GetStatus, SnapshotSent);
+
+/// What a membership change's waiter gets once it is applied.
+type ConfReply = oneshot::Sender<Result<(ConfState, Topology), RaftError>>;
 
 struct PendingRead {
     query: Query,
@@ -223,7 +285,7 @@ pub struct RaftNode {
     proposals: HashMap<u64, oneshot::Sender<Result<ApplyResult, RaftError>>>,
     /// Pending membership changes by tag, with the log index raft gave them: raft turns a change
     /// it refuses into an empty entry at that index, which must fail the waiter.
-    conf_changes: HashMap<u64, (u64, oneshot::Sender<Result<ConfState, RaftError>>)>,
+    conf_changes: HashMap<u64, (u64, ConfReply)>,
     reads: HashMap<u64, PendingRead>,
     /// Reads that arrived after the ReadIndex request in flight was issued: they wait for the next.
     unbatched: Vec<u64>,
@@ -233,29 +295,66 @@ pub struct RaftNode {
     /// Reports for raft that must wait until the current Ready is advanced.
     reports: Vec<(u64, Delivery, bool)>,
     last_tick: Instant,
+    /// The replicated membership, applied along with the KV store.
+    topology: Topology,
+    directory: Directory,
+    leases: LeaseClock,
+    watches: WatchHub,
     log: Logger,
+}
+
+/// The state machine as a snapshot holds it.
+#[derive(Serialize)]
+struct StateRef<'a> {
+    kv: &'a KvState,
+    topology: &'a Topology,
+}
+
+#[derive(Deserialize)]
+struct State {
+    kv: KvState,
+    topology: Topology,
+}
+
+fn encode_state(kv: &KvState, topology: &Topology) -> Vec<u8> {
+    postcard::to_stdvec(&StateRef { kv, topology }).expect("the state serialises")
+}
+
+/// Restores the state machine from snapshot bytes (empty bytes: the empty state).
+fn decode_state(b: &[u8]) -> Result<(KvState, Topology), String> {
+    if b.is_empty() {
+        return Ok(Default::default());
+    }
+    postcard::from_bytes::<State>(b)
+        .map(|s| (s.kv, s.topology))
+        .map_err(|e| format!("corrupt state snapshot: {e}"))
 }
 
 impl RaftNode {
     /// Builds a member from what `disk` holds (bootstrapping a brand-new log with the initial
     /// voters). Reads the log synchronously: called by the supervisor when it (re)starts the actor.
+    /// The applied topology is published to `directory`.
     pub fn new(
         settings: RaftSettings,
         disk: Disk,
         transport: Arc<dyn Transport>,
+        directory: Directory,
         log: &Logger,
     ) -> Result<Self, String> {
         let recovered = disk.load().map_err(|e| e.to_string())?;
         let store = LogStore::from_recovered(recovered);
-        let mut kv = KvState::default();
         // raft-rs tags its own records with raft_id; ours get the same key.
         let log = log.new(slog::o!());
-        if !store.is_initialized() && !settings.initial_voters.is_empty() {
-            bootstrap(&store, &disk, &settings.initial_voters);
-        } else {
-            kv = KvState::from_bytes(&store.latest_snapshot().data)?;
+        if !store.is_initialized() && !settings.initial_members.is_empty() {
+            bootstrap(&store, &disk, &settings.initial_members);
         }
+        let (kv, topology) = decode_state(&store.latest_snapshot().data)?;
+        directory.publish(&topology);
+        // Members added in entries after the snapshot are in the topology only once those are
+        // applied again, which may need them: their addresses are known from the log already.
+        directory.hint(store.conf_change_addresses());
         let applied_from = store.snapshot_index();
+        let watch_history = settings.watch_history;
         let cfg = raft::Config {
             id: settings.id,
             election_tick: settings.election_ticks,
@@ -277,7 +376,6 @@ impl RaftNode {
             store,
             disk,
             transport,
-            kv,
             applied: applied_from,
             epoch: fastrand::u64(..),
             next_tag: 0,
@@ -289,7 +387,12 @@ impl RaftNode {
             writes_in_flight: 0,
             reports: Vec::new(),
             last_tick: Instant::now(),
+            watches: WatchHub::new(kv.revision(), watch_history),
+            leases: LeaseClock::default(),
+            topology,
+            directory,
             log,
+            kv,
         })
     }
 
@@ -342,7 +445,11 @@ impl RaftNode {
         while self.node.has_ready() {
             let mut rd = self.node.ready();
             if let Some(ss) = rd.ss() {
-                if ss.raft_state != StateRole::Leader {
+                let leader = (ss.leader_id != raft::INVALID_ID).then_some(ss.leader_id);
+                self.directory.set_leader(leader);
+                if ss.raft_state == StateRole::Leader {
+                    self.leases.lead(&self.kv, Instant::now());
+                } else {
                     self.lost_leadership();
                 }
             }
@@ -354,8 +461,13 @@ impl RaftNode {
             };
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();
-                match KvState::from_bytes(&snap.data) {
-                    Ok(kv) => self.kv = kv,
+                match decode_state(&snap.data) {
+                    Ok((kv, topology)) => {
+                        self.kv = kv;
+                        self.topology = topology;
+                        self.directory.publish(&self.topology);
+                        self.watches.reset(self.kv.revision());
+                    }
                     Err(e) => panic!("leader sent a snapshot that does not decode: {e}"),
                 }
                 let index = snap.get_metadata().index;
@@ -494,7 +606,7 @@ impl RaftNode {
                 EntryType::EntryNormal if e.data.is_empty() => {}
                 EntryType::EntryNormal => {
                     let result = postcard::from_bytes::<Command>(&e.data)
-                        .map(|cmd| self.kv.apply(&cmd))
+                        .map(|cmd| self.apply_command(&cmd))
                         .map_err(|err| {
                             RaftError::Invalid(format!("entry {} does not decode: {err}", e.index))
                         });
@@ -513,25 +625,31 @@ impl RaftNode {
                         ConfChange::parse_from_bytes(&e.data)
                             .map_err(|err| err.to_string())
                             .and_then(|cc| {
-                                self.node
+                                let cs = self
+                                    .node
                                     .apply_conf_change(&cc)
-                                    .map_err(|err| err.to_string())
+                                    .map_err(|err| err.to_string())?;
+                                Ok((ConfChangeV2::default(), cs))
                             })
                     } else {
                         ConfChangeV2::parse_from_bytes(&e.data)
                             .map_err(|err| err.to_string())
                             .and_then(|cc| {
-                                self.node
+                                let cs = self
+                                    .node
                                     .apply_conf_change(&cc)
-                                    .map_err(|err| err.to_string())
+                                    .map_err(|err| err.to_string())?;
+                                Ok((cc, cs))
                             })
                     };
                     let reply = match applied {
-                        Ok(cs) => {
-                            info!(self.log, "membership changed"; "index" => e.index, "voters" => ?cs.voters, "learners" => ?cs.learners, "outgoing" => ?cs.voters_outgoing);
+                        Ok((cc, cs)) => {
+                            self.topology.apply(&cc, &cs);
+                            self.directory.publish(&self.topology);
+                            info!(self.log, "membership changed"; "index" => e.index, "voters" => ?cs.voters, "learners" => ?cs.learners, "outgoing" => ?cs.voters_outgoing, "topology_version" => self.topology.version);
                             self.store.set_conf_state(cs.clone());
                             batch.conf_state = Some(cs.clone());
-                            Ok(cs)
+                            Ok((cs, self.topology.clone()))
                         }
                         Err(err) => {
                             warn!(self.log, "membership change refused"; "index" => e.index, "error" => &err);
@@ -586,7 +704,7 @@ impl RaftNode {
             Err(_) => return,
         };
         let mut snap = Snapshot {
-            data: self.kv.to_bytes().into(),
+            data: encode_state(&self.kv, &self.topology).into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
@@ -606,6 +724,7 @@ impl RaftNode {
     }
 
     fn lost_leadership(&mut self) {
+        self.leases.follow();
         let err = RaftError::Unknown {
             leader: self.leader(),
         };
@@ -617,7 +736,9 @@ impl RaftNode {
         }
     }
 
-    fn answer(&self, query: &Query) -> ReadAnswer {
+    /// Answers a read whose index is applied. Lease queries need this member to lead still.
+    fn answer(&mut self, query: &Query) -> Result<ReadAnswer, RaftError> {
+        let mut lease = None;
         let (kvs, count) = match query {
             Query::Get(k) => {
                 let kvs: Vec<KeyValue> = self.kv.get(k).cloned().into_iter().collect();
@@ -625,11 +746,72 @@ impl RaftNode {
                 (kvs, n)
             }
             Query::Range { prefix, limit } => self.kv.range(prefix, *limit),
+            Query::KeepAlive(id) | Query::TimeToLive(id) => {
+                if self.node.raft.state != StateRole::Leader {
+                    return Err(self.not_leader());
+                }
+                let l = self
+                    .kv
+                    .lease(*id)
+                    .ok_or_else(|| RaftError::NotFound(format!("lease: {id} not found")))?;
+                let now = Instant::now();
+                if matches!(query, Query::KeepAlive(_)) {
+                    self.leases.refresh(l.id, l.ttl_secs, now);
+                }
+                lease = Some(LeaseInfo {
+                    id: l.id,
+                    ttl_secs: l.ttl_secs,
+                    remaining: self.leases.remaining(l.id, now).unwrap_or_default(),
+                    keys: l.keys.iter().cloned().collect(),
+                });
+                (Vec::new(), 0)
+            }
         };
-        ReadAnswer {
+        Ok(ReadAnswer {
             kvs,
             count,
             revision: self.kv.revision(),
+            lease,
+        })
+    }
+
+    /// Applies one command to the KV store, and feeds watchers and the lease clock.
+    fn apply_command(&mut self, cmd: &Command) -> ApplyResult {
+        let mut res = self.kv.apply(cmd);
+        if res.error.is_none() {
+            let leading = self.node.raft.state == StateRole::Leader;
+            match cmd {
+                Command::LeaseGrant { ttl_secs, .. } if leading => {
+                    self.leases.refresh(res.lease, *ttl_secs, Instant::now());
+                }
+                Command::LeaseRevoke { id, expired } => {
+                    self.leases.forget(*id);
+                    if *expired {
+                        self.leases.expired_total += 1;
+                        info!(self.log, "lease expired"; "lease" => id, "keys_deleted" => res.deleted);
+                    }
+                }
+                _ => {}
+            }
+        } else if let Command::LeaseRevoke { id, .. } = cmd {
+            self.leases.forget(*id);
+        }
+        let events = std::mem::take(&mut res.events);
+        self.watches.record(res.revision, events);
+        res
+    }
+
+    /// Leader: proposes the revocation of every lease past its deadline.
+    fn expire_leases(&mut self) {
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        for id in self.leases.due(Instant::now()) {
+            let cmd = Command::LeaseRevoke { id, expired: true };
+            let data = postcard::to_stdvec(&cmd).expect("commands encode");
+            if self.node.propose(Vec::new(), data).is_err() {
+                self.leases.retry(id);
+            }
         }
     }
 
@@ -661,7 +843,7 @@ impl RaftNode {
         for id in ready {
             let r = self.reads.remove(&id).expect("listed above");
             let result = if r.index.is_some_and(|i| i <= applied) {
-                Ok(self.answer(&r.query))
+                self.answer(&r.query)
             } else {
                 Err(RaftError::Timeout)
             };
@@ -686,15 +868,15 @@ fn answer_later<T: Send + 'static>(
 
 /// Writes the initial configuration of a brand-new member: as raft-rs's own bootstrap does, the
 /// log starts at a snapshot of index 1, term 1, holding the voters and an empty state.
-fn bootstrap(store: &LogStore, disk: &Disk, voters: &[u64]) {
+fn bootstrap(store: &LogStore, disk: &Disk, members: &[(u64, String)]) {
     let mut snap = Snapshot {
-        data: KvState::default().to_bytes().into(),
+        data: encode_state(&KvState::default(), &Topology::bootstrap(members)).into(),
         ..Default::default()
     };
     let meta = snap.mut_metadata();
     meta.index = 1;
     meta.term = 1;
-    meta.mut_conf_state().voters = voters.to_vec();
+    meta.mut_conf_state().voters = members.iter().map(|(id, _)| *id).collect();
     let hs = HardState {
         term: 1,
         commit: 1,
@@ -725,6 +907,8 @@ impl Actor for RaftNode {
                 act.last_tick = Instant::now();
                 act.node.tick();
                 act.ask_reads_again();
+                act.expire_leases();
+                act.watches.sweep();
                 act.drive(ctx);
             }
         });
@@ -745,6 +929,11 @@ impl Managed for RaftNode {
         let mut v = serde_json::to_value(self.status()).unwrap_or_default();
         v["pending_proposals"] = self.proposals.len().into();
         v["pending_reads"] = self.reads.len().into();
+        v["watchers"] = self.watches.watchers().into();
+        v["oldest_watchable_revision"] = self.watches.oldest().into();
+        v["leases"] = self.kv.leases().count().into();
+        v["leases_expired"] = self.leases.expired_total.into();
+        v["topology_version"] = self.topology.version.into();
         v
     }
 }
@@ -812,9 +1001,14 @@ impl Handler<Read> for RaftNode {
     type Result = ResponseFuture<Result<ReadAnswer, RaftError>>;
 
     fn handle(&mut self, msg: Read, ctx: &mut Context<Self>) -> Self::Result {
-        if !msg.linearizable {
+        let lease_query = matches!(msg.query, Query::KeepAlive(_) | Query::TimeToLive(_));
+        if lease_query && self.node.raft.state != StateRole::Leader {
+            let err = self.not_leader();
+            return Box::pin(async move { Err(err) });
+        }
+        if !msg.linearizable && !lease_query {
             let answer = self.answer(&msg.query);
-            return Box::pin(async move { Ok(answer) });
+            return Box::pin(async move { answer });
         }
         self.next_tag += 1;
         let id = self.next_tag;
@@ -848,21 +1042,124 @@ impl Handler<ChangeMembership> for RaftNode {
                     .into(),
             ))
         } else {
-            let (id, tag) = self.tag();
-            match self.node.propose_conf_change(tag, msg.0) {
-                Ok(()) => {
-                    let (tx, rx) = oneshot::channel();
-                    let index = self.node.raft.raft_log.last_index();
-                    self.conf_changes.insert(id, (index, tx));
-                    Ok(rx)
-                }
-                Err(e) => Err(RaftError::Rejected(format!(
-                    "membership change refused: {e}"
-                ))),
-            }
+            self.propose_conf_change(msg.0)
         };
         self.drive(ctx);
-        answer_later(result, self.not_leader())
+        let answer = answer_later(result, self.not_leader());
+        Box::pin(async move { answer.await.map(|(cs, _)| cs) })
+    }
+}
+
+impl RaftNode {
+    fn propose_conf_change(
+        &mut self,
+        cc: ConfChangeV2,
+    ) -> Result<oneshot::Receiver<Result<(ConfState, Topology), RaftError>>, RaftError> {
+        let (id, tag) = self.tag();
+        match self.node.propose_conf_change(tag, cc) {
+            Ok(()) => {
+                let (tx, rx) = oneshot::channel();
+                let index = self.node.raft.raft_log.last_index();
+                self.conf_changes.insert(id, (index, tx));
+                Ok(rx)
+            }
+            Err(e) => Err(RaftError::Rejected(format!(
+                "membership change refused: {e}"
+            ))),
+        }
+    }
+
+    /// Checks a member request against the topology and proposes its change.
+    fn change_member(
+        &mut self,
+        req: &MemberRequest,
+    ) -> Result<Option<oneshot::Receiver<Result<(ConfState, Topology), RaftError>>>, RaftError>
+    {
+        if self.node.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        if self.node.raft.has_pending_conf() || !self.store.conf_state().voters_outgoing.is_empty()
+        {
+            return Err(RaftError::Busy(
+                "another membership change is still in progress; retry once it is applied".into(),
+            ));
+        }
+        let Some(cc) = self.topology.plan(req).map_err(|e| match e {
+            PlanError::Conflict(m) => RaftError::Conflict(m),
+            PlanError::NotFound(m) => RaftError::NotFound(m),
+            PlanError::Invalid(m) => RaftError::Invalid(m),
+            PlanError::Precondition(m) => RaftError::Precondition(m),
+        })?
+        else {
+            return Ok(None);
+        };
+        if let MemberRequest::Remove { id } = req {
+            if *id == self.settings.id {
+                // A leader that removes itself stops leading in the middle of the change; hand
+                // leadership to another voter first, and let the caller retry there.
+                let next = self
+                    .topology
+                    .members
+                    .values()
+                    .filter(|m| m.id != *id && m.role == super::topology::Role::Voter)
+                    .max_by_key(|m| {
+                        self.node
+                            .raft
+                            .prs()
+                            .get(m.id)
+                            .map_or(0, |p| p.matched)
+                    })
+                    .map(|m| m.id);
+                if let Some(next) = next {
+                    self.node.transfer_leader(next);
+                }
+                return Err(RaftError::Busy(format!(
+                    "member {id} is the leader; leadership is moving to member {} first; retry",
+                    next.unwrap_or_default()
+                )));
+            }
+        }
+        self.propose_conf_change(cc).map(Some)
+    }
+}
+
+impl Handler<ChangeMember> for RaftNode {
+    type Result = ResponseFuture<Result<Topology, RaftError>>;
+
+    fn handle(&mut self, msg: ChangeMember, ctx: &mut Context<Self>) -> Self::Result {
+        let result = self.change_member(&msg.0);
+        self.drive(ctx);
+        let current = self.topology.clone();
+        let if_dropped = self.not_leader();
+        Box::pin(async move {
+            match result {
+                Ok(None) => Ok(current),
+                Ok(Some(rx)) => rx.await.unwrap_or(Err(if_dropped)).map(|(_, t)| t),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+impl Handler<Watch> for RaftNode {
+    type Result = Result<(u64, i64), RaftError>;
+
+    fn handle(&mut self, msg: Watch, _: &mut Context<Self>) -> Self::Result {
+        let current = self.kv.revision();
+        self.watches
+            .watch(msg.spec, current, msg.tx)
+            .map(|id| (id, current))
+            .map_err(|e| match e {
+                WatchError::Compacted { .. } => RaftError::Compacted(e.to_string()),
+            })
+    }
+}
+
+impl Handler<CancelWatch> for RaftNode {
+    type Result = ();
+
+    fn handle(&mut self, msg: CancelWatch, _: &mut Context<Self>) {
+        self.watches.cancel(msg.0);
     }
 }
 

@@ -61,7 +61,7 @@ impl Cluster {
         self._dirs.push(dir);
         let settings = RaftSettings {
             id,
-            initial_voters: voters,
+            initial_members: voters.iter().map(|v| (*v, format!("mem:{v}"))).collect(),
             // Elections after 200-400 ms of silence: short enough for quick tests, long enough
             // that a busy machine (the suite runs nodes in parallel) does not depose leaders.
             tick: Duration::from_millis(20),
@@ -69,6 +69,7 @@ impl Cluster {
             heartbeat_ticks: 2,
             snapshot_interval: self.snapshot_interval,
             read_timeout: Duration::from_secs(1),
+            watch_history: 1000,
         };
         let member: ActorRef<RaftNode> = ActorRef::default();
         let net = self.net.clone();
@@ -77,6 +78,7 @@ impl Cluster {
                 settings.clone(),
                 disk.clone(),
                 Arc::new(net.clone()),
+                super::topology::Directory::default(),
                 &quiet(),
             )
             .unwrap()
@@ -108,6 +110,7 @@ impl Cluster {
         let cmd = Command::Put {
             key: k.into(),
             value: v.into(),
+            lease: 0,
         };
         match self.members[&id]
             .send_timeout(Propose(cmd), Duration::from_secs(5))

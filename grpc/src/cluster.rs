@@ -1,0 +1,410 @@
+//! `lodge.cluster.v1.Cluster` → the raft member (membership changes, status) and the membership
+//! actor (heartbeats, topology with liveness). Membership changes reaching a follower are
+//! forwarded to the leader.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lodge_actors::cluster::members::{
+    Beat, GetTopologyView, HeartbeatSender, Membership, ReceiveBeat, Resources, TopologyView,
+};
+use lodge_actors::cluster::raft::{ChangeMember, GetStatus, RaftNode};
+use lodge_actors::cluster::topology::{Directory, MemberRequest, Role, Topology};
+use lodge_actors::ActorRef;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::client::{self, ClientTls};
+use crate::deadline;
+use crate::forward::{forwarded, Forwarder};
+use crate::kv::stream_until_shutdown;
+use crate::pb::cluster::{self as pb, cluster_client::ClusterClient, cluster_server};
+
+type Client = ClusterClient<tonic::transport::Channel>;
+type Forwarded<R> =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<R>, Status>> + Send>>;
+
+/// The cluster adapter.
+pub struct ClusterService {
+    raft: ActorRef<RaftNode>,
+    membership: ActorRef<Membership>,
+    directory: Directory,
+    forward: Arc<Forwarder>,
+    heartbeat_interval: Duration,
+    timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ClusterService {
+    /// A service answering for `raft` and `membership`; streams end when `shutdown` turns true.
+    pub fn new(
+        raft: ActorRef<RaftNode>,
+        membership: ActorRef<Membership>,
+        directory: Directory,
+        forward: Arc<Forwarder>,
+        heartbeat_interval: Duration,
+        timeout: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            raft,
+            membership,
+            directory,
+            forward,
+            heartbeat_interval,
+            timeout,
+            shutdown,
+        }
+    }
+
+    /// Carries out a membership request here if this member leads, else on the leader (`then`
+    /// makes the same call there).
+    async fn change<T: Clone + Send + 'static, R>(
+        &self,
+        req: Request<T>,
+        change: MemberRequest,
+        then: impl FnOnce(Client, Request<T>) -> Forwarded<R>,
+        answer: impl FnOnce(pb::Topology, u64) -> R,
+    ) -> Result<Response<R>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let result = self
+            .raft
+            .send_timeout(ChangeMember(change), budget)
+            .await
+            .map_err(|e| deadline::send_status(e, "raft member"))?;
+        match result {
+            Ok(topology) => {
+                let commit = self
+                    .raft
+                    .send_timeout(GetStatus, budget)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map_or(0, |s| s.commit);
+                let view = self.view(budget).await.unwrap_or_else(|_| bare(&topology));
+                Ok(Response::new(answer(view, commit)))
+            }
+            Err(e) => {
+                let channel = self.forward.leader(&req, &e).await?;
+                let body = req.get_ref().clone();
+                then(ClusterClient::new(channel), forwarded(body, budget)).await
+            }
+        }
+    }
+
+    async fn view(&self, budget: Duration) -> Result<pb::Topology, Status> {
+        let v = self
+            .membership
+            .send_timeout(GetTopologyView, budget)
+            .await
+            .map_err(|e| deadline::send_status(e, "membership"))?;
+        Ok(topology(v))
+    }
+}
+
+fn role(r: Role) -> i32 {
+    match r {
+        Role::Voter => pb::Role::Voter as i32,
+        Role::Learner => pb::Role::Learner as i32,
+    }
+}
+
+fn resources(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        memory_bytes: r.memory_bytes,
+        cpu_seconds: r.cpu_seconds,
+        actors: r.actors,
+        applied_index: r.applied_index,
+    }
+}
+
+fn topology(v: TopologyView) -> pb::Topology {
+    pb::Topology {
+        version: v.version,
+        leader_id: v.leader.unwrap_or(0),
+        members: v
+            .members
+            .into_iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                address: m.addr,
+                role: role(m.role),
+                reachable: m.liveness.reachable,
+                last_heartbeat_ms_ago: m
+                    .liveness
+                    .since_last_beat
+                    .map_or(-1, |d| d.as_millis() as i64),
+                status: m.liveness.status,
+                resources: Some(resources(&m.liveness.resources)),
+            })
+            .collect(),
+    }
+}
+
+/// The topology without liveness (when the membership actor cannot be asked).
+fn bare(t: &Topology) -> pb::Topology {
+    pb::Topology {
+        version: t.version,
+        leader_id: 0,
+        members: t
+            .members
+            .values()
+            .map(|m| pb::Member {
+                id: m.id,
+                address: m.addr.clone(),
+                role: role(m.role),
+                last_heartbeat_ms_ago: -1,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn require_id(id: u64) -> Result<(), Status> {
+    if id == 0 {
+        Err(Status::invalid_argument("id is required (member ids start at 1)"))
+    } else {
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for ClusterService {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let r = req.get_ref().clone();
+        require_id(r.id)?;
+        if r.address.is_empty() {
+            return Err(Status::invalid_argument("address is required (HOST:PORT)"));
+        }
+        let role = match pb::Role::try_from(r.role) {
+            Ok(pb::Role::Unspecified | pb::Role::Voter) => Role::Voter,
+            Ok(pb::Role::Learner) => Role::Learner,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "role: unknown value {}",
+                    r.role
+                )))
+            }
+        };
+        let change = MemberRequest::Add {
+            id: r.id,
+            addr: r.address,
+            role,
+        };
+        self.change(
+            req,
+            change,
+            |mut c, r| Box::pin(async move { c.register_node(r).await }),
+            |t, commit| pb::RegisterNodeResponse {
+                topology: Some(t),
+                commit_index: commit,
+            },
+        )
+        .await
+    }
+
+    async fn deregister_node(
+        &self,
+        req: Request<pb::DeregisterNodeRequest>,
+    ) -> Result<Response<pb::DeregisterNodeResponse>, Status> {
+        let id = req.get_ref().id;
+        require_id(id)?;
+        self.change(
+            req,
+            MemberRequest::Remove { id },
+            |mut c, r| Box::pin(async move { c.deregister_node(r).await }),
+            |t, _| pb::DeregisterNodeResponse { topology: Some(t) },
+        )
+        .await
+    }
+
+    async fn promote_node(
+        &self,
+        req: Request<pb::PromoteNodeRequest>,
+    ) -> Result<Response<pb::PromoteNodeResponse>, Status> {
+        let id = req.get_ref().id;
+        require_id(id)?;
+        self.change(
+            req,
+            MemberRequest::Promote { id },
+            |mut c, r| Box::pin(async move { c.promote_node(r).await }),
+            |t, _| pb::PromoteNodeResponse { topology: Some(t) },
+        )
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.get_ref();
+        require_id(r.node_id)?;
+        let res = r.resources.clone().unwrap_or_default();
+        let beat = Beat {
+            status: r.status.clone(),
+            resources: Resources {
+                memory_bytes: res.memory_bytes,
+                cpu_seconds: res.cpu_seconds,
+                actors: res.actors,
+                applied_index: res.applied_index,
+            },
+        };
+        let version = self
+            .membership
+            .send_timeout(
+                ReceiveBeat {
+                    from: r.node_id,
+                    beat,
+                },
+                deadline::of(&req, self.timeout),
+            )
+            .await
+            .map_err(|e| deadline::send_status(e, "membership"))?
+            .map_err(Status::not_found)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            topology_version: version,
+            interval_ms: self.heartbeat_interval.as_millis() as i64,
+        }))
+    }
+
+    async fn get_topology(
+        &self,
+        req: Request<pb::GetTopologyRequest>,
+    ) -> Result<Response<pb::GetTopologyResponse>, Status> {
+        let current = self.directory.current().topology.version;
+        if current <= req.get_ref().min_version {
+            return Ok(Response::new(pb::GetTopologyResponse {
+                not_modified: true,
+                version: current,
+                topology: None,
+            }));
+        }
+        let t = self.view(deadline::of(&req, self.timeout)).await?;
+        Ok(Response::new(pb::GetTopologyResponse {
+            not_modified: false,
+            version: t.version,
+            topology: Some(t),
+        }))
+    }
+
+    type WatchTopologyStream = Pin<Box<dyn Stream<Item = Result<pb::Topology, Status>> + Send>>;
+
+    async fn watch_topology(
+        &self,
+        _: Request<pb::WatchTopologyRequest>,
+    ) -> Result<Response<Self::WatchTopologyStream>, Status> {
+        let mut changes = self.directory.subscribe();
+        let membership = self.membership.clone();
+        let timeout = self.timeout;
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
+            let mut sent = None;
+            loop {
+                let version = changes.borrow_and_update().topology.version;
+                if sent != Some(version) {
+                    let view = membership
+                        .send_timeout(GetTopologyView, timeout)
+                        .await
+                        .map(topology)
+                        .map_err(|e| deadline::send_status(e, "membership"));
+                    let failed = view.is_err();
+                    if out.send(view).await.is_err() || failed {
+                        return;
+                    }
+                    sent = Some(version);
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self
+            .raft
+            .send_timeout(GetStatus, deadline::of(&req, self.timeout))
+            .await
+            .map_err(|e| deadline::send_status(e, "raft member"))?
+            .map_err(|e| self.forward.status(&e))?;
+        Ok(Response::new(pb::StatusResponse {
+            id: s.id,
+            role: s.role,
+            term: s.term,
+            leader_id: s.leader.unwrap_or(0),
+            commit: s.commit,
+            applied: s.applied,
+            voters: s.voters,
+            learners: s.learners,
+            voters_outgoing: s.voters_outgoing,
+            revision: s.revision,
+            snapshot_index: s.snapshot_index,
+            topology_version: self.directory.current().topology.version,
+        }))
+    }
+}
+
+/// Sends heartbeats to peers over gRPC, one call at a time per peer: a beat to a peer still
+/// busy with the previous one is skipped (the next one carries fresher figures anyway).
+pub struct GrpcHeartbeats {
+    io: tokio::runtime::Handle,
+    tls: ClientTls,
+    timeout: Duration,
+    busy: Arc<Mutex<HashSet<String>>>,
+    channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+}
+
+impl GrpcHeartbeats {
+    /// Beats run on `io`, each given up after `timeout`.
+    pub fn new(io: tokio::runtime::Handle, tls: ClientTls, timeout: Duration) -> Self {
+        Self {
+            io,
+            tls,
+            timeout,
+            busy: Default::default(),
+            channels: Default::default(),
+        }
+    }
+}
+
+impl HeartbeatSender for GrpcHeartbeats {
+    fn send(&self, from: u64, addr: &str, beat: Beat) {
+        if !self.busy.lock().unwrap().insert(addr.to_string()) {
+            return;
+        }
+        let (busy, channels, tls) = (self.busy.clone(), self.channels.clone(), self.tls.clone());
+        let addr = addr.to_string();
+        let timeout = self.timeout;
+        self.io.spawn(async move {
+            let call = async {
+                let cached = channels.lock().unwrap().get(&addr).cloned();
+                let channel = match cached {
+                    Some(c) => c,
+                    None => {
+                        let c = client::connect(&addr, &tls).await?;
+                        channels.lock().unwrap().insert(addr.clone(), c.clone());
+                        c
+                    }
+                };
+                ClusterClient::new(channel)
+                    .heartbeat(pb::HeartbeatRequest {
+                        node_id: from,
+                        status: beat.status,
+                        resources: Some(resources(&beat.resources)),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let _ = tokio::time::timeout(timeout, call).await;
+            busy.lock().unwrap().remove(&addr);
+        });
+    }
+}

@@ -1,0 +1,121 @@
+//! Forwarding to the leader, shared by the adapters whose requests only the leader can serve
+//! (writes, linearizable reads, lease and membership calls).
+//!
+//! A request that reaches a follower is sent once to the leader that follower knows, marked so
+//! that a second follower does not forward it again (no loops while views of the leader differ);
+//! without a known leader the caller gets UNAVAILABLE naming what is missing. Addresses come from
+//! the replicated topology, so members added at run time are reached like the first ones.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lodge_actors::cluster::raft::RaftError;
+use lodge_actors::cluster::topology::Directory;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::client::{self, ClientTls};
+
+/// Metadata key marking a request forwarded by a member.
+pub const FORWARDED: &str = "lodge-forwarded";
+
+/// Reaches the leader on behalf of an adapter.
+pub struct Forwarder {
+    member_id: u64,
+    directory: Directory,
+    tls: ClientTls,
+    /// Channels by address: tonic channels reconnect by themselves.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    /// Forwards for member `member_id`, finding addresses in `directory`.
+    pub fn new(member_id: u64, directory: Directory, tls: ClientTls) -> Self {
+        Self {
+            member_id,
+            directory,
+            tls,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> u64 {
+        self.member_id
+    }
+
+    /// A channel to the leader named in `err`, if the request may be forwarded; otherwise the
+    /// status to answer.
+    pub async fn leader<T>(&self, req: &Request<T>, err: &RaftError) -> Result<Channel, Status> {
+        let RaftError::NotLeader {
+            leader: Some(leader),
+        } = err
+        else {
+            return Err(self.status(err));
+        };
+        if req.metadata().contains_key(FORWARDED) || *leader == self.member_id {
+            return Err(self.status(err));
+        }
+        let addr = self
+            .directory
+            .address(*leader)
+            .ok_or_else(|| self.status(err))?;
+        let cached = self.channels.lock().unwrap().get(&addr).cloned();
+        match cached {
+            Some(c) => Ok(c),
+            None => {
+                let c = client::connect(&addr, &self.tls)
+                    .await
+                    .map_err(Status::unavailable)?;
+                self.channels.lock().unwrap().insert(addr, c.clone());
+                Ok(c)
+            }
+        }
+    }
+
+    /// The status for a raft error, with the leader's address when it is known.
+    pub fn status(&self, e: &RaftError) -> Status {
+        match e {
+            RaftError::NotLeader { leader: Some(l) } => {
+                let addr = self.directory.address(*l);
+                let mut s = Status::unavailable(format!(
+                    "not the leader; the leader is member {l} at {}",
+                    addr.as_deref().unwrap_or("an unknown address")
+                ));
+                if let Some(a) = addr.and_then(|a| a.parse().ok()) {
+                    s.metadata_mut().insert("lodge-leader", a);
+                }
+                s
+            }
+            RaftError::NotLeader { leader: None } => {
+                Status::unavailable("no leader is known; try again shortly")
+            }
+            // Not UNAVAILABLE: clients retry that blindly, and this write may have applied.
+            RaftError::Unknown { .. } => Status::aborted(
+                "leadership changed while the write was in flight; it may or may not have been applied: read before retrying",
+            ),
+            RaftError::Timeout => Status::unavailable("no leader could confirm the request in time"),
+            RaftError::Rejected(m) | RaftError::Busy(m) => Status::unavailable(m.clone()),
+            RaftError::Invalid(m) => Status::invalid_argument(m.clone()),
+            RaftError::Conflict(m) => Status::already_exists(m.clone()),
+            RaftError::NotFound(m) => Status::not_found(m.clone()),
+            RaftError::Precondition(m) => Status::failed_precondition(m.clone()),
+            RaftError::Compacted(m) => Status::out_of_range(m.clone()),
+        }
+    }
+}
+
+/// The request to send to the leader: marked as forwarded, with what is left of the caller's
+/// budget as its deadline.
+pub fn forwarded<T>(msg: T, budget: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED, "1".parse().expect("static"));
+    let ms = budget.as_millis().clamp(1, 99_999_999);
+    r.metadata_mut().insert(
+        "grpc-timeout",
+        format!("{ms}m").parse().expect("digits and a unit"),
+    );
+    r
+}

@@ -1,0 +1,167 @@
+//! `lodge cluster`: membership and topology from a terminal. Changes fail over across the
+//! `--endpoint` list and are forwarded to the leader by whichever member answers.
+
+use clap::Subcommand;
+use lodge_grpc::pb::cluster::{self as pb, cluster_client::ClusterClient};
+use serde_json::{json, Value};
+
+use crate::ctl::Connection;
+use crate::failover;
+
+#[derive(Subcommand, Debug)]
+pub enum Cluster {
+    /// The contacted member's raft state.
+    Status,
+    /// Members, roles, addresses and liveness as the contacted member sees them.
+    Members,
+    /// Add a member (a voter, or a learner with --learner).
+    Add {
+        id: u64,
+        /// Its gRPC address, HOST:PORT.
+        address: String,
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member.
+    Remove { id: u64 },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+}
+
+fn role(r: i32) -> &'static str {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Voter) => "voter",
+        Ok(pb::Role::Learner) => "learner",
+        _ => "unknown",
+    }
+}
+
+fn topology_json(t: &pb::Topology) -> Value {
+    json!({
+        "version": t.version,
+        "leader_id": t.leader_id,
+        "members": t.members.iter().map(|m| {
+            let r = m.resources.clone().unwrap_or_default();
+            json!({
+                "id": m.id,
+                "address": m.address,
+                "role": role(m.role),
+                "reachable": m.reachable,
+                "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
+                "status": m.status,
+                "memory_bytes": r.memory_bytes,
+                "cpu_seconds": r.cpu_seconds,
+                "actors": r.actors,
+                "applied_index": r.applied_index,
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// Runs a cluster subcommand; returns the exit code.
+pub async fn run(conn: Connection, cmd: Cluster) -> i32 {
+    let result = failover::call(&conn, |ch| call(ClusterClient::new(ch), &cmd)).await;
+    match result {
+        Ok(doc) => {
+            print(&doc, conn.json);
+            0
+        }
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            1
+        }
+    }
+}
+
+async fn call(
+    mut c: ClusterClient<tonic::transport::Channel>,
+    cmd: &Cluster,
+) -> Result<Value, tonic::Status> {
+    Ok(match cmd {
+        Cluster::Status => {
+            let s = c.status(pb::StatusRequest {}).await?.into_inner();
+            json!({
+                "id": s.id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                "commit": s.commit, "applied": s.applied, "voters": s.voters,
+                "learners": s.learners, "voters_outgoing": s.voters_outgoing,
+                "revision": s.revision, "snapshot_index": s.snapshot_index,
+                "topology_version": s.topology_version,
+            })
+        }
+        Cluster::Members => {
+            let r = c
+                .get_topology(pb::GetTopologyRequest { min_version: 0 })
+                .await?
+                .into_inner();
+            topology_json(&r.topology.unwrap_or_default())
+        }
+        Cluster::Add {
+            id,
+            address,
+            learner,
+        } => {
+            let role = if *learner {
+                pb::Role::Learner
+            } else {
+                pb::Role::Voter
+            };
+            let r = c
+                .register_node(pb::RegisterNodeRequest {
+                    id: *id,
+                    address: address.clone(),
+                    role: role as i32,
+                })
+                .await?
+                .into_inner();
+            topology_json(&r.topology.unwrap_or_default())
+        }
+        Cluster::Remove { id } => {
+            let r = c
+                .deregister_node(pb::DeregisterNodeRequest { id: *id })
+                .await?
+                .into_inner();
+            topology_json(&r.topology.unwrap_or_default())
+        }
+        Cluster::Promote { id } => {
+            let r = c
+                .promote_node(pb::PromoteNodeRequest { id: *id })
+                .await?
+                .into_inner();
+            topology_json(&r.topology.unwrap_or_default())
+        }
+    })
+}
+
+fn print(doc: &Value, as_json: bool) {
+    if as_json {
+        println!("{doc}");
+        return;
+    }
+    if let Some(members) = doc["members"].as_array() {
+        println!(
+            "topology version {}, leader {}",
+            doc["version"], doc["leader_id"]
+        );
+        println!(
+            "{:<4} {:<22} {:<8} {:<10} {:<12} {:>10} {:>10}",
+            "ID", "ADDRESS", "ROLE", "REACHABLE", "STATUS", "HEARD(ms)", "APPLIED"
+        );
+        for m in members {
+            // Values' own Display ignores widths: format them as strings first.
+            println!(
+                "{:<4} {:<22} {:<8} {:<10} {:<12} {:>10} {:>10}",
+                m["id"].to_string(),
+                m["address"].as_str().unwrap_or(""),
+                m["role"].as_str().unwrap_or(""),
+                m["reachable"].to_string(),
+                m["status"].as_str().unwrap_or(""),
+                m["last_heartbeat_ms_ago"].to_string(),
+                m["applied_index"].to_string(),
+            );
+        }
+    } else {
+        for (k, v) in doc.as_object().into_iter().flatten() {
+            println!("{k:<18} {v}");
+        }
+    }
+}

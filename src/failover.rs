@@ -1,0 +1,89 @@
+//! Calling a cluster from the CLI: `--endpoint` is a comma-separated list.
+//!
+//! A call that cannot reach a node, or that a node answers UNAVAILABLE (no leader yet, an election
+//! under way, a membership change in progress, shutting down), is tried on the next endpoint,
+//! going round the list with a growing pause for up to [`RETRY_FOR`]. Nodes forward what only the
+//! leader can do themselves. ABORTED (a write whose outcome is unknown) is never retried.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lodge_grpc::client::{self, ClientTls};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::ctl::Connection;
+
+/// How long a call keeps trying endpoints that are unreachable or have no leader: about an
+/// election or two.
+pub const RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// The client TLS settings of `conn`.
+pub fn tls(conn: &Connection) -> ClientTls {
+    ClientTls {
+        ca: conn.tls_ca.clone(),
+        cert: conn.tls_cert.clone(),
+        key: conn.tls_key.clone(),
+        domain: conn.tls_domain.clone(),
+    }
+}
+
+/// The endpoints of `conn`, in order.
+pub fn endpoints(conn: &Connection) -> Vec<String> {
+    conn.endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Runs `call` on the endpoints in turn as described above; the error is one line for people.
+pub async fn call<T, F, Fut>(conn: &Connection, call: F) -> Result<T, String>
+where
+    F: Fn(Channel) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let tls = tls(conn);
+    let endpoints = endpoints(conn);
+    let mut last = String::from("no endpoint given");
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        for ep in &endpoints {
+            let channel = match client::connect(ep, &tls).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match call(channel).await {
+                Ok(v) => return Ok(v),
+                Err(s) if s.code() == Code::Unavailable => {
+                    last = format!("{ep}: {:?}: {}", s.code(), s.message())
+                }
+                Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+        if endpoints.is_empty() || tokio::time::Instant::now() + pause > deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// A channel to the first endpoint that accepts a connection (for streams, which are not
+/// retried once open).
+pub async fn first_channel(conn: &Connection) -> Result<(String, Channel), String> {
+    let tls = tls(conn);
+    let mut last = String::from("no endpoint given");
+    for ep in endpoints(conn) {
+        match client::connect(&ep, &tls).await {
+            Ok(c) => return Ok((ep, c)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}

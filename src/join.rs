@@ -1,0 +1,127 @@
+//! `--join`: how a new node becomes a member of a running cluster.
+//!
+//! 1. Register as a learner through any of the given members (followers forward to the leader).
+//!    A learner receives the log, or a snapshot when the log was compacted, without voting, so a
+//!    node that is still empty never weakens the quorum.
+//! 2. Wait until this node has applied the leader's commit index as of the registration.
+//! 3. Ask to be promoted to voter (unless `join_as = "learner"`).
+//!
+//! Each step is idempotent, so a node restarted in the middle simply runs it again. Transient
+//! failures (no leader yet, another membership change under way, a member unreachable) are
+//! retried with backoff for as long as it takes; refusals (an id or address taken by another
+//! member, bad input) end the node with the reason.
+
+use std::time::Duration;
+
+use lodge_actors::cluster::raft::{GetStatus, RaftNode};
+use lodge_actors::cluster::topology::Directory;
+use lodge_actors::ActorRef;
+use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::pb::cluster::{self as pb, cluster_client::ClusterClient};
+use slog::{info, warn, Logger};
+use tonic::Code;
+
+/// A join in progress.
+pub struct Join {
+    pub id: u64,
+    pub advertise: String,
+    pub endpoints: Vec<String>,
+    pub as_voter: bool,
+    pub tls: ClientTls,
+    pub raft: ActorRef<RaftNode>,
+    pub directory: Directory,
+    pub log: Logger,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+impl Join {
+    /// Runs the join to the end; an error is a refusal the node cannot get past.
+    pub async fn run(self) -> Result<(), String> {
+        let status = self.raft.send(GetStatus).await.ok().and_then(Result::ok);
+        let member = status.as_ref().is_some_and(|s| {
+            s.voters.contains(&self.id) || s.learners.contains(&self.id)
+        });
+        if member && status.as_ref().is_some_and(|s| s.voters.contains(&self.id) || !self.as_voter) {
+            info!(self.log, "already a member; nothing to join"; "node" => self.id);
+            return Ok(());
+        }
+        let registered = self
+            .call("RegisterNode", |mut c| {
+                let req = pb::RegisterNodeRequest {
+                    id: self.id,
+                    address: self.advertise.clone(),
+                    role: pb::Role::Learner as i32,
+                };
+                async move { c.register_node(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let topology = registered.topology.unwrap_or_default();
+        // Until the leader's snapshot arrives, this is how the node reaches the others.
+        self.directory.hint(
+            topology
+                .members
+                .iter()
+                .map(|m| (m.id, m.address.clone())),
+        );
+        info!(self.log, "registered as a learner; catching up"; "topology_version" => topology.version, "commit_index" => registered.commit_index);
+        self.catch_up(registered.commit_index).await;
+        if !self.as_voter {
+            info!(self.log, "joined as a learner");
+            return Ok(());
+        }
+        self.call("PromoteNode", |mut c| {
+            let req = pb::PromoteNodeRequest { id: self.id };
+            async move { c.promote_node(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        info!(self.log, "joined as a voter");
+        Ok(())
+    }
+
+    /// Waits until this node applied `index`.
+    async fn catch_up(&self, index: u64) {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            every.tick().await;
+            if let Ok(Ok(s)) = self.raft.send(GetStatus).await {
+                if s.applied >= index {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Calls a cluster RPC on the join endpoints in turn until one answers; retries what is
+    /// transient, gives up on a refusal.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
+    where
+        F: Fn(ClusterClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            for ep in &self.endpoints {
+                let channel = match client::connect(ep, &self.tls).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(self.log, "join endpoint unreachable"; "endpoint" => ep, "error" => e);
+                        continue;
+                    }
+                };
+                match f(ClusterClient::new(channel)).await {
+                    Ok(v) => return Ok(v),
+                    Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown) => {
+                        warn!(self.log, "join call not answered; retrying"; "call" => what, "endpoint" => ep, "error" => s.message());
+                    }
+                    Err(s) => {
+                        return Err(format!("{what} through {ep}: {:?}: {}", s.code(), s.message()))
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
