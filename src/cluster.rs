@@ -13,7 +13,11 @@ pub enum Cluster {
     /// The contacted member's raft state.
     Status,
     /// Members, roles, addresses and liveness as the contacted member sees them.
-    Members,
+    Members {
+        /// Only if the topology is newer than this version (else: "not modified").
+        #[arg(long, default_value_t = 0)]
+        min_version: u64,
+    },
     /// Add a member (a voter, or a learner with --learner).
     Add {
         id: u64,
@@ -41,7 +45,7 @@ fn topology_json(t: &pb::Topology) -> Value {
         "version": t.version,
         "leader_id": t.leader_id,
         "members": t.members.iter().map(|m| {
-            let r = m.resources.clone().unwrap_or_default();
+            let r = m.resources.unwrap_or_default();
             json!({
                 "id": m.id,
                 "address": m.address,
@@ -88,12 +92,18 @@ async fn call(
                 "topology_version": s.topology_version,
             })
         }
-        Cluster::Members => {
+        Cluster::Members { min_version } => {
             let r = c
-                .get_topology(pb::GetTopologyRequest { min_version: 0 })
+                .get_topology(pb::GetTopologyRequest {
+                    min_version: *min_version,
+                })
                 .await?
                 .into_inner();
-            topology_json(&r.topology.unwrap_or_default())
+            if r.not_modified {
+                json!({"not_modified": true, "version": r.version})
+            } else {
+                topology_json(&r.topology.unwrap_or_default())
+            }
         }
         Cluster::Add {
             id,
@@ -137,7 +147,9 @@ fn print(doc: &Value, as_json: bool) {
         println!("{doc}");
         return;
     }
-    if let Some(members) = doc["members"].as_array() {
+    if doc["not_modified"] == true {
+        println!("not modified (version {})", doc["version"]);
+    } else if let Some(members) = doc["members"].as_array() {
         println!(
             "topology version {}, leader {}",
             doc["version"], doc["leader_id"]

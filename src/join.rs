@@ -40,10 +40,14 @@ impl Join {
     /// Runs the join to the end; an error is a refusal the node cannot get past.
     pub async fn run(self) -> Result<(), String> {
         let status = self.raft.send(GetStatus).await.ok().and_then(Result::ok);
-        let member = status.as_ref().is_some_and(|s| {
-            s.voters.contains(&self.id) || s.learners.contains(&self.id)
-        });
-        if member && status.as_ref().is_some_and(|s| s.voters.contains(&self.id) || !self.as_voter) {
+        let member = status
+            .as_ref()
+            .is_some_and(|s| s.voters.contains(&self.id) || s.learners.contains(&self.id));
+        if member
+            && status
+                .as_ref()
+                .is_some_and(|s| s.voters.contains(&self.id) || !self.as_voter)
+        {
             info!(self.log, "already a member; nothing to join"; "node" => self.id);
             return Ok(());
         }
@@ -59,12 +63,8 @@ impl Join {
             .await?;
         let topology = registered.topology.unwrap_or_default();
         // Until the leader's snapshot arrives, this is how the node reaches the others.
-        self.directory.hint(
-            topology
-                .members
-                .iter()
-                .map(|m| (m.id, m.address.clone())),
-        );
+        self.directory
+            .hint(topology.members.iter().map(|m| (m.id, m.address.clone())));
         info!(self.log, "registered as a learner; catching up"; "topology_version" => topology.version, "commit_index" => registered.commit_index);
         self.catch_up(registered.commit_index).await;
         if !self.as_voter {
@@ -112,11 +112,23 @@ impl Join {
                 };
                 match f(ClusterClient::new(channel)).await {
                     Ok(v) => return Ok(v),
-                    Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Unknown) => {
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::Unavailable
+                                | Code::DeadlineExceeded
+                                | Code::Aborted
+                                | Code::Unknown
+                        ) =>
+                    {
                         warn!(self.log, "join call not answered; retrying"; "call" => what, "endpoint" => ep, "error" => s.message());
                     }
                     Err(s) => {
-                        return Err(format!("{what} through {ep}: {:?}: {}", s.code(), s.message()))
+                        return Err(format!(
+                            "{what} through {ep}: {:?}: {}",
+                            s.code(),
+                            s.message()
+                        ))
                     }
                 }
             }

@@ -420,7 +420,10 @@ async fn keep_alive(conn: &Connection, id: i64, once: bool) -> Result<(), String
         if once {
             return Ok(());
         }
-        tokio::time::sleep(std::time::Duration::from_millis((r.ttl.max(1) as u64) * 1000 / 3)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (r.ttl.max(1) as u64) * 1000 / 3,
+        ))
+        .await;
     }
 }
 

@@ -92,7 +92,11 @@ fn stat_fields() -> Option<impl Fn(usize) -> u64> {
     // Fields after the parenthesised command name, which may itself contain spaces.
     let fields: Vec<u64> = stat
         .rsplit_once(')')
-        .map(|(_, r)| r.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect())
+        .map(|(_, r)| {
+            r.split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect()
+        })
         .unwrap_or_default();
     Some(move |i: usize| fields.get(i - 3).copied().unwrap_or(0))
 }

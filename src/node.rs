@@ -21,8 +21,8 @@ use lodge_actors::{
     SupervisorSpec,
 };
 use lodge_grpc::client::ClientTls;
-use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::cluster::GrpcHeartbeats;
+use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
@@ -132,8 +132,10 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                     .placement(Placement::Dedicated("raft"))
                 };
                 // Member actors are added by the membership actor as the topology changes.
-                let (members, members_ref) =
-                    ChildSpec::supervisor("members", SupervisorSpec::new(Strategy::OneForOne, Vec::new));
+                let (members, members_ref) = ChildSpec::supervisor(
+                    "members",
+                    SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+                );
                 let membership = {
                     let p = p.clone();
                     ChildSpec::actor_for("membership", &p.membership.clone(), move || {

@@ -235,3 +235,282 @@ fn a_stale_leader_cut_off_by_injected_faults_serves_no_linearizable_read_and_cat
         stderr(&refused)
     );
 }
+
+fn members(endpoints: &str) -> Option<Value> {
+    json_of(cluster(endpoints, &["members", "--json"]))
+}
+
+/// (id, role) of every member, in id order.
+fn roles(topology: &Value) -> Vec<(u64, String)> {
+    topology["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap_or(0),
+                m["role"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_fourth_node_joins_through_a_follower_catches_up_from_a_snapshot_and_a_member_is_removed() {
+    // Snapshots every 20 entries: the log a joiner needs is compacted away, so it must be sent a
+    // snapshot (LauraDB's InitialSync).
+    let trio = Trio::new("[cluster]\ntick_ms = 20\nsnapshot_interval = 20\n", &[]);
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| trio.start(i, tempfile::tempdir().unwrap()))
+        .collect();
+    let all = (0..3).map(|i| trio.addr(i)).collect::<Vec<_>>().join(",");
+    for n in 0..60 {
+        let out = kv(&all, &["put", &format!("k{n}"), &format!("v{n}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let before = members(&all).expect("topology");
+    let v0 = before["version"].as_u64().unwrap();
+
+    let leader = eventually("a leader", || leader_of(&nodes[0]));
+    let follower = (1..=3).find(|i| *i != leader).unwrap() as usize;
+    let joiner = Node::start(&[
+        "--node-id",
+        "4",
+        "--join",
+        &trio.addr(follower - 1),
+        "--config",
+        &trio.config,
+    ]);
+    // Four voters, the version up by two (added as a learner, then promoted).
+    let after = eventually("node 4 is a voter", || {
+        let t = members(&all)?;
+        (roles(&t).contains(&(4, "voter".into()))).then_some(t)
+    });
+    assert_eq!(after["version"].as_u64(), Some(v0 + 2));
+    assert_eq!(
+        eventually("node 4 has the data", || get(&joiner.grpc, "k59", true)),
+        "v59"
+    );
+    let status = json_of(cluster(&joiner.grpc, &["status", "--json"])).unwrap();
+    assert!(
+        status["snapshot_index"].as_u64().unwrap() > 1,
+        "node 4 caught up from a snapshot: {status}"
+    );
+    // Its own member actor is there, and it hears from the others.
+    eventually("an actor per member on node 4", || {
+        let out = joiner.ctl(&["actors", "--kind", "member", "--json"]);
+        (stdout(&out).matches("/node/cluster/members/").count() == 4).then_some(())
+    });
+
+    // Registering a taken id at another address changes nothing.
+    let out = cluster(&all, &["add", "2", "127.0.0.1:1"]);
+    assert!(stderr(&out).contains("AlreadyExists"), "{}", stderr(&out));
+    assert_eq!(members(&all).unwrap()["version"], after["version"]);
+
+    // Removing member 1 (perhaps the leader: leadership moves first) leaves three voters that
+    // take writes, with node 4 among them.
+    let out = cluster(&all, &["remove", "1", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rest = [trio.addr(1), trio.addr(2), joiner.grpc.clone()].join(",");
+    let t = eventually("member 1 gone", || {
+        let t = members(&rest)?;
+        (roles(&t).len() == 3).then_some(t)
+    });
+    assert_eq!(t["version"].as_u64(), Some(v0 + 3));
+    assert!(!roles(&t).iter().any(|(id, _)| *id == 1));
+    assert!(kv(&rest, &["put", "after-removal", "x"]).status.success());
+    assert_eq!(
+        eventually("replicated to node 4", || get(
+            &joiner.grpc,
+            "after-removal",
+            false
+        )),
+        "x"
+    );
+}
+
+#[test]
+fn the_cluster_service_refuses_conflicts_reports_liveness_and_says_not_modified() {
+    let node = Node::start(&[
+        "--config",
+        &write_config("[cluster]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 500\n"),
+    ]);
+    let t = eventually("topology", || members(&node.grpc));
+    assert_eq!(roles(&t), [(1, "voter".to_string())]);
+    let v = t["version"].as_u64().unwrap();
+    let own = &t["members"][0];
+    assert_eq!(own["address"].as_str(), Some(node.grpc.as_str()));
+
+    // A learner that never runs: shown, and unreachable.
+    let out = cluster(
+        &node.grpc,
+        &["add", "2", "127.0.0.1:1", "--learner", "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t = eventually("member 2 listed", || {
+        let t = members(&node.grpc)?;
+        (roles(&t).len() == 2).then_some(t)
+    });
+    assert_eq!(t["version"].as_u64(), Some(v + 1));
+    let m2 = &t["members"][1];
+    assert_eq!(
+        (m2["role"].as_str(), m2["reachable"].as_bool()),
+        (Some("learner"), Some(false))
+    );
+    assert_eq!(m2["last_heartbeat_ms_ago"].as_i64(), Some(-1));
+    // The node itself beats, so it is reachable.
+    let me = eventually("own heartbeat", || {
+        let t = members(&node.grpc)?;
+        (t["members"][0]["reachable"].as_bool() == Some(true)).then_some(t)
+    });
+    assert!(me["members"][0]["memory_bytes"].as_u64().unwrap() > 0);
+
+    // Same request again: no change, no new version. Conflicts: ALREADY_EXISTS, no change.
+    assert!(
+        cluster(&node.grpc, &["add", "2", "127.0.0.1:1", "--learner"])
+            .status
+            .success()
+    );
+    for args in [["add", "2", "127.0.0.1:2"], ["add", "3", "127.0.0.1:1"]] {
+        let out = cluster(&node.grpc, &args);
+        assert!(
+            stderr(&out).contains("AlreadyExists"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let bad = cluster(&node.grpc, &["add", "3", "nohost"]);
+    assert!(
+        stderr(&bad).contains("InvalidArgument") && stderr(&bad).contains("address"),
+        "{}",
+        stderr(&bad)
+    );
+    let none = cluster(&node.grpc, &["remove", "9"]);
+    assert!(stderr(&none).contains("NotFound"), "{}", stderr(&none));
+    let last = cluster(&node.grpc, &["remove", "1"]);
+    assert!(
+        stderr(&last).contains("FailedPrecondition"),
+        "{}",
+        stderr(&last)
+    );
+    assert_eq!(
+        members(&node.grpc).unwrap()["version"].as_u64(),
+        Some(v + 1)
+    );
+
+    // A caller up to date is told so at once; one behind gets the topology.
+    let current = (v + 1).to_string();
+    let same = json_of(cluster(
+        &node.grpc,
+        &["members", "--min-version", &current, "--json"],
+    ))
+    .unwrap();
+    assert_eq!(same["not_modified"], true);
+    assert_eq!(same["version"].as_u64(), Some(v + 1));
+    let behind = json_of(cluster(
+        &node.grpc,
+        &["members", "--min-version", &v.to_string(), "--json"],
+    ))
+    .unwrap();
+    assert_eq!(roles(&behind).len(), 2);
+
+    // Removing is a new version too.
+    assert!(cluster(&node.grpc, &["remove", "2"]).status.success());
+    assert_eq!(
+        members(&node.grpc).unwrap()["version"].as_u64(),
+        Some(v + 2)
+    );
+}
+
+/// Writes a configuration file that outlives the test's node (leaked on purpose: tiny).
+fn write_config(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("node.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn a_lease_expires_on_the_leader_its_keys_vanish_and_watchers_see_the_delete() {
+    let node = Node::start(&["--config", &write_config("[cluster]\nwatch_history = 5\n")]);
+    let ep = node.grpc.as_str();
+    let grant = json_of(kv(ep, &["lease", "grant", "1", "--json"])).expect("grant");
+    let lease = grant["lease"].as_i64().unwrap().to_string();
+    let put = json_of(kv(
+        ep,
+        &["put", "session/a", "x", "--lease", &lease, "--json"],
+    ))
+    .unwrap();
+    let rev = put["revision"].as_i64().unwrap();
+    let missing = kv(ep, &["put", "session/b", "x", "--lease", "999"]);
+    assert!(
+        stderr(&missing).contains("NotFound") && stderr(&missing).contains("lease"),
+        "{}",
+        stderr(&missing)
+    );
+
+    // The key goes when the lease does, within its TTL plus the leader's check.
+    eventually("the lease expired", || {
+        get(ep, "session/a", false).is_none().then_some(())
+    });
+    // A watch from the put's revision replays the put, then the delete the expiry caused.
+    let out = kv(
+        ep,
+        &[
+            "watch",
+            "session/",
+            "--prefix",
+            "--rev",
+            &rev.to_string(),
+            "--count",
+            "2",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "PUT");
+    assert_eq!(events[1]["type"], "DELETE");
+    assert_eq!(events[1]["kv"]["key"], "session/a");
+    let ttl = kv(ep, &["lease", "ttl", &lease]);
+    assert!(stderr(&ttl).contains("NotFound"), "{}", stderr(&ttl));
+
+    // History is kept for 5 revisions: an older start revision is refused, naming the oldest.
+    for n in 0..8 {
+        assert!(kv(ep, &["put", "h", &n.to_string()]).status.success());
+    }
+    let old = kv(ep, &["watch", "h", "--rev", "1", "--count", "1"]);
+    assert!(
+        stderr(&old).contains("OutOfRange") && stderr(&old).contains("oldest revision"),
+        "{}",
+        stderr(&old)
+    );
+}
+
+#[test]
+fn a_lease_kept_alive_outlives_its_ttl() {
+    let node = Node::start(&[]);
+    let ep = node.grpc.as_str();
+    let grant = json_of(kv(ep, &["lease", "grant", "2", "--json"])).expect("grant");
+    let lease = grant["lease"].as_i64().unwrap().to_string();
+    assert!(kv(ep, &["put", "k", "v", "--lease", &lease])
+        .status
+        .success());
+    // Renewed every 2/3 s by the client, the lease must still hold the key after three TTLs.
+    let mut keeper = std::process::Command::new(LODGE)
+        .args(["kv", "--endpoint", ep, "lease", "keep-alive", &lease])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let alive = get(ep, "k", false);
+    keeper.kill().unwrap();
+    keeper.wait().unwrap();
+    assert_eq!(alive.as_deref(), Some("v"), "a kept-alive lease expired");
+    let ttl = json_of(kv(ep, &["lease", "ttl", &lease, "--keys", "--json"])).unwrap();
+    assert_eq!(ttl["granted_ttl"], 2);
+    assert_eq!(ttl["keys"][0], "k");
+}

@@ -23,8 +23,7 @@ use crate::kv::stream_until_shutdown;
 use crate::pb::cluster::{self as pb, cluster_client::ClusterClient, cluster_server};
 
 type Client = ClusterClient<tonic::transport::Channel>;
-type Forwarded<R> =
-    Pin<Box<dyn std::future::Future<Output = Result<Response<R>, Status>> + Send>>;
+type Forwarded<R> = Pin<Box<dyn std::future::Future<Output = Result<Response<R>, Status>> + Send>>;
 
 /// The cluster adapter.
 pub struct ClusterService {
@@ -164,7 +163,9 @@ fn bare(t: &Topology) -> pb::Topology {
 
 fn require_id(id: u64) -> Result<(), Status> {
     if id == 0 {
-        Err(Status::invalid_argument("id is required (member ids start at 1)"))
+        Err(Status::invalid_argument(
+            "id is required (member ids start at 1)",
+        ))
     } else {
         Ok(())
     }
@@ -244,7 +245,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.get_ref();
         require_id(r.node_id)?;
-        let res = r.resources.clone().unwrap_or_default();
+        let res = r.resources.unwrap_or_default();
         let beat = Beat {
             status: r.status.clone(),
             resources: Resources {

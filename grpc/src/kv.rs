@@ -457,7 +457,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .lease_grant(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .lease_grant(forwarded(*r, deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -469,7 +469,9 @@ impl kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let r = req.get_ref();
         if r.id <= 0 {
-            return Err(Status::invalid_argument("id is required (a positive lease id)"));
+            return Err(Status::invalid_argument(
+                "id is required (a positive lease id)",
+            ));
         }
         let cmd = Command::LeaseRevoke {
             id: r.id,
@@ -484,7 +486,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .lease_revoke(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .lease_revoke(forwarded(*r, deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -523,7 +525,9 @@ impl kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = req.get_ref();
         if r.id <= 0 {
-            return Err(Status::invalid_argument("id is required (a positive lease id)"));
+            return Err(Status::invalid_argument(
+                "id is required (a positive lease id)",
+            ));
         }
         match self.read(&req, Query::TimeToLive(r.id), true).await {
             Ok(a) => {
@@ -541,7 +545,7 @@ impl kv_server::Kv for KvService {
             Err(Failure::Raft(e)) => {
                 self.leader_client(&req, &e)
                     .await?
-                    .lease_time_to_live(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                    .lease_time_to_live(forwarded(*r, deadline::of(&req, self.timeout)))
                     .await
             }
         }
@@ -558,7 +562,9 @@ impl kv_server::Kv for KvService {
             require_key(&r.key, "key")?;
         }
         if r.start_revision < 0 {
-            return Err(Status::invalid_argument("start_revision must not be negative"));
+            return Err(Status::invalid_argument(
+                "start_revision must not be negative",
+            ));
         }
         let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
         let spec = WatchSpec {

@@ -154,8 +154,8 @@ pub async fn node_services(
     ))
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
-    let cluster = pb::cluster::cluster_server::ClusterServer::new(
-        crate::cluster::ClusterService::new(
+    let cluster =
+        pb::cluster::cluster_server::ClusterServer::new(crate::cluster::ClusterService::new(
             b.raft.clone(),
             b.membership,
             b.directory,
@@ -163,10 +163,9 @@ pub async fn node_services(
             b.heartbeat_interval,
             s.request_timeout,
             shutdown.clone(),
-        ),
-    )
-    .max_decoding_message_size(s.max_message_bytes)
-    .max_encoding_message_size(s.max_message_bytes);
+        ))
+        .max_decoding_message_size(s.max_message_bytes)
+        .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft =
         pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))

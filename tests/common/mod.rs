@@ -194,6 +194,25 @@ pub fn kv(endpoints: &str, args: &[&str]) -> Output {
         .expect("running lodge kv")
 }
 
+/// Runs `lodge cluster --endpoint ENDPOINTS ARGS`.
+pub fn cluster(endpoints: &str, args: &[&str]) -> Output {
+    Command::new(LODGE)
+        .arg("cluster")
+        .args(["--endpoint", endpoints])
+        .args(args)
+        .env_remove("LODGE_ENDPOINT")
+        .output()
+        .expect("running lodge cluster")
+}
+
+/// Runs a `lodge` client command and parses its `--json` output; `None` if it failed.
+pub fn json_of(out: Output) -> Option<serde_json::Value> {
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_str(&stdout(&out)).ok()
+}
+
 pub fn ctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(LODGE)
         .arg("ctl")

@@ -44,8 +44,13 @@ pub enum Op {
         value: Vec<u8>,
         lease: i64,
     },
-    Delete { key: Vec<u8>, prefix: bool },
-    Get { key: Vec<u8> },
+    Delete {
+        key: Vec<u8>,
+        prefix: bool,
+    },
+    Get {
+        key: Vec<u8>,
+    },
 }
 
 /// What a compare looks at.
@@ -317,7 +322,14 @@ impl KvState {
         }
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8], lease: i64, rev: i64, res: &mut ApplyResult) -> bool {
+    fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        rev: i64,
+        res: &mut ApplyResult,
+    ) -> bool {
         let prev = self.data.get(key).cloned();
         let kv = KeyValue {
             key: key.to_vec(),
@@ -526,12 +538,18 @@ mod tests {
             "a put on a missing lease is refused"
         );
         assert!(s.get(b"c").is_none());
-        let r = s.apply(&Command::LeaseRevoke { id: 1, expired: true });
+        let r = s.apply(&Command::LeaseRevoke {
+            id: 1,
+            expired: true,
+        });
         assert_eq!(r.deleted, 1);
         assert_eq!(r.events.len(), 1);
         assert!(r.events[0].deleted);
         assert!(s.get(b"a").is_none() && s.get(b"b").is_some());
-        assert_eq!(s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 5 }).lease, 2);
+        assert_eq!(
+            s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 5 }).lease,
+            2
+        );
         assert_eq!(
             s.apply(&Command::LeaseGrant { id: 2, ttl_secs: 5 }).error,
             Some(KvError::LeaseExists(2))

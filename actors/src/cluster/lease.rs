@@ -24,10 +24,7 @@ pub struct LeaseClock {
 impl LeaseClock {
     /// This member became leader at `now`: every lease gets a full TTL from now.
     pub fn lead(&mut self, kv: &KvState, now: Instant) {
-        self.deadlines = kv
-            .leases()
-            .map(|l| (l.id, now + ttl(l.ttl_secs)))
-            .collect();
+        self.deadlines = kv.leases().map(|l| (l.id, now + ttl(l.ttl_secs))).collect();
         self.revoking.clear();
     }
 
@@ -88,7 +85,10 @@ mod tests {
     fn a_new_leader_extends_every_lease_and_expires_each_once() {
         let mut kv = KvState::default();
         kv.apply(&Command::LeaseGrant { id: 0, ttl_secs: 2 });
-        kv.apply(&Command::LeaseGrant { id: 0, ttl_secs: 10 });
+        kv.apply(&Command::LeaseGrant {
+            id: 0,
+            ttl_secs: 10,
+        });
         let t0 = Instant::now();
         let mut clock = LeaseClock::default();
         clock.lead(&kv, t0);

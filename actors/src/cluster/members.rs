@@ -244,7 +244,11 @@ impl Membership {
             let sup = self.supervisor.clone();
             ctx.spawn(
                 async move {
-                    let _ = sup.send(StopChild { name: id.to_string() }).await;
+                    let _ = sup
+                        .send(StopChild {
+                            name: id.to_string(),
+                        })
+                        .await;
                 }
                 .into_actor(self),
             );
@@ -317,7 +321,9 @@ impl Membership {
 }
 
 fn member_spec(id: u64, timeout: Duration, member: &ActorRef<MemberActor>) -> ChildSpec {
-    ChildSpec::actor_for(id.to_string(), member, move || MemberActor::new(id, timeout))
+    ChildSpec::actor_for(id.to_string(), member, move || {
+        MemberActor::new(id, timeout)
+    })
 }
 
 impl Actor for Membership {

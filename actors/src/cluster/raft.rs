@@ -249,7 +249,8 @@ struct Persisted {
 crate::handles!(RaftNode: Step, Propose, Read, ChangeMembership, ChangeMember, Watch, CancelWatch, GetStatus, SnapshotSent);
 
 /// What a membership change's waiter gets once it is applied.
-type ConfReply = oneshot::Sender<Result<(ConfState, Topology), RaftError>>;
+type ConfOutcome = Result<(ConfState, Topology), RaftError>;
+type ConfReply = oneshot::Sender<ConfOutcome>;
 
 struct PendingRead {
     query: Query,
@@ -1054,7 +1055,7 @@ impl RaftNode {
     fn propose_conf_change(
         &mut self,
         cc: ConfChangeV2,
-    ) -> Result<oneshot::Receiver<Result<(ConfState, Topology), RaftError>>, RaftError> {
+    ) -> Result<oneshot::Receiver<ConfOutcome>, RaftError> {
         let (id, tag) = self.tag();
         match self.node.propose_conf_change(tag, cc) {
             Ok(()) => {
@@ -1073,8 +1074,7 @@ impl RaftNode {
     fn change_member(
         &mut self,
         req: &MemberRequest,
-    ) -> Result<Option<oneshot::Receiver<Result<(ConfState, Topology), RaftError>>>, RaftError>
-    {
+    ) -> Result<Option<oneshot::Receiver<ConfOutcome>>, RaftError> {
         if self.node.raft.state != StateRole::Leader {
             return Err(self.not_leader());
         }
@@ -1102,13 +1102,7 @@ impl RaftNode {
                     .members
                     .values()
                     .filter(|m| m.id != *id && m.role == super::topology::Role::Voter)
-                    .max_by_key(|m| {
-                        self.node
-                            .raft
-                            .prs()
-                            .get(m.id)
-                            .map_or(0, |p| p.matched)
-                    })
+                    .max_by_key(|m| self.node.raft.prs().get(m.id).map_or(0, |p| p.matched))
                     .map(|m| m.id);
                 if let Some(next) = next {
                     self.node.transfer_leader(next);

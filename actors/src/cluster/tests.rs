@@ -370,3 +370,117 @@ async fn a_second_membership_change_while_one_is_pending_is_refused_at_once() {
         .unwrap();
     assert!(cs.learners.contains(&4) && cs.learners.contains(&5));
 }
+
+#[actix_rt::test]
+async fn a_new_leader_extends_leases_and_then_expires_them_everywhere() {
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let old = c.leader(&[1, 2, 3]).await;
+    let propose = |id: u64, cmd: Command| c.members[&id].send(Propose(cmd));
+    let grant = propose(old, Command::LeaseGrant { id: 0, ttl_secs: 1 })
+        .await
+        .unwrap()
+        .unwrap();
+    let put = Command::Put {
+        key: "session".into(),
+        value: "x".into(),
+        lease: grant.lease,
+    };
+    propose(old, put).await.unwrap().unwrap();
+    // Followers know nothing of deadlines: keep-alives go to the leader.
+    let follower = [1, 2, 3].into_iter().find(|i| *i != old).unwrap();
+    let keep = c.members[&follower]
+        .send(Read {
+            query: Query::KeepAlive(grant.lease),
+            linearizable: true,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(keep, Err(RaftError::NotLeader { .. })), "{keep:?}");
+
+    // Cut the leader off; the majority elects another, which gives the lease a full TTL from its
+    // election rather than expiring it on the old leader's clock.
+    c.net.isolate(old);
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != old).collect();
+    let new = eventually(|| async {
+        let l = c.leader(&others).await;
+        (l != old).then_some(l)
+    })
+    .await;
+    let ttl = c.members[&new]
+        .send(Read {
+            query: Query::TimeToLive(grant.lease),
+            linearizable: true,
+        })
+        .await
+        .unwrap()
+        .expect("the new leader knows the lease")
+        .lease
+        .unwrap();
+    assert!(ttl.remaining > Duration::from_millis(500), "{ttl:?}");
+    assert_eq!(ttl.keys, [b"session".to_vec()]);
+
+    // Then it expires it, on every member, the isolated one included once healed.
+    c.net.heal();
+    for id in [1, 2, 3] {
+        eventually(|| async {
+            c.read(id, "session", false)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    let s = c.members[&new].send(GetStatus).await.unwrap().unwrap();
+    assert_eq!(s.leader, Some(new));
+}
+
+#[actix_rt::test]
+async fn member_requests_follow_the_topology_and_raise_its_version_only_on_change() {
+    use super::topology::{MemberRequest, Role};
+    let mut c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let leader_ref = c.members[&leader].clone();
+    let ask = |req: MemberRequest| leader_ref.send(ChangeMember(req));
+    let conflict = ask(MemberRequest::Add {
+        id: 2,
+        addr: "mem:99".into(),
+        role: Role::Voter,
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(conflict, Err(RaftError::Conflict(_))),
+        "{conflict:?}"
+    );
+
+    c.add_member(4, vec![]).await;
+    let t = ask(MemberRequest::Add {
+        id: 4,
+        addr: "mem:4".into(),
+        role: Role::Learner,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((t.version, t.members[&4].role), (2, Role::Learner));
+    // Asked again: nothing to do, same version.
+    let again = ask(MemberRequest::Add {
+        id: 4,
+        addr: "mem:4".into(),
+        role: Role::Learner,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(again.version, 2);
+    c.put(leader, "k", "v").await.unwrap();
+    c.sees(4, "k", "v").await;
+    let t = ask(MemberRequest::Promote { id: 4 })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((t.version, t.members[&4].role), (3, Role::Voter));
+    let s = c.status(4).await;
+    assert!(s.voters.contains(&4), "{s:?}");
+}

@@ -116,7 +116,10 @@ impl Topology {
                     return Err(PlanError::Invalid("id: member ids start at 1".into()));
                 }
                 check_address(addr)?;
-                if let Some(other) = self.members.values().find(|m| m.addr == *addr && m.id != *id)
+                if let Some(other) = self
+                    .members
+                    .values()
+                    .find(|m| m.addr == *addr && m.id != *id)
                 {
                     return Err(PlanError::Conflict(format!(
                         "address: {addr} is already member {}'s",
@@ -325,11 +328,7 @@ mod tests {
     use super::*;
 
     fn three() -> Topology {
-        Topology::bootstrap(&[
-            (1, "h:1".into()),
-            (2, "h:2".into()),
-            (3, "h:3".into()),
-        ])
+        Topology::bootstrap(&[(1, "h:1".into()), (2, "h:2".into()), (3, "h:3".into())])
     }
 
     fn add(id: u64, addr: &str, role: Role) -> MemberRequest {
