@@ -3,12 +3,14 @@
 //! A call that cannot reach a node, or that a node answers UNAVAILABLE (no leader yet, an election
 //! under way, a membership change in progress, shutting down), is tried on the next endpoint,
 //! going round the list with a growing pause for up to [`RETRY_FOR`]. Nodes forward what only the
-//! leader can do themselves. ABORTED (a write whose outcome is unknown) is never retried.
+//! leader can do themselves. An UNAVAILABLE marked `lodge-outcome: unknown` (leadership changed
+//! while the write was in flight, so it may have been applied) is never retried.
 
 use std::future::Future;
 use std::time::Duration;
 
 use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::forward;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -60,7 +62,7 @@ where
             };
             match call(channel).await {
                 Ok(v) => return Ok(v),
-                Err(s) if s.code() == Code::Unavailable => {
+                Err(s) if s.code() == Code::Unavailable && !forward::outcome_unknown(&s) => {
                     last = format!("{ep}: {:?}: {}", s.code(), s.message())
                 }
                 Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),

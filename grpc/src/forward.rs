@@ -20,6 +20,18 @@ use crate::client::{self, ClientTls};
 /// Metadata key marking a request forwarded by a member.
 pub const FORWARDED: &str = "lodge-forwarded";
 
+/// Metadata key on an UNAVAILABLE answer whose write may have been applied anyway.
+pub const OUTCOME: &str = "lodge-outcome";
+/// Its value: the write's outcome is unknown; retrying it blindly may apply it twice.
+pub const UNKNOWN_OUTCOME: &str = "unknown";
+
+/// Whether `s` says its write may have been applied (never retry such a write blindly).
+pub fn outcome_unknown(s: &Status) -> bool {
+    s.metadata()
+        .get(OUTCOME)
+        .is_some_and(|v| v.as_bytes() == UNKNOWN_OUTCOME.as_bytes())
+}
+
 /// Reaches the leader on behalf of an adapter.
 pub struct Forwarder {
     member_id: u64,
@@ -91,10 +103,24 @@ impl Forwarder {
             RaftError::NotLeader { leader: None } => {
                 Status::unavailable("no leader is known; try again shortly")
             }
-            // Not UNAVAILABLE: clients retry that blindly, and this write may have applied.
-            RaftError::Unknown { .. } => Status::aborted(
-                "leadership changed while the write was in flight; it may or may not have been applied: read before retrying",
-            ),
+            // UNAVAILABLE with the leader, as the issue and etcd do; but this write may have
+            // applied, so it is marked: a client must read before retrying it.
+            RaftError::Unknown { leader } => {
+                let addr = leader.and_then(|l| self.directory.address(l));
+                let mut s = Status::unavailable(format!(
+                    "leadership changed while the write was in flight; it may or may not have been applied: read before retrying (leader: {})",
+                    match (leader, &addr) {
+                        (Some(l), Some(a)) => format!("member {l} at {a}"),
+                        _ => "not known yet".to_string(),
+                    }
+                ));
+                s.metadata_mut()
+                    .insert(OUTCOME, UNKNOWN_OUTCOME.parse().expect("static"));
+                if let Some(a) = addr.and_then(|a| a.parse().ok()) {
+                    s.metadata_mut().insert("lodge-leader", a);
+                }
+                s
+            }
             RaftError::Timeout => Status::unavailable("no leader could confirm the request in time"),
             RaftError::Rejected(m) | RaftError::Busy(m) => Status::unavailable(m.clone()),
             RaftError::Invalid(m) => Status::invalid_argument(m.clone()),
