@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use serde_json::Value;
 
 pub const LODGE: &str = env!("CARGO_BIN_EXE_lodge");
 /// Upper bound for a node to come up; only turns a hang into a failure.
@@ -293,3 +294,79 @@ pub fn make_pki(dir: &Path) -> Pki {
         client_key: write("client.key", &client_key),
     }
 }
+
+/// Retries `f` until it succeeds; the bound only turns a hang into a failure.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not reached in 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn get(endpoints: &str, key: &str, serializable: bool) -> Option<String> {
+    let mut args = vec!["get", key, "--json"];
+    if serializable {
+        args.push("--serializable");
+    }
+    let out = kv(endpoints, &args);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&stdout(&out)).ok()?;
+    v["kvs"][0]["value"].as_str().map(String::from)
+}
+
+pub fn leader_of(node: &Node) -> Option<u64> {
+    let out = node.ctl(&["actor", "/node/cluster/raft", "--json"]);
+    let v: Value = serde_json::from_str(&stdout(&out)).ok()?;
+    v["state_dump"]["leader"].as_u64()
+}
+
+/// Three members on loopback ports chosen now, sharing one configuration file.
+pub struct Trio {
+    pub ports: Vec<u16>,
+    pub initial: String,
+    pub config: String,
+    extra: Vec<&'static str>,
+    _dir: tempfile::TempDir,
+}
+
+impl Trio {
+    /// `toml` configures every member; `extra` flags go to every member too.
+    pub fn new(toml: &str, extra: &[&'static str]) -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let initial = (0..3)
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, toml).unwrap();
+        Self {
+            ports,
+            initial,
+            config: config.display().to_string(),
+            extra: extra.to_vec(),
+            _dir: dir,
+        }
+    }
+
+    /// The gRPC address of member index `i` (0-based; its id is `i + 1`).
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    /// Starts member index `i` keeping its data in `dir` (reused across restarts).
+    pub fn start(&self, i: usize, dir: tempfile::TempDir) -> Node {
+        let id = (i + 1).to_string();
+        let mut args = vec!["--node-id", id.as_str(), "--config", self.config.as_str()];
+        args.extend(["--initial-cluster", self.initial.as_str()]);
+        args.extend(self.extra.iter().copied());
+        Node::start_in(dir, &self.addr(i), &args)
+    }
+}
+
