@@ -1,15 +1,20 @@
-//! `lodge bench disk`: the cost of one durable append of a raft entry, through Lodge's redb log
-//! and, as the baseline in the same run, through a plain append-only file with `fdatasync` (what
-//! etcd's write-ahead log does).
+//! `lodge bench disk`: the cost of one durable append of a raft entry, through Lodge's write-ahead
+//! log (the storage thread, one frame and one `fdatasync` per write) and, as baselines in the same
+//! run on the same disk, through a plain append-only file with `fdatasync`, and through a file
+//! preallocated like a WAL segment (the floor: data only, no size metadata to flush).
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use lodge_actors::cluster::disk::{Disk, WriteBatch};
 use raft::eraftpb::Entry;
 
 use super::median;
+
+/// Appends done before timing, so that start-up costs (first block allocations) do not count.
+const WARM_UP: usize = 20;
 
 fn entry(index: u64, bytes: usize) -> Entry {
     Entry {
@@ -27,11 +32,10 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
     (median(v), p99)
 }
 
-pub fn run(appends: usize, bytes: usize) {
-    let dir = tempfile::tempdir_in(".").expect("scratch directory next to the working directory");
-    let (disk, _) = Disk::open(&dir.path().join("redb")).expect("open");
-    let mut redb = Vec::with_capacity(appends);
-    for i in 1..=appends as u64 {
+fn wal(dir: &std::path::Path, appends: usize, bytes: usize) -> Vec<f64> {
+    let (disk, _) = Disk::open(&dir.join("wal")).expect("open");
+    let mut out = Vec::with_capacity(appends);
+    for i in 1..=(WARM_UP + appends) as u64 {
         let (tx, rx) = std::sync::mpsc::channel();
         let t = Instant::now();
         let batch = WriteBatch {
@@ -41,38 +45,75 @@ pub fn run(appends: usize, bytes: usize) {
         };
         disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap().expect("write");
-        redb.push(t.elapsed().as_secs_f64() * 1e6);
+        if i as usize > WARM_UP {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
     }
     disk.close();
+    out
+}
 
-    let path = dir.path().join("plain.log");
+/// `preallocate`: overwrite a file whose size was set (and made durable) beforehand, as a WAL
+/// segment is; otherwise append, growing the file on every write.
+fn plain(dir: &std::path::Path, appends: usize, bytes: usize, preallocate: bool) -> Vec<f64> {
+    let path = dir.join(if preallocate {
+        "prealloc.log"
+    } else {
+        "plain.log"
+    });
     let mut f = OpenOptions::new()
         .create(true)
-        .append(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
         .open(&path)
         .expect("log file");
-    let mut plain = Vec::with_capacity(appends);
+    // The WAL's framing adds about this much to an entry.
     let record = vec![b'x'; bytes + 24];
-    for _ in 0..appends {
-        let t = Instant::now();
-        f.write_all(&record).unwrap();
-        f.sync_data().unwrap();
-        plain.push(t.elapsed().as_secs_f64() * 1e6);
+    if preallocate {
+        f.set_len(((WARM_UP + appends) * record.len()) as u64 + (1 << 20))
+            .expect("set_len");
+        f.sync_all().expect("fsync");
     }
-    let (r50, r99) = summary(redb);
-    let (p50, p99) = summary(plain);
+    let mut out = Vec::with_capacity(appends);
+    for i in 0..WARM_UP + appends {
+        let t = Instant::now();
+        if preallocate {
+            f.write_all_at(&record, (i * record.len()) as u64).unwrap();
+        } else {
+            f.write_all(&record).unwrap();
+        }
+        f.sync_data().unwrap();
+        if i >= WARM_UP {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    out
+}
+
+pub fn run(appends: usize, bytes: usize) {
+    let dir = tempfile::tempdir_in(".").expect("scratch directory next to the working directory");
+    let (w50, w99) = summary(wal(dir.path(), appends, bytes));
+    let (p50, p99) = summary(plain(dir.path(), appends, bytes, false));
+    let (f50, f99) = summary(plain(dir.path(), appends, bytes, true));
     println!(
         "lodge bench disk: {appends} single-entry durable appends of {bytes} bytes, one at a time"
     );
     println!();
     println!("| path | p50 µs | p99 µs |");
     println!("|---|---|---|");
-    println!("| redb commit through the storage thread (Lodge) | {r50:.0} | {r99:.0} |");
+    println!("| WAL append through the storage thread (Lodge) | {w50:.0} | {w99:.0} |");
     println!("| append + fdatasync on a plain file (baseline) | {p50:.0} | {p99:.0} |");
+    println!("| overwrite + fdatasync in a preallocated file (floor) | {f50:.0} | {f99:.0} |");
     println!();
     println!(
-        "ratio redb / plain: p50 {:.2}, p99 {:.2}",
-        r50 / p50,
-        r99 / p99
+        "ratio WAL / plain: p50 {:.2}, p99 {:.2}",
+        w50 / p50,
+        w99 / p99
+    );
+    println!(
+        "ratio WAL / preallocated: p50 {:.2}, p99 {:.2}",
+        w50 / f50,
+        w99 / f99
     );
 }

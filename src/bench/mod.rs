@@ -40,7 +40,7 @@ pub enum Bench {
         #[arg(long)]
         no_etcd: bool,
     },
-    /// One durable append: Lodge's redb log against a plain append + fdatasync, same disk.
+    /// One durable append: Lodge's write-ahead log against a plain append + fdatasync, same disk.
     Disk {
         #[arg(long, default_value_t = 2000)]
         appends: usize,
