@@ -142,7 +142,10 @@ fn concurrent_clients_see_a_linearizable_history_through_partitions_and_kill_9()
         .collect();
     let all = (0..3).map(|i| trio.addr(i)).collect::<Vec<_>>().join(",");
     eventually("a first write", || {
-        kv(&all, &["put", "warmup", "1"]).status.success().then_some(())
+        kv(&all, &["put", "warmup", "1"])
+            .status
+            .success()
+            .then_some(())
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -180,7 +183,10 @@ fn concurrent_clients_see_a_linearizable_history_through_partitions_and_kill_9()
                 .map(|i| i.to_string())
                 .collect();
             let node = nodes[leader as usize - 1].as_ref().unwrap();
-            assert!(node.ctl(&["faults", "--drop", &others.join(",")]).status.success());
+            assert!(node
+                .ctl(&["faults", "--drop", &others.join(",")])
+                .status
+                .success());
             pause(1500);
             assert!(node.ctl(&["faults"]).status.success());
         }
@@ -190,15 +196,9 @@ fn concurrent_clients_see_a_linearizable_history_through_partitions_and_kill_9()
         pause(1000);
         nodes[victim] = Some(trio.start(victim, dir));
     }
-    let answered: usize = workers
-        .into_iter()
-        .map(|w| rt.block_on(w).unwrap())
-        .sum();
+    let answered: usize = workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum();
     let history = rec.history.lock().unwrap();
-    eprintln!(
-        "{} operations recorded, {answered} answered",
-        history.len()
-    );
+    eprintln!("{} operations recorded, {answered} answered", history.len());
     // Enough went through for the check to mean something.
     assert!(answered >= 100, "only {answered} operations were answered");
     let started = Instant::now();

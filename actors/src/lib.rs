@@ -18,6 +18,7 @@ pub mod admin;
 pub mod clock;
 pub mod cluster;
 pub mod envelope;
+pub mod history;
 pub mod introspect;
 pub mod runtime;
 pub mod supervision;

@@ -121,7 +121,9 @@ impl Forwarder {
                 }
                 s
             }
-            RaftError::Timeout => Status::unavailable("no leader could confirm the request in time"),
+            RaftError::Timeout => {
+                Status::unavailable("no leader could confirm the request in time")
+            }
             RaftError::Rejected(m) | RaftError::Busy(m) => Status::unavailable(m.clone()),
             RaftError::Invalid(m) => Status::invalid_argument(m.clone()),
             RaftError::Conflict(m) => Status::already_exists(m.clone()),

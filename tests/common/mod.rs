@@ -5,12 +5,12 @@
 
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use serde_json::Value;
 
 pub const LODGE: &str = env!("CARGO_BIN_EXE_lodge");
 /// Upper bound for a node to come up; only turns a hang into a failure.
@@ -369,4 +369,3 @@ impl Trio {
         Node::start_in(dir, &self.addr(i), &args)
     }
 }
-
