@@ -47,11 +47,13 @@ where
     Fut: Future<Output = Result<T, Status>>,
 {
     let tls = tls(conn);
-    let endpoints = endpoints(conn);
+    let mut endpoints = endpoints(conn);
     let mut last = String::from("no endpoint given");
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
     let mut pause = Duration::from_millis(50);
+    let mut hops = 0;
     loop {
+        let mut hint = None;
         for ep in &endpoints {
             let channel = match client::connect(ep, &tls).await {
                 Ok(c) => c,
@@ -63,17 +65,40 @@ where
             match call(channel).await {
                 Ok(v) => return Ok(v),
                 Err(s) if s.code() == Code::Unavailable && !forward::outcome_unknown(&s) => {
-                    last = format!("{ep}: {:?}: {}", s.code(), s.message())
+                    last = format!("{ep}: {:?}: {}", s.code(), s.message());
+                    // A member that names the leader is followed at once.
+                    hint = leader_hint(&s).filter(|l| l != ep);
+                    if hint.is_some() {
+                        break;
+                    }
                 }
                 Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
             }
         }
+        if let Some(leader) = hint {
+            endpoints.retain(|e| *e != leader);
+            endpoints.insert(0, leader);
+            // Hints may chase each other during an election: follow a few, then pause.
+            hops += 1;
+            if hops <= 3 && tokio::time::Instant::now() < deadline {
+                continue;
+            }
+        }
+        hops = 0;
         if endpoints.is_empty() || tokio::time::Instant::now() + pause > deadline {
             return Err(last);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
+}
+
+/// The leader's address a member put in an UNAVAILABLE answer (`lodge-leader`), if any.
+fn leader_hint(s: &Status) -> Option<String> {
+    s.metadata()
+        .get("lodge-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
 }
 
 /// A channel to the first endpoint that accepts a connection (for streams, which are not

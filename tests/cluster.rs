@@ -339,8 +339,35 @@ fn the_cluster_service_refuses_conflicts_reports_liveness_and_says_not_modified(
     .unwrap();
     assert_eq!(roles(&behind).len(), 2);
 
-    // Removing is a new version too.
-    assert!(cluster(&node.grpc, &["remove", "2"]).status.success());
+    // Removing is a new version too, and a topology watcher is told of it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use lodge_grpc::pb::cluster::{self as pb, cluster_client::ClusterClient};
+        let channel = lodge_grpc::client::connect(&node.grpc, &Default::default())
+            .await
+            .unwrap();
+        let mut c = ClusterClient::new(channel);
+        let mut watch = c
+            .watch_topology(pb::WatchTopologyRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.version, v + 1);
+        c.deregister_node(pb::DeregisterNodeRequest { id: 2 })
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
+            .await
+            .expect("a topology update")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.version, v + 2);
+        assert_eq!(next.members.iter().map(|m| m.id).collect::<Vec<_>>(), [1]);
+    });
     assert_eq!(
         members(&node.grpc).unwrap()["version"].as_u64(),
         Some(v + 2)
