@@ -32,6 +32,16 @@ pub enum Kv {
         #[arg(long)]
         serializable: bool,
     },
+    /// Every key starting with PREFIX, in key order (`get --prefix`).
+    Range {
+        prefix: String,
+        /// Rows at most (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+        /// Answer from the contacted node's state without asking the leader (may be stale).
+        #[arg(long)]
+        serializable: bool,
+    },
     /// Delete a key (or every key with a prefix).
     Del {
         key: String,
@@ -171,14 +181,22 @@ async fn unary(
         }
         Kv::Get {
             key,
-            prefix,
             limit,
             serializable,
+            ..
+        }
+        | Kv::Range {
+            prefix: key,
+            limit,
+            serializable,
+            ..
         } => {
+            let prefix =
+                matches!(cmd, Kv::Range { .. }) || matches!(cmd, Kv::Get { prefix: true, .. });
             let r = c
                 .range(pb::RangeRequest {
                     key: key.clone().into_bytes(),
-                    prefix: *prefix,
+                    prefix,
                     limit: *limit,
                     serializable: *serializable,
                 })

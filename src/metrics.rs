@@ -9,6 +9,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use lodge_actors::cluster::topology::{Directory, Role};
 use lodge_actors::introspect::KindTotals;
 use lodge_actors::Registry as Actors;
 use prometheus_client::collector::Collector;
@@ -162,6 +163,81 @@ impl Collector for ProcessCollector {
             let g = ConstGauge::new(v);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        Ok(())
+    }
+}
+
+/// The raft member and the topology, read from the directory at scrape time.
+#[derive(Clone)]
+pub struct ClusterCollector(pub Directory);
+
+impl std::fmt::Debug for ClusterCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterCollector")
+    }
+}
+
+impl Collector for ClusterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = self.0.figures();
+        let p = self.0.current();
+        let voters = p
+            .topology
+            .members
+            .values()
+            .filter(|m| m.role == Role::Voter)
+            .count();
+        for (name, help, v) in [
+            (
+                "lodge_raft_is_leader",
+                "1 if this member leads",
+                r.is_leader as i64,
+            ),
+            ("lodge_raft_term", "Current raft term", r.term as i64),
+            (
+                "lodge_raft_commit_index",
+                "Highest log index known committed",
+                r.commit as i64,
+            ),
+            (
+                "lodge_raft_applied_index",
+                "Highest log index applied here",
+                r.applied as i64,
+            ),
+            (
+                "lodge_raft_leader_id",
+                "The leader this member knows of (0: none)",
+                p.leader.unwrap_or(0) as i64,
+            ),
+            (
+                "lodge_cluster_topology_version",
+                "Version of the replicated topology",
+                p.topology.version as i64,
+            ),
+            ("lodge_cluster_voters", "Voting members", voters as i64),
+            (
+                "lodge_cluster_learners",
+                "Non-voting members",
+                (p.topology.members.len() - voters) as i64,
+            ),
+            ("lodge_kv_revision", "Revision of the KV store", r.revision),
+            ("lodge_kv_leases", "Live leases", r.leases as i64),
+            (
+                "lodge_kv_watchers",
+                "Watches served by this member",
+                r.watchers as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let c = ConstCounter::new(r.leases_expired);
+        c.encode(encoder.encode_descriptor(
+            "lodge_kv_leases_expired",
+            "Leases this member expired as leader",
+            None,
+            c.metric_type(),
+        )?)?;
         Ok(())
     }
 }

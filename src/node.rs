@@ -28,7 +28,7 @@ use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
 
 use crate::config::NodeConfig;
-use crate::metrics::{ActorCollector, ProcessCollector};
+use crate::metrics::{ActorCollector, ClusterCollector, ProcessCollector};
 
 fn runtime_config(c: &NodeConfig) -> RuntimeConfig {
     let s = &c.supervision;
@@ -324,6 +324,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         let server_metrics = ServerMetrics::register(&mut prom);
         prom.register_collector(Box::new(ActorCollector(runtime.registry().clone())));
         prom.register_collector(Box::new(ProcessCollector));
+        prom.register_collector(Box::new(ClusterCollector(directory.clone())));
         let prom = Arc::new(prom);
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

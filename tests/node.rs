@@ -413,6 +413,13 @@ fn a_tls_node_refuses_plaintext_and_with_mtls_refuses_clients_without_a_certific
 fn the_metrics_page_passes_promtool_and_counts_rpcs_and_actors() {
     let node = Node::start(&[]);
     assert!(node.ctl(&["actors"]).status.success());
+    // The raft figures are refreshed every tick: a lone voter shows itself leader once it did.
+    let page = eventually("raft figures", || {
+        let page = node.scrape();
+        page.contains("lodge_raft_is_leader 1").then_some(page)
+    });
+    assert!(page.contains("lodge_cluster_voters 1"), "{page}");
+    assert!(page.contains("lodge_cluster_topology_version 1"), "{page}");
     let page = node.scrape();
     assert!(
         page.contains(r#"lodge_grpc_server_handled_total{grpc_method="/lodge.admin.v1.Admin/ListActors",grpc_code="Ok"} 1"#),

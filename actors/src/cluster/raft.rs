@@ -27,7 +27,7 @@ use super::disk::{Disk, DiskError, WriteBatch};
 use super::kv::{ApplyResult, Command, KeyValue, KvState};
 use super::lease::LeaseClock;
 use super::log::LogStore;
-use super::topology::{Directory, MemberRequest, PlanError, Topology};
+use super::topology::{Directory, MemberRequest, PlanError, RaftFigures, Topology};
 use super::transport::{Delivery, Transport};
 use super::watch::{WatchError, WatchHub, WatchSpec, WatchUpdate};
 use crate::supervision::Managed;
@@ -802,6 +802,19 @@ impl RaftNode {
         res
     }
 
+    fn publish_figures(&self) {
+        self.directory.set_figures(RaftFigures {
+            is_leader: self.node.raft.state == StateRole::Leader,
+            term: self.node.raft.term,
+            commit: self.node.raft.raft_log.committed,
+            applied: self.applied,
+            revision: self.kv.revision(),
+            leases: self.kv.leases().count() as u64,
+            leases_expired: self.leases.expired_total,
+            watchers: self.watches.watchers() as u64,
+        });
+    }
+
     /// Leader: proposes the revocation of every lease past its deadline.
     fn expire_leases(&mut self) {
         if self.node.raft.state != StateRole::Leader {
@@ -911,6 +924,7 @@ impl Actor for RaftNode {
                 act.expire_leases();
                 act.watches.sweep();
                 act.drive(ctx);
+                act.publish_figures();
             }
         });
         // A lone voter has nobody to wait for: campaign now rather than after a timeout.

@@ -242,16 +242,33 @@ pub struct Published {
     pub leader: Option<u64>,
 }
 
+/// The raft member's figures for the metrics page, refreshed every tick.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RaftFigures {
+    pub is_leader: bool,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub revision: i64,
+    pub leases: u64,
+    pub leases_expired: u64,
+    pub watchers: u64,
+}
+
 /// The applied topology, published by the raft actor to whoever needs to read it.
 #[derive(Clone)]
 pub struct Directory {
     tx: Arc<watch::Sender<Published>>,
+    /// Kept apart from the watched value: figures change every tick, and must not wake the
+    /// readers of the topology.
+    figures: Arc<std::sync::RwLock<RaftFigures>>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
         Self {
             tx: Arc::new(watch::channel(Published::default()).0),
+            figures: Arc::default(),
         }
     }
 }
@@ -311,6 +328,16 @@ impl Directory {
             }
             changed
         });
+    }
+
+    /// The raft member's latest figures.
+    pub fn figures(&self) -> RaftFigures {
+        self.figures.read().unwrap().clone()
+    }
+
+    /// Records the raft member's figures (the raft actor only).
+    pub fn set_figures(&self, f: RaftFigures) {
+        *self.figures.write().unwrap() = f;
     }
 
     /// Records the leader the raft actor knows of.
