@@ -283,7 +283,8 @@ pub struct RaftNode {
     applied: u64,
     epoch: u64,
     next_tag: u64,
-    proposals: HashMap<u64, oneshot::Sender<Result<ApplyResult, RaftError>>>,
+    /// Waiters of this member's proposals, with when they were proposed.
+    proposals: HashMap<u64, (Instant, oneshot::Sender<Result<ApplyResult, RaftError>>)>,
     /// Pending membership changes by tag, with the log index raft gave them: raft turns a change
     /// it refuses into an empty entry at that index, which must fail the waiter.
     conf_changes: HashMap<u64, (u64, ConfReply)>,
@@ -616,7 +617,7 @@ impl RaftNode {
                         error!(self.log, "skipping undecodable entry"; "index" => e.index, "error" => %err);
                     }
                     if let Some(id) = self.own_tag(&e.context) {
-                        if let Some(tx) = self.proposals.remove(&id) {
+                        if let Some((_, tx)) = self.proposals.remove(&id) {
                             let _ = tx.send(result);
                         }
                     }
@@ -729,7 +730,7 @@ impl RaftNode {
         let err = RaftError::Unknown {
             leader: self.leader(),
         };
-        for (_, tx) in self.proposals.drain() {
+        for (_, (_, tx)) in self.proposals.drain() {
             let _ = tx.send(Err(err.clone()));
         }
         for (_, (_, tx)) in self.conf_changes.drain() {
@@ -800,6 +801,25 @@ impl RaftNode {
         let events = std::mem::take(&mut res.events);
         self.watches.record(res.revision, events);
         res
+    }
+
+    /// A proposal forwarded to a leader that dropped it (a leadership transfer, a partition)
+    /// is never applied and no leader change may follow to fail it: give it up after the read
+    /// timeout, as "outcome unknown" (it may still commit later).
+    fn forget_stale_proposals(&mut self) {
+        let limit = self.settings.read_timeout;
+        let leader = self.leader();
+        let stale: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, (at, _))| at.elapsed() > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some((_, tx)) = self.proposals.remove(&id) {
+                let _ = tx.send(Err(RaftError::Unknown { leader }));
+            }
+        }
     }
 
     fn publish_figures(&self) {
@@ -922,6 +942,7 @@ impl Actor for RaftNode {
                 act.node.tick();
                 act.ask_reads_again();
                 act.expire_leases();
+                act.forget_stale_proposals();
                 act.watches.sweep();
                 act.drive(ctx);
                 act.publish_figures();
@@ -993,19 +1014,22 @@ impl Handler<Propose> for RaftNode {
     type Result = ResponseFuture<Result<ApplyResult, RaftError>>;
 
     fn handle(&mut self, msg: Propose, ctx: &mut Context<Self>) -> Self::Result {
-        let result = if self.node.raft.state != StateRole::Leader {
-            Err(self.not_leader())
-        } else {
-            let (id, tag) = self.tag();
-            let data = postcard::to_stdvec(&msg.0).expect("commands encode");
-            match self.node.propose(tag, data) {
-                Ok(()) => {
-                    let (tx, rx) = oneshot::channel();
-                    self.proposals.insert(id, tx);
-                    Ok(rx)
-                }
-                Err(e) => Err(RaftError::Rejected(format!("proposal dropped: {e}"))),
+        // A follower that knows the leader proposes too: raft forwards the proposal to the
+        // leader over the member streams already open (as etcd does), and this member answers
+        // when it applies the entry, which carries its tag. Cheaper than a gRPC hop to the
+        // leader and back. Without a known leader raft drops the proposal at once.
+        let (id, tag) = self.tag();
+        let data = postcard::to_stdvec(&msg.0).expect("commands encode");
+        let result = match self.node.propose(tag, data) {
+            Ok(()) => {
+                let (tx, rx) = oneshot::channel();
+                self.proposals.insert(id, (Instant::now(), tx));
+                Ok(rx)
             }
+            Err(raft::Error::ProposalDropped) if self.node.raft.state != StateRole::Leader => {
+                Err(self.not_leader())
+            }
+            Err(e) => Err(RaftError::Rejected(format!("proposal dropped: {e}"))),
         };
         self.drive(ctx);
         answer_later(result, self.not_leader())

@@ -194,12 +194,6 @@ async fn three_members_elect_one_leader_and_replicate_writes_to_all() {
     }
     let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
     assert_eq!(
-        c.put(follower, "k", "x").await,
-        Err(RaftError::NotLeader {
-            leader: Some(leader)
-        })
-    );
-    assert_eq!(
         c.read(follower, "k", true).await,
         Ok(Some("v2".into())),
         "a follower serves linearizable reads via ReadIndex"
@@ -483,4 +477,28 @@ async fn member_requests_follow_the_topology_and_raise_its_version_only_on_chang
     assert_eq!((t.version, t.members[&4].role), (3, Role::Voter));
     let s = c.status(4).await;
     assert!(s.voters.contains(&4), "{s:?}");
+}
+
+#[actix_rt::test]
+async fn a_follower_forwards_a_write_through_raft_and_answers_once_it_applied_it() {
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    assert_eq!(c.put(follower, "k", "via-follower").await, Ok(1));
+    // Answered after applying: the follower's own state has it already.
+    assert_eq!(
+        c.read(follower, "k", false).await,
+        Ok(Some("via-follower".into()))
+    );
+    c.sees(leader, "k", "via-follower").await;
+    // A member cut off from every other has no leader to forward to, once it noticed.
+    c.net.isolate(follower);
+    let refused = eventually(|| async {
+        match c.put(follower, "k", "lost").await {
+            Err(e @ RaftError::NotLeader { leader: None }) => Some(e),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(refused, RaftError::NotLeader { leader: None });
 }
