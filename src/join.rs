@@ -62,6 +62,19 @@ impl Join {
             })
             .await?;
         let topology = registered.topology.unwrap_or_default();
+        let voter = pb::Role::Voter as i32;
+        if topology
+            .members
+            .iter()
+            .any(|m| m.id == self.id && m.role == voter)
+        {
+            // A voter with an empty log has forgotten its votes: letting it vote again could
+            // elect two leaders in one term. Its old membership must go first.
+            return Err(format!(
+                "member {} is already a voter, but this node's log is empty (was its data directory lost?): remove it first (lodge cluster remove {}), then join again",
+                self.id, self.id
+            ));
+        }
         // Until the leader's snapshot arrives, this is how the node reaches the others.
         self.directory
             .hint(topology.members.iter().map(|m| (m.id, m.address.clone())));

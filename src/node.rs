@@ -211,6 +211,14 @@ pub fn run(cfg: NodeConfig) -> i32 {
     } else {
         cfg.cluster.advertise.clone()
     };
+    let several =
+        !cfg.cluster.initial_cluster.trim().is_empty() || !cfg.cluster.join.trim().is_empty();
+    if several && grpc_local.ip().is_unspecified() && cfg.cluster.advertise.is_empty() {
+        eprintln!(
+            "lodge: configuration error: cluster.advertise: required when server.listen is a wildcard ({grpc_local}) in a cluster: other members need an address they can dial"
+        );
+        return 2;
+    }
     let join = cfg.join_endpoints().expect("validated");
     let mut members = cfg.members().expect("validated");
     if cfg.cluster.initial_cluster.trim().is_empty() {

@@ -27,7 +27,12 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String>
     let scheme = if tls.ca.is_some() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
         .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // A peer that vanishes without a reset (a partition, a dead host) is noticed in
+        // seconds, not when TCP gives up.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     if let Some(ca) = &tls.ca {
         let mut cfg =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));

@@ -25,6 +25,29 @@ pub const OUTCOME: &str = "lodge-outcome";
 /// Its value: the write's outcome is unknown; retrying it blindly may apply it twice.
 pub const UNKNOWN_OUTCOME: &str = "unknown";
 
+/// Metadata key naming the member that produced a status (absent: the transport did).
+pub const ANSWERED_BY: &str = "lodge-member";
+
+/// UNAVAILABLE marked as "this write may have been applied".
+pub fn outcome_unknown_status(message: &str) -> Status {
+    let mut s = Status::unavailable(message);
+    s.metadata_mut()
+        .insert(OUTCOME, UNKNOWN_OUTCOME.parse().expect("static"));
+    s
+}
+
+/// The error of a write forwarded to the leader: an UNAVAILABLE that no member produced (the
+/// connection failed, perhaps after the write was sent) leaves its outcome unknown.
+pub fn write_error(s: Status) -> Status {
+    if s.code() == tonic::Code::Unavailable && !s.metadata().contains_key(ANSWERED_BY) {
+        return outcome_unknown_status(&format!(
+            "the leader did not answer a write forwarded to it; it may or may not have been applied: read before retrying ({})",
+            s.message()
+        ));
+    }
+    s
+}
+
 /// Whether `s` says its write may have been applied (never retry such a write blindly).
 pub fn outcome_unknown(s: &Status) -> bool {
     s.metadata()
@@ -88,6 +111,14 @@ impl Forwarder {
 
     /// The status for a raft error, with the leader's address when it is known.
     pub fn status(&self, e: &RaftError) -> Status {
+        let mut s = self.status_of(e);
+        if let Ok(v) = self.member_id.to_string().parse() {
+            s.metadata_mut().insert(ANSWERED_BY, v);
+        }
+        s
+    }
+
+    fn status_of(&self, e: &RaftError) -> Status {
         match e {
             RaftError::NotLeader { leader: Some(l) } => {
                 let addr = self.directory.address(*l);
@@ -107,15 +138,13 @@ impl Forwarder {
             // applied, so it is marked: a client must read before retrying it.
             RaftError::Unknown { leader } => {
                 let addr = leader.and_then(|l| self.directory.address(l));
-                let mut s = Status::unavailable(format!(
+                let mut s = outcome_unknown_status(&format!(
                     "leadership changed while the write was in flight; it may or may not have been applied: read before retrying (leader: {})",
                     match (leader, &addr) {
                         (Some(l), Some(a)) => format!("member {l} at {a}"),
                         _ => "not known yet".to_string(),
                     }
                 ));
-                s.metadata_mut()
-                    .insert(OUTCOME, UNKNOWN_OUTCOME.parse().expect("static"));
                 if let Some(a) = addr.and_then(|a| a.parse().ok()) {
                     s.metadata_mut().insert("lodge-leader", a);
                 }

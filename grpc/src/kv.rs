@@ -10,19 +10,20 @@ use std::time::Duration;
 
 use lodge_actors::cluster::kv::{
     ApplyResult, Cmp, Command, Compare, Event, KeyValue, KvError, Op, OpResult, Target,
+    MAX_LEASE_TTL,
 };
 use lodge_actors::cluster::raft::{
     CancelWatch, Propose, Query, RaftError, RaftNode, Read, ReadAnswer, Watch,
 };
 use lodge_actors::cluster::watch::{lagged, WatchSpec, WatchUpdate};
-use lodge_actors::ActorRef;
+use lodge_actors::{ActorRef, SendError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::deadline;
-use crate::forward::{forwarded, Forwarder};
+use crate::forward::{self, forwarded, Forwarder};
 use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
 
 /// Updates a watch may have queued before the member drops it as too slow.
@@ -65,7 +66,15 @@ impl KvService {
             .raft
             .send_timeout(Propose(cmd), deadline::of(req, self.timeout))
             .await
-            .map_err(|e| Failure::Status(deadline::send_status(e, "raft member")))?
+            .map_err(|e| {
+                Failure::Status(match e {
+                    // Delivered, then the member stopped: the write may have gone out.
+                    SendError::Closed => forward::outcome_unknown_status(
+                        "the raft member stopped while the write was in flight; it may or may not have been applied: read before retrying",
+                    ),
+                    e => deadline::send_status(e, "raft member"),
+                })
+            })?
             .map_err(Failure::Raft)?;
         match &res.error {
             Some(e) => Err(Failure::Status(kv_error(e))),
@@ -101,9 +110,18 @@ impl KvService {
         Ok(KvClient::new(self.forward.leader(req, err).await?))
     }
 
-    /// One keep-alive: here if this member leads, else on the leader.
-    async fn keep_alive_once(&self, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
-        let req = Request::new(());
+    /// One keep-alive: here if this member leads, else on the leader (once: `forwarded` says
+    /// the stream itself came from a member).
+    async fn keep_alive_once(
+        &self,
+        id: i64,
+        forwarded_here: bool,
+    ) -> Result<pb::LeaseKeepAliveResponse, Status> {
+        let mut req = Request::new(());
+        if forwarded_here {
+            req.metadata_mut()
+                .insert(crate::forward::FORWARDED, "1".parse().expect("static"));
+        }
         match self.read(&req, Query::KeepAlive(id), true).await {
             Ok(a) => {
                 let l = a.lease.expect("keep-alive answers carry the lease");
@@ -281,12 +299,12 @@ impl kv_server::Kv for KvService {
                 },
             })),
             Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .put(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                    .await
-            }
+            Err(Failure::Raft(e)) => self
+                .leader_client(&req, &e)
+                .await?
+                .put(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                .await
+                .map_err(forward::write_error),
         }
     }
 
@@ -346,12 +364,12 @@ impl kv_server::Kv for KvService {
                 },
             })),
             Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .delete_range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                    .await
-            }
+            Err(Failure::Raft(e)) => self
+                .leader_client(&req, &e)
+                .await?
+                .delete_range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                .await
+                .map_err(forward::write_error),
         }
     }
 
@@ -425,6 +443,7 @@ impl kv_server::Kv for KvService {
                     .await?
                     .txn(forwarded(original, deadline::of(&req, self.timeout)))
                     .await
+                    .map_err(forward::write_error)
             }
         }
     }
@@ -434,9 +453,9 @@ impl kv_server::Kv for KvService {
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = req.get_ref();
-        if r.ttl < 1 {
+        if !(1..=MAX_LEASE_TTL).contains(&r.ttl) {
             return Err(Status::invalid_argument(format!(
-                "ttl: {} s; a lease lives at least 1 s",
+                "ttl: {} s; a lease lives at least 1 s and at most {MAX_LEASE_TTL} s",
                 r.ttl
             )));
         }
@@ -454,12 +473,12 @@ impl kv_server::Kv for KvService {
                 ttl: r.ttl,
             })),
             Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .lease_grant(forwarded(*r, deadline::of(&req, self.timeout)))
-                    .await
-            }
+            Err(Failure::Raft(e)) => self
+                .leader_client(&req, &e)
+                .await?
+                .lease_grant(forwarded(*r, deadline::of(&req, self.timeout)))
+                .await
+                .map_err(forward::write_error),
         }
     }
 
@@ -483,12 +502,12 @@ impl kv_server::Kv for KvService {
                 deleted: a.deleted as i64,
             })),
             Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .lease_revoke(forwarded(*r, deadline::of(&req, self.timeout)))
-                    .await
-            }
+            Err(Failure::Raft(e)) => self
+                .leader_client(&req, &e)
+                .await?
+                .lease_revoke(forwarded(*r, deadline::of(&req, self.timeout)))
+                .await
+                .map_err(forward::write_error),
         }
     }
 
@@ -499,6 +518,7 @@ impl kv_server::Kv for KvService {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let forwarded_here = req.metadata().contains_key(crate::forward::FORWARDED);
         let mut incoming = req.into_inner();
         let this = self.clone();
         let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| async move {
@@ -507,7 +527,7 @@ impl kv_server::Kv for KvService {
                     Ok(r) if r.id <= 0 => Err(Status::invalid_argument(
                         "id is required (a positive lease id)",
                     )),
-                    Ok(r) => this.keep_alive_once(r.id).await,
+                    Ok(r) => this.keep_alive_once(r.id, forwarded_here).await,
                     Err(e) => Err(e),
                 };
                 let end = answer.is_err();

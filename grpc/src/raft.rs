@@ -1,7 +1,7 @@
 //! Raft over gRPC: the member-to-member transport and its server side.
 //!
 //! Each peer gets a task that keeps one client stream (`Raft/Send`) open and feeds it batches (up
-//! to 256 messages or 4 MiB) from a bounded queue, reconnecting with backoff. While a peer is not
+//! to 256 messages or 2 MiB) from a bounded queue, reconnecting with backoff. While a peer is not
 //! connected, or its queue is full, messages to it are dropped and raft is told the peer is
 //! unreachable (raft resends what matters). Snapshots travel on a stream of their own, in 1 MiB
 //! chunks, so a large state is not bound by the message-size limit.
@@ -37,6 +37,8 @@ pub const MAX_DECODE: usize = 64 << 20;
 /// Largest snapshot accepted from a peer.
 const MAX_SNAPSHOT: u64 = 4 << 30;
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Longest a snapshot transfer may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -285,9 +287,11 @@ async fn stream_snapshots(
             let channel = client::connect(&addr, &tls)
                 .await
                 .map_err(Status::unavailable)?;
-            RaftClient::new(channel)
-                .snapshot(tokio_stream::iter(chunks))
-                .await
+            // Bounded, so that a peer gone silent mid-transfer does not hold raft's progress for
+            // it in snapshot state forever: raft sends a new one when it fails.
+            let mut req = Request::new(tokio_stream::iter(chunks));
+            req.set_timeout(SNAPSHOT_TIMEOUT);
+            RaftClient::new(channel).snapshot(req).await
         }
         .await;
         match &result {

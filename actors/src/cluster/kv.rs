@@ -121,16 +121,25 @@ pub enum KvError {
     LeaseNotFound(i64),
     /// A grant asks for an id in use.
     LeaseExists(i64),
-    /// A grant with a time-to-live under one second.
+    /// A grant with a time-to-live under one second or over [`MAX_LEASE_TTL`].
     BadTtl(i64),
 }
+
+/// The longest lease, in seconds (etcd's limit too): deadlines stay far from clock overflow.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 
 impl std::fmt::Display for KvError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::LeaseNotFound(id) => write!(f, "lease: {id} not found (expired or revoked)"),
-            Self::LeaseExists(id) => write!(f, "id: lease {id} already exists"),
-            Self::BadTtl(t) => write!(f, "ttl: {t} s; a lease lives at least 1 s"),
+            Self::LeaseExists(id) => write!(
+                f,
+                "id: lease {id} exists or existed (ids are never reused); ask for 0 to get a new one"
+            ),
+            Self::BadTtl(t) => write!(
+                f,
+                "ttl: {t} s; a lease lives at least 1 s and at most {MAX_LEASE_TTL} s"
+            ),
         }
     }
 }
@@ -312,11 +321,19 @@ impl KvState {
                     _ => None,
                 })
             }
-            Command::LeaseGrant { ttl_secs, .. } if *ttl_secs < 1 => {
+            Command::LeaseGrant { ttl_secs, .. } if !(1..=MAX_LEASE_TTL).contains(ttl_secs) => {
                 Some(KvError::BadTtl(*ttl_secs))
             }
-            Command::LeaseGrant { id, .. } if *id < 0 || self.leases.contains_key(id) => {
+            // Ids only grow: an explicit id at or below the highest granted could be one that a
+            // client still holds for a revoked lease.
+            Command::LeaseGrant { id, .. } if *id < 0 || (*id != 0 && *id <= self.last_lease) => {
                 Some(KvError::LeaseExists(*id))
+            }
+            Command::LeaseGrant { id: 0, .. } if self.last_lease == i64::MAX => {
+                Some(KvError::LeaseExists(i64::MAX))
+            }
+            Command::LeaseRevoke { id, expired: false } if !self.leases.contains_key(id) => {
+                Some(KvError::LeaseNotFound(*id))
             }
             _ => None,
         }
@@ -553,6 +570,27 @@ mod tests {
         assert_eq!(
             s.apply(&Command::LeaseGrant { id: 2, ttl_secs: 5 }).error,
             Some(KvError::LeaseExists(2))
+        );
+        // Revoked lease 1's id is not handed out again, even when asked for.
+        assert_eq!(
+            s.apply(&Command::LeaseGrant { id: 1, ttl_secs: 5 }).error,
+            Some(KvError::LeaseExists(1))
+        );
+        assert_eq!(
+            s.apply(&Command::LeaseRevoke {
+                id: 1,
+                expired: false
+            })
+            .error,
+            Some(KvError::LeaseNotFound(1))
+        );
+        assert_eq!(
+            s.apply(&Command::LeaseGrant {
+                id: 0,
+                ttl_secs: MAX_LEASE_TTL + 1
+            })
+            .error,
+            Some(KvError::BadTtl(MAX_LEASE_TTL + 1))
         );
         assert_eq!(
             s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 0 }).error,

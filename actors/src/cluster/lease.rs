@@ -24,7 +24,10 @@ pub struct LeaseClock {
 impl LeaseClock {
     /// This member became leader at `now`: every lease gets a full TTL from now.
     pub fn lead(&mut self, kv: &KvState, now: Instant) {
-        self.deadlines = kv.leases().map(|l| (l.id, now + ttl(l.ttl_secs))).collect();
+        self.deadlines = kv
+            .leases()
+            .map(|l| (l.id, deadline(now, l.ttl_secs)))
+            .collect();
         self.revoking.clear();
     }
 
@@ -36,13 +39,18 @@ impl LeaseClock {
 
     /// A lease was granted (applied), or kept alive at `now`.
     pub fn refresh(&mut self, id: i64, ttl_secs: i64, now: Instant) {
-        self.deadlines.insert(id, now + ttl(ttl_secs));
+        self.deadlines.insert(id, deadline(now, ttl_secs));
     }
 
     /// A lease's revocation was applied.
     pub fn forget(&mut self, id: i64) {
         self.deadlines.remove(&id);
         self.revoking.remove(&id);
+    }
+
+    /// Whether a lease is past its deadline or on its way out: it must not be renewed.
+    pub fn ending(&self, id: i64, now: Instant) -> bool {
+        self.revoking.contains(&id) || self.deadlines.get(&id).is_some_and(|d| *d <= now)
     }
 
     /// Time left on a lease, if this member tracks it.
@@ -73,7 +81,13 @@ impl LeaseClock {
 }
 
 fn ttl(secs: i64) -> Duration {
-    Duration::from_secs(secs.max(1) as u64)
+    Duration::from_secs(secs.clamp(1, super::kv::MAX_LEASE_TTL) as u64)
+}
+
+/// `now + ttl`, saturating far in the future rather than overflowing the clock.
+fn deadline(now: Instant, secs: i64) -> Instant {
+    now.checked_add(ttl(secs))
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]

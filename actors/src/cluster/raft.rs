@@ -299,6 +299,8 @@ pub struct RaftNode {
     last_tick: Instant,
     /// The replicated membership, applied along with the KV store.
     topology: Topology,
+    /// The log index at start: once applied, the topology knows every member (hints go).
+    replayed_at: Option<u64>,
     directory: Directory,
     leases: LeaseClock,
     watches: WatchHub,
@@ -357,6 +359,7 @@ impl RaftNode {
         directory.hint(store.conf_change_addresses());
         let applied_from = store.snapshot_index();
         let watch_history = settings.watch_history;
+        let replayed_at = store.last_index().unwrap_or(0);
         let cfg = raft::Config {
             id: settings.id,
             election_tick: settings.election_ticks,
@@ -391,6 +394,7 @@ impl RaftNode {
             last_tick: Instant::now(),
             watches: WatchHub::new(kv.revision(), watch_history),
             leases: LeaseClock::default(),
+            replayed_at: Some(replayed_at),
             topology,
             directory,
             log,
@@ -667,6 +671,10 @@ impl RaftNode {
             }
             self.applied = e.index;
             self.fail_refused_conf_changes(e.index);
+            if self.replayed_at.is_some_and(|at| e.index >= at) {
+                self.replayed_at = None;
+                self.directory.clear_hints();
+            }
         }
     }
 
@@ -757,6 +765,11 @@ impl RaftNode {
                     .lease(*id)
                     .ok_or_else(|| RaftError::NotFound(format!("lease: {id} not found")))?;
                 let now = Instant::now();
+                if self.leases.ending(l.id, now) {
+                    // Its revocation is decided: renewing it now would promise a TTL that the
+                    // revocation about to apply breaks.
+                    return Err(RaftError::NotFound(format!("lease: {id} expired")));
+                }
                 if matches!(query, Query::KeepAlive(_)) {
                     self.leases.refresh(l.id, l.ttl_secs, now);
                 }
@@ -1032,7 +1045,14 @@ impl Handler<Propose> for RaftNode {
             Err(e) => Err(RaftError::Rejected(format!("proposal dropped: {e}"))),
         };
         self.drive(ctx);
-        answer_later(result, self.not_leader())
+        // A waiter dropped unanswered (the actor stopped) leaves the write's fate unknown: it
+        // may have reached other members.
+        answer_later(
+            result,
+            RaftError::Unknown {
+                leader: self.leader(),
+            },
+        )
     }
 }
 

@@ -224,10 +224,23 @@ fn check_address(addr: &str) -> Result<(), PlanError> {
         ))
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    if is_unspecified(host) {
+        return Err(PlanError::Invalid(format!(
+            "address: {addr:?} is a wildcard; members need an address others can dial"
+        )));
+    }
     match port.parse::<u16>() {
         Ok(p) if p > 0 && !host.is_empty() => Ok(()),
         _ => Err(bad()),
     }
+}
+
+/// Whether `host` is a wildcard (0.0.0.0, ::): fine to listen on, useless to dial.
+pub fn is_unspecified(host: &str) -> bool {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
 }
 
 /// What the directory publishes.
@@ -306,16 +319,32 @@ impl Directory {
         out
     }
 
-    /// Publishes a new applied topology (the raft actor only).
+    /// Publishes a new applied topology (the raft actor only). An older one than published is
+    /// ignored: a restarted raft actor replays from its snapshot, behind what readers saw.
     pub fn publish(&self, topology: &Topology) {
-        self.tx.send_modify(|p| {
+        self.tx.send_if_modified(|p| {
+            if topology.version < p.topology.version {
+                return false;
+            }
             p.topology = Arc::new(topology.clone());
             // A hint becomes the topology's business once the member is in it.
             p.hints.retain(|id, _| !topology.members.contains_key(id));
+            true
         });
     }
 
-    /// Remembers addresses that the applied topology does not hold (yet).
+    /// Forgets every hint: once the log is replayed, the applied topology knows every member,
+    /// and a hint left over would name one that was removed.
+    pub fn clear_hints(&self) {
+        self.tx.send_if_modified(|p| {
+            let had = !p.hints.is_empty();
+            p.hints.clear();
+            had
+        });
+    }
+
+    /// Remembers addresses that the applied topology does not hold (yet). Checked: an address
+    /// that is not `HOST:PORT` is ignored.
     pub fn hint(&self, addrs: impl IntoIterator<Item = (u64, String)>) {
         let addrs: Vec<_> = addrs.into_iter().collect();
         self.tx.send_if_modified(|p| {
@@ -386,6 +415,25 @@ mod tests {
             t.plan(&MemberRequest::Remove { id: 7 }),
             Err(PlanError::NotFound(_))
         ));
+        for wildcard in ["0.0.0.0:7400", "[::]:7400"] {
+            assert!(matches!(
+                t.plan(&add(4, wildcard, Role::Voter)),
+                Err(PlanError::Invalid(m)) if m.contains("wildcard")
+            ));
+        }
+    }
+
+    #[test]
+    fn an_older_topology_never_replaces_a_newer_one_and_hints_can_be_cleared() {
+        let d = Directory::default();
+        let mut t = three();
+        t.version = 5;
+        d.publish(&t);
+        d.publish(&three());
+        assert_eq!(d.current().topology.version, 5);
+        d.hint([(9, "h:9".to_string())]);
+        d.clear_hints();
+        assert_eq!(d.address(9), None);
     }
 
     #[test]

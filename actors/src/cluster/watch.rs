@@ -65,6 +65,8 @@ impl std::fmt::Display for WatchError {
 struct Watcher {
     spec: WatchSpec,
     tx: mpsc::Sender<WatchUpdate>,
+    /// The first revision not delivered yet: where the watch resumes if it ends.
+    next: i64,
 }
 
 /// The history and the watchers of one member.
@@ -107,10 +109,12 @@ impl WatchHub {
         self.history.clear();
         self.compacted = revision;
         for (_, w) in self.watchers.drain() {
+            // Resuming where it stopped, not after the snapshot: the revisions in between were
+            // never delivered, and another member may still have them.
             let _ = w.tx.try_send(WatchUpdate::Cancelled {
                 reason: "this member installed a snapshot; watch again from the revision given"
                     .into(),
-                resume_from: revision + 1,
+                resume_from: w.next,
             });
         }
     }
@@ -134,7 +138,8 @@ impl WatchHub {
         }
         self.next_id += 1;
         let id = self.next_id;
-        let mut w = Watcher { spec, tx };
+        let next = spec.start_revision;
+        let mut w = Watcher { spec, tx, next };
         for (rev, events) in &self.history {
             if *rev >= w.spec.start_revision && !deliver(&mut w, *rev, events) {
                 return Ok(id);
@@ -172,6 +177,7 @@ impl WatchHub {
 
 /// Sends `w` its share of `events`; false when the watcher is gone or cancelled.
 fn deliver(w: &mut Watcher, revision: i64, events: &[Event]) -> bool {
+    w.next = revision + 1;
     let mine: Vec<Event> = events
         .iter()
         .filter(|e| w.spec.matches(&e.kv.key))
@@ -199,11 +205,10 @@ fn deliver(w: &mut Watcher, revision: i64, events: &[Event]) -> bool {
 }
 
 /// The update an adapter reports when its watch channel closed without a `Cancelled`: the
-/// watcher fell behind and was dropped after `last_delivered`.
+/// watcher fell behind (its buffer filled up) or the raft member restarted.
 pub fn lagged(last_delivered: i64) -> WatchUpdate {
     WatchUpdate::Cancelled {
-        reason: "watcher fell behind (its buffer filled up); watch again from the revision given"
-            .into(),
+        reason: "the watch ended on this member (it fell behind, or the member restarted); watch again from the revision given".into(),
         resume_from: last_delivered + 1,
     }
 }
@@ -299,13 +304,20 @@ mod tests {
         let mut hub = WatchHub::new(0, 100);
         let (tx, mut rx) = mpsc::channel(4);
         hub.watch(spec("k", false, 0), 0, tx).unwrap();
+        hub.record(1, vec![put("k", 1)]);
         hub.reset(50);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(WatchUpdate::Events { revision: 1, .. })
+        ));
+        // Revisions 2..=50 were never delivered: resume at 2, which this member refuses as
+        // compacted rather than skipping them.
         assert_eq!(
             rx.try_recv(),
             Ok(WatchUpdate::Cancelled {
                 reason: "this member installed a snapshot; watch again from the revision given"
                     .into(),
-                resume_from: 51
+                resume_from: 2
             })
         );
         assert_eq!(hub.oldest(), 51);
