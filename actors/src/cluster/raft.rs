@@ -299,6 +299,8 @@ pub struct RaftNode {
     last_tick: Instant,
     /// The replicated membership, applied along with the KV store.
     topology: Topology,
+    /// The hard state last handed to the storage thread.
+    last_hard_state: HardState,
     /// The log index at start: once applied, the topology knows every member (hints go).
     replayed_at: Option<u64>,
     directory: Directory,
@@ -360,6 +362,10 @@ impl RaftNode {
         let applied_from = store.snapshot_index();
         let watch_history = settings.watch_history;
         let replayed_at = store.last_index().unwrap_or(0);
+        let last_hard_state = store
+            .initial_state()
+            .map(|s| s.hard_state)
+            .unwrap_or_default();
         let cfg = raft::Config {
             id: settings.id,
             election_tick: settings.election_ticks,
@@ -395,6 +401,7 @@ impl RaftNode {
             watches: WatchHub::new(kv.revision(), watch_history),
             leases: LeaseClock::default(),
             replayed_at: Some(replayed_at),
+            last_hard_state,
             topology,
             directory,
             log,
@@ -497,6 +504,10 @@ impl RaftNode {
                 self.store.set_hard_state(hs.clone());
                 batch.hard_state = Some(hs.clone());
             }
+            batch.lazy = self.commit_only(&batch);
+            if let Some(hs) = &batch.hard_state {
+                self.last_hard_state = hs.clone();
+            }
             for rs in rd.take_read_states() {
                 let answered = self.own_tag(&rs.request_ctx);
                 if answered.is_some() && answered == self.read_batch.as_ref().map(|b| b.id) {
@@ -512,10 +523,14 @@ impl RaftNode {
             let number = rd.number();
             self.node.advance_append_async(rd);
             self.advance_apply();
-            if batch.is_empty() && self.writes_in_flight == 0 {
-                // Nothing to write and nothing being written: the ready is as durable as it gets.
-                // Skipping the storage thread spares followers' heartbeat and ReadIndex answers
-                // a thread round trip each.
+            if (batch.is_empty() || batch.lazy) && self.writes_in_flight == 0 {
+                // Nothing to make durable and nothing being written: the ready is as durable as
+                // it needs to be. Skipping the wait spares followers' heartbeat and ReadIndex
+                // answers, and the leader's next append, a thread round trip and an fsync each.
+                if batch.lazy {
+                    // Kept by the storage thread for its next fsync; it answers nothing.
+                    self.disk.write(batch, Box::new(|_| {}));
+                }
                 self.send(persisted);
                 self.node.on_persist_ready(number);
                 self.advance_apply();
@@ -833,6 +848,20 @@ impl RaftNode {
                 let _ = tx.send(Err(RaftError::Unknown { leader }));
             }
         }
+    }
+
+    /// Whether a batch only moves the commit index: no entries, no term or vote change, nothing
+    /// else. Such a batch needs no fsync before the ready is acknowledged (raft recovers a lost
+    /// commit index from the leader; a lost vote or entry it cannot).
+    fn commit_only(&self, b: &WriteBatch) -> bool {
+        b.entries.is_empty()
+            && b.snapshot.is_none()
+            && b.conf_state.is_none()
+            && b.compact_below.is_none()
+            && !b.clear_entries
+            && b.hard_state.as_ref().is_some_and(|hs| {
+                hs.term == self.last_hard_state.term && hs.vote == self.last_hard_state.vote
+            })
     }
 
     fn publish_figures(&self) {

@@ -50,6 +50,10 @@ pub struct WriteBatch {
     pub compact_below: Option<u64>,
     /// Drop every stored entry before appending (a snapshot from the leader replaces the log).
     pub clear_entries: bool,
+    /// The batch only moves the commit index (no entries, term or vote change): it is answered
+    /// at once and written with the next batch that needs an `fdatasync`, as etcd's `MustSync`
+    /// does. A crash may lose it; raft learns the commit index from the leader again.
+    pub lazy: bool,
 }
 
 impl WriteBatch {
@@ -216,6 +220,9 @@ fn recover(dir: &Path, replay: Replay, repair: bool) -> Result<Recovered, DiskEr
 
 fn writer(mut wal: Wal, dir: PathBuf, rx: Receiver<Request>, delay_ms: Arc<AtomicU64>) {
     let mut closing = None;
+    // The latest hard state of lazy batches, not written yet: it goes first in the next frame,
+    // where any hard state of that group supersedes it.
+    let mut deferred: Option<WriteBatch> = None;
     // After one failed write nothing later may be written: it could leave a hole in the log.
     let mut broken: Option<DiskError> = None;
     while let Ok(first) = rx.recv() {
@@ -228,11 +235,23 @@ fn writer(mut wal: Wal, dir: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atomi
                 Request::Load(reply) => loads.push(reply),
             }
         }
-        let batches: Vec<&WriteBatch> = writes
-            .iter()
-            .map(|(b, _)| b)
-            .filter(|b| !b.is_empty())
-            .collect();
+        for (b, _) in writes.iter().filter(|(b, _)| b.lazy) {
+            deferred = Some(WriteBatch {
+                hard_state: b.hard_state.clone(),
+                ..Default::default()
+            });
+        }
+        let needs_sync = writes.iter().any(|(b, _)| !b.lazy && !b.is_empty())
+            || (closing.is_some() && deferred.is_some());
+        let batches: Vec<&WriteBatch> = if needs_sync {
+            deferred
+                .iter()
+                .chain(writes.iter().map(|(b, _)| b).filter(|b| !b.lazy))
+                .filter(|b| !b.is_empty())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let result = if let Some(e) = &broken {
             Err(e.clone())
         } else if batches.is_empty() {
@@ -245,6 +264,9 @@ fn writer(mut wal: Wal, dir: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atomi
             commit(&mut wal, &dir, &batches)
         };
         drop(batches);
+        if needs_sync && result.is_ok() {
+            deferred = None;
+        }
         if let Err(e) = &result {
             broken.get_or_insert_with(|| e.clone());
         }
@@ -296,6 +318,56 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_commit_only_hard_state_waits_for_the_next_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let hs = |commit| HardState {
+            term: 1,
+            vote: 1,
+            commit,
+            ..Default::default()
+        };
+        {
+            let (disk, _) = Disk::open(dir.path()).unwrap();
+            let b = WriteBatch {
+                number: 1,
+                entries: (1..=3).map(|i| entry(i, 1, "x")).collect(),
+                hard_state: Some(hs(1)),
+                ..Default::default()
+            };
+            write_sync(&disk, b).unwrap();
+            let lazy = WriteBatch {
+                number: 2,
+                hard_state: Some(hs(3)),
+                lazy: true,
+                ..Default::default()
+            };
+            assert_eq!(write_sync(&disk, lazy), Ok(2));
+            // Not written by itself: what a crash now would leave.
+            assert_eq!(disk.load().unwrap().hard_state.commit, 1);
+            // The next batch that is synced carries it.
+            let b = WriteBatch {
+                number: 3,
+                entries: vec![entry(4, 1, "y")],
+                ..Default::default()
+            };
+            write_sync(&disk, b).unwrap();
+            assert_eq!(disk.load().unwrap().hard_state.commit, 3);
+            let lazy = WriteBatch {
+                number: 4,
+                hard_state: Some(hs(4)),
+                lazy: true,
+                ..Default::default()
+            };
+            write_sync(&disk, lazy).unwrap();
+            // Closing writes what is deferred.
+            disk.close();
+        }
+        let (_, rec) = Disk::open(dir.path()).unwrap();
+        assert_eq!(rec.hard_state, hs(4));
+        assert_eq!(rec.entries.len(), 4);
     }
 
     #[test]
