@@ -187,6 +187,14 @@ fn a_stale_leader_cut_off_by_injected_faults_serves_no_linearizable_read_and_cat
     );
 }
 
+/// Puts `k = v`, again if an election made the outcome unknown (the same put twice is harmless
+/// here; what these tests check is elsewhere).
+fn put_eventually(endpoints: &str, k: &str, v: &str) {
+    eventually(&format!("put {k}"), || {
+        kv(endpoints, &["put", k, v]).status.success().then_some(())
+    });
+}
+
 fn members(endpoints: &str) -> Option<Value> {
     json_of(cluster(endpoints, &["members", "--json"]))
 }
@@ -216,8 +224,7 @@ fn a_fourth_node_joins_through_a_follower_catches_up_from_a_snapshot_and_a_membe
         .collect();
     let all = (0..3).map(|i| trio.addr(i)).collect::<Vec<_>>().join(",");
     for n in 0..60 {
-        let out = kv(&all, &["put", &format!("k{n}"), &format!("v{n}")]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        put_eventually(&all, &format!("k{n}"), &format!("v{n}"));
     }
     let before = members(&all).expect("topology");
     let v0 = before["version"].as_u64().unwrap();
@@ -269,7 +276,7 @@ fn a_fourth_node_joins_through_a_follower_catches_up_from_a_snapshot_and_a_membe
     });
     assert_eq!(t["version"].as_u64(), Some(v0 + 3));
     assert!(!roles(&t).iter().any(|(id, _)| *id == 1));
-    assert!(kv(&rest, &["put", "after-removal", "x"]).status.success());
+    put_eventually(&rest, "after-removal", "x");
     assert_eq!(
         eventually("replicated to node 4", || get(
             &joiner.grpc,

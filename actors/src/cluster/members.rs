@@ -287,11 +287,16 @@ impl Membership {
     fn beat(&mut self, ctx: &mut Context<Self>) {
         let raft = self.raft.clone();
         let probe = self.probe.clone();
+        let me = self.settings.self_id;
+        // Not in a topology it has (a joining node has none yet): it was removed.
+        let topology = self.directory.current().topology;
+        let removed = topology.version > 0 && !topology.members.contains_key(&me);
         ctx.spawn(
             async move {
                 let status = raft.send(GetStatus).await;
                 let mut resources = probe();
                 let status = match status {
+                    _ if removed => "removed".to_string(),
                     Ok(Ok(s)) => {
                         resources.applied_index = s.applied;
                         if s.leader.is_some() {

@@ -597,7 +597,26 @@ impl RaftNode {
             .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
             .map(|m| m.to)
             .collect();
+        // This member's proposals forwarded to the leader, by destination: if the transport
+        // could not even queue them, they surely never applied, and the caller may retry.
+        let forwarded: Vec<(u64, Vec<u64>)> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgPropose)
+            .map(|m| {
+                let ids = m.entries.iter().filter_map(|e| self.own_tag(&e.context));
+                (m.to, ids.collect())
+            })
+            .collect();
         for (to, delivery) in self.transport.send(msgs) {
+            if delivery == Delivery::Unreachable {
+                for (_, ids) in forwarded.iter().filter(|(t, _)| *t == to) {
+                    for id in ids {
+                        if let Some((_, tx)) = self.proposals.remove(id) {
+                            let _ = tx.send(Err(RaftError::NotLeader { leader: Some(to) }));
+                        }
+                    }
+                }
+            }
             self.reports.push((to, delivery, snapshots.contains(&to)));
         }
     }
@@ -665,8 +684,13 @@ impl RaftNode {
                     };
                     let reply = match applied {
                         Ok((cc, cs)) => {
+                            let was_member = self.topology.members.contains_key(&self.settings.id);
                             self.topology.apply(&cc, &cs);
                             self.directory.publish(&self.topology);
+                            if was_member && !self.topology.members.contains_key(&self.settings.id)
+                            {
+                                warn!(self.log, "this member was removed from the cluster: it takes no part any more and can be stopped; its data directory must not be reused for a new member");
+                            }
                             info!(self.log, "membership changed"; "index" => e.index, "voters" => ?cs.voters, "learners" => ?cs.learners, "outgoing" => ?cs.voters_outgoing, "topology_version" => self.topology.version);
                             self.store.set_conf_state(cs.clone());
                             batch.conf_state = Some(cs.clone());

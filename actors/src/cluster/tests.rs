@@ -494,6 +494,20 @@ async fn a_follower_forwards_a_write_through_raft_and_answers_once_it_applied_it
         Ok(Some("via-follower".into()))
     );
     c.sees(leader, "k", "via-follower").await;
+    // A leader that is gone (its actor stopped): the proposal cannot even be queued for it, so
+    // it surely did not apply, and the caller is told so (retryable), not "outcome unknown".
+    c.root()
+        .send(crate::supervision::StopChild {
+            name: format!("raft-{leader}"),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let r = c.put(follower, "k", "to-a-dead-leader").await;
+    assert!(matches!(r, Err(RaftError::NotLeader { .. })), "{r:?}");
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != leader).collect();
+    let new = c.leader(&others).await;
+    let follower = others.into_iter().find(|i| *i != new).unwrap();
     // A member cut off from every other has no leader to forward to, once it noticed.
     c.net.isolate(follower);
     let refused = eventually(|| async {

@@ -117,6 +117,22 @@ impl Disk {
 
     fn open_with(dir: &Path, segment_size: u64) -> Result<(Disk, Recovered), DiskError> {
         std::fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create directory", e))?;
+        // Two processes appending to one log would interleave frames: the second is refused.
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| err(&lock_path, "cannot open", e))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => err(
+                dir,
+                "in use",
+                "another process holds its lock (another node on the same data directory?)",
+            ),
+            std::fs::TryLockError::Error(e) => err(&lock_path, "cannot lock", e),
+        })?;
         let wal_dir = dir.join("wal");
         let old = dir.join("raft.redb");
         if old.exists() && !wal_dir.exists() {
@@ -135,7 +151,7 @@ impl Disk {
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("lodge-storage".into())
-            .spawn(move || writer(wal, dir, rx, delay))
+            .spawn(move || writer(wal, lock, dir, rx, delay))
             .map_err(|e| DiskError(format!("cannot start the storage thread: {e}")))?;
         Ok((Disk { tx, fsync_delay_ms }, recovered))
     }
@@ -218,7 +234,14 @@ fn recover(dir: &Path, replay: Replay, repair: bool) -> Result<Recovered, DiskEr
     Ok(out)
 }
 
-fn writer(mut wal: Wal, dir: PathBuf, rx: Receiver<Request>, delay_ms: Arc<AtomicU64>) {
+/// The storage thread; it holds the directory's lock until it ends.
+fn writer(
+    mut wal: Wal,
+    lock: std::fs::File,
+    dir: PathBuf,
+    rx: Receiver<Request>,
+    delay_ms: Arc<AtomicU64>,
+) {
     let mut closing = None;
     // The latest hard state of lazy batches, not written yet: it goes first in the next frame,
     // where any hard state of that group supersedes it.
@@ -281,6 +304,7 @@ fn writer(mut wal: Wal, dir: PathBuf, rx: Receiver<Request>, delay_ms: Arc<Atomi
         }
     }
     drop(wal);
+    drop(lock);
     if let Some(ack) = closing {
         let _ = ack.send(());
     }
@@ -318,6 +342,16 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
         rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(dir.path()).unwrap();
+        let e = Disk::open(dir.path()).err().expect("must refuse");
+        assert!(e.0.contains("in use"), "{e}");
+        disk.close();
+        assert!(Disk::open(dir.path()).is_ok());
     }
 
     #[test]
@@ -832,9 +866,10 @@ mod tests {
         std::fs::rename(&snap_path, &tmp_path).unwrap();
         std::fs::write(&snap_path, &old).unwrap();
         {
-            let (_, rec) = Disk::open(dir.path()).unwrap();
+            let (disk, rec) = Disk::open(dir.path()).unwrap();
             assert_eq!(rec.snapshot.get_metadata().index, 5);
             assert!(!tmp_path.exists());
+            disk.close();
         }
         // A first phase the log never recorded is dropped.
         std::fs::write(&tmp_path, &old).unwrap();
