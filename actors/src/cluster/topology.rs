@@ -343,8 +343,7 @@ impl Directory {
         });
     }
 
-    /// Remembers addresses that the applied topology does not hold (yet). Checked: an address
-    /// that is not `HOST:PORT` is ignored.
+    /// Remembers addresses that the applied topology does not hold (yet).
     pub fn hint(&self, addrs: impl IntoIterator<Item = (u64, String)>) {
         let addrs: Vec<_> = addrs.into_iter().collect();
         self.tx.send_if_modified(|p| {
