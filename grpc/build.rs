@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lodge/cluster/v1/cluster.proto",
         "lodge/kv/v1/kv.proto",
         "lodge/raft/v1/raft.proto",
+        "lodge/registry/v1/registry.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("lodge_descriptor.bin"))

@@ -36,6 +36,11 @@ pub mod pb {
         tonic::include_proto!("lodge.raft.v1");
     }
 
+    /// `lodge.registry.v1`.
+    pub mod registry {
+        tonic::include_proto!("lodge.registry.v1");
+    }
+
     /// etcd v3's KV (client side only), for comparing against etcd in `lodge bench kv`.
     pub mod etcd {
         tonic::include_proto!("etcdserverpb");
