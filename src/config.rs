@@ -25,6 +25,28 @@ pub struct NodeConfig {
     pub admin: AdminSection,
     pub runtime: RuntimeSection,
     pub supervision: SupervisionSection,
+    pub registry: RegistrySection,
+    pub translation: TranslationSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RegistrySection {
+    pub heartbeat_interval_ms: u64,
+    pub max_missed_heartbeats: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct TranslationSection {
+    pub backend_url: String,
+    pub model: String,
+    pub api_key: String,
+    pub request_timeout_ms: u64,
+    pub probe_interval_ms: u64,
+    pub chunk_chars: usize,
+    pub max_jobs_per_client: usize,
+    pub queue_per_client: usize,
+    pub requests_per_second: u32,
+    pub burst: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -43,6 +65,9 @@ pub struct ServerSection {
     pub keepalive_interval_ms: u64,
     pub keepalive_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    pub per_ip_connection_rate: u32,
+    pub per_ip_window_ms: u64,
+    pub per_ip_max_connections: u32,
     pub tls: TlsSection,
 }
 
@@ -285,6 +310,33 @@ impl NodeConfig {
                 "supervision.shutdown_timeout_ms",
                 self.supervision.shutdown_timeout_ms,
             ),
+            ("server.per_ip_window_ms", s.per_ip_window_ms),
+            (
+                "registry.heartbeat_interval_ms",
+                self.registry.heartbeat_interval_ms,
+            ),
+            (
+                "registry.max_missed_heartbeats",
+                u64::from(self.registry.max_missed_heartbeats),
+            ),
+            (
+                "translation.request_timeout_ms",
+                self.translation.request_timeout_ms,
+            ),
+            (
+                "translation.probe_interval_ms",
+                self.translation.probe_interval_ms,
+            ),
+            ("translation.chunk_chars", self.translation.chunk_chars as u64),
+            (
+                "translation.max_jobs_per_client",
+                self.translation.max_jobs_per_client as u64,
+            ),
+            (
+                "translation.requests_per_second",
+                u64::from(self.translation.requests_per_second),
+            ),
+            ("translation.burst", u64::from(self.translation.burst)),
         ] {
             if v == 0 {
                 return Err(err(key, "must be greater than 0"));
@@ -325,6 +377,25 @@ impl NodeConfig {
             return Err(err(
                 "cluster.join_as",
                 format!("{:?} is not one of voter, learner", c.join_as),
+            ));
+        }
+        let t = &self.translation;
+        if t.backend_url.starts_with("https://") {
+            return Err(err(
+                "translation.backend_url",
+                "https is not supported yet: use http:// (a local model server, or a local TLS-terminating proxy)",
+            ));
+        }
+        if !t.backend_url.is_empty() && !t.backend_url.starts_with("http://") {
+            return Err(err(
+                "translation.backend_url",
+                format!("{:?} is not an http:// URL", t.backend_url),
+            ));
+        }
+        if !t.backend_url.is_empty() && t.model.trim().is_empty() {
+            return Err(err(
+                "translation.model",
+                "required when translation.backend_url is set",
             ));
         }
         if !c.advertise.is_empty() {

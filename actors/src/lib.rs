@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod envelope;
 pub mod history;
 pub mod introspect;
+pub mod registry;
 pub mod runtime;
 pub mod supervision;
 

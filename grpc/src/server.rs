@@ -46,6 +46,20 @@ pub struct ServerSettings {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Per-source-IP connection limits.
+    pub per_ip: PerIpLimits,
+}
+
+/// Limits on the connections of one source IP address (0 turns a limit off).
+#[derive(Clone)]
+pub struct PerIpLimits {
+    /// New connections allowed within `window`.
+    pub rate: u32,
+    pub window: Duration,
+    /// Connections open at once.
+    pub max_open: u32,
+    /// Where refusals are counted.
+    pub metrics: lodge_actors::registry::RegistryMetrics,
 }
 
 /// Builds the rustls configuration; an error here is a fatal configuration error, never a reason
@@ -209,6 +223,7 @@ pub async fn serve(
     tokio::spawn(accept_loop(
         listener,
         settings.max_connections,
+        settings.per_ip.clone(),
         metrics.clone(),
         conn_tx,
     ));
@@ -244,19 +259,21 @@ pub async fn serve(
 /// rather than spinning on the error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Accepts connections up to `max`; extra ones are closed at once and counted. Ends (closing the
-/// listener) when the server stops taking connections.
+/// Accepts connections up to `max` (and within the per-IP limits); extra ones are closed at once
+/// and counted. Ends (closing the listener) when the server stops taking connections.
 async fn accept_loop(
     listener: TcpListener,
     max: usize,
+    per_ip: PerIpLimits,
     metrics: Arc<ServerMetrics>,
     tx: tokio::sync::mpsc::Sender<io::Result<LimitedConn>>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
+    let ips = Arc::new(std::sync::Mutex::new(IpTable::default()));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer.ip()),
                 Err(_) => {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
@@ -266,6 +283,15 @@ async fn accept_loop(
         };
         if active.load(Ordering::Relaxed) >= max {
             metrics.connections_rejected.inc();
+            drop(stream);
+            continue;
+        }
+        if let Err(limit) = ips
+            .lock()
+            .unwrap()
+            .admit(peer, &per_ip, std::time::Instant::now())
+        {
+            per_ip.metrics.rejected(limit);
             drop(stream);
             continue;
         }
@@ -280,6 +306,8 @@ async fn accept_loop(
             slot: Slot {
                 active: active.clone(),
                 metrics: metrics.clone(),
+                ip: peer,
+                ips: ips.clone(),
             },
         };
         if tx.send(Ok(conn)).await.is_err() {
@@ -288,15 +316,83 @@ async fn accept_loop(
     }
 }
 
+/// Connections per source IP: how many are open, and when recent ones arrived.
+#[derive(Default)]
+struct IpTable {
+    by_ip: std::collections::HashMap<std::net::IpAddr, IpEntry>,
+    admitted: u64,
+}
+
+#[derive(Default)]
+struct IpEntry {
+    open: u32,
+    /// Arrival times within the window, oldest first.
+    recent: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl IpTable {
+    /// Takes a connection from `ip`, or names the limit that refuses it.
+    fn admit(
+        &mut self,
+        ip: std::net::IpAddr,
+        limits: &PerIpLimits,
+        now: std::time::Instant,
+    ) -> Result<(), &'static str> {
+        self.admitted += 1;
+        if self.admitted % 1024 == 0 {
+            // Addresses that came once and left would otherwise stay forever.
+            self.by_ip.retain(|_, e| {
+                e.open > 0
+                    || e.recent
+                        .back()
+                        .is_some_and(|t| now.duration_since(*t) < limits.window)
+            });
+        }
+        let e = self.by_ip.entry(ip).or_default();
+        while e
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= limits.window)
+        {
+            e.recent.pop_front();
+        }
+        if limits.max_open > 0 && e.open >= limits.max_open {
+            return Err("ip_concurrency");
+        }
+        if limits.rate > 0 && e.recent.len() >= limits.rate as usize {
+            return Err("ip_rate");
+        }
+        e.open += 1;
+        if limits.rate > 0 {
+            e.recent.push_back(now);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, ip: std::net::IpAddr) {
+        if let Some(e) = self.by_ip.get_mut(&ip) {
+            e.open = e.open.saturating_sub(1);
+            // Forgotten once idle, so the table holds only addresses with open connections (or
+            // recent arrivals, which the next connection from them prunes).
+            if e.open == 0 && e.recent.is_empty() {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+}
+
 struct Slot {
     active: Arc<AtomicUsize>,
     metrics: Arc<ServerMetrics>,
+    ip: std::net::IpAddr,
+    ips: Arc<std::sync::Mutex<IpTable>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.metrics.connections_active.dec();
+        self.ips.lock().unwrap().release(self.ip);
     }
 }
 
@@ -358,4 +454,51 @@ impl AsyncWrite for LimitedConn {
 /// Binds the listener (before any actor work, so a taken port fails fast).
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn limits(rate: u32, max_open: u32) -> PerIpLimits {
+        PerIpLimits {
+            rate,
+            window: Duration::from_secs(10),
+            max_open,
+            metrics: Default::default(),
+        }
+    }
+
+    #[test]
+    fn per_ip_rate_refuses_the_excess_until_the_window_passes() {
+        let mut t = IpTable::default();
+        let l = limits(3, 0);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            t.admit(a, &l, t0).unwrap();
+        }
+        assert_eq!(t.admit(a, &l, t0), Err("ip_rate"));
+        // Another address has its own budget.
+        assert!(t.admit(b, &l, t0).is_ok());
+        assert!(t.admit(a, &l, t0 + Duration::from_secs(10)).is_ok());
+    }
+
+    #[test]
+    fn per_ip_concurrency_frees_a_slot_when_a_connection_closes() {
+        let mut t = IpTable::default();
+        let l = limits(0, 2);
+        let a: std::net::IpAddr = "::1".parse().unwrap();
+        let now = Instant::now();
+        t.admit(a, &l, now).unwrap();
+        t.admit(a, &l, now).unwrap();
+        assert_eq!(t.admit(a, &l, now), Err("ip_concurrency"));
+        t.release(a);
+        assert!(t.admit(a, &l, now).is_ok());
+        t.release(a);
+        t.release(a);
+        assert!(t.by_ip.is_empty(), "an address with nothing open is forgotten");
+    }
 }

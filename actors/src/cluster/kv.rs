@@ -112,6 +112,8 @@ pub struct Event {
     pub kv: KeyValue,
     /// The key before the change, if it existed.
     pub prev: Option<KeyValue>,
+    /// A delete made because the leader found the key's lease timed out (not a client's request).
+    pub expired: bool,
 }
 
 /// A command the store refused; nothing of it was applied.
@@ -281,12 +283,15 @@ impl KvState {
                 res.lease = id;
                 false
             }
-            Command::LeaseRevoke { id, .. } => {
+            Command::LeaseRevoke { id, expired } => {
                 res.lease = *id;
                 let keys = self.leases.remove(id).map(|l| l.keys).unwrap_or_default();
                 let mut changed = false;
                 for k in keys {
                     changed |= self.delete(&k, false, next, &mut res);
+                }
+                for e in &mut res.events {
+                    e.expired = *expired;
                 }
                 changed
             }
@@ -369,6 +374,7 @@ impl KvState {
             deleted: false,
             kv,
             prev: prev.clone(),
+            expired: false,
         });
         res.prev.extend(prev);
         true
@@ -408,6 +414,7 @@ impl KvState {
                         lease: 0,
                     },
                     prev: Some(prev.clone()),
+                    expired: false,
                 });
                 res.prev.push(prev);
             }

@@ -237,6 +237,7 @@ mod tests {
                 version: 1,
                 lease: 0,
             }),
+            expired: false,
         }
     }
 

@@ -1,0 +1,317 @@
+//! `lodge.registry.v1.Registry`: decodes a request, hands it to the registry (the index or the
+//! client's actor) with the caller's deadline, and maps the answer. Also the node's
+//! [`LeaseKeeper`]: lease renewals go to the leader, here or over gRPC.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lodge_actors::cluster::raft::{Query, RaftError, RaftNode, Read};
+use lodge_actors::registry::{
+    BeatAnswer, ClientView, LeaseKeeper, RegisterRequest, RegistryError, RegistryHandle,
+    RegistryMetrics,
+};
+use lodge_actors::ActorRef;
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use crate::deadline;
+use crate::forward::{forwarded, Forwarder};
+use crate::pb::kv::kv_client::KvClient;
+use crate::pb::kv::LeaseKeepAliveRequest;
+use crate::pb::registry as pb;
+
+/// Maps a registry error to the caller's status.
+pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
+    match e {
+        RegistryError::Invalid(m) => Status::invalid_argument(m),
+        RegistryError::NotFound(m) => Status::not_found(m),
+        RegistryError::Exhausted(m) => Status::resource_exhausted(m),
+        RegistryError::Unavailable(m) => Status::unavailable(m),
+        RegistryError::Raft(RaftError::Timeout) => {
+            Status::deadline_exceeded("the cluster did not confirm the request before the deadline")
+        }
+        RegistryError::Raft(e) => forward.status(&e),
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    lodge_actors::registry::record::required(field, value).map_err(Status::invalid_argument)
+}
+
+fn timestamp_ms(ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn ms_of(t: &Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+/// Whole seconds for the original `heartbeat_interval_seconds` field (at least 1).
+fn whole_seconds(d: Duration) -> i32 {
+    d.as_millis().div_ceil(1000).clamp(1, i32::MAX as u128) as i32
+}
+
+fn info(v: ClientView, member: u64) -> pb::ClientInfo {
+    let r = v.record;
+    pb::ClientInfo {
+        client_id: r.client_id,
+        client_name: r.client_name,
+        client_version: r.client_version,
+        namespace: r.namespace,
+        instance_id: r.instance_id,
+        metadata: r.metadata.into_iter().collect(),
+        registered_at: Some(timestamp_ms(r.registered_at_ms)),
+        heartbeat_interval_seconds: whole_seconds(v.interval),
+        heartbeat_interval_ms: v.interval.as_millis() as i64,
+        lease_id: r.lease,
+        last_heartbeat: v.last_heartbeat.map(Timestamp::from),
+        missed_heartbeats: v.missed,
+        jobs_in_flight: v.jobs_in_flight as u32,
+        answered_by: member,
+    }
+}
+
+/// The Registry service.
+pub struct RegistryService {
+    registry: RegistryHandle,
+    forward: Arc<Forwarder>,
+    metrics: RegistryMetrics,
+    timeout: Duration,
+}
+
+impl RegistryService {
+    /// Serves `registry`; `timeout` bounds a call without its own deadline.
+    pub fn new(
+        registry: RegistryHandle,
+        forward: Arc<Forwarder>,
+        metrics: RegistryMetrics,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            forward,
+            metrics,
+            timeout,
+        }
+    }
+
+    fn status(&self, e: RegistryError) -> Status {
+        status(&self.forward, e)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for RegistryService {
+    async fn register_client(
+        &self,
+        req: Request<pb::RegisterClientRequest>,
+    ) -> Result<Response<pb::RegisterClientResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let r = RegisterRequest {
+            client_name: m.client_name,
+            client_version: m.client_version,
+            namespace: m.namespace,
+            instance_id: m.instance_id,
+            metadata: m.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+            registered_at_ms: m.registered_at.as_ref().map(ms_of),
+        };
+        let done = self
+            .registry
+            .register(r, budget)
+            .await
+            .map_err(|e| self.status(e))?;
+        let expires = SystemTime::now() + done.ttl;
+        Ok(Response::new(pb::RegisterClientResponse {
+            client_id: done.record.client_id.clone(),
+            success: true,
+            message: match &done.replaced {
+                Some(old) => format!("registered; replaces {old} (same identity)"),
+                None => "registered".into(),
+            },
+            heartbeat_interval_seconds: whole_seconds(done.interval),
+            heartbeat_interval_ms: done.interval.as_millis() as i64,
+            expires_at: Some(Timestamp::from(expires)),
+            replaced_client_id: done.replaced.unwrap_or_default(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let started = std::time::Instant::now();
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        required("client_id", &m.client_id)?;
+        let answer = self
+            .registry
+            .heartbeat(&m.client_id, &m.client_name, budget)
+            .await;
+        self.metrics
+            .heartbeat_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let received_at = Some(Timestamp::from(SystemTime::now()));
+        let outcome = match &answer {
+            Ok(BeatAnswer::Alive { .. }) => "ok",
+            Ok(BeatAnswer::ReRegister(_)) => "re_register",
+            Err(_) => "error",
+        };
+        RegistryMetrics::outcome(&self.metrics.heartbeats, outcome);
+        match answer.map_err(|e| self.status(e))? {
+            BeatAnswer::Alive { interval } => Ok(Response::new(pb::HeartbeatResponse {
+                success: true,
+                message: String::new(),
+                received_at,
+                heartbeat_interval_seconds: whole_seconds(interval),
+                heartbeat_interval_ms: interval.as_millis() as i64,
+                re_register_required: false,
+            })),
+            BeatAnswer::ReRegister(why) => Ok(Response::new(pb::HeartbeatResponse {
+                success: false,
+                message: why,
+                received_at,
+                heartbeat_interval_seconds: 0,
+                heartbeat_interval_ms: 0,
+                re_register_required: true,
+            })),
+        }
+    }
+
+    async fn unregister_client(
+        &self,
+        req: Request<pb::UnregisterClientRequest>,
+    ) -> Result<Response<pb::UnregisterClientResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        required("client_id", &m.client_id)?;
+        let existed = self
+            .registry
+            .unregister(&m.client_id, budget)
+            .await
+            .map_err(|e| self.status(e))?;
+        Ok(Response::new(pb::UnregisterClientResponse {
+            success: existed,
+            message: if existed {
+                "unregistered".into()
+            } else {
+                format!("client_id: {} was not registered", m.client_id)
+            },
+        }))
+    }
+
+    async fn list_clients(
+        &self,
+        req: Request<pb::ListClientsRequest>,
+    ) -> Result<Response<pb::ListClientsResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let views = self
+            .registry
+            .list(&m.namespace, &m.client_name, budget)
+            .await
+            .map_err(|e| self.status(e))?;
+        let member = self.forward.member_id();
+        Ok(Response::new(pb::ListClientsResponse {
+            clients: views.into_iter().map(|v| info(v, member)).collect(),
+        }))
+    }
+
+    async fn get_client(
+        &self,
+        req: Request<pb::GetClientRequest>,
+    ) -> Result<Response<pb::ClientInfo>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        required("client_id", &m.client_id)?;
+        let view = self
+            .registry
+            .get(&m.client_id, budget)
+            .await
+            .map_err(|e| self.status(e))?;
+        Ok(Response::new(info(view, self.forward.member_id())))
+    }
+}
+
+/// Renews leases on the leader: through the local raft member when it leads, otherwise with a
+/// keep-alive forwarded to the leader it knows.
+pub struct GrpcLeaseKeeper {
+    raft: ActorRef<RaftNode>,
+    forward: Arc<Forwarder>,
+}
+
+impl GrpcLeaseKeeper {
+    /// A keeper for this member.
+    pub fn new(raft: ActorRef<RaftNode>, forward: Arc<Forwarder>) -> Arc<Self> {
+        Arc::new(Self { raft, forward })
+    }
+}
+
+fn raft_error_of(s: &Status) -> RaftError {
+    match s.code() {
+        tonic::Code::NotFound => RaftError::NotFound(s.message().to_string()),
+        tonic::Code::DeadlineExceeded => RaftError::Timeout,
+        _ => RaftError::Busy(format!("the leader did not renew the lease: {}", s.message())),
+    }
+}
+
+impl LeaseKeeper for GrpcLeaseKeeper {
+    fn renew(
+        &self,
+        lease: i64,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<(), RaftError>> + Send>> {
+        let raft = self.raft.clone();
+        let forward = self.forward.clone();
+        Box::pin(async move {
+            let local = raft
+                .send_timeout(
+                    Read {
+                        query: Query::KeepAlive(lease),
+                        linearizable: true,
+                    },
+                    timeout,
+                )
+                .await
+                .map_err(|e| match e {
+                    lodge_actors::SendError::Timeout => RaftError::Timeout,
+                    e => RaftError::Busy(format!("raft member: {e}")),
+                })?;
+            let err = match local {
+                Ok(_) => return Ok(()),
+                Err(e @ RaftError::NotLeader { leader: Some(_) }) => e,
+                Err(e) => return Err(e),
+            };
+            let channel = forward
+                .leader(&Request::new(()), &err)
+                .await
+                .map_err(|_| err.clone())?;
+            let one = tokio_stream::iter([LeaseKeepAliveRequest { id: lease }]);
+            let mut answers = KvClient::new(channel)
+                .lease_keep_alive(forwarded(one, timeout))
+                .await
+                .map_err(|s| raft_error_of(&s))?
+                .into_inner();
+            match answers.message().await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(RaftError::Busy(
+                    "the leader ended the keep-alive stream".into(),
+                )),
+                Err(s) => Err(raft_error_of(&s)),
+            }
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch now (for tests and the CLI).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
