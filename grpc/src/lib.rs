@@ -12,6 +12,7 @@ pub mod forward;
 pub mod kv;
 pub mod metrics;
 pub mod raft;
+pub mod registry_client;
 pub mod server;
 
 /// Generated protobuf and gRPC code.
