@@ -13,6 +13,7 @@ pub mod kv;
 pub mod metrics;
 pub mod raft;
 pub mod registry;
+pub mod registry_client;
 pub mod server;
 
 /// Generated protobuf and gRPC code.
