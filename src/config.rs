@@ -327,7 +327,10 @@ impl NodeConfig {
                 "translation.probe_interval_ms",
                 self.translation.probe_interval_ms,
             ),
-            ("translation.chunk_chars", self.translation.chunk_chars as u64),
+            (
+                "translation.chunk_chars",
+                self.translation.chunk_chars as u64,
+            ),
             (
                 "translation.max_jobs_per_client",
                 self.translation.max_jobs_per_client as u64,

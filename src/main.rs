@@ -1,6 +1,7 @@
 //! `lodge`: the node and its command-line clients.
 
 mod bench;
+mod client;
 mod cluster;
 mod config;
 mod ctl;
@@ -50,6 +51,13 @@ enum Command {
         conn: ctl::Connection,
         #[command(subcommand)]
         cmd: cluster::Cluster,
+    },
+    /// Client registrations (lodge.registry.v1).
+    Client {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: client::Client,
     },
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
@@ -126,6 +134,7 @@ fn main() {
         Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),
         Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
         Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
+        Command::Client { conn, cmd } => client_runtime().block_on(client::run(conn, cmd)),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

@@ -15,6 +15,10 @@ use lodge_actors::cluster::members::{
 use lodge_actors::cluster::raft::{RaftNode, RaftSettings};
 use lodge_actors::cluster::topology::Directory;
 use lodge_actors::cluster::transport::Transport;
+use lodge_actors::registry::index::ClientTable;
+use lodge_actors::registry::{
+    LeaseKeeper, RegistryHandle, RegistryIndex, RegistryMetrics, RegistrySettings,
+};
 use lodge_actors::supervision::Exit;
 use lodge_actors::{
     clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy,
@@ -22,8 +26,10 @@ use lodge_actors::{
 };
 use lodge_grpc::client::ClientTls;
 use lodge_grpc::cluster::GrpcHeartbeats;
+use lodge_grpc::forward::Forwarder;
 use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::raft::GrpcTransport;
+use lodge_grpc::registry::GrpcLeaseKeeper;
 use lodge_grpc::server::{self, ServerSettings};
 use slog::{error, info, warn};
 
@@ -52,7 +58,11 @@ fn runtime_config(c: &NodeConfig) -> RuntimeConfig {
     }
 }
 
-fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSettings {
+fn server_settings(
+    c: &NodeConfig,
+    tls: Option<server::TlsMaterial>,
+    registry_metrics: RegistryMetrics,
+) -> ServerSettings {
     let s = &c.server;
     ServerSettings {
         tls,
@@ -63,6 +73,26 @@ fn server_settings(c: &NodeConfig, tls: Option<server::TlsMaterial>) -> ServerSe
         keepalive_interval: NodeConfig::duration(s.keepalive_interval_ms),
         keepalive_timeout: NodeConfig::duration(s.keepalive_timeout_ms),
         drain_timeout: NodeConfig::duration(s.drain_timeout_ms),
+        per_ip: server::PerIpLimits {
+            rate: s.per_ip_connection_rate,
+            window: NodeConfig::duration(s.per_ip_window_ms),
+            max_open: s.per_ip_max_connections,
+            metrics: registry_metrics,
+        },
+    }
+}
+
+fn registry_settings(c: &NodeConfig) -> RegistrySettings {
+    let t = &c.translation;
+    RegistrySettings {
+        member_id: c.node.id,
+        interval: NodeConfig::duration(c.registry.heartbeat_interval_ms),
+        max_misses: c.registry.max_missed_heartbeats,
+        max_jobs: t.max_jobs_per_client,
+        queue: t.queue_per_client,
+        rate_per_second: t.requests_per_second,
+        rate_burst: t.burst,
+        request_timeout: NodeConfig::duration(c.server.request_timeout_ms),
     }
 }
 
@@ -82,6 +112,11 @@ struct TreeParts {
     membership_settings: MembershipSettings,
     heartbeats: Arc<dyn HeartbeatSender>,
     probe: ResourceProbe,
+    registry_settings: Arc<RegistrySettings>,
+    registry_index: ActorRef<RegistryIndex>,
+    client_table: ClientTable,
+    lease_keeper: Arc<dyn LeaseKeeper>,
+    registry_metrics: RegistryMetrics,
     log: slog::Logger,
 }
 
@@ -95,6 +130,9 @@ struct TreeParts {
 ///     ├── /node/cluster/raft         the raft member (own arbiter)
 ///     ├── /node/cluster/members      one_for_one; /node/cluster/members/<id>, one per member
 ///     └── /node/cluster/membership   keeps members/ equal to the topology, sends heartbeats
+/// └── /node/registry           one_for_all
+///     ├── /node/registry/clients     one_for_one; /node/registry/clients/<client_id>
+///     └── /node/registry/index       loads and watches registrations, writes them
 /// ```
 fn root_spec(p: TreeParts) -> SupervisorSpec {
     let p = Arc::new(p);
@@ -153,7 +191,37 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                 vec![raft, members, membership]
             })
         };
-        vec![admin, ChildSpec::supervisor("cluster", cluster).0]
+        let registry = {
+            let p = p.clone();
+            SupervisorSpec::new(Strategy::OneForAll, move || {
+                let (clients, clients_ref) = ChildSpec::supervisor(
+                    "clients",
+                    SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+                );
+                let index = {
+                    let p = p.clone();
+                    ChildSpec::actor_for("index", &p.registry_index.clone(), move || {
+                        // Its client actors died with the previous incarnation (one_for_all).
+                        p.client_table.write().unwrap().clear();
+                        RegistryIndex::new(
+                            p.registry_settings.clone(),
+                            p.raft.clone(),
+                            clients_ref.clone(),
+                            p.client_table.clone(),
+                            p.lease_keeper.clone(),
+                            p.registry_metrics.clone(),
+                            &p.log,
+                        )
+                    })
+                };
+                vec![clients, index]
+            })
+        };
+        vec![
+            admin,
+            ChildSpec::supervisor("cluster", cluster).0,
+            ChildSpec::supervisor("registry", registry).0,
+        ]
     })
 }
 
@@ -167,7 +235,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
             return 2;
         }
     };
-    let settings = server_settings(&cfg, tls);
+    let registry_metrics = RegistryMetrics::default();
+    let settings = server_settings(&cfg, tls, registry_metrics.clone());
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lodge-io")
@@ -282,6 +351,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
             log.clone(),
         );
         let membership_ref: ActorRef<Membership> = ActorRef::default();
+        let registry_index: ActorRef<RegistryIndex> = ActorRef::default();
+        let client_table: ClientTable = Default::default();
+        let lease_keeper: Arc<dyn LeaseKeeper> = GrpcLeaseKeeper::new(
+            raft_ref.clone(),
+            Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+        );
         let probe: ResourceProbe = {
             let registry_slot = registry_slot.clone();
             Arc::new(move || {
@@ -309,6 +384,11 @@ pub fn run(cfg: NodeConfig) -> i32 {
             membership_settings,
             heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_tls.clone(), heartbeat_interval)),
             probe,
+            registry_settings: Arc::new(registry_settings(&cfg)),
+            registry_index: registry_index.clone(),
+            client_table: client_table.clone(),
+            lease_keeper,
+            registry_metrics: registry_metrics.clone(),
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
@@ -333,6 +413,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         prom.register_collector(Box::new(ActorCollector(runtime.registry().clone())));
         prom.register_collector(Box::new(ProcessCollector));
         prom.register_collector(Box::new(ClusterCollector(directory.clone())));
+        registry_metrics.register(&mut prom);
         let prom = Arc::new(prom);
 
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -346,6 +427,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 heartbeat_interval,
                 peer_tls: peer_tls.clone(),
                 faults: faults.clone(),
+                registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
+                registry_metrics: registry_metrics.clone(),
             };
             let settings = settings.clone();
             io.spawn(async move { server::node_services(backends, &settings, shutdown_rx).await }).await

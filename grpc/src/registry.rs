@@ -257,7 +257,10 @@ fn raft_error_of(s: &Status) -> RaftError {
     match s.code() {
         tonic::Code::NotFound => RaftError::NotFound(s.message().to_string()),
         tonic::Code::DeadlineExceeded => RaftError::Timeout,
-        _ => RaftError::Busy(format!("the leader did not renew the lease: {}", s.message())),
+        _ => RaftError::Busy(format!(
+            "the leader did not renew the lease: {}",
+            s.message()
+        )),
     }
 }
 

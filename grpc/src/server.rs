@@ -96,6 +96,7 @@ const SERVICE_NAMES: &[&str] = &[
     "lodge.cluster.v1.Cluster",
     "lodge.kv.v1.KV",
     "lodge.raft.v1.Raft",
+    "lodge.registry.v1.Registry",
 ];
 
 /// What the node's services talk to.
@@ -113,6 +114,9 @@ pub struct Backends {
     pub peer_tls: crate::client::ClientTls,
     /// Injected faults (the Raft service drops traffic from cut-off peers).
     pub faults: lodge_actors::cluster::fault::Faults,
+    /// The client registry.
+    pub registry: lodge_actors::registry::RegistryHandle,
+    pub registry_metrics: lodge_actors::registry::RegistryMetrics,
 }
 
 /// Path of the reflection method (its descriptor is not among the sets we register).
@@ -173,10 +177,19 @@ pub async fn node_services(
             b.raft.clone(),
             b.membership,
             b.directory,
-            forward,
+            forward.clone(),
             b.heartbeat_interval,
             s.request_timeout,
             shutdown.clone(),
+        ))
+        .max_decoding_message_size(s.max_message_bytes)
+        .max_encoding_message_size(s.max_message_bytes);
+    let registry =
+        pb::registry::registry_server::RegistryServer::new(crate::registry::RegistryService::new(
+            b.registry,
+            forward.clone(),
+            b.registry_metrics,
+            s.request_timeout,
         ))
         .max_decoding_message_size(s.max_message_bytes)
         .max_encoding_message_size(s.max_message_bytes);
@@ -189,6 +202,7 @@ pub async fn node_services(
         .add_service(admin)
         .add_service(kv)
         .add_service(cluster)
+        .add_service(registry)
         .add_service(raft);
     Ok(NodeServices { routes, health })
 }
@@ -499,6 +513,9 @@ mod tests {
         assert!(t.admit(a, &l, now).is_ok());
         t.release(a);
         t.release(a);
-        assert!(t.by_ip.is_empty(), "an address with nothing open is forgotten");
+        assert!(
+            t.by_ip.is_empty(),
+            "an address with nothing open is forgotten"
+        );
     }
 }

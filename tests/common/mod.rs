@@ -39,12 +39,28 @@ impl Node {
     }
 
     pub fn try_start(args: &[&str]) -> Result<Node, StartFailure> {
-        Self::try_start_in(tempfile::tempdir().expect("temp dir"), "127.0.0.1:0", args)
+        Self::try_start_in(
+            tempfile::tempdir().expect("temp dir"),
+            "127.0.0.1:0",
+            args,
+            &[],
+        )
+    }
+
+    /// Like [`start`](Self::start), with `LODGE_*` environment overrides.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Node {
+        Self::try_start_in(
+            tempfile::tempdir().expect("temp dir"),
+            "127.0.0.1:0",
+            args,
+            env,
+        )
+        .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
     }
 
     /// Starts a node listening on `listen`, keeping its data in `dir` (reused across restarts).
     pub fn start_in(dir: tempfile::TempDir, listen: &str, args: &[&str]) -> Node {
-        Self::try_start_in(dir, listen, args)
+        Self::try_start_in(dir, listen, args, &[])
             .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
     }
 
@@ -52,6 +68,7 @@ impl Node {
         dir: tempfile::TempDir,
         listen: &str,
         args: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Node, StartFailure> {
         let stderr = dir.path().join("stderr.log");
         let mut cmd = Command::new(LODGE);
@@ -61,6 +78,11 @@ impl Node {
             .arg(dir.path().join("data"))
             .args(args)
             .env_remove("LODGE_ENDPOINT")
+            // Tests open many short connections from one address; the per-IP limits are tested
+            // on their own (tests/registry.rs), with values set through `--config`.
+            .env("LODGE_SERVER__PER_IP_CONNECTION_RATE", "0")
+            .env("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "0")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(

@@ -282,7 +282,10 @@ impl Handler<Beat> for ClientActor {
         self.last_beat = Some((Instant::now(), SystemTime::now()));
         self.beats += 1;
         let interval = self.interval();
-        if self.renewed_at.is_some_and(|at| at.elapsed() < interval / 2) {
+        if self
+            .renewed_at
+            .is_some_and(|at| at.elapsed() < interval / 2)
+        {
             return Box::pin(async move { Ok(BeatAnswer::Alive { interval }) });
         }
         let renewal = self.renew(ctx);

@@ -219,7 +219,10 @@ impl RegistryIndex {
             // the actor is restarted with the new record below.
             self.remove(&id, false);
         }
-        self.metrics.clients.get_or_create(&Self::labels(&record)).inc();
+        self.metrics
+            .clients
+            .get_or_create(&Self::labels(&record))
+            .inc();
         self.records.insert(id.clone(), record.clone());
         self.start_actor(record, fresh, ctx);
     }
@@ -228,7 +231,10 @@ impl RegistryIndex {
         let Some(record) = self.records.remove(id) else {
             return;
         };
-        self.metrics.clients.get_or_create(&Self::labels(&record)).dec();
+        self.metrics
+            .clients
+            .get_or_create(&Self::labels(&record))
+            .dec();
         if expired {
             self.metrics.expirations.inc();
         }
@@ -242,7 +248,12 @@ impl RegistryIndex {
         }
     }
 
-    fn child_spec(&self, record: &Registration, fresh: bool, r: &ActorRef<ClientActor>) -> ChildSpec {
+    fn child_spec(
+        &self,
+        record: &Registration,
+        fresh: bool,
+        r: &ActorRef<ClientActor>,
+    ) -> ChildSpec {
         let record = record.clone();
         let settings = self.settings.clone();
         let keeper = self.keeper.clone();
@@ -736,20 +747,35 @@ impl RegistryHandle {
     }
 
     /// Ends a registration; whether there was one.
-    pub async fn unregister(&self, client_id: &str, timeout: Duration) -> Result<bool, RegistryError> {
+    pub async fn unregister(
+        &self,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<bool, RegistryError> {
         self.index
             .send_timeout(Unregister(client_id.to_string()), timeout)
             .await?
     }
 
     /// One registration as this member sees it.
-    pub async fn get(&self, client_id: &str, timeout: Duration) -> Result<ClientView, RegistryError> {
-        let not_found = || RegistryError::NotFound(format!("client_id: {client_id} is not registered"));
-        let client = self.client(client_id, timeout).await?.ok_or_else(not_found)?;
-        client.send_timeout(GetView, timeout).await.map_err(|e| match e {
-            crate::SendError::NotRunning | crate::SendError::Closed => not_found(),
-            e => e.into(),
-        })
+    pub async fn get(
+        &self,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<ClientView, RegistryError> {
+        let not_found =
+            || RegistryError::NotFound(format!("client_id: {client_id} is not registered"));
+        let client = self
+            .client(client_id, timeout)
+            .await?
+            .ok_or_else(not_found)?;
+        client
+            .send_timeout(GetView, timeout)
+            .await
+            .map_err(|e| match e {
+                crate::SendError::NotRunning | crate::SendError::Closed => not_found(),
+                e => e.into(),
+            })
     }
 
     /// Registrations matching the filter (empty strings match all), as this member sees them.
@@ -789,13 +815,20 @@ impl RegistryHandle {
     }
 
     /// A translation job slot of `client_id` (waiting in its queue if need be).
-    pub async fn acquire_job(&self, client_id: &str, timeout: Duration) -> Result<JobPermit, RegistryError> {
+    pub async fn acquire_job(
+        &self,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<JobPermit, RegistryError> {
         let not_found = || {
             RegistryError::NotFound(format!(
                 "client_id: {client_id} is not registered; register before translating"
             ))
         };
-        let client = self.client(client_id, timeout).await?.ok_or_else(not_found)?;
+        let client = self
+            .client(client_id, timeout)
+            .await?
+            .ok_or_else(not_found)?;
         match client.send_timeout(AcquireJob, timeout).await {
             Ok(r) => r,
             Err(crate::SendError::NotRunning | crate::SendError::Closed) => Err(not_found()),
