@@ -1,0 +1,329 @@
+//! `lodge.registry.v1.Translation`: checks the request, takes a job slot from the client's
+//! registry actor (its concurrency, queue and rate limits), hands the job to the translation
+//! gateway with the caller's deadline, and maps the outcome.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use lodge_actors::registry::{JobPermit, RegistryHandle, RegistryMetrics};
+use lodge_actors::translate::gateway::{
+    CheckTitle, JobError, Source, Translate, TranslationGateway, Translated,
+};
+use lodge_actors::ActorRef;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::deadline;
+use crate::forward::Forwarder;
+use crate::pb::registry as pb;
+
+/// The Translation service.
+pub struct TranslationService {
+    gateway: ActorRef<TranslationGateway>,
+    registry: RegistryHandle,
+    forward: Arc<Forwarder>,
+    metrics: RegistryMetrics,
+    timeout: Duration,
+}
+
+impl TranslationService {
+    /// Serves translations through `gateway`, limited per client by `registry`.
+    pub fn new(
+        gateway: ActorRef<TranslationGateway>,
+        registry: RegistryHandle,
+        forward: Arc<Forwarder>,
+        metrics: RegistryMetrics,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            gateway,
+            registry,
+            forward,
+            metrics,
+            timeout,
+        }
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    Ok(())
+}
+
+fn new_job_id() -> String {
+    format!("j-{:016x}", fastrand::u64(..))
+}
+
+fn job_status(e: JobError) -> Status {
+    match e {
+        JobError::Unavailable(m) => Status::unavailable(m),
+        JobError::Timeout(m) => Status::deadline_exceeded(m),
+        JobError::Failed(m) => Status::internal(m),
+    }
+}
+
+fn outcome(r: &Result<Translated, Status>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(s) => match s.code() {
+            tonic::Code::DeadlineExceeded => "timeout",
+            tonic::Code::ResourceExhausted => "rejected",
+            tonic::Code::Unavailable => "backend_error",
+            _ => "error",
+        },
+    }
+}
+
+/// A job slot of `client_id` (its concurrency, queue and rate limits), counted as a rejected
+/// job when refused.
+async fn slot(
+    registry: &RegistryHandle,
+    forward: &Forwarder,
+    metrics: &RegistryMetrics,
+    client_id: &str,
+    budget: Duration,
+) -> Result<JobPermit, Status> {
+    registry.acquire_job(client_id, budget).await.map_err(|e| {
+        let s = crate::registry::status(forward, e);
+        if s.code() == tonic::Code::ResourceExhausted {
+            RegistryMetrics::outcome(&metrics.jobs, "rejected");
+        }
+        s
+    })
+}
+
+/// Runs one job (its slot already taken) on the gateway within `budget`, and counts it.
+async fn execute(
+    gateway: &ActorRef<TranslationGateway>,
+    metrics: &RegistryMetrics,
+    job: Translate,
+    budget: Duration,
+) -> Result<Translated, Status> {
+    let started = Instant::now();
+    let job_id = job.job_id.clone();
+    let job = Translate {
+        deadline: budget,
+        ..job
+    };
+    let result = match gateway.send_timeout(job, budget).await {
+        Ok(r) => r.map_err(job_status),
+        Err(lodge_actors::SendError::Timeout) => Err(Status::deadline_exceeded(format!(
+            "job {job_id}: the backend did not finish before the deadline"
+        ))),
+        Err(e) => Err(deadline::send_status(e, "translation gateway")),
+    };
+    metrics
+        .job_seconds
+        .observe(started.elapsed().as_secs_f64());
+    RegistryMetrics::outcome(&metrics.jobs, outcome(&result));
+    if let Ok(t) = &result {
+        metrics.tokens.inc_by(t.tokens);
+    }
+    result
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::TranslateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::translation_server::Translation for TranslationService {
+    async fn check_title(
+        &self,
+        req: Request<pb::TitleCheckRequest>,
+    ) -> Result<Response<pb::TitleCheckResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        required("title", &m.title)?;
+        required("language_tag", &m.language_tag)?;
+        let c = self
+            .gateway
+            .send_timeout(CheckTitle { title: m.title }, budget)
+            .await
+            .map_err(|e| deadline::send_status(e, "translation gateway"))?;
+        Ok(Response::new(pb::TitleCheckResponse {
+            ready: c.ready,
+            message: c.message,
+            estimated_time_seconds: c.estimated_seconds as i32,
+        }))
+    }
+
+    async fn translate(
+        &self,
+        req: Request<pb::TranslateRequest>,
+    ) -> Result<Response<pb::TranslateResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        required("client_id", &m.client_id)?;
+        required("target_language", &m.target_language)?;
+        let primitive = pb::Primitive::try_from(m.primitive).unwrap_or_default();
+        let source = match (primitive, m.source) {
+            (pb::Primitive::Title | pb::Primitive::Unspecified, Some(pb::translate_request::Source::Title(t))) => {
+                required("title", &t)?;
+                Source::Title(t)
+            }
+            (pb::Primitive::DocTranslate | pb::Primitive::Unspecified, Some(pb::translate_request::Source::Doc(d))) => {
+                required("doc.markdown", &d.markdown)?;
+                Source::Document {
+                    title: d.title,
+                    markdown: d.markdown,
+                }
+            }
+            (pb::Primitive::Title, _) => {
+                return Err(Status::invalid_argument("title: required for primitive TITLE"))
+            }
+            (pb::Primitive::DocTranslate, _) => {
+                return Err(Status::invalid_argument(
+                    "doc: required for primitive DOC_TRANSLATE",
+                ))
+            }
+            (pb::Primitive::Unspecified, None) => {
+                return Err(Status::invalid_argument("source: set title or doc"))
+            }
+        };
+        let job_id = if m.job_id.is_empty() {
+            new_job_id()
+        } else {
+            m.job_id
+        };
+        let job = Translate {
+            job_id: job_id.clone(),
+            source,
+            source_language: m.source_language,
+            target_language: m.target_language,
+            deadline: budget,
+        };
+        let started = Instant::now();
+        let _slot = slot(
+            &self.registry,
+            &self.forward,
+            &self.metrics,
+            &m.client_id,
+            budget,
+        )
+        .await?;
+        let left = budget.saturating_sub(started.elapsed());
+        let t = execute(&self.gateway, &self.metrics, job, left).await?;
+        Ok(Response::new(pb::TranslateResponse {
+            job_id,
+            success: true,
+            translated_title: t.title,
+            translated_markdown: t.markdown,
+            error_message: String::new(),
+            completed_at: Some(SystemTime::now().into()),
+            tokens_used: t.tokens as i64,
+            inference_time_seconds: t.inference.as_secs_f64(),
+        }))
+    }
+
+    type TranslateStreamStream = ChunkStream;
+
+    async fn translate_stream(
+        &self,
+        req: Request<Streaming<pb::TranslateChunk>>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let mut input = req.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream sent no chunk"))?;
+        required("client_id", &first.client_id)?;
+        required("target_language", &first.target_language)?;
+        let client_id = first.client_id.clone();
+        let target = first.target_language.clone();
+        let source_language = first.source_language.clone();
+        let job_id = if first.job_id.is_empty() {
+            new_job_id()
+        } else {
+            first.job_id.clone()
+        };
+        let started = Instant::now();
+        // One slot for the whole stream: it is one job, however many chunks it has.
+        let permit = slot(
+            &self.registry,
+            &self.forward,
+            &self.metrics,
+            &client_id,
+            budget,
+        )
+        .await?;
+        let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut next = Some(first);
+            let mut tokens = 0i64;
+            let mut last_index = -1;
+            loop {
+                let chunk = match next.take() {
+                    Some(c) => c,
+                    None => match input.message().await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    },
+                };
+                if chunk.chunk_index <= last_index {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "chunk_index: {} after {last_index}; indexes must rise",
+                            chunk.chunk_index
+                        ))))
+                        .await;
+                    return;
+                }
+                last_index = chunk.chunk_index;
+                let is_final = chunk.is_final;
+                if !chunk.content.trim().is_empty() {
+                    let job = Translate {
+                        job_id: job_id.clone(),
+                        source: Source::Chunk(chunk.content),
+                        source_language: source_language.clone(),
+                        target_language: target.clone(),
+                        deadline: budget,
+                    };
+                    let left = budget.saturating_sub(started.elapsed());
+                    match execute(&gateway, &metrics, job, left).await {
+                        Ok(t) => {
+                            tokens += t.tokens as i64;
+                            let answer = pb::TranslateChunk {
+                                job_id: job_id.clone(),
+                                chunk_index: chunk.chunk_index,
+                                content: t.markdown,
+                                tokens_used: t.tokens as i64,
+                                ..Default::default()
+                            };
+                            if tx.send(Ok(answer)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            return;
+                        }
+                    }
+                }
+                if is_final {
+                    break;
+                }
+            }
+            let _ = tx
+                .send(Ok(pb::TranslateChunk {
+                    job_id,
+                    chunk_index: last_index + 1,
+                    is_final: true,
+                    tokens_used: tokens,
+                    ..Default::default()
+                }))
+                .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
