@@ -22,6 +22,7 @@ pub mod history;
 pub mod introspect;
 pub mod runtime;
 pub mod supervision;
+pub mod translate;
 
 pub use actix;
 pub use envelope::{ActorRef, Envelope, SendError};
