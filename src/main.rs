@@ -11,6 +11,7 @@ mod kv;
 mod logging;
 mod metrics;
 mod node;
+mod translate;
 
 use std::path::PathBuf;
 
@@ -58,6 +59,13 @@ enum Command {
         conn: ctl::Connection,
         #[command(subcommand)]
         cmd: client::Client,
+    },
+    /// Translate a title or a markdown document (registers as a client for the job's duration).
+    Translate {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(flatten)]
+        args: translate::TranslateArgs,
     },
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
@@ -135,6 +143,7 @@ fn main() {
         Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
         Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
         Command::Client { conn, cmd } => client_runtime().block_on(client::run(conn, cmd)),
+        Command::Translate { conn, args } => client_runtime().block_on(translate::run(conn, args)),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

@@ -20,6 +20,8 @@ use lodge_actors::registry::{
     LeaseKeeper, RegistryHandle, RegistryIndex, RegistryMetrics, RegistrySettings,
 };
 use lodge_actors::supervision::Exit;
+use lodge_actors::translate::gateway::{GatewaySettings, TranslationGateway};
+use lodge_actors::translate::BackendConfig;
 use lodge_actors::{
     clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy,
     SupervisorSpec,
@@ -82,6 +84,23 @@ fn server_settings(
     }
 }
 
+fn gateway_settings(c: &NodeConfig) -> GatewaySettings {
+    let t = &c.translation;
+    let timeout = NodeConfig::duration(t.request_timeout_ms);
+    GatewaySettings {
+        backend: (!t.backend_url.is_empty()).then(|| BackendConfig {
+            url: t.backend_url.clone(),
+            model: t.model.clone(),
+            api_key: (!t.api_key.is_empty()).then(|| t.api_key.clone()),
+            timeout,
+            // A probe is a quick GET; a backend that needs longer is not ready.
+            probe_timeout: NodeConfig::duration(t.probe_interval_ms).min(timeout),
+        }),
+        probe_interval: NodeConfig::duration(t.probe_interval_ms),
+        chunk_chars: t.chunk_chars,
+    }
+}
+
 fn registry_settings(c: &NodeConfig) -> RegistrySettings {
     let t = &c.translation;
     RegistrySettings {
@@ -117,6 +136,8 @@ struct TreeParts {
     client_table: ClientTable,
     lease_keeper: Arc<dyn LeaseKeeper>,
     registry_metrics: RegistryMetrics,
+    gateway: ActorRef<TranslationGateway>,
+    gateway_settings: Arc<GatewaySettings>,
     log: slog::Logger,
 }
 
@@ -130,9 +151,10 @@ struct TreeParts {
 ///     ├── /node/cluster/raft         the raft member (own arbiter)
 ///     ├── /node/cluster/members      one_for_one; /node/cluster/members/<id>, one per member
 ///     └── /node/cluster/membership   keeps members/ equal to the topology, sends heartbeats
-/// └── /node/registry           one_for_all
-///     ├── /node/registry/clients     one_for_one; /node/registry/clients/<client_id>
-///     └── /node/registry/index       loads and watches registrations, writes them
+/// ├── /node/registry           one_for_all
+/// │   ├── /node/registry/clients     one_for_one; /node/registry/clients/<client_id>
+/// │   └── /node/registry/index       loads and watches registrations, writes them
+/// └── /node/translation        the translation gateway (backend probe, jobs)
 /// ```
 fn root_spec(p: TreeParts) -> SupervisorSpec {
     let p = Arc::new(p);
@@ -217,10 +239,18 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                 vec![clients, index]
             })
         };
+        let translation = {
+            let p = p.clone();
+            ChildSpec::actor_for("translation", &p.gateway.clone(), move || {
+                TranslationGateway::new(p.gateway_settings.clone())
+                    .expect("the backend configuration is checked before start")
+            })
+        };
         vec![
             admin,
             ChildSpec::supervisor("cluster", cluster).0,
             ChildSpec::supervisor("registry", registry).0,
+            translation,
         ]
     })
 }
@@ -236,6 +266,11 @@ pub fn run(cfg: NodeConfig) -> i32 {
         }
     };
     let registry_metrics = RegistryMetrics::default();
+    let gateway_settings = Arc::new(gateway_settings(&cfg));
+    if let Err(e) = TranslationGateway::new(gateway_settings.clone()) {
+        eprintln!("lodge: configuration error: {e}");
+        return 2;
+    }
     let settings = server_settings(&cfg, tls, registry_metrics.clone());
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -352,6 +387,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         );
         let membership_ref: ActorRef<Membership> = ActorRef::default();
         let registry_index: ActorRef<RegistryIndex> = ActorRef::default();
+        let gateway_ref: ActorRef<TranslationGateway> = ActorRef::default();
         let client_table: ClientTable = Default::default();
         let lease_keeper: Arc<dyn LeaseKeeper> = GrpcLeaseKeeper::new(
             raft_ref.clone(),
@@ -389,6 +425,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
             client_table: client_table.clone(),
             lease_keeper,
             registry_metrics: registry_metrics.clone(),
+            gateway: gateway_ref.clone(),
+            gateway_settings,
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
@@ -429,6 +467,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 faults: faults.clone(),
                 registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
                 registry_metrics: registry_metrics.clone(),
+                translation: gateway_ref.clone(),
             };
             let settings = settings.clone();
             io.spawn(async move { server::node_services(backends, &settings, shutdown_rx).await }).await

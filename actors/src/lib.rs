@@ -23,6 +23,7 @@ pub mod introspect;
 pub mod registry;
 pub mod runtime;
 pub mod supervision;
+pub mod translate;
 
 pub use actix;
 pub use envelope::{ActorRef, Envelope, SendError};

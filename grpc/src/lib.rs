@@ -15,6 +15,7 @@ pub mod raft;
 pub mod registry;
 pub mod registry_client;
 pub mod server;
+pub mod translation;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {

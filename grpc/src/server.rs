@@ -97,6 +97,7 @@ const SERVICE_NAMES: &[&str] = &[
     "lodge.kv.v1.KV",
     "lodge.raft.v1.Raft",
     "lodge.registry.v1.Registry",
+    "lodge.registry.v1.Translation",
 ];
 
 /// What the node's services talk to.
@@ -117,6 +118,8 @@ pub struct Backends {
     /// The client registry.
     pub registry: lodge_actors::registry::RegistryHandle,
     pub registry_metrics: lodge_actors::registry::RegistryMetrics,
+    /// The translation gateway.
+    pub translation: ActorRef<lodge_actors::translate::gateway::TranslationGateway>,
 }
 
 /// Path of the reflection method (its descriptor is not among the sets we register).
@@ -184,6 +187,17 @@ pub async fn node_services(
         ))
         .max_decoding_message_size(s.max_message_bytes)
         .max_encoding_message_size(s.max_message_bytes);
+    let translation = pb::registry::translation_server::TranslationServer::new(
+        crate::translation::TranslationService::new(
+            b.translation,
+            b.registry.clone(),
+            forward.clone(),
+            b.registry_metrics.clone(),
+            s.request_timeout,
+        ),
+    )
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
     let registry =
         pb::registry::registry_server::RegistryServer::new(crate::registry::RegistryService::new(
             b.registry,
@@ -203,6 +217,7 @@ pub async fn node_services(
         .add_service(kv)
         .add_service(cluster)
         .add_service(registry)
+        .add_service(translation)
         .add_service(raft);
     Ok(NodeServices { routes, health })
 }

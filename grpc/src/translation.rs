@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lodge_actors::registry::{JobPermit, RegistryHandle, RegistryMetrics};
 use lodge_actors::translate::gateway::{
-    CheckTitle, JobError, Source, Translate, TranslationGateway, Translated,
+    CheckTitle, JobError, Source, Translate, Translated, TranslationGateway,
 };
 use lodge_actors::ActorRef;
 use tokio::sync::mpsc;
@@ -117,9 +117,7 @@ async fn execute(
         ))),
         Err(e) => Err(deadline::send_status(e, "translation gateway")),
     };
-    metrics
-        .job_seconds
-        .observe(started.elapsed().as_secs_f64());
+    metrics.job_seconds.observe(started.elapsed().as_secs_f64());
     RegistryMetrics::outcome(&metrics.jobs, outcome(&result));
     if let Ok(t) = &result {
         metrics.tokens.inc_by(t.tokens);
@@ -161,11 +159,17 @@ impl pb::translation_server::Translation for TranslationService {
         required("target_language", &m.target_language)?;
         let primitive = pb::Primitive::try_from(m.primitive).unwrap_or_default();
         let source = match (primitive, m.source) {
-            (pb::Primitive::Title | pb::Primitive::Unspecified, Some(pb::translate_request::Source::Title(t))) => {
+            (
+                pb::Primitive::Title | pb::Primitive::Unspecified,
+                Some(pb::translate_request::Source::Title(t)),
+            ) => {
                 required("title", &t)?;
                 Source::Title(t)
             }
-            (pb::Primitive::DocTranslate | pb::Primitive::Unspecified, Some(pb::translate_request::Source::Doc(d))) => {
+            (
+                pb::Primitive::DocTranslate | pb::Primitive::Unspecified,
+                Some(pb::translate_request::Source::Doc(d)),
+            ) => {
                 required("doc.markdown", &d.markdown)?;
                 Source::Document {
                     title: d.title,
@@ -173,7 +177,9 @@ impl pb::translation_server::Translation for TranslationService {
                 }
             }
             (pb::Primitive::Title, _) => {
-                return Err(Status::invalid_argument("title: required for primitive TITLE"))
+                return Err(Status::invalid_argument(
+                    "title: required for primitive TITLE",
+                ))
             }
             (pb::Primitive::DocTranslate, _) => {
                 return Err(Status::invalid_argument(

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_llm;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

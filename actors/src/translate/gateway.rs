@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture};
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture, WrapFuture,
+};
 use serde::Serialize;
 
 use super::backend::{Backend, BackendConfig, BackendError};
@@ -40,7 +42,9 @@ impl Source {
     fn chars(&self) -> usize {
         match self {
             Source::Title(t) | Source::Chunk(t) => t.chars().count(),
-            Source::Document { title, markdown } => title.chars().count() + markdown.chars().count(),
+            Source::Document { title, markdown } => {
+                title.chars().count() + markdown.chars().count()
+            }
         }
     }
 }
@@ -179,11 +183,15 @@ impl TranslationGateway {
             return;
         }
         self.probing = true;
-        ctx.spawn(async move { backend.probe().await }.into_actor(self).map(|res, act, _| {
-            act.probing = false;
-            act.probed_at = Some(Instant::now());
-            act.probe = Some(res.map_err(|e| e.to_string()));
-        }));
+        ctx.spawn(
+            async move { backend.probe().await }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    act.probing = false;
+                    act.probed_at = Some(Instant::now());
+                    act.probe = Some(res.map_err(|e| e.to_string()));
+                }),
+        );
     }
 }
 
@@ -228,9 +236,17 @@ impl Handler<CheckTitle> for TranslationGateway {
         };
         let estimated_seconds = estimate.clamp(1.0, 86_400.0) as u32;
         let (ready, message) = match (&self.backend, &self.probe) {
-            (None, _) => (false, "no translation backend is configured (translation.backend_url)".to_string()),
-            (Some(_), None) => (false, "the translation backend has not been probed yet".to_string()),
-            (Some(_), Some(Err(e))) => (false, format!("the translation backend is not ready: {e}")),
+            (None, _) => (
+                false,
+                "no translation backend is configured (translation.backend_url)".to_string(),
+            ),
+            (Some(_), None) => (
+                false,
+                "the translation backend has not been probed yet".to_string(),
+            ),
+            (Some(_), Some(Err(e))) => {
+                (false, format!("the translation backend is not ready: {e}"))
+            }
             (Some(_), Some(Ok(_))) => (true, format!("ready; estimate from {basis}")),
         };
         TitleCheck {
