@@ -368,7 +368,7 @@ impl IpTable {
         now: std::time::Instant,
     ) -> Result<(), &'static str> {
         self.admitted += 1;
-        if self.admitted % 1024 == 0 {
+        if self.admitted.is_multiple_of(1024) {
             // Addresses that came once and left would otherwise stay forever.
             self.by_ip.retain(|_, e| {
                 e.open > 0
