@@ -29,9 +29,10 @@ enum Op {
 }
 
 /// A child process killed and reaped on drop.
-struct Proc {
-    child: Child,
-    client: String,
+pub(super) struct Proc {
+    pub(super) child: Child,
+    /// Its gRPC address.
+    pub(super) client: String,
     _dir: tempfile::TempDir,
 }
 
@@ -51,6 +52,11 @@ fn free_port() -> u16 {
 }
 
 fn start_lodge(n: usize) -> Vec<Proc> {
+    start_lodge_with(n, &[])
+}
+
+/// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides.
+pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
     let exe = std::env::current_exe().expect("own path");
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
@@ -78,6 +84,7 @@ fn start_lodge(n: usize) -> Vec<Proc> {
                 ])
                 .arg("--data-dir")
                 .arg(dir.path())
+                .envs(env.iter().copied())
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
                 .spawn()

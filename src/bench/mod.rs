@@ -3,6 +3,7 @@
 
 mod actors;
 mod disk;
+mod heartbeat;
 mod kv;
 mod memory;
 
@@ -47,6 +48,24 @@ pub enum Bench {
         #[arg(long, default_value_t = 256)]
         bytes: usize,
     },
+    /// Client heartbeats per second on one node beside a bare tonic server answering the same
+    /// RPC; then the memory of a node holding many registrations.
+    Heartbeat {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Runs of each server (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Registrations for the memory figure (0: skip it).
+        #[arg(long, default_value_t = 100_000)]
+        registrations: usize,
+    },
+    /// The bare tonic server of `bench heartbeat` (run by it as a child process).
+    #[command(hide = true)]
+    EchoServer,
     /// One memory measurement in this process (run by `bench actors` in a fresh child process).
     #[command(hide = true)]
     Memory {
@@ -81,6 +100,16 @@ pub fn run(cmd: Bench) -> i32 {
             disk::run(appends.max(10), bytes);
             0
         }
+        Bench::Heartbeat {
+            clients,
+            seconds,
+            rounds,
+            registrations,
+        } => {
+            heartbeat::run(clients.max(1), seconds.max(1), rounds.max(1), registrations);
+            0
+        }
+        Bench::EchoServer => heartbeat::serve_echo(),
         Bench::Memory { mode, actors } => memory::run_child(mode, actors),
     }
 }

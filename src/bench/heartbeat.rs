@@ -1,0 +1,310 @@
+//! `lodge bench heartbeat`: client heartbeats per second on one node, beside a bare tonic unary
+//! server answering the same RPC with the same messages and no work at all (`lodge bench
+//! echo-server`, a child process like the node), measured in the same run, alternating; then the
+//! memory of a node holding many registrations.
+//!
+//! Two heartbeat figures: the usual one (a heartbeat renews its lease through raft at most once
+//! per half interval, so a client beating at the asked interval renews every other beat; the
+//! load here beats far faster, so it is answered from the client's actor), and one where the
+//! interval is 1 ms, so that every beat renews the lease through raft.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
+use tonic::transport::Channel;
+
+use super::kv::{start_lodge_with, Proc};
+use super::median;
+
+/// The per-IP limits protect a node from one noisy address; here all load comes from one.
+const NO_IP_LIMITS: [(&str, &str); 3] = [
+    ("LODGE_SERVER__PER_IP_CONNECTION_RATE", "0"),
+    ("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "0"),
+    ("LODGE_SERVER__MAX_CONNECTIONS", "100000"),
+];
+
+struct Echo {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_echo() -> Echo {
+    let exe = std::env::current_exe().expect("own path");
+    let mut child = Command::new(exe)
+        .args(["bench", "echo-server"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the echo server");
+    let out = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("echo ready ")
+        .expect("echo server ready line")
+        .to_string();
+    Echo { child, addr }
+}
+
+/// The bare server: Heartbeat answered at once; everything else UNIMPLEMENTED.
+struct Bare;
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for Bare {
+    async fn register_client(
+        &self,
+        _: tonic::Request<pb::RegisterClientRequest>,
+    ) -> Result<tonic::Response<pb::RegisterClientResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::RegisterClientResponse {
+            client_id: "c-echo".into(),
+            success: true,
+            heartbeat_interval_seconds: 60,
+            heartbeat_interval_ms: 60_000,
+            ..Default::default()
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        _: tonic::Request<pb::HeartbeatRequest>,
+    ) -> Result<tonic::Response<pb::HeartbeatResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::HeartbeatResponse {
+            success: true,
+            received_at: Some(std::time::SystemTime::now().into()),
+            heartbeat_interval_seconds: 60,
+            heartbeat_interval_ms: 60_000,
+            ..Default::default()
+        }))
+    }
+
+    async fn unregister_client(
+        &self,
+        _: tonic::Request<pb::UnregisterClientRequest>,
+    ) -> Result<tonic::Response<pb::UnregisterClientResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("echo server"))
+    }
+
+    async fn list_clients(
+        &self,
+        _: tonic::Request<pb::ListClientsRequest>,
+    ) -> Result<tonic::Response<pb::ListClientsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("echo server"))
+    }
+
+    async fn get_client(
+        &self,
+        _: tonic::Request<pb::GetClientRequest>,
+    ) -> Result<tonic::Response<pb::ClientInfo>, tonic::Status> {
+        Err(tonic::Status::unimplemented("echo server"))
+    }
+}
+
+/// `lodge bench echo-server`: serves [`Bare`] on a free loopback port, with the node's I/O
+/// runtime shape (2 worker threads), until killed.
+pub fn serve_echo() -> i32 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("echo ready {}", listener.local_addr().unwrap());
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(pb::registry_server::RegistryServer::new(Bare))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    0
+}
+
+async fn connect(addr: &str) -> RegistryClient<Channel> {
+    RegistryClient::new(
+        client::connect(addr, &ClientTls::default())
+            .await
+            .expect("connect"),
+    )
+}
+
+async fn register(c: &mut RegistryClient<Channel>, name: String) -> String {
+    c.register_client(pb::RegisterClientRequest {
+        client_name: name,
+        namespace: "bench".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("register")
+    .into_inner()
+    .client_id
+}
+
+/// Heartbeats per second from `ids.len()` clients, each on its own connection, for `duration`
+/// after a warm-up.
+async fn beats(addr: &str, ids: &[String], duration: Duration) -> (f64, u64) {
+    let start_at = Instant::now() + Duration::from_millis(500);
+    let end_at = start_at + duration;
+    let mut tasks = Vec::new();
+    for id in ids {
+        let mut c = connect(addr).await;
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            loop {
+                let now = Instant::now();
+                if now >= end_at {
+                    return (ok, failed);
+                }
+                let r = c
+                    .heartbeat(pb::HeartbeatRequest {
+                        client_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                if now >= start_at {
+                    match r {
+                        Ok(a) if a.get_ref().success => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+            }
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    (ok as f64 / duration.as_secs_f64(), failed)
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn node(env: &[(&str, &str)]) -> Proc {
+    let mut all: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
+    all.push(("LODGE_LOG__LEVEL", "warning"));
+    all.extend_from_slice(env);
+    start_lodge_with(1, &all).pop().unwrap()
+}
+
+pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let duration = Duration::from_secs(seconds);
+    println!("lodge bench heartbeat: {clients} clients (one connection each), {seconds} s per run, {rounds} rounds, 2 CPUs shared by servers and load");
+    let echo = start_echo();
+    let usual = node(&[]);
+    let renewing = node(&[
+        ("LODGE_REGISTRY__HEARTBEAT_INTERVAL_MS", "1"),
+        ("LODGE_REGISTRY__MAX_MISSED_HEARTBEATS", "60000"),
+    ]);
+    let register_all = |addr: String| {
+        io.block_on(async move {
+            let mut c = connect(&addr).await;
+            let mut ids = Vec::new();
+            for i in 0..clients {
+                ids.push(register(&mut c, format!("bench-{i}")).await);
+            }
+            ids
+        })
+    };
+    let usual_ids = register_all(usual.client.clone());
+    let renewing_ids = register_all(renewing.client.clone());
+    let echo_ids = vec!["c-echo".to_string(); clients];
+    let (mut e, mut u, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let mut failures = 0;
+    for round in 0..rounds {
+        // Alternate the order, so that neither side always runs on a warmer machine.
+        let mut order = [0, 1, 2];
+        order.rotate_left(round % 3);
+        for which in order {
+            let (rate, failed) = match which {
+                0 => io.block_on(beats(&echo.addr, &echo_ids, duration)),
+                1 => io.block_on(beats(&usual.client, &usual_ids, duration)),
+                _ => io.block_on(beats(&renewing.client, &renewing_ids, duration)),
+            };
+            failures += failed;
+            [&mut e, &mut u, &mut r][which].push(rate);
+        }
+    }
+    let (e, u, r) = (median(e), median(u), median(r));
+    println!();
+    println!("| server | heartbeats/s (median) | ÷ bare tonic |");
+    println!("|---|---|---|");
+    println!("| bare tonic unary (same RPC, no work) | {e:.0} | 1.00 |");
+    println!("| Lodge Heartbeat | {u:.0} | {:.2} |", u / e);
+    println!(
+        "| Lodge Heartbeat, lease renewed through raft on every beat | {r:.0} | {:.2} |",
+        r / e
+    );
+    println!("failed heartbeats: {failures}");
+    drop(usual);
+    drop(renewing);
+    drop(echo);
+
+    if registrations == 0 {
+        io.shutdown_background();
+        return;
+    }
+    // Memory: a fresh node, then `registrations` clients registered by 64 concurrent callers.
+    let mem = node(&[]);
+    let pid = mem.child.id();
+    let before = rss_bytes(pid);
+    let t = Instant::now();
+    let addr = mem.client.clone();
+    io.block_on(async move {
+        let mut tasks = Vec::new();
+        let per = registrations.div_ceil(64);
+        for w in 0..64 {
+            let addr = addr.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = connect(&addr).await;
+                for i in (w * per)..((w + 1) * per).min(registrations) {
+                    register(&mut c, format!("mem-{i}")).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let took = t.elapsed();
+    let after = rss_bytes(pid);
+    println!();
+    println!("| registrations | node RSS before | after | per registration | registering took |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {registrations} | {:.1} MB | {:.1} MB | {:.2} KB | {:.1} s ({:.0}/s) |",
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        (after.saturating_sub(before)) as f64 / registrations as f64 / 1024.0,
+        took.as_secs_f64(),
+        registrations as f64 / took.as_secs_f64()
+    );
+    drop(mem);
+    io.shutdown_background();
+}
