@@ -102,47 +102,53 @@ async fn work(client: &RegistryClient, a: &TranslateArgs, as_json: bool) -> Resu
         }
         return if r.ready { Ok(()) } else { Err(r.message) };
     }
-    if let Some(title) = &a.title {
-        let r = client
-            .translate(pb::TranslateRequest {
-                primitive: pb::Primitive::Title as i32,
-                source: Some(pb::translate_request::Source::Title(title.clone())),
-                source_language: a.from.clone(),
-                target_language: a.to.clone(),
-                requested_at: Some(std::time::SystemTime::now().into()),
-                ..Default::default()
-            })
-            .await
-            .map_err(status)?;
-        print_response(&r, as_json);
-        return Ok(());
-    }
-    let path = a.file.as_ref().expect("clap requires --title or --file");
-    let doc =
-        std::fs::read_to_string(path).map_err(|e| format!("--file {}: {e}", path.display()))?;
-    if !a.stream {
-        let r = client
-            .translate(pb::TranslateRequest {
-                primitive: pb::Primitive::DocTranslate as i32,
-                source: Some(pb::translate_request::Source::Doc(pb::DocumentContent {
+    let (primitive, source) = match (&a.title, &a.file) {
+        (Some(title), _) => (
+            pb::Primitive::Title,
+            pb::translate_request::Source::Title(title.clone()),
+        ),
+        (None, Some(path)) => {
+            let doc = std::fs::read_to_string(path)
+                .map_err(|e| format!("--file {}: {e}", path.display()))?;
+            if a.stream {
+                return stream(client, a, &doc, as_json).await;
+            }
+            let slug = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            (
+                pb::Primitive::DocTranslate,
+                pb::translate_request::Source::Doc(pb::DocumentContent {
                     markdown: doc,
-                    slug: path
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
+                    slug: slug.unwrap_or_default(),
                     ..Default::default()
-                })),
-                source_language: a.from.clone(),
-                target_language: a.to.clone(),
-                requested_at: Some(std::time::SystemTime::now().into()),
-                ..Default::default()
-            })
-            .await
-            .map_err(status)?;
-        print_response(&r, as_json);
-        return Ok(());
-    }
-    let parts = pieces(&doc, 2000);
+                }),
+            )
+        }
+        (None, None) => unreachable!("clap requires --title or --file"),
+    };
+    let r = client
+        .translate(pb::TranslateRequest {
+            primitive: primitive as i32,
+            source: Some(source),
+            source_language: a.from.clone(),
+            target_language: a.to.clone(),
+            requested_at: Some(std::time::SystemTime::now().into()),
+            ..Default::default()
+        })
+        .await
+        .map_err(status)?;
+    print_response(&r, as_json);
+    Ok(())
+}
+
+/// Sends `doc` in pieces on one TranslateStream and prints the answers as they come.
+async fn stream(
+    client: &RegistryClient,
+    a: &TranslateArgs,
+    doc: &str,
+    as_json: bool,
+) -> Result<(), String> {
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let parts = pieces(doc, 2000);
     let last = parts.len().saturating_sub(1);
     let (from, to) = (a.from.clone(), a.to.clone());
     let chunks = parts

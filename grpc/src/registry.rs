@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use lodge_actors::cluster::raft::{Query, RaftError, RaftNode, Read};
 use lodge_actors::registry::{
@@ -37,6 +37,15 @@ pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
     }
 }
 
+/// A field that must not be empty (INVALID_ARGUMENT naming it), whatever its content.
+pub(crate) fn present(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    Ok(())
+}
+
+/// A required identifier-like field: present, bounded, no control characters.
 fn required(field: &str, value: &str) -> Result<(), Status> {
     lodge_actors::registry::record::required(field, value).map_err(Status::invalid_argument)
 }
@@ -312,9 +321,3 @@ impl LeaseKeeper for GrpcLeaseKeeper {
     }
 }
 
-/// Milliseconds since the Unix epoch now (for tests and the CLI).
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}

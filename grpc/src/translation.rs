@@ -48,12 +48,7 @@ impl TranslationService {
     }
 }
 
-fn required(field: &str, value: &str) -> Result<(), Status> {
-    if value.trim().is_empty() {
-        return Err(Status::invalid_argument(format!("{field}: required")));
-    }
-    Ok(())
-}
+use crate::registry::present;
 
 fn new_job_id() -> String {
     format!("j-{:016x}", fastrand::u64(..))
@@ -135,8 +130,8 @@ impl pb::translation_server::Translation for TranslationService {
     ) -> Result<Response<pb::TitleCheckResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
-        required("title", &m.title)?;
-        required("language_tag", &m.language_tag)?;
+        present("title", &m.title)?;
+        present("language_tag", &m.language_tag)?;
         let c = self
             .gateway
             .send_timeout(CheckTitle { title: m.title }, budget)
@@ -155,22 +150,22 @@ impl pb::translation_server::Translation for TranslationService {
     ) -> Result<Response<pb::TranslateResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
-        required("client_id", &m.client_id)?;
-        required("target_language", &m.target_language)?;
+        present("client_id", &m.client_id)?;
+        present("target_language", &m.target_language)?;
         let primitive = pb::Primitive::try_from(m.primitive).unwrap_or_default();
         let source = match (primitive, m.source) {
             (
                 pb::Primitive::Title | pb::Primitive::Unspecified,
                 Some(pb::translate_request::Source::Title(t)),
             ) => {
-                required("title", &t)?;
+                present("title", &t)?;
                 Source::Title(t)
             }
             (
                 pb::Primitive::DocTranslate | pb::Primitive::Unspecified,
                 Some(pb::translate_request::Source::Doc(d)),
             ) => {
-                required("doc.markdown", &d.markdown)?;
+                present("doc.markdown", &d.markdown)?;
                 Source::Document {
                     title: d.title,
                     markdown: d.markdown,
@@ -237,8 +232,8 @@ impl pb::translation_server::Translation for TranslationService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("the stream sent no chunk"))?;
-        required("client_id", &first.client_id)?;
-        required("target_language", &first.target_language)?;
+        present("client_id", &first.client_id)?;
+        present("target_language", &first.target_language)?;
         let client_id = first.client_id.clone();
         let target = first.target_language.clone();
         let source_language = first.source_language.clone();

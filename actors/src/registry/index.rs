@@ -529,14 +529,7 @@ async fn write_registration(
             }
             if let Some(old_lease) = old.map(|o| o.lease).filter(|l| *l != 0 && *l != lease) {
                 // Nothing of the old registration is left on it; revoking just ends it early.
-                let _ = propose(
-                    &raft,
-                    Command::LeaseRevoke {
-                        id: old_lease,
-                        expired: false,
-                    },
-                )
-                .await;
+                revoke(&raft, old_lease).await;
             }
             return Ok(Registered {
                 record,
@@ -551,16 +544,21 @@ async fn write_registration(
     }
     .await;
     if written.is_err() {
-        let _ = propose(
-            &raft,
-            Command::LeaseRevoke {
-                id: lease,
-                expired: false,
-            },
-        )
-        .await;
+        revoke(&raft, lease).await;
     }
     written
+}
+
+/// Revokes `lease`, best effort: a lease left behind expires by itself.
+async fn revoke(raft: &ActorRef<RaftNode>, lease: i64) {
+    let _ = propose(
+        raft,
+        Command::LeaseRevoke {
+            id: lease,
+            expired: false,
+        },
+    )
+    .await;
 }
 
 impl Handler<Register> for RegistryIndex {
