@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lodge_actors::cluster::raft::{Query, RaftError, RaftNode, Read};
+use lodge_actors::registry::metrics::OutcomeLabels;
 use lodge_actors::registry::{
     BeatAnswer, ClientView, LeaseKeeper, RegisterRequest, RegistryError, RegistryHandle,
     RegistryMetrics,
 };
 use lodge_actors::ActorRef;
+use prometheus_client::metrics::counter::Counter;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
@@ -91,6 +93,8 @@ pub struct RegistryService {
     registry: RegistryHandle,
     forward: Arc<Forwarder>,
     metrics: RegistryMetrics,
+    /// Heartbeat outcomes, resolved once: a heartbeat is the hottest call of the service.
+    beats: [Counter; 3],
     timeout: Duration,
 }
 
@@ -102,10 +106,19 @@ impl RegistryService {
         metrics: RegistryMetrics,
         timeout: Duration,
     ) -> Self {
+        let beats = ["ok", "re_register", "error"].map(|outcome| {
+            metrics
+                .heartbeats
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.to_string(),
+                })
+                .clone()
+        });
         Self {
             registry,
             forward,
             metrics,
+            beats,
             timeout,
         }
     }
@@ -168,11 +181,11 @@ impl pb::registry_server::Registry for RegistryService {
             .observe(started.elapsed().as_secs_f64());
         let received_at = Some(Timestamp::from(SystemTime::now()));
         let outcome = match &answer {
-            Ok(BeatAnswer::Alive { .. }) => "ok",
-            Ok(BeatAnswer::ReRegister(_)) => "re_register",
-            Err(_) => "error",
+            Ok(BeatAnswer::Alive { .. }) => 0,
+            Ok(BeatAnswer::ReRegister(_)) => 1,
+            Err(_) => 2,
         };
-        RegistryMetrics::outcome(&self.metrics.heartbeats, outcome);
+        self.beats[outcome].inc();
         match answer.map_err(|e| self.status(e))? {
             BeatAnswer::Alive { interval } => Ok(Response::new(pb::HeartbeatResponse {
                 success: true,
@@ -320,4 +333,3 @@ impl LeaseKeeper for GrpcLeaseKeeper {
         })
     }
 }
-

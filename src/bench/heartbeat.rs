@@ -16,7 +16,7 @@ use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
 use tonic::transport::Channel;
 
-use super::kv::{start_lodge_with, Proc};
+use super::kv::{launch, start_lodge_with, Proc};
 use super::median;
 
 /// The per-IP limits protect a node from one noisy address; here all load comes from one.
@@ -270,17 +270,28 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         io.shutdown_background();
         return;
     }
-    // Memory: a fresh node, then `registrations` clients registered by 64 concurrent callers.
-    let mem = node(&[]);
-    let pid = mem.child.id();
-    let before = rss_bytes(pid);
+    // Memory: a fresh node, then `registrations` clients registered by 64 concurrent callers;
+    // then the same node restarted on its data, once it has rebuilt every client actor (its
+    // steady state, without what the registration burst left in the allocator).
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["--listen".to_string(), addr.clone()];
+    let mut env: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
+    env.push(("LODGE_LOG__LEVEL", "warning"));
+    let mut child = launch(&args, dir.path(), &env);
+    let before = rss_bytes(child.id());
     let t = Instant::now();
-    let addr = mem.client.clone();
+    let target = addr.clone();
     io.block_on(async move {
         let mut tasks = Vec::new();
         let per = registrations.div_ceil(64);
         for w in 0..64 {
-            let addr = addr.clone();
+            let addr = target.clone();
             tasks.push(tokio::spawn(async move {
                 let mut c = connect(&addr).await;
                 for i in (w * per)..((w + 1) * per).min(registrations) {
@@ -293,18 +304,51 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         }
     });
     let took = t.elapsed();
-    let after = rss_bytes(pid);
+    let after = rss_bytes(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let restarted_at = Instant::now();
+    let mut child = launch(&args, dir.path(), &env);
+    let target = addr.clone();
+    io.block_on(async move {
+        use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
+        let mut admin = AdminClient::new(
+            client::connect(&target, &ClientTls::default())
+                .await
+                .unwrap(),
+        );
+        loop {
+            let r = admin
+                .get_actor(GetActorRequest {
+                    path: "/node/registry/index".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let state: serde_json::Value = serde_json::from_str(&r.state_json).unwrap();
+            if state["actors"].as_u64() == Some(registrations as u64) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let reloaded = restarted_at.elapsed();
+    let steady = rss_bytes(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let per = |b: u64| b.saturating_sub(before) as f64 / registrations as f64 / 1024.0;
     println!();
-    println!("| registrations | node RSS before | after | per registration | registering took |");
-    println!("|---|---|---|---|---|");
+    println!("| registrations | empty node RSS | after registering | restarted, actors rebuilt | per registration (restarted) | registering took | restart to all actors |");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {registrations} | {:.1} MB | {:.1} MB | {:.2} KB | {:.1} s ({:.0}/s) |",
+        "| {registrations} | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} KB | {:.1} s ({:.0}/s) | {:.1} s |",
         before as f64 / 1e6,
         after as f64 / 1e6,
-        (after.saturating_sub(before)) as f64 / registrations as f64 / 1024.0,
+        steady as f64 / 1e6,
+        per(steady),
         took.as_secs_f64(),
-        registrations as f64 / took.as_secs_f64()
+        registrations as f64 / took.as_secs_f64(),
+        reloaded.as_secs_f64()
     );
-    drop(mem);
     io.shutdown_background();
 }

@@ -57,7 +57,6 @@ fn start_lodge(n: usize) -> Vec<Proc> {
 
 /// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides.
 pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
-    let exe = std::env::current_exe().expect("own path");
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
@@ -66,51 +65,53 @@ pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
     (0..n)
         .map(|i| {
             let dir = tempfile::tempdir().unwrap();
-            let mut child = Command::new(&exe)
-                .args([
-                    "node",
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--listen",
-                    &format!("127.0.0.1:{}", ports[i]),
-                ])
-                .args([
-                    "--metrics-listen",
-                    "127.0.0.1:0",
-                    "--log-level",
-                    "warning",
-                    "--initial-cluster",
-                    &initial,
-                ])
-                .arg("--data-dir")
-                .arg(dir.path())
-                .envs(env.iter().copied())
-                .stdout(Stdio::piped())
-                .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-                .spawn()
-                .expect("starting a lodge node");
-            let out = child.stdout.take().unwrap();
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(out).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-            loop {
-                let line = rx
-                    .recv_timeout(Duration::from_secs(30))
-                    .expect("lodge node did not start");
-                if line.starts_with("lodge node ready") {
-                    break;
-                }
-            }
+            let client = format!("127.0.0.1:{}", ports[i]);
+            let args = [
+                "--node-id".to_string(),
+                (i + 1).to_string(),
+                "--listen".to_string(),
+                client.clone(),
+                "--initial-cluster".to_string(),
+                initial.clone(),
+            ];
             Proc {
-                child,
-                client: format!("127.0.0.1:{}", ports[i]),
+                child: launch(&args, dir.path(), env),
+                client,
                 _dir: dir,
             }
         })
         .collect()
+}
+
+/// Starts `lodge node ARGS` keeping its data in `dir`, and waits until it is ready.
+pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child {
+    let exe = std::env::current_exe().expect("own path");
+    let mut child = Command::new(&exe)
+        .arg("node")
+        .args(args)
+        .args(["--metrics-listen", "127.0.0.1:0", "--log-level", "warning"])
+        .arg("--data-dir")
+        .arg(dir)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .expect("starting a lodge node");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("lodge node did not start");
+        if line.starts_with("lodge node ready") {
+            return child;
+        }
+    }
 }
 
 fn start_etcd(n: usize, etcd: &Path) -> Vec<Proc> {

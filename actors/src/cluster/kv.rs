@@ -9,7 +9,7 @@
 //! Commands arrive through the raft log in the same order on every member, so applying them is
 //! deterministic: no clocks, no randomness, no iteration over hash maps.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -95,12 +95,59 @@ pub struct KeyValue {
     pub lease: i64,
 }
 
+/// The keys of a lease: a sorted vector rather than a `BTreeSet`, whose smallest node holds room
+/// for eleven keys; most leases (a registration's, a session's) carry one to a few keys, and
+/// there can be a hundred thousand of them. Serialised as a sequence, like the set it replaces.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeySet(Vec<Vec<u8>>);
+
+impl KeySet {
+    /// Adds `key` (once).
+    pub fn insert(&mut self, key: &[u8]) {
+        if let Err(at) = self.0.binary_search_by(|k| k.as_slice().cmp(key)) {
+            self.0.insert(at, key.to_vec());
+        }
+    }
+
+    /// Removes `key` if present.
+    pub fn remove(&mut self, key: &[u8]) {
+        if let Ok(at) = self.0.binary_search_by(|k| k.as_slice().cmp(key)) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The keys, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.0.iter()
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl IntoIterator for KeySet {
+    type Item = Vec<u8>;
+    type IntoIter = std::vec::IntoIter<Vec<u8>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
 /// A lease: a time-to-live that the leader tracks, and the keys that go with it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: i64,
     pub ttl_secs: i64,
-    pub keys: BTreeSet<Vec<u8>>,
+    pub keys: KeySet,
 }
 
 /// A change to one key, as watchers see it.
@@ -277,7 +324,7 @@ impl KvState {
                     Lease {
                         id,
                         ttl_secs: *ttl_secs,
-                        keys: BTreeSet::new(),
+                        keys: KeySet::default(),
                     },
                 );
                 res.lease = id;
@@ -367,7 +414,7 @@ impl KvState {
             }
         }
         if let Some(l) = self.leases.get_mut(&lease) {
-            l.keys.insert(key.to_vec());
+            l.keys.insert(key);
         }
         self.data.insert(key.to_vec(), kv.clone());
         res.events.push(Event {

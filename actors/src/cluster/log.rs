@@ -109,8 +109,13 @@ impl LogStore {
     }
 
     /// Records a snapshot taken locally at or below the applied index and drops the entries it
-    /// covers.
-    pub fn compact_to(&self, snap: Snapshot) {
+    /// covers. Its data is kept in memory only with `keep_data` (a peer is waiting for it): the
+    /// state machine has the same state, the file on disk has the bytes, and a large store would
+    /// otherwise be held twice.
+    pub fn compact_to(&self, mut snap: Snapshot, keep_data: bool) {
+        if !keep_data {
+            snap.data = Default::default();
+        }
         let mut w = self.inner.write().unwrap();
         let index = snap.get_metadata().index;
         let drop = index.saturating_sub(w.snap_index()) as usize;
@@ -123,6 +128,18 @@ impl LogStore {
     /// The latest snapshot (for this member's own state machine).
     pub fn latest_snapshot(&self) -> Snapshot {
         self.inner.read().unwrap().snapshot.clone()
+    }
+
+    /// Whether the latest snapshot's data is in memory (sendable to a peer as it is).
+    pub fn has_snapshot_data(&self) -> bool {
+        let r = self.inner.read().unwrap();
+        r.snap_index() == 0 || !r.snapshot.data.is_empty()
+    }
+
+    /// Forgets the latest snapshot's data once the state machine holds it; a peer that needs a
+    /// snapshot later gets a fresh one (see [`raft::Storage::snapshot`] below).
+    pub fn release_snapshot_data(&self) {
+        self.inner.write().unwrap().snapshot.data = Default::default();
     }
 
     /// Index of the latest snapshot.
@@ -215,7 +232,9 @@ impl raft::Storage for LogStore {
         ]
         .iter()
         .any(|ids| ids.contains(&to));
-        if r.snap_index() < request_index || !includes {
+        // Data released from memory (see `compact_to`): a fresh snapshot is taken instead.
+        let released = r.snap_index() > 0 && r.snapshot.data.is_empty();
+        if r.snap_index() < request_index || !includes || released {
             self.wants_snapshot.store(true, Ordering::Relaxed);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
@@ -248,7 +267,7 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 1;
         snap.mut_metadata().term = 1;
-        log.compact_to(snap);
+        log.compact_to(snap, true);
         assert_eq!(log.first_index().unwrap(), 2);
         assert_eq!(log.term(1).unwrap(), 1);
         assert!(matches!(

@@ -355,6 +355,7 @@ impl RaftNode {
             bootstrap(&store, &disk, &settings.initial_members);
         }
         let (kv, topology) = decode_state(&store.latest_snapshot().data)?;
+        store.release_snapshot_data();
         directory.publish(&topology);
         // Members added in entries after the snapshot are in the topology only once those are
         // applied again, which may need them: their addresses are known from the log already.
@@ -486,6 +487,8 @@ impl RaftNode {
                 let index = snap.get_metadata().index;
                 self.applied = index;
                 self.store.apply_snapshot(snap.clone());
+                // Decoded into the state machine above; the file keeps the bytes.
+                self.store.release_snapshot_data();
                 batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
                 batch.compact_below = Some(index + 1);
                 // raft installs a leader's snapshot when our log conflicts with it: every stored
@@ -745,7 +748,10 @@ impl RaftNode {
         let requested = self.store.take_snapshot_request();
         let due = self.applied >= self.store.snapshot_index() + self.settings.snapshot_interval;
         let covered = self.applied <= self.store.snapshot_index();
-        if covered || !(due || requested) {
+        // The stored snapshot's data was released from memory: a peer's request is served by a
+        // fresh snapshot even at the same index.
+        let released = requested && !self.store.has_snapshot_data();
+        if (covered && !released) || !(due || requested) {
             return;
         }
         let term = match self.store.term(self.applied) {
@@ -760,7 +766,7 @@ impl RaftNode {
         meta.index = self.applied;
         meta.term = term;
         meta.set_conf_state(self.store.conf_state());
-        self.store.compact_to(snap.clone());
+        self.store.compact_to(snap.clone(), requested);
         let batch = WriteBatch {
             number: 0,
             snapshot: Some(snap),

@@ -6,13 +6,19 @@
 //! renews the registration's lease through the leader, at most once per half interval: a client
 //! that beats more often than asked is answered from memory, which keeps heartbeats cheap without
 //! letting the lease run short (it lasts `max_misses` intervals).
+//!
+//! The heartbeat figures live in [`ClientShared`], atomics shared by the actor and the registry's
+//! table: a heartbeat that needs no renewal is recorded and answered on the caller's thread
+//! ([`ClientShared::beat_if_fresh`]) without a round trip to the actor's thread; one that needs a
+//! renewal goes to the actor, which runs (and coalesces) renewals.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::{
     Actor, ActorFutureExt, Addr, AsyncContext, Context, Handler, Message, ResponseFuture,
@@ -92,6 +98,76 @@ pub enum BeatAnswer {
     ReRegister(String),
 }
 
+/// Milliseconds on a monotonic clock local to the process, from 1 (0 means "never").
+fn mono_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// The live figures of one registration on this member, shared by its actor and the registry's
+/// table so that most heartbeats are answered without a message to the actor.
+#[derive(Debug)]
+pub struct ClientShared {
+    client_name: String,
+    /// The interval handed out (fixed for the registration's life on this member).
+    interval_ms: u64,
+    /// When this member last renewed the lease ([`mono_ms`]; 0: not since it knows the client).
+    renewed_at: AtomicU64,
+    /// Its last heartbeat here ([`mono_ms`] and Unix milliseconds; 0: none yet).
+    last_beat: AtomicU64,
+    last_beat_unix_ms: AtomicU64,
+    beats: AtomicU64,
+}
+
+impl ClientShared {
+    /// The figures of `record` with `settings`; `fresh` when its lease was just granted here.
+    pub fn new(record: &Registration, settings: &RegistrySettings, fresh: bool) -> Self {
+        // The configured interval, unless it is longer than the registration's lease allows
+        // (the lease was sized for the interval granted at registration).
+        let interval = settings.interval.min(record.interval());
+        Self {
+            client_name: record.client_name.clone(),
+            interval_ms: (interval.as_millis() as u64).max(1),
+            renewed_at: AtomicU64::new(if fresh { mono_ms() } else { 0 }),
+            last_beat: AtomicU64::new(0),
+            last_beat_unix_ms: AtomicU64::new(0),
+            beats: AtomicU64::new(0),
+        }
+    }
+
+    /// The interval handed to the client.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    fn record_beat(&self) {
+        self.last_beat.store(mono_ms(), Ordering::Relaxed);
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_beat_unix_ms.store(unix, Ordering::Relaxed);
+        self.beats.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the lease was renewed within the last half interval.
+    fn fresh(&self) -> bool {
+        let at = self.renewed_at.load(Ordering::Relaxed);
+        at != 0 && mono_ms().saturating_sub(at) < self.interval_ms / 2
+    }
+
+    /// Records and accepts a heartbeat when no renewal is due and the name matches; `None`
+    /// means the actor must handle it ([`Beat`]).
+    pub fn beat_if_fresh(&self, client_name: &str) -> Option<BeatAnswer> {
+        if !(client_name.is_empty() || client_name == self.client_name) || !self.fresh() {
+            return None;
+        }
+        self.record_beat();
+        Some(BeatAnswer::Alive {
+            interval: self.interval(),
+        })
+    }
+}
+
 /// A heartbeat reaching this member.
 #[derive(Message)]
 #[rtype(result = "Result<BeatAnswer, RegistryError>")]
@@ -149,14 +225,11 @@ crate::handles!(ClientActor: Beat, GetView, AcquireJob);
 
 /// The live side of one registration.
 pub struct ClientActor {
-    record: Registration,
+    record: Arc<Registration>,
+    shared: Arc<ClientShared>,
     settings: Arc<RegistrySettings>,
     keeper: Arc<dyn LeaseKeeper>,
-    metrics: RegistryMetrics,
-    last_beat: Option<(Instant, SystemTime)>,
-    beats: u64,
-    /// When the lease was last renewed by this actor (or granted, for a registration made here).
-    renewed_at: Option<Instant>,
+    metrics: Arc<RegistryMetrics>,
     /// Heartbeats waiting for the renewal under way.
     renewing: Option<Vec<oneshot::Sender<Result<(), RaftError>>>>,
     running: usize,
@@ -166,22 +239,20 @@ pub struct ClientActor {
 }
 
 impl ClientActor {
-    /// The actor of `record`; `fresh` when its lease was just granted here.
+    /// The actor of `record`, whose live figures are `shared`.
     pub fn new(
-        record: Registration,
-        fresh: bool,
+        record: Arc<Registration>,
+        shared: Arc<ClientShared>,
         settings: Arc<RegistrySettings>,
         keeper: Arc<dyn LeaseKeeper>,
-        metrics: RegistryMetrics,
+        metrics: Arc<RegistryMetrics>,
     ) -> Self {
         Self {
             record,
+            shared,
             settings,
             keeper,
             metrics,
-            last_beat: None,
-            beats: 0,
-            renewed_at: fresh.then(Instant::now),
             renewing: None,
             running: 0,
             queue: VecDeque::new(),
@@ -189,25 +260,23 @@ impl ClientActor {
         }
     }
 
-    /// The interval to hand out: the configured one, unless it is longer than the registration's
-    /// lease allows (the lease was sized for the interval granted at registration).
-    fn interval(&self) -> Duration {
-        self.settings.interval.min(self.record.interval())
-    }
-
     fn view(&self) -> ClientView {
-        let interval = self.interval();
-        let missed = self.last_beat.map_or(0, |(at, _)| {
-            (at.elapsed().as_millis() / interval.as_millis().max(1)) as u32
-        });
+        let s = &self.shared;
+        let last = s.last_beat.load(Ordering::Relaxed);
+        let missed = if last == 0 {
+            0
+        } else {
+            (mono_ms().saturating_sub(last) / s.interval_ms) as u32
+        };
+        let unix = s.last_beat_unix_ms.load(Ordering::Relaxed);
         ClientView {
-            record: self.record.clone(),
-            last_heartbeat: self.last_beat.map(|(_, t)| t),
+            record: (*self.record).clone(),
+            last_heartbeat: (unix != 0).then(|| UNIX_EPOCH + Duration::from_millis(unix)),
             missed,
             jobs_in_flight: self.running,
             jobs_queued: self.queue.len(),
-            beats: self.beats,
-            interval,
+            beats: s.beats.load(Ordering::Relaxed),
+            interval: s.interval(),
         }
     }
 
@@ -218,13 +287,13 @@ impl ClientActor {
             return rx;
         }
         self.renewing = Some(vec![tx]);
-        let started = Instant::now();
+        let started = mono_ms();
         let fut = self
             .keeper
             .renew(self.record.lease, self.settings.request_timeout);
         ctx.spawn(fut.into_actor(self).map(move |res, act, _| {
             if res.is_ok() {
-                act.renewed_at = Some(started);
+                act.shared.renewed_at.store(started, Ordering::Relaxed);
             }
             for w in act.renewing.take().unwrap_or_default() {
                 let _ = w.send(res.clone());
@@ -250,6 +319,7 @@ impl Managed for ClientActor {
 
     fn dump_state(&self) -> serde_json::Value {
         let v = self.view();
+        let ago = |at: u64| (at != 0).then(|| mono_ms().saturating_sub(at));
         serde_json::json!({
             "client_id": v.record.client_id,
             "client_name": v.record.client_name,
@@ -259,9 +329,9 @@ impl Managed for ClientActor {
             "lease": v.record.lease,
             "interval_ms": v.interval.as_millis() as u64,
             "beats_here": v.beats,
-            "last_heartbeat_ms_ago": self.last_beat.map(|(at, _)| at.elapsed().as_millis() as u64),
+            "last_heartbeat_ms_ago": ago(self.shared.last_beat.load(Ordering::Relaxed)),
             "missed": v.missed,
-            "lease_renewed_ms_ago": self.renewed_at.map(|at| at.elapsed().as_millis() as u64),
+            "lease_renewed_ms_ago": ago(self.shared.renewed_at.load(Ordering::Relaxed)),
             "jobs_in_flight": v.jobs_in_flight,
             "jobs_queued": v.jobs_queued,
         })
@@ -279,13 +349,9 @@ impl Handler<Beat> for ClientActor {
             );
             return Box::pin(async move { Ok(BeatAnswer::ReRegister(why)) });
         }
-        self.last_beat = Some((Instant::now(), SystemTime::now()));
-        self.beats += 1;
-        let interval = self.interval();
-        if self
-            .renewed_at
-            .is_some_and(|at| at.elapsed() < interval / 2)
-        {
+        self.shared.record_beat();
+        let interval = self.shared.interval();
+        if self.shared.fresh() {
             return Box::pin(async move { Ok(BeatAnswer::Alive { interval }) });
         }
         let renewal = self.renew(ctx);

@@ -22,8 +22,8 @@ use slog::{debug, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 
 use super::client::{
-    AcquireJob, Beat, BeatAnswer, ClientActor, ClientView, GetView, JobPermit, LeaseKeeper,
-    RegistrySettings,
+    AcquireJob, Beat, BeatAnswer, ClientActor, ClientShared, ClientView, GetView, JobPermit,
+    LeaseKeeper, RegistrySettings,
 };
 use super::metrics::{ClientLabels, RegistryMetrics};
 use super::record::{
@@ -37,7 +37,14 @@ use crate::envelope::ActorRef;
 use crate::supervision::{AddChild, ChildSpec, Managed, StopChild, Supervisor};
 
 /// The client actors by id, read by callers without going through the index.
-pub type ClientTable = Arc<RwLock<HashMap<String, ActorRef<ClientActor>>>>;
+pub type ClientTable = Arc<RwLock<HashMap<String, ClientEntry>>>;
+
+/// A running client actor and its live figures.
+#[derive(Clone)]
+pub struct ClientEntry {
+    pub actor: ActorRef<ClientActor>,
+    pub shared: Arc<ClientShared>,
+}
 
 /// A registration written.
 #[derive(Clone, Debug)]
@@ -63,7 +70,7 @@ pub struct Unregister(pub String);
 
 /// The registrations matching a filter (empty: any), with their actors where running.
 #[derive(Message)]
-#[rtype(result = "Vec<(Registration, Option<ActorRef<ClientActor>>)>")]
+#[rtype(result = "Vec<(Arc<Registration>, Option<ClientEntry>)>")]
 pub struct List {
     pub namespace: String,
     pub client_name: String,
@@ -72,7 +79,7 @@ pub struct List {
 /// A registration's actor, looked up in the store (linearizably) when this member has not
 /// applied it yet: a client that registered through another member a moment ago is found.
 #[derive(Message)]
-#[rtype(result = "Result<Option<ActorRef<ClientActor>>, RegistryError>")]
+#[rtype(result = "Result<Option<ClientEntry>, RegistryError>")]
 pub struct Resolve(pub String);
 
 crate::handles!(RegistryIndex: Register, Unregister, List, Resolve);
@@ -89,12 +96,12 @@ pub struct RegistryIndex {
     clients: ActorRef<Supervisor>,
     table: ClientTable,
     keeper: Arc<dyn LeaseKeeper>,
-    metrics: RegistryMetrics,
+    metrics: Arc<RegistryMetrics>,
     log: Logger,
-    /// Registrations as applied here.
-    records: BTreeMap<String, Registration>,
+    /// Registrations as applied here (shared with their actors).
+    records: BTreeMap<String, Arc<Registration>>,
     /// Actors being started, with callers waiting for them.
-    starting: HashMap<String, Vec<oneshot::Sender<Option<ActorRef<ClientActor>>>>>,
+    starting: HashMap<String, Vec<oneshot::Sender<Option<ClientEntry>>>>,
     /// Revision of the last change seen (load or watch).
     revision: i64,
     loaded: bool,
@@ -119,7 +126,7 @@ impl RegistryIndex {
             clients,
             table,
             keeper,
-            metrics,
+            metrics: Arc::new(metrics),
             log: log.new(slog::o!("actor" => "registry")),
             records: BTreeMap::new(),
             starting: HashMap::new(),
@@ -212,7 +219,7 @@ impl RegistryIndex {
     fn upsert(&mut self, record: Registration, fresh: bool, ctx: &mut Context<Self>) {
         let id = record.client_id.clone();
         if let Some(old) = self.records.get(&id) {
-            if *old == record {
+            if **old == record {
                 return;
             }
             // Rewritten in place (not done by Lodge itself, but possible through the KV API):
@@ -223,6 +230,7 @@ impl RegistryIndex {
             .clients
             .get_or_create(&Self::labels(&record))
             .inc();
+        let record = Arc::new(record);
         self.records.insert(id.clone(), record.clone());
         self.start_actor(record, fresh, ctx);
     }
@@ -250,21 +258,19 @@ impl RegistryIndex {
 
     fn child_spec(
         &self,
-        record: &Registration,
-        fresh: bool,
+        record: &Arc<Registration>,
+        shared: &Arc<ClientShared>,
         r: &ActorRef<ClientActor>,
     ) -> ChildSpec {
-        let record = record.clone();
+        let (record, shared) = (record.clone(), shared.clone());
         let settings = self.settings.clone();
         let keeper = self.keeper.clone();
         let metrics = self.metrics.clone();
-        let mut first = fresh;
         ChildSpec::actor_for(record.client_id.clone(), r, move || {
-            // A restarted actor did not grant the lease: its first heartbeat renews it.
-            let fresh = std::mem::replace(&mut first, false);
+            // A restarted actor keeps the figures (they live in `shared`), not its queue.
             ClientActor::new(
                 record.clone(),
-                fresh,
+                shared.clone(),
                 settings.clone(),
                 keeper.clone(),
                 metrics.clone(),
@@ -272,15 +278,16 @@ impl RegistryIndex {
         })
     }
 
-    fn start_actor(&mut self, record: Registration, fresh: bool, ctx: &mut Context<Self>) {
+    fn start_actor(&mut self, record: Arc<Registration>, fresh: bool, ctx: &mut Context<Self>) {
         let id = record.client_id.clone();
         if self.starting.contains_key(&id) || self.table.read().unwrap().contains_key(&id) {
             return;
         }
         self.starting.insert(id.clone(), Vec::new());
         let r: ActorRef<ClientActor> = ActorRef::default();
-        let first = self.child_spec(&record, fresh, &r);
-        let again = self.child_spec(&record, fresh, &r);
+        let shared = Arc::new(ClientShared::new(&record, &self.settings, fresh));
+        let first = self.child_spec(&record, &shared, &r);
+        let again = self.child_spec(&record, &shared, &r);
         let clients = self.clients.clone();
         let name = id.clone();
         let start = async move {
@@ -298,8 +305,9 @@ impl RegistryIndex {
             let waiters = act.starting.remove(&id).unwrap_or_default();
             let wanted = act.records.contains_key(&id);
             let result = if started && wanted {
-                act.table.write().unwrap().insert(id.clone(), r.clone());
-                Some(r)
+                let entry = ClientEntry { actor: r, shared };
+                act.table.write().unwrap().insert(id.clone(), entry.clone());
+                Some(entry)
             } else {
                 if started {
                     let clients = act.clients.clone();
@@ -323,7 +331,7 @@ impl RegistryIndex {
         record: Registration,
         fresh: bool,
         ctx: &mut Context<Self>,
-    ) -> oneshot::Receiver<Option<ActorRef<ClientActor>>> {
+    ) -> oneshot::Receiver<Option<ClientEntry>> {
         let (tx, rx) = oneshot::channel();
         let id = record.client_id.clone();
         if let Some(r) = self.table.read().unwrap().get(&id) {
@@ -631,7 +639,7 @@ impl Handler<Unregister> for RegistryIndex {
 }
 
 impl Handler<List> for RegistryIndex {
-    type Result = Vec<(Registration, Option<ActorRef<ClientActor>>)>;
+    type Result = Vec<(Arc<Registration>, Option<ClientEntry>)>;
 
     fn handle(&mut self, msg: List, _: &mut Context<Self>) -> Self::Result {
         let table = self.table.read().unwrap();
@@ -645,12 +653,12 @@ impl Handler<List> for RegistryIndex {
 }
 
 impl Handler<Resolve> for RegistryIndex {
-    type Result = ResponseActFuture<Self, Result<Option<ActorRef<ClientActor>>, RegistryError>>;
+    type Result = ResponseActFuture<Self, Result<Option<ClientEntry>, RegistryError>>;
 
     fn handle(&mut self, msg: Resolve, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
-        if let Some(record) = self.records.get(&id).cloned() {
-            let rx = self.ensure(record, false, ctx);
+        if let Some(record) = self.records.get(&id) {
+            let rx = self.ensure((**record).clone(), false, ctx);
             return Box::pin(async move { Ok(rx.await.ok().flatten()) }.into_actor(self));
         }
         let raft = self.raft.clone();
@@ -700,7 +708,7 @@ impl RegistryHandle {
         &self,
         id: &str,
         timeout: Duration,
-    ) -> Result<Option<ActorRef<ClientActor>>, RegistryError> {
+    ) -> Result<Option<ClientEntry>, RegistryError> {
         if let Some(r) = self.table.read().unwrap().get(id).cloned() {
             return Ok(Some(r));
         }
@@ -733,10 +741,14 @@ impl RegistryHandle {
         let Some(client) = self.client(client_id, timeout).await? else {
             return Ok(unknown());
         };
+        // Most heartbeats need no lease renewal: answered here, without the actor's thread.
+        if let Some(answer) = client.shared.beat_if_fresh(client_name) {
+            return Ok(answer);
+        }
         let beat = Beat {
             client_name: client_name.to_string(),
         };
-        match client.send_timeout(beat, timeout).await {
+        match client.actor.send_timeout(beat, timeout).await {
             Ok(answer) => answer,
             // Stopped between the lookup and the call: the registration just ended.
             Err(crate::SendError::NotRunning | crate::SendError::Closed) => Ok(unknown()),
@@ -768,6 +780,7 @@ impl RegistryHandle {
             .await?
             .ok_or_else(not_found)?;
         client
+            .actor
             .send_timeout(GetView, timeout)
             .await
             .map_err(|e| match e {
@@ -796,12 +809,12 @@ impl RegistryHandle {
         let mut views = Vec::with_capacity(found.len());
         for (record, actor) in found {
             let live = match &actor {
-                Some(a) => a.send_timeout(GetView, timeout).await.ok(),
+                Some(a) => a.actor.send_timeout(GetView, timeout).await.ok(),
                 None => None,
             };
             views.push(live.unwrap_or_else(|| ClientView {
                 interval: record.interval(),
-                record,
+                record: (*record).clone(),
                 last_heartbeat: None,
                 missed: 0,
                 jobs_in_flight: 0,
@@ -827,7 +840,7 @@ impl RegistryHandle {
             .client(client_id, timeout)
             .await?
             .ok_or_else(not_found)?;
-        match client.send_timeout(AcquireJob, timeout).await {
+        match client.actor.send_timeout(AcquireJob, timeout).await {
             Ok(r) => r,
             Err(crate::SendError::NotRunning | crate::SendError::Closed) => Err(not_found()),
             Err(crate::SendError::Timeout) => Err(RegistryError::Exhausted(format!(
