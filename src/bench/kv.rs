@@ -105,11 +105,14 @@ pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child
         }
     });
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("lodge node did not start");
-        if line.starts_with("lodge node ready") {
-            return child;
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.starts_with("lodge node ready") => return child,
+            Ok(_) => continue,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("lodge node did not start (see {})", dir.join("stderr.log").display());
+            }
         }
     }
 }
