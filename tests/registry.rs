@@ -112,6 +112,25 @@ fn registry_register_heartbeat_replace_and_expire() {
 }
 
 #[test]
+fn registry_rebuilds_client_actors_from_the_store_after_a_restart() {
+    let node = Node::start(&[]);
+    let listen = node.grpc.clone();
+    let first = register(&listen, "restarts", "one");
+    let id = first["client_id"].as_str().unwrap().to_string();
+    let dir = node.kill9();
+    let node = Node::start_in(dir, &listen, &[]);
+    let ep = node.grpc.as_str();
+    let actor = eventually("client actor rebuilt", || {
+        json_of(node.ctl(&["actor", &format!("/node/registry/clients/{id}"), "--json"]))
+    });
+    assert_eq!(actor["state_dump"]["client_name"], "restarts");
+    let beat = json_of(client(ep, &["heartbeat", &id])).expect("heartbeat after restart");
+    assert_eq!(beat["success"], true);
+    let got = json_of(client(ep, &["get", &id])).unwrap();
+    assert_eq!(got["instance_id"], "one");
+}
+
+#[test]
 fn registry_refuses_bad_input_naming_the_field() {
     let node = Node::start(&[]);
     let ep = node.grpc.as_str();

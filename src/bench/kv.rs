@@ -111,7 +111,10 @@ pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("lodge node did not start (see {})", dir.join("stderr.log").display());
+                panic!(
+                    "lodge node did not start (see {})",
+                    dir.join("stderr.log").display()
+                );
             }
         }
     }

@@ -684,4 +684,23 @@ mod tests {
         assert_eq!(back, s);
         assert!(KvState::from_bytes(b"\xff\xff").is_err());
     }
+
+    #[test]
+    fn a_lease_key_set_holds_each_key_once_in_order_and_encodes_like_a_set() {
+        let mut k = KeySet::default();
+        for key in [b"b".as_slice(), b"a", b"b", b"c"] {
+            k.insert(key);
+        }
+        k.remove(b"c");
+        k.remove(b"zz");
+        assert_eq!(
+            k.iter().cloned().collect::<Vec<_>>(),
+            vec![b"a".to_vec(), b"b".to_vec()]
+        );
+        // Snapshots written before the switch (a BTreeSet) decode unchanged.
+        let set: std::collections::BTreeSet<Vec<u8>> = [b"a".to_vec(), b"b".to_vec()].into();
+        let old = postcard::to_stdvec(&set).unwrap();
+        assert_eq!(postcard::to_stdvec(&k).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<KeySet>(&old).unwrap(), k);
+    }
 }

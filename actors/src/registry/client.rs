@@ -438,3 +438,66 @@ impl Handler<JobDone> for ClientActor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(interval_ms: u64) -> Registration {
+        Registration {
+            client_id: "c-1".into(),
+            client_name: "app".into(),
+            client_version: "1".into(),
+            namespace: "ns".into(),
+            instance_id: String::new(),
+            metadata: Default::default(),
+            registered_at_ms: 0,
+            interval_ms,
+            lease: 7,
+            registered_by: 1,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_is_answered_without_the_actor_only_while_the_lease_is_fresh() {
+        let settings = RegistrySettings {
+            interval: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let fresh = ClientShared::new(&record(60_000), &settings, true);
+        assert_eq!(
+            fresh.beat_if_fresh("app"),
+            Some(BeatAnswer::Alive {
+                interval: Duration::from_secs(60)
+            })
+        );
+        assert!(fresh.beat_if_fresh("").is_some(), "the name is optional");
+        assert_eq!(fresh.beats.load(Ordering::Relaxed), 2);
+        // A different name goes to the actor, which asks the client to register again.
+        assert_eq!(fresh.beat_if_fresh("other"), None);
+        // Never renewed by this member (learned from the store): the actor renews first.
+        let known = ClientShared::new(&record(60_000), &settings, false);
+        assert_eq!(known.beat_if_fresh("app"), None);
+        assert_eq!(known.beats.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_longer_configured_interval_waits_for_the_next_registration() {
+        let settings = RegistrySettings {
+            interval: Duration::from_secs(120),
+            ..Default::default()
+        };
+        // The lease was sized for 30 s: the client keeps beating every 30 s.
+        let shared = ClientShared::new(&record(30_000), &settings, true);
+        assert_eq!(shared.interval(), Duration::from_secs(30));
+        let shorter = RegistrySettings {
+            interval: Duration::from_secs(10),
+            ..Default::default()
+        };
+        assert_eq!(
+            ClientShared::new(&record(30_000), &shorter, true).interval(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(settings.lease_ttl_secs(Duration::from_millis(500)), 2);
+    }
+}
