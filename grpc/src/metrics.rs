@@ -81,18 +81,60 @@ impl ServerMetrics {
         Arc::new(m)
     }
 
-    fn record(&self, method: &str, code: tonic::Code, started: Instant) {
-        self.handled
-            .get_or_create(&CallLabels {
-                grpc_method: method.to_string(),
-                grpc_code: format!("{code:?}"),
+    fn record(&self, method: &MethodMetrics, code: tonic::Code, started: Instant) {
+        // Resolved once per method and code: the label sets (two strings each) would otherwise
+        // be built and hashed on every call.
+        let slot = (code as i32 as usize).min(method.handled.len() - 1);
+        method.handled[slot]
+            .get_or_init(|| {
+                self.handled
+                    .get_or_create(&CallLabels {
+                        grpc_method: method.name.clone(),
+                        grpc_code: format!("{code:?}"),
+                    })
+                    .clone()
             })
             .inc();
-        self.latency
-            .get_or_create(&MethodLabels {
-                grpc_method: method.to_string(),
+        method
+            .latency
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&MethodLabels {
+                        grpc_method: method.name.clone(),
+                    })
+                    .clone()
             })
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// One method's series, looked up in the families on first use.
+struct MethodMetrics {
+    name: String,
+    /// By status code (0..=16).
+    handled: [std::sync::OnceLock<Counter>; 17],
+    latency: std::sync::OnceLock<Histogram>,
+}
+
+impl MethodMetrics {
+    fn new(name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_string(),
+            handled: std::array::from_fn(|_| std::sync::OnceLock::new()),
+            latency: std::sync::OnceLock::new(),
+        })
+    }
+}
+
+/// Every known method's series, plus `unknown` for the rest.
+struct Methods {
+    known: std::collections::HashMap<String, Arc<MethodMetrics>>,
+    unknown: Arc<MethodMetrics>,
+}
+
+impl Methods {
+    fn of(&self, path: &str) -> Arc<MethodMetrics> {
+        self.known.get(path).unwrap_or(&self.unknown).clone()
     }
 }
 
@@ -122,15 +164,22 @@ pub fn known_methods(descriptor_sets: &[&[u8]], extra: &[&str]) -> HashSet<Strin
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Arc<ServerMetrics>,
-    known: Arc<HashSet<String>>,
+    methods: Arc<Methods>,
 }
 
 impl MetricsLayer {
     /// Records into `metrics`; methods outside `known` are labelled `unknown`.
     pub fn new(metrics: Arc<ServerMetrics>, known: HashSet<String>) -> Self {
+        let methods = Methods {
+            known: known
+                .iter()
+                .map(|m| (m.clone(), MethodMetrics::new(m)))
+                .collect(),
+            unknown: MethodMetrics::new("unknown"),
+        };
         Self {
             metrics,
-            known: Arc::new(known),
+            methods: Arc::new(methods),
         }
     }
 }
@@ -142,7 +191,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
         MetricsService {
             inner,
             metrics: self.metrics.clone(),
-            known: self.known.clone(),
+            methods: self.methods.clone(),
         }
     }
 }
@@ -152,7 +201,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 pub struct MetricsService<S> {
     inner: S,
     metrics: Arc<ServerMetrics>,
-    known: Arc<HashSet<String>>,
+    methods: Arc<Methods>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -175,11 +224,7 @@ where
         let path = req.uri().path();
         let recorder = Recorder {
             metrics: self.metrics.clone(),
-            method: if self.known.contains(path) {
-                path.to_string()
-            } else {
-                "unknown".to_string()
-            },
+            method: self.methods.of(path),
             started: Instant::now(),
             code: None,
         };
@@ -218,7 +263,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// (the client went away, or the call was cut before answering).
 struct Recorder {
     metrics: Arc<ServerMetrics>,
-    method: String,
+    method: Arc<MethodMetrics>,
     started: Instant,
     code: Option<tonic::Code>,
 }

@@ -92,7 +92,6 @@ fn info(v: ClientView, member: u64) -> pb::ClientInfo {
 pub struct RegistryService {
     registry: RegistryHandle,
     forward: Arc<Forwarder>,
-    metrics: RegistryMetrics,
     /// Heartbeat outcomes, resolved once: a heartbeat is the hottest call of the service.
     beats: [Counter; 3],
     timeout: Duration,
@@ -117,7 +116,6 @@ impl RegistryService {
         Self {
             registry,
             forward,
-            metrics,
             beats,
             timeout,
         }
@@ -168,7 +166,6 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let started = std::time::Instant::now();
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
         required("client_id", &m.client_id)?;
@@ -176,9 +173,6 @@ impl pb::registry_server::Registry for RegistryService {
             .registry
             .heartbeat(&m.client_id, &m.client_name, budget)
             .await;
-        self.metrics
-            .heartbeat_seconds
-            .observe(started.elapsed().as_secs_f64());
         let received_at = Some(Timestamp::from(SystemTime::now()));
         let outcome = match &answer {
             Ok(BeatAnswer::Alive { .. }) => 0,

@@ -32,10 +32,9 @@ pub struct LimitLabels {
 pub struct RegistryMetrics {
     /// Registrations this member knows of, by namespace and client version.
     pub clients: Family<ClientLabels, Gauge>,
-    /// Heartbeats answered here, by outcome (ok, re_register, error).
+    /// Heartbeats answered here, by outcome (ok, re_register, error). Their latency is the RPC
+    /// layer's `lodge_grpc_server_handling_seconds{grpc_method=".../Heartbeat"}`.
     pub heartbeats: Family<OutcomeLabels, Counter>,
-    /// Time to answer a heartbeat (including a lease renewal when one was due).
-    pub heartbeat_seconds: Histogram,
     /// Registrations removed because their lease expired (seen by every member).
     pub expirations: Counter,
     /// Registrations made through this member.
@@ -55,7 +54,6 @@ impl Default for RegistryMetrics {
         Self {
             clients: Family::default(),
             heartbeats: Family::default(),
-            heartbeat_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             expirations: Counter::default(),
             registrations: Counter::default(),
             jobs: Family::default(),
@@ -96,11 +94,6 @@ impl RegistryMetrics {
             "lodge_registry_heartbeats",
             "Client heartbeats answered by this member, by outcome",
             self.heartbeats.clone(),
-        );
-        r.register(
-            "lodge_registry_heartbeat_seconds",
-            "Time to answer a client heartbeat",
-            self.heartbeat_seconds.clone(),
         );
         r.register(
             "lodge_registry_expirations",
