@@ -667,6 +667,27 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "server.max_connections");
+        for (env, key) in [
+            (
+                (
+                    "LODGE_TRANSLATION__BACKEND_URL",
+                    "https://api.example.com/v1",
+                ),
+                "translation.backend_url",
+            ),
+            (
+                ("LODGE_TRANSLATION__BACKEND_URL", "http://127.0.0.1:8000/v1"),
+                "translation.model",
+            ),
+            (
+                ("LODGE_REGISTRY__HEARTBEAT_INTERVAL_MS", "0"),
+                "registry.heartbeat_interval_ms",
+            ),
+            (("LODGE_TRANSLATION__BURST", "0"), "translation.burst"),
+        ] {
+            let e = load(Overrides::default(), &[env]).unwrap_err();
+            assert_eq!(e.key, key, "{env:?}");
+        }
         let e = load(
             Overrides::default(),
             &[("LODGE_SERVER__TLS__ENABLED", "true")],
