@@ -49,17 +49,18 @@ fn register(endpoint: &str, name: &str, instance: &str) -> Value {
 
 #[test]
 fn registry_register_heartbeat_replace_and_expire() {
-    let node = Node::start_env(&[], &FAST);
+    // Registrations here live a minute: nothing expires while the checks run.
+    let node = Node::start(&[]);
     let ep = node.grpc.as_str();
 
     let first = register(ep, "glooscap", "pod-a");
     assert_eq!(first["success"], true);
-    assert_eq!(first["heartbeat_interval_ms"], 500);
+    assert_eq!(first["heartbeat_interval_ms"], 60_000);
     let id = first["client_id"].as_str().unwrap().to_string();
 
     let beat = json_of(client(ep, &["heartbeat", &id])).unwrap();
     assert_eq!(beat["success"], true, "{beat}");
-    assert_eq!(beat["heartbeat_interval_ms"], 500);
+    assert_eq!(beat["heartbeat_interval_ms"], 60_000);
 
     // Same identity again: the old registration is replaced, not left as a ghost.
     let second = register(ep, "glooscap", "pod-a");
@@ -91,12 +92,18 @@ fn registry_register_heartbeat_replace_and_expire() {
     let actor = json_of(actor).expect("client actor");
     assert_eq!(actor["state_dump"]["client_name"], "glooscap");
 
-    // No more heartbeats: the registration expires (GetClient does not renew it).
+    // On a node whose registrations live 1 s: without heartbeats one expires (GetClient does
+    // not renew it).
+    let node = Node::start_env(&[], &FAST);
+    let ep = node.grpc.as_str();
+    let short = register(ep, "glooscap", "pod-c");
+    assert_eq!(short["heartbeat_interval_ms"], 500);
+    let id3 = short["client_id"].as_str().unwrap().to_string();
     eventually("registration expires", || {
-        let out = client(ep, &["get", &id2]);
+        let out = client(ep, &["get", &id3]);
         (!out.status.success() && stderr(&out).contains("NotFound")).then_some(())
     });
-    let late = json_any(&client(ep, &["heartbeat", &id2]));
+    let late = json_any(&client(ep, &["heartbeat", &id3]));
     assert_eq!(late["re_register_required"], true);
     let metrics = node.scrape();
     let expired = metrics
@@ -215,7 +222,8 @@ impl Drop for Running {
 
 #[test]
 fn registry_client_keeps_its_registration_when_its_member_dies() {
-    let toml = "[registry]\nheartbeat_interval_ms = 500\nmax_missed_heartbeats = 4\n";
+    // Beats every 500 ms; the lease (10 s) outlives the failover and the election with room.
+    let toml = "[registry]\nheartbeat_interval_ms = 500\nmax_missed_heartbeats = 20\n";
     let trio = Trio::new(toml, &[]);
     let nodes: Vec<Node> = (0..3)
         .map(|i| trio.start(i, tempfile::tempdir().unwrap()))
@@ -249,8 +257,7 @@ fn registry_client_keeps_its_registration_when_its_member_dies() {
         "same registration after failover"
     );
     // Heartbeats go on with the same id on the surviving members (the client may move once
-    // more while the election settles, so count them all), and keep the registration alive past
-    // its lease's lifetime.
+    // more while the election settles, so count them all).
     let ep = moved["endpoint"].as_str().unwrap().to_string();
     let beats = || -> u64 {
         rest.iter()

@@ -195,15 +195,25 @@ fn translation_limits_concurrency_queue_and_rate_per_client() {
         let grpc = pb::translation_client::TranslationClient::new(channel);
         llm.set_hold(true);
         let mut running = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..2 {
             let mut c = grpc.clone();
             let req = title_request(&id);
             running.push(tokio::spawn(async move { c.translate(req).await }));
         }
-        // Two reach the backend; the third waits in the client's queue.
         eventually("two jobs at the backend", || {
             (llm.in_flight() == 2).then_some(())
         });
+        // A caller that gives up while queued frees its place in the queue.
+        let mut impatient = tonic::Request::new(title_request(&id));
+        impatient.set_timeout(std::time::Duration::from_millis(300));
+        let gave_up = grpc.clone().translate(impatient).await.unwrap_err();
+        assert_ne!(gave_up.code(), tonic::Code::Ok);
+        // So the next one is queued, not refused.
+        {
+            let mut c = grpc.clone();
+            let req = title_request(&id);
+            running.push(tokio::spawn(async move { c.translate(req).await }));
+        }
         let node_view = eventually("the third job queued", || {
             let v = node.ctl(&["actor", &format!("/node/registry/clients/{id}"), "--json"]);
             json_of(v).filter(|v| v["state_dump"]["jobs_queued"] == 1)

@@ -59,8 +59,11 @@ fn timestamp_ms(ms: i64) -> Timestamp {
     }
 }
 
-fn ms_of(t: &Timestamp) -> i64 {
-    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+fn ms_of(t: &Timestamp) -> Result<i64, Status> {
+    t.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(t.nanos) / 1_000_000))
+        .ok_or_else(|| Status::invalid_argument("registered_at: out of range"))
 }
 
 /// Whole seconds for the original `heartbeat_interval_seconds` field (at least 1).
@@ -140,7 +143,7 @@ impl pb::registry_server::Registry for RegistryService {
             namespace: m.namespace,
             instance_id: m.instance_id,
             metadata: m.metadata.into_iter().collect::<BTreeMap<_, _>>(),
-            registered_at_ms: m.registered_at.as_ref().map(ms_of),
+            registered_at_ms: m.registered_at.as_ref().map(ms_of).transpose()?,
         };
         let done = self
             .registry

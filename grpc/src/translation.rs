@@ -190,15 +190,8 @@ impl pb::translation_server::Translation for TranslationService {
         } else {
             m.job_id
         };
-        let job = Translate {
-            job_id: job_id.clone(),
-            source,
-            source_language: m.source_language,
-            target_language: m.target_language,
-            deadline: budget,
-        };
         let started = Instant::now();
-        let _slot = slot(
+        let permit = slot(
             &self.registry,
             &self.forward,
             &self.metrics,
@@ -206,6 +199,16 @@ impl pb::translation_server::Translation for TranslationService {
             budget,
         )
         .await?;
+        // The job holds its slot until the backend is done with it, even if this call goes
+        // away first: a caller that cancels and resubmits cannot exceed its slots.
+        let job = Translate {
+            job_id: job_id.clone(),
+            source,
+            source_language: m.source_language,
+            target_language: m.target_language,
+            deadline: budget,
+            slot: Some(Arc::new(permit)),
+        };
         let left = budget.saturating_sub(started.elapsed());
         let t = execute(&self.gateway, &self.metrics, job, left).await?;
         Ok(Response::new(pb::TranslateResponse {
@@ -243,88 +246,131 @@ impl pb::translation_server::Translation for TranslationService {
             first.job_id.clone()
         };
         let started = Instant::now();
-        // One slot for the whole stream: it is one job, however many chunks it has.
-        let permit = slot(
-            &self.registry,
-            &self.forward,
-            &self.metrics,
-            &client_id,
-            budget,
-        )
-        .await?;
+        // One slot for the whole stream (it is one job, however many chunks it has), held by
+        // each chunk's job as well as by the stream.
+        let permit = Arc::new(
+            slot(
+                &self.registry,
+                &self.forward,
+                &self.metrics,
+                &client_id,
+                budget,
+            )
+            .await?,
+        );
         let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
         let (tx, rx) = mpsc::channel(4);
+        let deadline = tokio::time::Instant::from_std(started + budget);
         tokio::spawn(async move {
-            let _permit = permit;
-            let mut next = Some(first);
-            let mut tokens = 0i64;
-            let mut last_index = -1;
-            loop {
-                let chunk = match next.take() {
-                    Some(c) => c,
-                    None => match input.message().await {
-                        Ok(Some(c)) => c,
-                        Ok(None) => break,
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                    },
-                };
-                if chunk.chunk_index <= last_index {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(format!(
-                            "chunk_index: {} after {last_index}; indexes must rise",
-                            chunk.chunk_index
-                        ))))
-                        .await;
-                    return;
-                }
-                last_index = chunk.chunk_index;
-                let is_final = chunk.is_final;
-                if !chunk.content.trim().is_empty() {
-                    let job = Translate {
-                        job_id: job_id.clone(),
-                        source: Source::Chunk(chunk.content),
-                        source_language: source_language.clone(),
-                        target_language: target.clone(),
-                        deadline: budget,
-                    };
-                    let left = budget.saturating_sub(started.elapsed());
-                    match execute(&gateway, &metrics, job, left).await {
-                        Ok(t) => {
-                            tokens += t.tokens as i64;
-                            let answer = pb::TranslateChunk {
-                                job_id: job_id.clone(),
-                                chunk_index: chunk.chunk_index,
-                                content: t.markdown,
-                                tokens_used: t.tokens as i64,
-                                ..Default::default()
-                            };
-                            if tx.send(Ok(answer)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            return;
-                        }
-                    }
-                }
-                if is_final {
-                    break;
-                }
+            let work = stream_chunks(
+                first,
+                input,
+                &tx,
+                &gateway,
+                &metrics,
+                permit,
+                job_id,
+                target,
+                source_language,
+                started,
+                budget,
+            );
+            // Once the answer headers are out the server's own timeout no longer applies: an
+            // idle stream must not hold its slot for ever.
+            if tokio::time::timeout_at(deadline, work).await.is_err() {
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded(
+                        "the stream's deadline passed (server.request_timeout_ms or the caller's)",
+                    )))
+                    .await;
             }
-            let _ = tx
-                .send(Ok(pb::TranslateChunk {
-                    job_id,
-                    chunk_index: last_index + 1,
-                    is_final: true,
-                    tokens_used: tokens,
-                    ..Default::default()
-                }))
-                .await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Translates a stream's chunks in order and sends the answers, then the final chunk.
+#[allow(clippy::too_many_arguments)]
+async fn stream_chunks(
+    first: pb::TranslateChunk,
+    mut input: Streaming<pb::TranslateChunk>,
+    tx: &mpsc::Sender<Result<pb::TranslateChunk, Status>>,
+    gateway: &ActorRef<TranslationGateway>,
+    metrics: &RegistryMetrics,
+    permit: Arc<JobPermit>,
+    job_id: String,
+    target: String,
+    source_language: String,
+    started: Instant,
+    budget: Duration,
+) {
+    let mut next = Some(first);
+    let mut tokens = 0i64;
+    let mut last_index = -1;
+    loop {
+        let chunk = match next.take() {
+            Some(c) => c,
+            None => match input.message().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            },
+        };
+        if chunk.chunk_index <= last_index || chunk.chunk_index == i32::MAX {
+            let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "chunk_index: {} after {last_index}; indexes must rise (and stay below 2^31 - 1)",
+                            chunk.chunk_index
+                        ))))
+                        .await;
+            return;
+        }
+        last_index = chunk.chunk_index;
+        let is_final = chunk.is_final;
+        if !chunk.content.trim().is_empty() {
+            let job = Translate {
+                job_id: job_id.clone(),
+                source: Source::Chunk(chunk.content),
+                source_language: source_language.clone(),
+                target_language: target.clone(),
+                deadline: budget,
+                slot: Some(permit.clone()),
+            };
+            let left = budget.saturating_sub(started.elapsed());
+            match execute(gateway, metrics, job, left).await {
+                Ok(t) => {
+                    tokens += t.tokens as i64;
+                    let answer = pb::TranslateChunk {
+                        job_id: job_id.clone(),
+                        chunk_index: chunk.chunk_index,
+                        content: t.markdown,
+                        tokens_used: t.tokens as i64,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    return;
+                }
+            }
+        }
+        if is_final {
+            break;
+        }
+    }
+    let _ = tx
+        .send(Ok(pb::TranslateChunk {
+            job_id,
+            chunk_index: last_index + 1,
+            is_final: true,
+            tokens_used: tokens,
+            ..Default::default()
+        }))
+        .await;
 }

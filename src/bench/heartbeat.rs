@@ -4,9 +4,10 @@
 //! memory of a node holding many registrations.
 //!
 //! Two heartbeat figures: the usual one (a heartbeat renews its lease through raft at most once
-//! per half interval, so a client beating at the asked interval renews every other beat; the
-//! load here beats far faster, so it is answered from the client's actor), and one where the
-//! interval is 1 ms, so that every beat renews the lease through raft.
+//! per half interval, so a client beating at the asked interval renews on every beat; the load
+//! here beats far faster, so most beats are answered from the client's shared figures without a
+//! renewal), and one where the interval is 1 ms, so that every beat renews the lease through
+//! raft.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

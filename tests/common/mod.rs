@@ -81,7 +81,7 @@ impl Node {
             .args(args)
             .env_remove("LODGE_ENDPOINT")
             // Tests open many short connections from one address; the per-IP limits are tested
-            // on their own (tests/registry.rs), with values set through `--config`.
+            // on their own (tests/registry.rs), with values set through `Node::start_env`.
             .env("LODGE_SERVER__PER_IP_CONNECTION_RATE", "0")
             .env("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "0")
             .envs(env.iter().copied())

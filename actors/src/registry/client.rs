@@ -197,10 +197,14 @@ pub struct ClientView {
 #[rtype(result = "ClientView")]
 pub struct GetView;
 
-/// Asks for a translation job slot: granted now, after a wait in the bounded queue, or refused.
+/// Asks for a translation job slot: granted now (`Some`), queued (`None`: the slot arrives on
+/// `queued` later), or refused. The caller owns the receiving end, so a caller that gives up
+/// closes it and its place in the queue is skipped.
 #[derive(Message)]
-#[rtype(result = "Result<JobPermit, RegistryError>")]
-pub struct AcquireJob;
+#[rtype(result = "Result<Option<JobPermit>, RegistryError>")]
+pub struct AcquireJob {
+    pub queued: oneshot::Sender<JobPermit>,
+}
 
 /// A job slot; dropping it frees the slot (also when it was granted to a caller that gave up).
 pub struct JobPermit {
@@ -274,7 +278,7 @@ impl ClientActor {
             last_heartbeat: (unix != 0).then(|| UNIX_EPOCH + Duration::from_millis(unix)),
             missed,
             jobs_in_flight: self.running,
-            jobs_queued: self.queue.len(),
+            jobs_queued: self.queue.iter().filter(|w| !w.is_closed()).count(),
             beats: s.beats.load(Ordering::Relaxed),
             interval: s.interval(),
         }
@@ -379,9 +383,9 @@ impl Handler<GetView> for ClientActor {
 }
 
 impl Handler<AcquireJob> for ClientActor {
-    type Result = ResponseFuture<Result<JobPermit, RegistryError>>;
+    type Result = Result<Option<JobPermit>, RegistryError>;
 
-    fn handle(&mut self, _: AcquireJob, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: AcquireJob, ctx: &mut Context<Self>) -> Self::Result {
         let s = &self.settings;
         let limiter = self.limiter.get_or_insert_with(|| {
             let rate = NonZeroU32::new(s.rate_per_second.max(1)).expect("at least 1");
@@ -394,29 +398,23 @@ impl Handler<AcquireJob> for ClientActor {
                 "client {}: more than {} translation requests per second (burst {}); slow down",
                 self.record.client_id, s.rate_per_second, s.rate_burst
             );
-            return Box::pin(async move { Err(RegistryError::Exhausted(msg)) });
+            return Err(RegistryError::Exhausted(msg));
         }
         if self.running < s.max_jobs {
-            let permit = self.grant(ctx);
-            return Box::pin(async move { Ok(permit) });
+            return Ok(Some(self.grant(ctx)));
         }
+        // Places of callers that gave up are free again.
+        self.queue.retain(|waiting| !waiting.is_closed());
         if self.queue.len() >= s.queue {
             self.metrics.rejected("client_concurrency");
             let msg = format!(
                 "client {}: {} translation jobs running and {} queued, the most allowed; retry later",
                 self.record.client_id, self.running, self.queue.len()
             );
-            return Box::pin(async move { Err(RegistryError::Exhausted(msg)) });
+            return Err(RegistryError::Exhausted(msg));
         }
-        let (tx, rx) = oneshot::channel();
-        self.queue.push_back(tx);
-        Box::pin(async move {
-            rx.await.map_err(|_| {
-                RegistryError::Unavailable(
-                    "the client's actor restarted while the job was queued; retry".into(),
-                )
-            })
-        })
+        self.queue.push_back(msg.queued);
+        Ok(None)
     }
 }
 

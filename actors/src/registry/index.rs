@@ -56,6 +56,8 @@ pub struct Registered {
     pub interval: Duration,
     /// The lease's time to live.
     pub ttl: Duration,
+    /// The store's revision of the write.
+    pub revision: i64,
 }
 
 /// Registers a client.
@@ -133,6 +135,23 @@ impl RegistryIndex {
             revision: 0,
             loaded: false,
             reloads: 0,
+        }
+    }
+
+    /// Counts a registration in or out of the gauge; a series that reaches zero is removed, so
+    /// versions and namespaces that are gone do not stay on the metrics page.
+    fn count(&self, r: &Registration, up: bool) {
+        let labels = Self::labels(r);
+        let before = {
+            let gauge = self.metrics.clients.get_or_create(&labels);
+            if up {
+                gauge.inc()
+            } else {
+                gauge.dec()
+            }
+        };
+        if !up && before <= 1 {
+            self.metrics.clients.remove(&labels);
         }
     }
 
@@ -226,10 +245,7 @@ impl RegistryIndex {
             // the actor is restarted with the new record below.
             self.remove(&id, false);
         }
-        self.metrics
-            .clients
-            .get_or_create(&Self::labels(&record))
-            .inc();
+        self.count(&record, true);
         let record = Arc::new(record);
         self.records.insert(id.clone(), record.clone());
         self.start_actor(record, fresh, ctx);
@@ -239,10 +255,7 @@ impl RegistryIndex {
         let Some(record) = self.records.remove(id) else {
             return;
         };
-        self.metrics
-            .clients
-            .get_or_create(&Self::labels(&record))
-            .dec();
+        self.count(&record, false);
         if expired {
             self.metrics.expirations.inc();
         }
@@ -325,6 +338,12 @@ impl RegistryIndex {
         }));
     }
 
+    /// Whether registration `id`, read or written at `revision`, may still exist: false when the
+    /// watch has passed that revision and the registration is gone (it was deleted since).
+    fn current(&self, id: &str, revision: i64) -> bool {
+        self.revision < revision || self.records.contains_key(id)
+    }
+
     /// The actor of `record` once it runs (starting it if needed).
     fn ensure(
         &mut self,
@@ -338,7 +357,16 @@ impl RegistryIndex {
             let _ = tx.send(Some(r.clone()));
             return rx;
         }
-        self.upsert(record, fresh, ctx);
+        match self.records.get(&id) {
+            None => self.upsert(record, fresh, ctx),
+            // Known, but its actor is neither running nor starting (a start that failed):
+            // try again rather than answer "not registered" for a live registration.
+            Some(known) if !self.starting.contains_key(&id) => {
+                let known = known.clone();
+                self.start_actor(known, fresh, ctx);
+            }
+            Some(_) => {}
+        }
         match self.starting.get_mut(&id) {
             Some(waiters) => waiters.push(tx),
             None => {
@@ -365,6 +393,13 @@ impl Actor for RegistryIndex {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.load(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The next incarnation counts them again as it loads them.
+        for r in std::mem::take(&mut self.records).values() {
+            self.count(r, false);
+        }
     }
 }
 
@@ -544,6 +579,7 @@ async fn write_registration(
                 replaced,
                 interval,
                 ttl: Duration::from_secs(ttl as u64),
+                revision: r.revision,
             });
         }
         Err(RegistryError::Unavailable(
@@ -578,13 +614,16 @@ impl Handler<Register> for RegistryIndex {
         }
         let write = write_registration(self.raft.clone(), self.settings.clone(), msg.0);
         Box::pin(write.into_actor(self).then(|res, act, ctx| {
-            let started = res.as_ref().ok().map(|reg| {
+            let started = res.as_ref().ok().and_then(|reg| {
                 act.metrics.registrations.inc();
                 if let Some(old) = &reg.replaced {
                     act.remove(old, false);
                 }
-                // Answer once the actor runs, so the client's first heartbeat here finds it.
-                act.ensure(reg.record.clone(), true, ctx)
+                // Answer once the actor runs, so the client's first heartbeat here finds it;
+                // unless the watch already saw this registration come and go (replaced by a
+                // retry through another member, say): it must not be brought back.
+                act.current(&reg.record.client_id, reg.revision)
+                    .then(|| act.ensure(reg.record.clone(), true, ctx))
             });
             async move {
                 if let Some(rx) = started {
@@ -677,6 +716,7 @@ impl Handler<Resolve> for RegistryIndex {
                     .kvs
                     .first()
                     .and_then(|kv| Registration::decode(&kv.value, kv.lease))
+                    .filter(|r| act.current(&r.client_id, answer.revision))
                     .map(|r| act.ensure(r, false, ctx))
             });
             async move {
@@ -840,12 +880,33 @@ impl RegistryHandle {
             .client(client_id, timeout)
             .await?
             .ok_or_else(not_found)?;
-        match client.actor.send_timeout(AcquireJob, timeout).await {
-            Ok(r) => r,
-            Err(crate::SendError::NotRunning | crate::SendError::Closed) => Err(not_found()),
-            Err(crate::SendError::Timeout) => Err(RegistryError::Exhausted(format!(
+        let started = std::time::Instant::now();
+        let no_slot = || {
+            RegistryError::Exhausted(format!(
                 "client {client_id}: no translation slot freed up before the deadline"
-            ))),
+            ))
+        };
+        let (queued, slot) = oneshot::channel();
+        match client
+            .actor
+            .send_timeout(AcquireJob { queued }, timeout)
+            .await
+        {
+            Ok(Ok(Some(permit))) => Ok(permit),
+            // Queued: wait here, so that giving up (a dropped call) closes the receiver and
+            // frees the place in the queue.
+            Ok(Ok(None)) => {
+                match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), slot).await {
+                    Ok(Ok(permit)) => Ok(permit),
+                    Ok(Err(_)) => Err(RegistryError::Unavailable(
+                        "the client's actor restarted while the job was queued; retry".into(),
+                    )),
+                    Err(_) => Err(no_slot()),
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(crate::SendError::NotRunning | crate::SendError::Closed) => Err(not_found()),
+            Err(crate::SendError::Timeout) => Err(no_slot()),
             Err(e) => Err(e.into()),
         }
     }

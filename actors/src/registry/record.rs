@@ -89,7 +89,9 @@ pub fn identity_key(namespace: &str, name: &str, instance: &str) -> Vec<u8> {
 }
 
 /// A fresh client id: 64 random bits. Uniqueness across the cluster does not rest on the
-/// randomness: the registration is written only if its key was never written before.
+/// randomness: the registration is written only if no live registration has that key
+/// (`create_revision == 0`; the id of one that ended could in principle come back, never while
+/// it is in use).
 pub fn new_client_id() -> String {
     format!("c-{:016x}", fastrand::u64(..))
 }

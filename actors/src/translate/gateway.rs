@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::backend::{Backend, BackendConfig, BackendError};
 use super::markdown::{plan, system_prompt};
+use crate::registry::JobPermit;
 use crate::supervision::Managed;
 
 /// How the gateway runs.
@@ -59,6 +60,8 @@ pub struct Translate {
     pub target_language: String,
     /// What is left of the caller's deadline.
     pub deadline: Duration,
+    /// The client's job slot, held until the job ends (even if its caller left earlier).
+    pub slot: Option<Arc<JobPermit>>,
 }
 
 /// A job's result.
