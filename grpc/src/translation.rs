@@ -258,23 +258,20 @@ impl pb::translation_server::Translation for TranslationService {
             )
             .await?,
         );
-        let (gateway, metrics) = (self.gateway.clone(), self.metrics.clone());
         let (tx, rx) = mpsc::channel(4);
         let deadline = tokio::time::Instant::from_std(started + budget);
+        let job = StreamJob {
+            gateway: self.gateway.clone(),
+            metrics: self.metrics.clone(),
+            permit,
+            job_id,
+            target,
+            source_language,
+            started,
+            budget,
+        };
         tokio::spawn(async move {
-            let work = stream_chunks(
-                first,
-                input,
-                &tx,
-                &gateway,
-                &metrics,
-                permit,
-                job_id,
-                target,
-                source_language,
-                started,
-                budget,
-            );
+            let work = job.run(first, input, &tx);
             // Once the answer headers are out the server's own timeout no longer applies: an
             // idle stream must not hold its slot for ever.
             if tokio::time::timeout_at(deadline, work).await.is_err() {
@@ -289,88 +286,96 @@ impl pb::translation_server::Translation for TranslationService {
     }
 }
 
-/// Translates a stream's chunks in order and sends the answers, then the final chunk.
-#[allow(clippy::too_many_arguments)]
-async fn stream_chunks(
-    first: pb::TranslateChunk,
-    mut input: Streaming<pb::TranslateChunk>,
-    tx: &mpsc::Sender<Result<pb::TranslateChunk, Status>>,
-    gateway: &ActorRef<TranslationGateway>,
-    metrics: &RegistryMetrics,
+/// What a TranslateStream's chunks share.
+struct StreamJob {
+    gateway: ActorRef<TranslationGateway>,
+    metrics: RegistryMetrics,
+    /// The client's slot, held for the whole stream (and by each chunk's job).
     permit: Arc<JobPermit>,
     job_id: String,
     target: String,
     source_language: String,
     started: Instant,
     budget: Duration,
-) {
-    let mut next = Some(first);
-    let mut tokens = 0i64;
-    let mut last_index = -1;
-    loop {
-        let chunk = match next.take() {
-            Some(c) => c,
-            None => match input.message().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
-            },
-        };
-        if chunk.chunk_index <= last_index || chunk.chunk_index == i32::MAX {
-            let _ = tx
+}
+
+impl StreamJob {
+    /// Translates the chunks in order and sends the answers, then the final chunk.
+    async fn run(
+        &self,
+        first: pb::TranslateChunk,
+        mut input: Streaming<pb::TranslateChunk>,
+        tx: &mpsc::Sender<Result<pb::TranslateChunk, Status>>,
+    ) {
+        let (gateway, metrics, job_id) = (&self.gateway, &self.metrics, &self.job_id);
+        let mut next = Some(first);
+        let mut tokens = 0i64;
+        let mut last_index = -1;
+        loop {
+            let chunk = match next.take() {
+                Some(c) => c,
+                None => match input.message().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                },
+            };
+            if chunk.chunk_index <= last_index || chunk.chunk_index == i32::MAX {
+                let _ = tx
                         .send(Err(Status::invalid_argument(format!(
                             "chunk_index: {} after {last_index}; indexes must rise (and stay below 2^31 - 1)",
                             chunk.chunk_index
                         ))))
                         .await;
-            return;
-        }
-        last_index = chunk.chunk_index;
-        let is_final = chunk.is_final;
-        if !chunk.content.trim().is_empty() {
-            let job = Translate {
-                job_id: job_id.clone(),
-                source: Source::Chunk(chunk.content),
-                source_language: source_language.clone(),
-                target_language: target.clone(),
-                deadline: budget,
-                slot: Some(permit.clone()),
-            };
-            let left = budget.saturating_sub(started.elapsed());
-            match execute(gateway, metrics, job, left).await {
-                Ok(t) => {
-                    tokens += t.tokens as i64;
-                    let answer = pb::TranslateChunk {
-                        job_id: job_id.clone(),
-                        chunk_index: chunk.chunk_index,
-                        content: t.markdown,
-                        tokens_used: t.tokens as i64,
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(answer)).await.is_err() {
+                return;
+            }
+            last_index = chunk.chunk_index;
+            let is_final = chunk.is_final;
+            if !chunk.content.trim().is_empty() {
+                let job = Translate {
+                    job_id: job_id.clone(),
+                    source: Source::Chunk(chunk.content),
+                    source_language: self.source_language.clone(),
+                    target_language: self.target.clone(),
+                    deadline: self.budget,
+                    slot: Some(self.permit.clone()),
+                };
+                let left = self.budget.saturating_sub(self.started.elapsed());
+                match execute(gateway, metrics, job, left).await {
+                    Ok(t) => {
+                        tokens += t.tokens as i64;
+                        let answer = pb::TranslateChunk {
+                            job_id: job_id.clone(),
+                            chunk_index: chunk.chunk_index,
+                            content: t.markdown,
+                            tokens_used: t.tokens as i64,
+                            ..Default::default()
+                        };
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
                         return;
                     }
                 }
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
+            }
+            if is_final {
+                break;
             }
         }
-        if is_final {
-            break;
-        }
+        let _ = tx
+            .send(Ok(pb::TranslateChunk {
+                job_id: job_id.clone(),
+                chunk_index: last_index + 1,
+                is_final: true,
+                tokens_used: tokens,
+                ..Default::default()
+            }))
+            .await;
     }
-    let _ = tx
-        .send(Ok(pb::TranslateChunk {
-            job_id,
-            chunk_index: last_index + 1,
-            is_final: true,
-            tokens_used: tokens,
-            ..Default::default()
-        }))
-        .await;
 }
