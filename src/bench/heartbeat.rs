@@ -17,8 +17,8 @@ use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
 use tonic::transport::Channel;
 
-use super::kv::{launch, start_lodge_with, Proc};
-use super::median;
+use super::kv::{free_port, launch, start_lodge_with, Proc};
+use super::{median, rss_of};
 
 /// The per-IP limits protect a node from one noisy address; here all load comes from one.
 const NO_IP_LIMITS: [(&str, &str); 3] = [
@@ -191,17 +191,6 @@ async fn beats(addr: &str, ids: &[String], duration: Duration) -> (f64, u64) {
     (ok as f64 / duration.as_secs_f64(), failed)
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn node(env: &[(&str, &str)]) -> Proc {
     let mut all: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
     all.push(("LODGE_LOG__LEVEL", "warning"));
@@ -275,17 +264,12 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
     // then the same node restarted on its data, once it has rebuilt every client actor (its
     // steady state, without what the registration burst left in the allocator).
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let args = ["--listen".to_string(), addr.clone()];
     let mut env: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
     env.push(("LODGE_LOG__LEVEL", "warning"));
     let mut child = launch(&args, dir.path(), &env);
-    let before = rss_bytes(child.id());
+    let before = rss_of(&child.id().to_string());
     let t = Instant::now();
     let target = addr.clone();
     io.block_on(async move {
@@ -305,7 +289,7 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         }
     });
     let took = t.elapsed();
-    let after = rss_bytes(child.id());
+    let after = rss_of(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
     let restarted_at = Instant::now();
@@ -334,7 +318,7 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         }
     });
     let reloaded = restarted_at.elapsed();
-    let steady = rss_bytes(child.id());
+    let steady = rss_of(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
     let per = |b: u64| b.saturating_sub(before) as f64 / registrations as f64 / 1024.0;

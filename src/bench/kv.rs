@@ -43,7 +43,8 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port free right now.
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -34,16 +34,6 @@ impl Managed for Idle {
     const KIND: &'static str = "bench-idle";
 }
 
-fn rss_bytes() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    pages * 4096.0
-}
-
 /// Runs both modes in child processes; returns (lodge bytes/actor, raw bytes/actor, ListActors figures).
 pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
     let exe = std::env::current_exe().expect("own path");
@@ -89,7 +79,7 @@ pub fn run_child(mode: Mode, actors: usize) -> i32 {
         match mode {
             Mode::Raw => {
                 let arbiter = Arbiter::new();
-                let before = rss_bytes();
+                let before = super::rss_of("self") as f64;
                 let addrs: Vec<_> = (0..actors)
                     .map(|_| Idle::start_in_arbiter(&arbiter.handle(), |_| Idle))
                     .collect();
@@ -101,7 +91,7 @@ pub fn run_child(mode: Mode, actors: usize) -> i32 {
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let per = (rss_bytes() - before) / actors as f64;
+                let per = ((super::rss_of("self") as f64) - before) / actors as f64;
                 drop(addrs);
                 serde_json::json!({ "bytes_per_actor": per })
             }
@@ -149,7 +139,7 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
         .registry()
         .supervisor("/node/bench")
         .expect("bench supervisor");
-    let before = rss_bytes();
+    let before = super::rss_of("self") as f64;
     let last = format!("/node/bench/a{}", actors - 1);
     for i in 0..actors {
         let (spec, _) = ChildSpec::actor(format!("a{i}"), Idle::default);
@@ -166,7 +156,7 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let per = (rss_bytes() - before) / actors as f64;
+    let per = ((super::rss_of("self") as f64) - before) / actors as f64;
     let mut list_ms = serde_json::Map::new();
     for (name, sort, limit) in [
         ("sorted by queue length, limit 100", SortKey::QueueLen, 100),

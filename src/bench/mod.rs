@@ -114,6 +114,17 @@ pub fn run(cmd: Bench) -> i32 {
     }
 }
 
+/// Resident memory of process `pid` ("self" for this one), in bytes, from `/proc/PID/statm`.
+pub(crate) fn rss_of(pid: &str) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
 /// Median of a set of samples.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -121,16 +121,6 @@ impl KeySet {
     pub fn iter(&self) -> impl Iterator<Item = &Vec<u8>> {
         self.0.iter()
     }
-
-    /// How many keys.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl IntoIterator for KeySet {

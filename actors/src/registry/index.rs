@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use actix::prelude::Stream;
 use actix::{
@@ -476,12 +476,6 @@ async fn propose(raft: &ActorRef<RaftNode>, cmd: Command) -> Result<ApplyResult,
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Writes a registration: a lease, then the record and the identity under it in one
 /// transaction that also deletes the registration it replaces; then the replaced one's lease is
 /// revoked. On failure the new lease is revoked, taking with it whatever was written.
@@ -510,7 +504,9 @@ async fn write_registration(
                 namespace: req.namespace.clone(),
                 instance_id: req.instance_id.clone(),
                 metadata: req.metadata.clone(),
-                registered_at_ms: req.registered_at_ms.unwrap_or_else(now_ms),
+                registered_at_ms: req
+                    .registered_at_ms
+                    .unwrap_or_else(|| crate::clock::precise_ms() as i64),
                 interval_ms: interval.as_millis() as u64,
                 lease,
                 registered_by: settings.member_id,
