@@ -15,8 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lodge/kv/v1/kv.proto",
         "lodge/raft/v1/raft.proto",
         "lodge/registry/v1/registry.proto",
+        "lodge/router/v1/router.proto",
     ];
     tonic_prost_build::configure()
+        // Tunnel payload stays a view of the receive buffer from decode to the next encode.
+        .bytes(".lodge.router.v1.Frame.data")
         .file_descriptor_set_path(out.join("lodge_descriptor.bin"))
         .compile_protos(&protos.map(|p| root.join(p)), std::slice::from_ref(&root))?;
     // etcd's KV, for `lodge bench kv` only: client code, and kept out of the descriptor set above

@@ -12,6 +12,7 @@ mod logging;
 mod metrics;
 mod node;
 mod translate;
+mod tunnel;
 
 use std::path::PathBuf;
 
@@ -67,6 +68,43 @@ enum Command {
         #[command(flatten)]
         args: translate::TranslateArgs,
     },
+    /// Serve a workflow's sessions: exec, port-forward and rsync (lodge.router.v1).
+    Agent {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(flatten)]
+        args: tunnel::agent::AgentArgs,
+    },
+    /// Run a command on a workflow's agent; exits with the command's status.
+    Exec {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(flatten)]
+        args: tunnel::exec::ExecArgs,
+    },
+    /// Forward a local TCP or UDP port to a port on a workflow's agent.
+    PortForward {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(flatten)]
+        args: tunnel::forward::ForwardArgs,
+    },
+    /// rsync to or from a workflow's agent (the remote side is written WORKFLOW:PATH).
+    Rsync {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(flatten)]
+        args: tunnel::rsync::RsyncArgs,
+    },
+    /// Router sessions: list, info, terminate.
+    Sessions {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(subcommand)]
+        cmd: tunnel::sessions::Sessions,
+    },
+    /// Mint a token signed with an HS256 secret (development and tests).
+    Token(tunnel::token::TokenArgs),
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
@@ -144,6 +182,16 @@ fn main() {
         Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
         Command::Client { conn, cmd } => client_runtime().block_on(client::run(conn, cmd)),
         Command::Translate { conn, args } => client_runtime().block_on(translate::run(conn, args)),
+        Command::Agent { conn, args } => client_runtime().block_on(tunnel::agent::run(conn, args)),
+        Command::Exec { conn, args } => client_runtime().block_on(tunnel::exec::run(conn, args)),
+        Command::PortForward { conn, args } => {
+            client_runtime().block_on(tunnel::forward::run(conn, args))
+        }
+        Command::Rsync { conn, args } => client_runtime().block_on(tunnel::rsync::run(conn, args)),
+        Command::Sessions { conn, cmd } => {
+            client_runtime().block_on(tunnel::sessions::run(conn, cmd))
+        }
+        Command::Token(args) => tunnel::token::run(args),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

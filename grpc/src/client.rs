@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// HTTP/2 receive window of one stream (2 MiB).
+pub const STREAM_WINDOW: u32 = 2 << 20;
+/// HTTP/2 receive window of a whole connection (16 MiB).
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// TLS settings of a client; all empty means plaintext.
 #[derive(Clone, Debug, Default)]
 pub struct ClientTls {
@@ -32,7 +37,11 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String>
         // seconds, not when TCP gives up.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        // Tunnels stream bulk data: hyper's 64 KiB default window stalls a stream every 64 KiB
+        // for a round trip. These bound what one stream or connection can have in flight.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     if let Some(ca) = &tls.ca {
         let mut cfg =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod raft;
 pub mod registry;
 pub mod registry_client;
+pub mod router_client;
 pub mod server;
 pub mod translation;
 
@@ -42,6 +43,11 @@ pub mod pb {
     /// `lodge.registry.v1`.
     pub mod registry {
         tonic::include_proto!("lodge.registry.v1");
+    }
+
+    /// `lodge.router.v1`.
+    pub mod router {
+        tonic::include_proto!("lodge.router.v1");
     }
 
     /// etcd v3's KV (client side only), for comparing against etcd in `lodge bench kv`.
