@@ -16,8 +16,8 @@ use std::pin::Pin;
 
 use clap::Args;
 use lodge_grpc::client;
-use lodge_grpc::pb::router::{frame, Eof, Frame};
-use lodge_grpc::router_client::{RouterClient, Tunnel, SEND_QUEUE};
+use lodge_grpc::pb::router::Frame;
+use lodge_grpc::router_client::{RouterClient, Tunnel};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::Status;
@@ -93,6 +93,8 @@ impl From<Tunnel> for Link {
 /// a node.
 #[cfg(test)]
 pub fn link_pair() -> (Link, Link) {
+    use lodge_grpc::pb::router::{frame, Eof};
+    use lodge_grpc::router_client::SEND_QUEUE;
     use std::sync::Arc;
     let (a_tx, a_out) = mpsc::channel(SEND_QUEUE);
     let (b_tx, b_out) = mpsc::channel(SEND_QUEUE);
