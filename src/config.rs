@@ -27,6 +27,30 @@ pub struct NodeConfig {
     pub supervision: SupervisionSection,
     pub registry: RegistrySection,
     pub translation: TranslationSection,
+    pub router: RouterSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RouterSection {
+    pub rendezvous_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub stall_timeout_ms: u64,
+    pub queue_frames: usize,
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    pub owner_lease_ttl_ms: u64,
+    pub auth: RouterAuthSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RouterAuthSection {
+    pub enabled: bool,
+    pub hs256_secret: String,
+    pub hs256_secret_file: String,
+    pub public_key_file: String,
+    pub audience: String,
+    pub issuer: String,
+    pub leeway_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -340,6 +364,14 @@ impl NodeConfig {
                 u64::from(self.translation.requests_per_second),
             ),
             ("translation.burst", u64::from(self.translation.burst)),
+            (
+                "router.rendezvous_timeout_ms",
+                self.router.rendezvous_timeout_ms,
+            ),
+            ("router.idle_timeout_ms", self.router.idle_timeout_ms),
+            ("router.stall_timeout_ms", self.router.stall_timeout_ms),
+            ("router.queue_frames", self.router.queue_frames as u64),
+            ("router.owner_lease_ttl_ms", self.router.owner_lease_ttl_ms),
         ] {
             if v == 0 {
                 return Err(err(key, "must be greater than 0"));
@@ -382,6 +414,31 @@ impl NodeConfig {
                 format!("{:?} is not one of voter, learner", c.join_as),
             ));
         }
+        let r = &self.router;
+        if r.owner_lease_ttl_ms < 1000 {
+            return Err(err(
+                "router.owner_lease_ttl_ms",
+                "must be at least 1000 (leases count whole seconds)",
+            ));
+        }
+        for (key, v) in [
+            ("router.stream_window_bytes", r.stream_window_bytes),
+            ("router.connection_window_bytes", r.connection_window_bytes),
+        ] {
+            if !(65_535..=(1 << 31) - 1).contains(&v) {
+                return Err(err(
+                    key,
+                    "must be between 65535 and 2147483647 (HTTP/2 limits)",
+                ));
+            }
+        }
+        lodge_grpc::auth::Authenticator::new(&self.router_auth()?).map_err(|e| {
+            let key = e.split(':').next().unwrap_or("router.auth").to_string();
+            err(
+                &key,
+                e.split_once(": ").map_or(e.clone(), |(_, m)| m.to_string()),
+            )
+        })?;
         let t = &self.translation;
         if t.backend_url.starts_with("https://") {
             return Err(err(
@@ -508,6 +565,45 @@ impl NodeConfig {
             )
         })?;
         Ok(Some(material))
+    }
+
+    /// The router's auth settings, with key files read.
+    pub fn router_auth(&self) -> Result<lodge_grpc::auth::AuthSettings, ConfigError> {
+        let a = &self.router.auth;
+        let read = |key: &str, path: &str| {
+            std::fs::read(path).map_err(|e| err(key, format!("cannot read {path}: {e}")))
+        };
+        let secret = match (a.hs256_secret.is_empty(), a.hs256_secret_file.is_empty()) {
+            (false, false) => {
+                return Err(err(
+                    "router.auth.hs256_secret_file",
+                    "set hs256_secret or hs256_secret_file, not both",
+                ))
+            }
+            (false, true) => Some(a.hs256_secret.as_bytes().to_vec()),
+            (true, false) => {
+                let mut s = read("router.auth.hs256_secret_file", &a.hs256_secret_file)?;
+                // A trailing newline from `echo secret > file` is not part of the secret.
+                while s.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                    s.pop();
+                }
+                Some(s)
+            }
+            (true, true) => None,
+        };
+        let public_key_pem = if a.public_key_file.is_empty() {
+            None
+        } else {
+            Some(read("router.auth.public_key_file", &a.public_key_file)?)
+        };
+        Ok(lodge_grpc::auth::AuthSettings {
+            enabled: a.enabled,
+            hs256_secret: secret,
+            public_key_pem,
+            audience: a.audience.clone(),
+            issuer: (!a.issuer.is_empty()).then(|| a.issuer.clone()),
+            leeway_secs: a.leeway_secs,
+        })
     }
 
     /// The effective configuration as TOML.

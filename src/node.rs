@@ -19,6 +19,8 @@ use lodge_actors::registry::index::ClientTable;
 use lodge_actors::registry::{
     LeaseKeeper, RegistryHandle, RegistryIndex, RegistryMetrics, RegistrySettings,
 };
+use lodge_actors::router::hub::SessionTable;
+use lodge_actors::router::{OwnerStore, RouterHub, RouterMetrics, RouterSettings};
 use lodge_actors::supervision::Exit;
 use lodge_actors::translate::gateway::{GatewaySettings, TranslationGateway};
 use lodge_actors::translate::BackendConfig;
@@ -30,6 +32,7 @@ use lodge_grpc::client::ClientTls;
 use lodge_grpc::cluster::GrpcHeartbeats;
 use lodge_grpc::forward::Forwarder;
 use lodge_grpc::metrics::ServerMetrics;
+use lodge_grpc::pb::router::Frame;
 use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::registry::GrpcLeaseKeeper;
 use lodge_grpc::server::{self, ServerSettings};
@@ -81,6 +84,21 @@ fn server_settings(
             max_open: s.per_ip_max_connections,
             metrics: registry_metrics,
         },
+        stream_window: c.router.stream_window_bytes,
+        connection_window: c.router.connection_window_bytes,
+    }
+}
+
+fn router_settings(c: &NodeConfig) -> RouterSettings {
+    let r = &c.router;
+    RouterSettings {
+        member_id: c.node.id,
+        rendezvous_timeout: NodeConfig::duration(r.rendezvous_timeout_ms),
+        idle_timeout: NodeConfig::duration(r.idle_timeout_ms),
+        stall_timeout: NodeConfig::duration(r.stall_timeout_ms),
+        queue_frames: r.queue_frames,
+        owner_lease_ttl: NodeConfig::duration(r.owner_lease_ttl_ms),
+        request_timeout: NodeConfig::duration(c.server.request_timeout_ms),
     }
 }
 
@@ -138,6 +156,11 @@ struct TreeParts {
     registry_metrics: RegistryMetrics,
     gateway: ActorRef<TranslationGateway>,
     gateway_settings: Arc<GatewaySettings>,
+    router_hub: ActorRef<RouterHub<Frame>>,
+    router_table: SessionTable<Frame>,
+    router_settings: Arc<RouterSettings>,
+    owner_store: Arc<dyn OwnerStore>,
+    router_metrics: RouterMetrics,
     log: slog::Logger,
 }
 
@@ -154,7 +177,10 @@ struct TreeParts {
 /// ├── /node/registry           one_for_all
 /// │   ├── /node/registry/clients     one_for_one; /node/registry/clients/<client_id>
 /// │   └── /node/registry/index       loads and watches registrations, writes them
-/// └── /node/translation        the translation gateway (backend probe, jobs)
+/// ├── /node/translation        the translation gateway (backend probe, jobs)
+/// └── /node/router             one_for_all
+///     ├── /node/router/sessions      one_for_one; /node/router/sessions/<key>, one per session
+///     └── /node/router/hub           session table, owner records, agents' listen streams
 /// ```
 fn root_spec(p: TreeParts) -> SupervisorSpec {
     let p = Arc::new(p);
@@ -246,11 +272,33 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                     .expect("the backend configuration is checked before start")
             })
         };
+        let router = {
+            let p = p.clone();
+            SupervisorSpec::new(Strategy::OneForAll, move || {
+                let (sessions, sessions_ref) = ChildSpec::supervisor(
+                    "sessions",
+                    SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+                );
+                let p = p.clone();
+                let hub = ChildSpec::actor_for("hub", &p.router_hub.clone(), move || {
+                    RouterHub::new(
+                        p.router_settings.clone(),
+                        p.owner_store.clone(),
+                        sessions_ref.clone(),
+                        p.router_table.clone(),
+                        p.router_metrics.clone(),
+                        &p.log,
+                    )
+                });
+                vec![sessions, hub]
+            })
+        };
         vec![
             admin,
             ChildSpec::supervisor("cluster", cluster).0,
             ChildSpec::supervisor("registry", registry).0,
             translation,
+            ChildSpec::supervisor("router", router).0,
         ]
     })
 }
@@ -266,6 +314,18 @@ pub fn run(cfg: NodeConfig) -> i32 {
         }
     };
     let registry_metrics = RegistryMetrics::default();
+    let router_metrics = RouterMetrics::default();
+    let auth = match cfg
+        .router_auth()
+        .map_err(|e| e.to_string())
+        .and_then(|a| lodge_grpc::auth::Authenticator::new(&a))
+    {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+    };
     let gateway_settings = Arc::new(gateway_settings(&cfg));
     if let Err(e) = TranslationGateway::new(gateway_settings.clone()) {
         eprintln!("lodge: configuration error: {e}");
@@ -393,6 +453,20 @@ pub fn run(cfg: NodeConfig) -> i32 {
             raft_ref.clone(),
             Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
         );
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let router_hub: ActorRef<RouterHub<Frame>> = ActorRef::default();
+        let router_table: SessionTable<Frame> = Default::default();
+        let router_settings = Arc::new(router_settings(&cfg));
+        let owner_store: Arc<dyn OwnerStore> = Arc::new(lodge_grpc::router_store::KvOwnerStore::new(
+            lodge_grpc::kv::KvService::new(
+                raft_ref.clone(),
+                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+                NodeConfig::duration(cfg.server.request_timeout_ms),
+                shutdown_rx.clone(),
+            ),
+            lease_keeper.clone(),
+            raft_ref.clone(),
+        ));
         let probe: ResourceProbe = {
             let registry_slot = registry_slot.clone();
             Arc::new(move || {
@@ -427,6 +501,11 @@ pub fn run(cfg: NodeConfig) -> i32 {
             registry_metrics: registry_metrics.clone(),
             gateway: gateway_ref.clone(),
             gateway_settings,
+            router_hub: router_hub.clone(),
+            router_table: router_table.clone(),
+            router_settings: router_settings.clone(),
+            owner_store,
+            router_metrics: router_metrics.clone(),
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
@@ -452,9 +531,9 @@ pub fn run(cfg: NodeConfig) -> i32 {
         prom.register_collector(Box::new(ProcessCollector));
         prom.register_collector(Box::new(ClusterCollector(directory.clone())));
         registry_metrics.register(&mut prom);
+        router_metrics.register(&mut prom);
         let prom = Arc::new(prom);
 
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let built = {
             let backends = server::Backends {
                 admin: admin_ref.clone(),
@@ -468,6 +547,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
                 registry_metrics: registry_metrics.clone(),
                 translation: gateway_ref.clone(),
+                router: server::RouterBackend {
+                    hub: router_hub.clone(),
+                    table: router_table.clone(),
+                    settings: router_settings.clone(),
+                    auth: auth.clone(),
+                },
             };
             let settings = settings.clone();
             io.spawn(async move { server::node_services(backends, &settings, shutdown_rx).await }).await

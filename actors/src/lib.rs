@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod history;
 pub mod introspect;
 pub mod registry;
+pub mod router;
 pub mod runtime;
 pub mod supervision;
 pub mod translate;

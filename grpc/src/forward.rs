@@ -109,6 +109,24 @@ impl Forwarder {
         }
     }
 
+    /// A channel to member `id` (relaying a session to its owner, say).
+    pub async fn member(&self, id: u64) -> Result<Channel, Status> {
+        let addr = self.directory.address(id).ok_or_else(|| {
+            Status::unavailable(format!("member {id}'s address is not known here; retry"))
+        })?;
+        let cached = self.channels.lock().unwrap().get(&addr).cloned();
+        match cached {
+            Some(c) => Ok(c),
+            None => {
+                let c = client::connect(&addr, &self.tls)
+                    .await
+                    .map_err(Status::unavailable)?;
+                self.channels.lock().unwrap().insert(addr, c.clone());
+                Ok(c)
+            }
+        }
+    }
+
     /// The status for a raft error, with the leader's address when it is known.
     pub fn status(&self, e: &RaftError) -> Status {
         let mut s = self.status_of(e);

@@ -5,6 +5,7 @@
 //! answer to a `Status`. Business rules live in the actors.
 
 pub mod admin;
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod deadline;
@@ -14,7 +15,9 @@ pub mod metrics;
 pub mod raft;
 pub mod registry;
 pub mod registry_client;
+pub mod router;
 pub mod router_client;
+pub mod router_store;
 pub mod server;
 pub mod translation;
 

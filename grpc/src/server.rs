@@ -48,6 +48,9 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// Per-source-IP connection limits.
     pub per_ip: PerIpLimits,
+    /// HTTP/2 receive window of one stream and of a connection.
+    pub stream_window: u32,
+    pub connection_window: u32,
 }
 
 /// Limits on the connections of one source IP address (0 turns a limit off).
@@ -98,6 +101,8 @@ const SERVICE_NAMES: &[&str] = &[
     "lodge.raft.v1.Raft",
     "lodge.registry.v1.Registry",
     "lodge.registry.v1.Translation",
+    "lodge.router.v1.Tunnel",
+    "lodge.router.v1.RouterControl",
 ];
 
 /// What the node's services talk to.
@@ -120,6 +125,16 @@ pub struct Backends {
     pub registry_metrics: lodge_actors::registry::RegistryMetrics,
     /// The translation gateway.
     pub translation: ActorRef<lodge_actors::translate::gateway::TranslationGateway>,
+    /// The session router.
+    pub router: RouterBackend,
+}
+
+/// What the router's services talk to.
+pub struct RouterBackend {
+    pub hub: ActorRef<lodge_actors::router::RouterHub<pb::router::Frame>>,
+    pub table: lodge_actors::router::hub::SessionTable<pb::router::Frame>,
+    pub settings: Arc<lodge_actors::router::RouterSettings>,
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 /// Path of the reflection method (its descriptor is not among the sets we register).
@@ -207,6 +222,25 @@ pub async fn node_services(
         ))
         .max_decoding_message_size(s.max_message_bytes)
         .max_encoding_message_size(s.max_message_bytes);
+    let router_cx = crate::router::RouterContext {
+        hub: b.router.hub,
+        table: b.router.table,
+        settings: b.router.settings,
+        auth: b.router.auth,
+        peers: forward.clone(),
+        request_timeout: s.request_timeout,
+        shutdown: shutdown.clone(),
+    };
+    // Tunnel frames are bounded by what clients send (the CLI sends at most 128 KiB); the message
+    // limit still applies.
+    let tunnel = pb::router::tunnel_server::TunnelServer::new(crate::router::TunnelService::new(
+        router_cx.clone(),
+    ))
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
+    let router_control = pb::router::router_control_server::RouterControlServer::new(
+        crate::router::ControlService::new(router_cx),
+    );
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft =
         pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))
@@ -218,6 +252,8 @@ pub async fn node_services(
         .add_service(cluster)
         .add_service(registry)
         .add_service(translation)
+        .add_service(tunnel)
+        .add_service(router_control)
         .add_service(raft);
     Ok(NodeServices { routes, health })
 }
@@ -268,6 +304,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(settings.keepalive_interval))
         .http2_keepalive_timeout(Some(settings.keepalive_timeout))
         .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
         .tcp_nodelay(true)
         .layer(MetricsLayer::new(metrics, served_methods()))
         .add_routes(routes)

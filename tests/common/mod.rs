@@ -60,6 +60,17 @@ impl Node {
         .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
     }
 
+    /// Like [`start_in`](Self::start_in), with `LODGE_*` environment overrides.
+    pub fn start_in_env(
+        dir: tempfile::TempDir,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
+        Self::try_start_in(dir, listen, args, env)
+            .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
+    }
+
     /// Starts a node listening on `listen`, keeping its data in `dir` (reused across restarts).
     pub fn start_in(dir: tempfile::TempDir, listen: &str, args: &[&str]) -> Node {
         Self::try_start_in(dir, listen, args, &[])

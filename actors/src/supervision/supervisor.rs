@@ -44,7 +44,8 @@ pub(crate) struct ChildStarted {
     pub incarnation: u64,
 }
 
-/// Adds and starts a child at run time (per-entity actors such as sessions). Answers its path.
+/// Adds and starts a child at run time (per-entity actors such as sessions). Answers its path once
+/// it runs, or why its start failed.
 #[derive(Message)]
 #[rtype(result = "Result<String, String>")]
 pub struct AddChild(pub ChildSpec);
@@ -178,7 +179,8 @@ pub struct Supervisor {
     /// Pending restart timers by key, removed as they fire.
     timers: HashMap<u64, SpawnHandle>,
     next_timer: u64,
-    /// Operators waiting for a requested restart to be acknowledged (or to fail).
+    /// Callers waiting for a requested (re)start or an added child's start to be acknowledged
+    /// (or to fail).
     restart_replies: Vec<(u64, oneshot::Sender<Result<u32, ChildError>>)>,
     phase: Phase,
 }
@@ -917,16 +919,29 @@ impl Handler<ChildExited> for Supervisor {
 }
 
 impl Handler<AddChild> for Supervisor {
-    type Result = Result<String, String>;
+    type Result = ResponseFuture<Result<String, String>>;
 
     fn handle(&mut self, msg: AddChild, ctx: &mut Context<Self>) -> Self::Result {
         if self.phase != Phase::Running {
-            return Err(format!("{} is stopping", self.path()));
+            let e = format!("{} is stopping", self.path());
+            return Box::pin(async move { Err(e) });
         }
-        let id = self.add(msg.0, true)?;
+        let id = match self.add(msg.0, true) {
+            Ok(id) => id,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
         let path = self.children[&id].cell.path().to_string();
+        // Answered once the child runs: a caller may message it as soon as it has the answer.
+        let (tx, rx) = oneshot::channel();
+        self.restart_replies.push((id, tx));
         self.start_now(&[id], false, ctx);
-        Ok(path)
+        Box::pin(async move {
+            match rx.await {
+                Ok(Ok(_)) => Ok(path),
+                Ok(Err(e)) => Err(format!("{path}: {e}")),
+                Err(_) => Err(format!("{path}: the supervisor stopped before it started")),
+            }
+        })
     }
 }
 

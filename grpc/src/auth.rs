@@ -1,0 +1,468 @@
+//! Bearer tokens for the router's services: a JWT on every call, checked for signature, expiry
+//! and audience, carrying the roles the caller may use.
+//!
+//! - HS256 with a shared secret, or RS256 / ES256 with a public key (PEM); the key decides the
+//!   algorithm, and a token signed with any other algorithm is refused (no algorithm confusion).
+//! - Claims: `exp` and `aud` required; `roles` (a list, or one space-separated string) among
+//!   `exec`, `port-forward`, `rsync`, `agent`, `admin`; optional `workflows`, a list that limits
+//!   the workflow ids the token may use.
+//! - No token or a bad one: UNAUTHENTICATED; a valid token without the role: PERMISSION_DENIED.
+//!   Neither the token nor its claims are logged; messages name what is wrong, not the token.
+
+use std::collections::HashSet;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+/// What a role allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Exec,
+    PortForward,
+    Rsync,
+    /// Listening for sessions and joining them as the agent.
+    Agent,
+    /// The control service (list, inspect, terminate).
+    Admin,
+}
+
+impl Role {
+    /// The role's name in tokens.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::PortForward => "port-forward",
+            Self::Rsync => "rsync",
+            Self::Agent => "agent",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The role named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exec" => Self::Exec,
+            "port-forward" => Self::PortForward,
+            "rsync" => Self::Rsync,
+            "agent" => Self::Agent,
+            "admin" => Self::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// How the router authenticates (the `[router.auth]` section).
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    /// False only for local development: every call is then allowed.
+    pub enabled: bool,
+    /// HS256 shared secret.
+    pub hs256_secret: Option<Vec<u8>>,
+    /// RS256 or ES256 public key (PEM, SubjectPublicKeyInfo or PKCS#1 for RSA).
+    pub public_key_pem: Option<Vec<u8>>,
+    /// Required `aud`.
+    pub audience: String,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+/// The claims Lodge reads.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Claims {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sub: String,
+    pub exp: u64,
+    pub aud: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, deserialize_with = "roles_list")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflows: Option<Vec<String>>,
+}
+
+/// `roles` as a list or as one space-separated string (OAuth's `scope` style).
+fn roles_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Roles {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Roles::deserialize(d)? {
+        Roles::List(l) => l,
+        Roles::Text(t) => t.split_whitespace().map(String::from).collect(),
+    })
+}
+
+enum Mode {
+    Disabled,
+    Jwt {
+        key: DecodingKey,
+        validation: Box<Validation>,
+    },
+    /// Enabled with no key configured: every call is refused, with a message saying why.
+    Unconfigured,
+}
+
+/// Checks the tokens of incoming calls.
+pub struct Authenticator {
+    mode: Mode,
+}
+
+/// Who is calling, once authenticated.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// `sub`, for logs and audit ("-" when absent; "anonymous" with auth disabled).
+    pub subject: String,
+    roles: HashSet<Role>,
+    workflows: Option<Vec<String>>,
+    unrestricted: bool,
+}
+
+impl Caller {
+    /// Allows the call if the caller has `role` and, when `workflow` is given, may use it.
+    pub fn require(&self, role: Role, workflow: Option<&str>) -> Result<(), Status> {
+        if self.unrestricted {
+            return Ok(());
+        }
+        if !self.roles.contains(&role) {
+            return Err(Status::permission_denied(format!(
+                "the token lacks the {:?} role",
+                role.as_str()
+            )));
+        }
+        if let (Some(allowed), Some(w)) = (&self.workflows, workflow) {
+            if !allowed.iter().any(|a| a == w) {
+                return Err(Status::permission_denied(format!(
+                    "workflow_id: the token is not valid for workflow {w:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Authenticator {
+    /// An authenticator for `s`; an error names the setting that is wrong.
+    pub fn new(s: &AuthSettings) -> Result<Self, String> {
+        if !s.enabled {
+            return Ok(Self {
+                mode: Mode::Disabled,
+            });
+        }
+        let (key, alg) = match (&s.hs256_secret, &s.public_key_pem) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "router.auth: set either hs256_secret(_file) or public_key_file, not both"
+                        .into(),
+                )
+            }
+            (None, None) => {
+                return Ok(Self {
+                    mode: Mode::Unconfigured,
+                })
+            }
+            (Some(secret), None) => {
+                if secret.len() < 32 {
+                    return Err(format!(
+                        "router.auth.hs256_secret: {} bytes; use at least 32",
+                        secret.len()
+                    ));
+                }
+                (DecodingKey::from_secret(secret), Algorithm::HS256)
+            }
+            (None, Some(pem)) => match DecodingKey::from_rsa_pem(pem) {
+                Ok(k) => (k, Algorithm::RS256),
+                Err(_) => match DecodingKey::from_ec_pem(pem) {
+                    Ok(k) => (k, Algorithm::ES256),
+                    Err(e) => return Err(format!(
+                        "router.auth.public_key_file: not an RSA or P-256 public key in PEM: {e}"
+                    )),
+                },
+            },
+        };
+        if s.audience.is_empty() {
+            return Err("router.auth.audience: required when auth is enabled".into());
+        }
+        let mut v = Validation::new(alg);
+        v.set_audience(&[&s.audience]);
+        v.set_required_spec_claims(&["exp", "aud"]);
+        v.leeway = s.leeway_secs;
+        if let Some(iss) = &s.issuer {
+            v.set_issuer(&[iss]);
+        }
+        Ok(Self {
+            mode: Mode::Jwt {
+                key,
+                validation: Box::new(v),
+            },
+        })
+    }
+
+    /// Whether calls are checked at all.
+    pub fn enabled(&self) -> bool {
+        !matches!(self.mode, Mode::Disabled)
+    }
+
+    /// The caller of a request, from its `authorization: Bearer` header.
+    pub fn authenticate(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        let (key, validation) = match &self.mode {
+            Mode::Disabled => {
+                return Ok(Caller {
+                    subject: "anonymous".into(),
+                    roles: HashSet::new(),
+                    workflows: None,
+                    unrestricted: true,
+                })
+            }
+            Mode::Unconfigured => {
+                return Err(Status::unauthenticated(
+                    "this node has no router.auth key configured (hs256_secret or public_key_file), so it accepts no token",
+                ))
+            }
+            Mode::Jwt { key, validation } => (key, validation),
+        };
+        let header = md
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("authorization: missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <token>\""))?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            let why = match e.kind() {
+                K::ExpiredSignature => "expired".to_string(),
+                K::InvalidAudience => "wrong audience (aud)".to_string(),
+                K::InvalidIssuer => "wrong issuer (iss)".to_string(),
+                K::InvalidSignature => "bad signature".to_string(),
+                K::InvalidAlgorithm => {
+                    "signed with an algorithm this node does not accept".to_string()
+                }
+                K::ImmatureSignature => "not valid yet (nbf)".to_string(),
+                K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+                _ => format!("malformed ({e})"),
+            };
+            Status::unauthenticated(format!("authorization: token {why}"))
+        })?;
+        let c = data.claims;
+        let mut roles = HashSet::new();
+        for r in &c.roles {
+            // Unknown roles are ignored: a token may carry roles for other services.
+            if let Some(role) = Role::parse(r) {
+                roles.insert(role);
+            }
+        }
+        Ok(Caller {
+            subject: if c.sub.is_empty() { "-".into() } else { c.sub },
+            roles,
+            workflows: c.workflows,
+            unrestricted: false,
+        })
+    }
+}
+
+/// Signs `claims` with an HS256 secret (development tokens, tests).
+pub fn mint_hs256(secret: &[u8], claims: &Claims) -> Result<String, String> {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| format!("cannot sign the token: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn claims(roles: &[&str]) -> Claims {
+        Claims {
+            sub: "alice".into(),
+            exp: now() + 600,
+            aud: "lodge".into(),
+            iss: None,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            workflows: None,
+        }
+    }
+
+    fn hs() -> Authenticator {
+        Authenticator::new(&AuthSettings {
+            enabled: true,
+            hs256_secret: Some(SECRET.to_vec()),
+            audience: "lodge".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn md(token: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        m
+    }
+
+    fn code(r: Result<Caller, Status>) -> tonic::Code {
+        r.err().map_or(tonic::Code::Ok, |s| s.code())
+    }
+
+    #[test]
+    fn a_valid_token_grants_its_roles_only() {
+        let t = mint_hs256(SECRET, &claims(&["exec", "rsync"])).unwrap();
+        let caller = hs().authenticate(&md(&t)).unwrap();
+        assert_eq!(caller.subject, "alice");
+        assert!(caller.require(Role::Exec, Some("w")).is_ok());
+        let denied = caller.require(Role::PortForward, Some("w")).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("port-forward"));
+    }
+
+    #[test]
+    fn missing_expired_forged_and_foreign_tokens_are_unauthenticated() {
+        let a = hs();
+        assert_eq!(
+            code(a.authenticate(&MetadataMap::new())),
+            tonic::Code::Unauthenticated
+        );
+        let mut expired = claims(&["exec"]);
+        expired.exp = now() - 3600;
+        let t = mint_hs256(SECRET, &expired).unwrap();
+        let e = a.authenticate(&md(&t)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("expired"), "{}", e.message());
+        assert!(
+            !e.message().contains(&t),
+            "a token never appears in a message"
+        );
+        let forged = mint_hs256(b"another secret, also 32 bytes long", &claims(&["exec"])).unwrap();
+        assert_eq!(
+            code(a.authenticate(&md(&forged))),
+            tonic::Code::Unauthenticated
+        );
+        let mut other_aud = claims(&["exec"]);
+        other_aud.aud = "someone-else".into();
+        let t = mint_hs256(SECRET, &other_aud).unwrap();
+        assert!(a
+            .authenticate(&md(&t))
+            .unwrap_err()
+            .message()
+            .contains("audience"));
+        assert_eq!(
+            code(a.authenticate(&md("not.a.jwt"))),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_workflow_list_limits_the_token() {
+        let mut c = claims(&["agent"]);
+        c.workflows = Some(vec!["w1".into()]);
+        let t = mint_hs256(SECRET, &c).unwrap();
+        let caller = hs().authenticate(&md(&t)).unwrap();
+        assert!(caller.require(Role::Agent, Some("w1")).is_ok());
+        assert_eq!(
+            caller.require(Role::Agent, Some("w2")).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn roles_may_be_one_space_separated_string() {
+        let json = format!(
+            r#"{{"exp":{},"aud":"lodge","roles":"exec admin"}}"#,
+            now() + 60
+        );
+        let c: Claims = serde_json::from_str(&json).unwrap();
+        assert_eq!(c.roles, vec!["exec", "admin"]);
+    }
+
+    fn pem(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    fn signed(alg: Algorithm, key: EncodingKey) -> String {
+        jsonwebtoken::encode(&Header::new(alg), &claims(&["admin"]), &key).unwrap()
+    }
+
+    #[test]
+    fn public_keys_pick_rs256_or_es256_and_refuse_the_other_algorithms() {
+        let settings = |key: &str| AuthSettings {
+            enabled: true,
+            public_key_pem: Some(pem(key)),
+            audience: "lodge".into(),
+            ..Default::default()
+        };
+        let rsa = Authenticator::new(&settings("rsa.pub.pem")).unwrap();
+        let ec = Authenticator::new(&settings("ec.pub.pem")).unwrap();
+        let rs_token = signed(
+            Algorithm::RS256,
+            EncodingKey::from_rsa_pem(&pem("rsa.key.pem")).unwrap(),
+        );
+        let es_token = signed(
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(&pem("ec.key.pem")).unwrap(),
+        );
+        assert!(rsa.authenticate(&md(&rs_token)).is_ok());
+        assert!(ec.authenticate(&md(&es_token)).is_ok());
+        assert_eq!(
+            code(rsa.authenticate(&md(&es_token))),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(ec.authenticate(&md(&rs_token))),
+            tonic::Code::Unauthenticated
+        );
+        // An HS256 token "signed" with the public key's bytes must not pass (algorithm confusion).
+        let confused = mint_hs256(&pem("rsa.pub.pem"), &claims(&["admin"])).unwrap();
+        assert_eq!(
+            code(rsa.authenticate(&md(&confused))),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn settings_errors_name_the_key() {
+        let short = Authenticator::new(&AuthSettings {
+            enabled: true,
+            hs256_secret: Some(b"short".to_vec()),
+            audience: "lodge".into(),
+            ..Default::default()
+        });
+        assert!(short.err().unwrap().contains("router.auth.hs256_secret"));
+        let unconfigured = Authenticator::new(&AuthSettings {
+            enabled: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let e = unconfigured.authenticate(&MetadataMap::new()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("router.auth"));
+        let off = Authenticator::new(&AuthSettings::default()).unwrap();
+        assert!(off
+            .authenticate(&MetadataMap::new())
+            .unwrap()
+            .require(Role::Admin, None)
+            .is_ok());
+    }
+}
