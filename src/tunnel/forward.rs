@@ -169,7 +169,15 @@ async fn forward_connection(stream: TcpStream, opener: &SessionOpener) -> Result
     stream
         .set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    let (key, link) = opener.open().await?;
+    let (key, link) = match opener.open().await {
+        Ok(opened) => opened,
+        Err(e) => {
+            // A reset tells the local client the forward failed; a clean close would look like
+            // a server that answered nothing.
+            let _ = stream.set_zero_linger();
+            return Err(e);
+        }
+    };
     bridge_tcp(stream, link)
         .await
         .map_err(|e| format!("session {key}: {e}"))
@@ -275,7 +283,9 @@ mod tests {
 
     use super::*;
     use crate::tunnel::agent::tcp::serve_tcp;
+    use crate::tunnel::agent::through_grpc::router_and_agent;
     use crate::tunnel::agent::udp::{serve_udp, UdpOptions, UdpStats};
+    use crate::tunnel::agent::OperationKind;
     use crate::tunnel::link_pair;
 
     /// Longest any step may take before the test fails instead of hanging.
@@ -537,5 +547,84 @@ mod tests {
         let stats = stop(user, agent).await;
         assert_eq!(stats.sources, 1, "{stats:?}");
         assert_eq!(stats.over_limit, 1, "{stats:?}");
+    }
+
+    /// The user's own session opener, on a stand-in router with a real agent behind it.
+    async fn opener_through_grpc(
+        allow: OperationKind,
+        protocol: Protocol,
+        port: u16,
+    ) -> SessionOpener {
+        SessionOpener {
+            client: router_and_agent(vec![allow]).await,
+            workflow_id: "w".into(),
+            forward: PortForward {
+                protocol: protocol as i32,
+                port: u32::from(port),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_forward_through_grpc_serves_each_connection() {
+        let port = tcp_server(echo).await;
+        let opener = opener_through_grpc(OperationKind::PortForward, Protocol::Tcp, port).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let forwarding = tokio::spawn(forward_tcp(listener, Arc::new(opener)));
+        let mut connections = tokio::task::JoinSet::new();
+        for i in 0..3 {
+            connections.spawn(async move {
+                let mut c = TcpStream::connect(local).await.unwrap();
+                let sent = format!("connection {i};").repeat(20_000);
+                let (mut r, mut w) = c.split();
+                let write = async {
+                    w.write_all(sent.as_bytes()).await.unwrap();
+                    w.shutdown().await.unwrap();
+                };
+                let mut back = String::new();
+                tokio::join!(write, r.read_to_string(&mut back)).1.unwrap();
+                assert!(back == sent, "connection {i}: the echo differs");
+            });
+        }
+        while let Some(done) = timeout(STEP, connections.join_next()).await.unwrap() {
+            done.unwrap();
+        }
+        forwarding.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_tcp_forward_closes_the_local_connection() {
+        let port = tcp_server(echo).await;
+        let opener = opener_through_grpc(OperationKind::Exec, Protocol::Tcp, port).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let forwarding = tokio::spawn(forward_tcp(listener, Arc::new(opener)));
+        let mut c = TcpStream::connect(local).await.unwrap();
+        c.write_all(b"anyone?").await.unwrap();
+        let mut rest = Vec::new();
+        // A clean end or a reset: either way, nothing comes back.
+        let read = timeout(STEP, c.read_to_end(&mut rest)).await.unwrap();
+        assert!(rest.is_empty() && read.map_or(true, |n| n == 0));
+        forwarding.abort();
+    }
+
+    #[tokio::test]
+    async fn udp_forward_through_grpc() {
+        let port = udp_echo().await;
+        let opener = opener_through_grpc(OperationKind::PortForward, Protocol::Udp, port).await;
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let forwarding = forward_udp(socket, async || opener.open().await);
+        let exchanges = async {
+            let (a, b) = (client(local).await, client(local).await);
+            round_trip(&a, b"from a").await;
+            round_trip(&b, b"from b").await;
+            round_trip(&a, &[9u8; 30_000]).await;
+        };
+        tokio::select! {
+            r = forwarding => panic!("the forward stopped: {r:?}"),
+            () = exchanges => {}
+        }
     }
 }

@@ -13,7 +13,7 @@ pub mod backoff;
 pub mod exec;
 pub mod tcp;
 #[cfg(test)]
-mod through_grpc;
+pub(crate) mod through_grpc;
 pub mod udp;
 
 use std::sync::Arc;

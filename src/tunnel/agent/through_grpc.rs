@@ -138,7 +138,7 @@ impl Tunnel for StandIn {
 
 /// A stand-in router on the loopback with an agent listening to it (allowing `allow`); answers
 /// a user's client of it.
-async fn router_and_agent(allow: Vec<OperationKind>) -> RouterClient {
+pub(crate) async fn router_and_agent(allow: Vec<OperationKind>) -> RouterClient {
     let router = StandIn::default();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = listener.local_addr().unwrap().to_string();
