@@ -174,7 +174,8 @@ fn us(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0}µs"))
 }
 
-fn print_table(rows: &[Vec<String>]) {
+/// Prints `rows` (the first is the header) as left-aligned columns two spaces apart.
+pub fn print_table(rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();

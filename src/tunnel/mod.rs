@@ -5,10 +5,12 @@
 //! bearer token (`--token-file`, or `LODGE_TOKEN`; never a plain argument that `ps` would show).
 
 pub mod agent;
+pub mod bridge;
 pub mod exec;
 pub mod forward;
 pub mod rsync;
 pub mod sessions;
+pub mod shutdown;
 pub mod token;
 
 use std::path::PathBuf;
