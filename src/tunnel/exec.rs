@@ -62,7 +62,11 @@ pub async fn run(conn: TunnelConn, args: ExecArgs) -> i32 {
             command: args.command,
             tty: args.tty,
             size,
-            term: std::env::var("TERM").unwrap_or_default(),
+            term: if args.tty {
+                std::env::var("TERM").unwrap_or_default()
+            } else {
+                String::new()
+            },
         })),
     };
     let client = match conn.connect().await {

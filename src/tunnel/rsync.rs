@@ -8,6 +8,8 @@
 //! `lodge rsync`: `LODGE_TOKEN` is inherited, `--token-file` is passed on.
 //!
 //! Lodge's flags go before rsync's: the first argument that is not one of lodge's starts rsync's.
+//! (So rsync's `-h` cannot come first, where it would ask for lodge's help: bundle it, `-avh`,
+//! or write `--human-readable`.)
 //! There is no shell on the agent's side, so remote paths are relative to the agent's working
 //! directory (no `~`), and remote wildcards are expanded only with rsync's `-s`.
 

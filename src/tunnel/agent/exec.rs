@@ -41,13 +41,24 @@ use crate::tunnel::{FrameRx, Link};
 /// still be on its way, and the user would see an error instead of the exit status.
 const LINGER: Duration = Duration::from_secs(10);
 
+/// The agent's own credential, if it came from the environment: commands run from a session
+/// must not inherit it by accident (a command that logs its environment would leak it). This is
+/// hygiene, not a boundary: a command runs as the agent's user and could read the agent's files.
+const TOKEN_VAR: &str = "LODGE_TOKEN";
+
 /// Said when the link goes away under a running command.
 const LINK_CLOSED: &str = "the link closed before the command finished";
 
 /// Serves an exec session until the command has exited and its output is sent.
 pub async fn serve_exec(link: Link, exec: Exec) -> Result<(), String> {
     if exec.command.is_empty() {
-        return refuse(link, exec.tty, 127, "exec: command: empty").await;
+        return refuse(
+            link,
+            exec.tty,
+            127,
+            "lodge agent: exec: the command is empty",
+        )
+        .await;
     }
     let started = if exec.tty {
         pty::spawn(&exec)

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::mpsc;
 
-use super::{GroupGuard, Input, Output, Started, LINK_CLOSED};
+use super::{GroupGuard, Input, Output, Started, LINK_CLOSED, TOKEN_VAR};
 
 /// Starts `command` (program and arguments) with piped stdio, leading a process group of its own
 /// so that the session can kill everything it starts.
@@ -21,6 +21,7 @@ pub(super) fn spawn(command: &[String]) -> io::Result<Started> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
     let mut child = Command::new(program)
         .args(args)
+        .env_remove(TOKEN_VAR)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

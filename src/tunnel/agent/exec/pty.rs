@@ -30,7 +30,7 @@ use tokio::io::Interest;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::{GroupGuard, Input, Output, Started, LINK_CLOSED};
+use super::{GroupGuard, Input, Output, Started, LINK_CLOSED, TOKEN_VAR};
 
 /// The size a terminal gets when the user sent none (or a zero one).
 const DEFAULT_SIZE: Winsize = Winsize {
@@ -63,6 +63,7 @@ pub(super) fn spawn(exec: &Exec) -> io::Result<Started> {
     let mut command = Command::new(program);
     command
         .args(args)
+        .env_remove(TOKEN_VAR)
         .env("TERM", term)
         .stdin(Stdio::from(terminal.try_clone()?))
         .stdout(Stdio::from(terminal.try_clone()?))

@@ -164,6 +164,9 @@ async fn a_missing_command_exits_127_with_a_message() {
         stderr.contains("lodge-test-no-such-command: command not found"),
         "{stderr}"
     );
+    let (outcome, _, stderr) = exec_session(pipes(&[]), b"").await;
+    assert_eq!(outcome, Outcome::Exited(127));
+    assert_eq!(stderr, b"lodge agent: exec: the command is empty\n");
 }
 
 #[tokio::test]
