@@ -96,6 +96,14 @@ enum Command {
         #[command(flatten)]
         args: tunnel::rsync::RsyncArgs,
     },
+    /// rsync's remote shell, as `lodge rsync` gives it to rsync (`-e`).
+    #[command(hide = true)]
+    RsyncShell {
+        #[command(flatten)]
+        conn: tunnel::TunnelConn,
+        #[command(flatten)]
+        args: tunnel::rsync::RsyncShellArgs,
+    },
     /// Router sessions: list, info, terminate.
     Sessions {
         #[command(flatten)]
@@ -188,6 +196,9 @@ fn main() {
             client_runtime().block_on(tunnel::forward::run(conn, args))
         }
         Command::Rsync { conn, args } => client_runtime().block_on(tunnel::rsync::run(conn, args)),
+        Command::RsyncShell { conn, args } => {
+            client_runtime().block_on(tunnel::rsync::run_shell(conn, args))
+        }
         Command::Sessions { conn, cmd } => {
             client_runtime().block_on(tunnel::sessions::run(conn, cmd))
         }
