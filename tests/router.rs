@@ -235,7 +235,7 @@ async fn router_times_out_a_lonely_side_and_terminates_on_request() {
         .await
         .unwrap());
     for t in [&mut u, &mut a] {
-        let end = t.rx.message().await.err().expect("ABORTED");
+        let end = t.rx.message().await.expect_err("ABORTED");
         assert_eq!(end.code(), Code::Aborted);
         assert!(end.message().contains("maintenance"), "{end:?}");
     }

@@ -326,10 +326,9 @@ mod tests {
         }
     }
 
-    fn source() -> (
-        mpsc::Sender<Result<F, RouterError>>,
-        tokio_stream::wrappers::ReceiverStream<Result<F, RouterError>>,
-    ) {
+    type Source = tokio_stream::wrappers::ReceiverStream<Result<F, RouterError>>;
+
+    fn source() -> (mpsc::Sender<Result<F, RouterError>>, Source) {
         let (tx, rx) = mpsc::channel(4);
         (tx, tokio_stream::wrappers::ReceiverStream::new(rx))
     }
