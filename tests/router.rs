@@ -451,3 +451,70 @@ async fn router_carries_200_concurrent_sessions() {
         active.contains("lodge_router_bytes_total{operation=\"exec\",direction=\"user_to_agent\"}")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_ends_an_idle_session() {
+    let mut e = env();
+    e.push(("LODGE_ROUTER__IDLE_TIMEOUT_MS", "300"));
+    let node = Node::start_env(&[], &e);
+    let user = client(&node.grpc, &["exec"]).await;
+    let agent = client(&node.grpc, &["agent"]).await;
+    let (mut u, mut a) = pair(&user, &agent, &new_session_key(), false).await;
+    for t in [&mut u, &mut a] {
+        let end = t.rx.message().await.expect_err("DEADLINE_EXCEEDED");
+        assert_eq!(end.code(), Code::DeadlineExceeded);
+        assert!(end.message().contains("idle"), "{end:?}");
+    }
+    assert!(node
+        .scrape()
+        .contains("lodge_router_sessions_expired_total 1"));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_memory_stays_bounded_while_a_reader_is_slow() {
+    let node = Node::start_env(&[], &env());
+    let user = client(&node.grpc, &["exec"]).await;
+    let agent = client(&node.grpc, &["agent"]).await;
+    let (u, mut a) = pair(&user, &agent, &new_session_key(), false).await;
+    let before = rss_kib(node.pid());
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let chunk = Bytes::from(vec![1u8; 128 * 1024]);
+    let writer = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            // 512 MiB offered; flow control must hold the writer back long before.
+            for _ in 0..4096 {
+                if u.tx.send(data(chunk.clone())).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    // The agent reads nothing for a while. A slower machine only sends less in this time, so the
+    // bound below cannot fail for lack of speed; it fails if the router buffers without limit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let offered = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let grown_kib = rss_kib(node.pid()).saturating_sub(before);
+    eprintln!("slow reader: writer got {offered} bytes in; router grew {grown_kib} KiB");
+    assert!(
+        offered < 48 << 20,
+        "the writer got {offered} bytes in while the reader read nothing"
+    );
+    assert!(grown_kib < 64 * 1024, "the router grew by {grown_kib} KiB");
+    // Reading again releases the writer: nothing was lost on the way.
+    let mut got = 0u64;
+    while got < offered {
+        got += next(&mut a.rx).await.data.len() as u64;
+    }
+    writer.abort();
+}

@@ -18,6 +18,8 @@ pub mod metrics;
 pub mod owner;
 pub mod pipe;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 pub use hub::{Route, RouterHub};
 pub use metrics::RouterMetrics;
@@ -230,7 +232,7 @@ macro_rules! handles_generic {
 pub(crate) use handles_generic;
 
 #[cfg(test)]
-mod tests {
+mod check_tests {
     use super::*;
 
     #[test]

@@ -58,6 +58,7 @@ impl<T: Payload> SideHandle<T> {
             rx,
             rx_done: false,
             end: WatchStream::from_changes(end_rx),
+            end_closed: false,
             state: End::Open,
             reported: false,
         };
@@ -252,6 +253,7 @@ pub struct Delivery<T> {
     rx: mpsc::Receiver<T>,
     rx_done: bool,
     end: WatchStream<End>,
+    end_closed: bool,
     state: End,
     reported: bool,
 }
@@ -262,6 +264,26 @@ impl<T: Payload> Stream for Delivery<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            // Every change of the end first: a failure overtakes the frames still queued.
+            if !this.end_closed {
+                match Pin::new(&mut this.end).poll_next(cx) {
+                    Poll::Ready(Some(e)) => {
+                        this.state = e;
+                        continue;
+                    }
+                    // Every holder of the end signal is gone without ending the call: the
+                    // session's actor failed.
+                    Poll::Ready(None) => {
+                        this.end_closed = true;
+                        if this.state == End::Open {
+                            this.state = End::Failed(RouterError::Internal(
+                                "the session ended unexpectedly (its actor failed)".into(),
+                            ));
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+            }
             match &this.state {
                 End::Failed(e) => {
                     if this.reported {
@@ -273,28 +295,14 @@ impl<T: Payload> Stream for Delivery<T> {
                 End::Finished if this.rx_done => return Poll::Ready(None),
                 _ => {}
             }
-            if !this.rx_done {
-                match this.rx.poll_recv(cx) {
-                    Poll::Ready(Some(f)) => return Poll::Ready(Some(Ok(f))),
-                    Poll::Ready(None) => this.rx_done = true,
-                    Poll::Pending => {}
-                }
+            if this.rx_done {
+                // Our frames are done; the other direction is not (or the end is on its way).
+                return Poll::Pending;
             }
-            match Pin::new(&mut this.end).poll_next(cx) {
-                Poll::Ready(Some(e)) => this.state = e,
-                // Every holder of the end signal is gone without ending the call: the session's
-                // actor failed.
-                Poll::Ready(None) => {
-                    this.state = End::Failed(RouterError::Internal(
-                        "the session ended unexpectedly (its actor failed)".into(),
-                    ))
-                }
-                Poll::Pending => {
-                    if this.rx_done && this.state == End::Open {
-                        // Frames are done but the other direction is not: wait for the end.
-                    }
-                    return Poll::Pending;
-                }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(f)) => return Poll::Ready(Some(Ok(f))),
+                Poll::Ready(None) => this.rx_done = true,
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
