@@ -76,13 +76,28 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sub: String,
     pub exp: u64,
-    pub aud: String,
+    /// One audience or a list (RFC 7519 allows both); the validation checks it.
+    #[serde(deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, deserialize_with = "roles_list")]
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflows: Option<Vec<String>>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Aud {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Aud::deserialize(d)? {
+        Aud::One(a) => vec![a],
+        Aud::Many(l) => l,
+    })
 }
 
 /// `roles` as a list or as one space-separated string (OAuth's `scope` style).
@@ -125,6 +140,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the token may see `workflow` (no `workflows` claim: any).
+    pub fn may_use(&self, workflow: &str) -> bool {
+        self.unrestricted
+            || self
+                .workflows
+                .as_ref()
+                .is_none_or(|allowed| allowed.iter().any(|a| a == workflow))
+    }
+
     /// Allows the call if the caller has `role` and, when `workflow` is given, may use it.
     pub fn require(&self, role: Role, workflow: Option<&str>) -> Result<(), Status> {
         if self.unrestricted {
@@ -302,7 +326,7 @@ mod tests {
         Claims {
             sub: "alice".into(),
             exp: now() + 600,
-            aud: "lodge".into(),
+            aud: vec!["lodge".into()],
             iss: None,
             roles: roles.iter().map(|r| r.to_string()).collect(),
             workflows: None,
@@ -363,7 +387,7 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         let mut other_aud = claims(&["exec"]);
-        other_aud.aud = "someone-else".into();
+        other_aud.aud = vec!["someone-else".into()];
         let t = mint_hs256(SECRET, &other_aud).unwrap();
         assert!(a
             .authenticate(&md(&t))
@@ -387,6 +411,14 @@ mod tests {
             caller.require(Role::Agent, Some("w2")).unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
+    }
+
+    #[test]
+    fn an_audience_list_is_accepted_when_it_names_ours() {
+        let mut c = claims(&["exec"]);
+        c.aud = vec!["other-service".into(), "lodge".into()];
+        let t = mint_hs256(SECRET, &c).unwrap();
+        assert!(hs().authenticate(&md(&t)).is_ok());
     }
 
     #[test]

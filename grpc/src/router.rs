@@ -18,7 +18,7 @@ use lodge_actors::router::session::{Inspect, Join, Joiner, SessionView, Terminat
 use lodge_actors::router::{
     check_id, OpKind, Operation, OwnerRecord, Payload, RouterError, RouterHub, RouterSettings, Side,
 };
-use lodge_actors::ActorRef;
+use lodge_actors::{ActorRef, SendError};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -47,6 +47,17 @@ impl Payload for Frame {
         Frame {
             control: Some(frame::Control::Eof(Eof {})),
             ..Default::default()
+        }
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        match &self.control {
+            Some(frame::Control::Abort(a)) => Some(if a.reason.is_empty() {
+                "no reason given".to_string()
+            } else {
+                a.reason.clone()
+            }),
+            _ => None,
         }
     }
 }
@@ -275,23 +286,71 @@ impl TunnelService {
         let mut client = TunnelClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let upstream = match a.side {
-            Side::User => client.user(req).await?,
-            Side::Agent => client.agent(req).await?,
-        }
-        .into_inner();
+        let opened = tokio::time::timeout(self.cx.request_timeout, async {
+            match a.side {
+                Side::User => client.user(req).await,
+                Side::Agent => client.agent(req).await,
+            }
+        })
+        .await
+        .map_err(|_| {
+            Status::unavailable(format!(
+                "member {owner}, which owns session {}, did not answer in time",
+                a.session_key
+            ))
+        })?;
+        let upstream = opened
+            .map_err(|s| relay_error(owner, s))?
+            .into_inner()
+            .map(move |r| r.map_err(|s| relay_error(owner, s)));
         let mut inbound = a.inbound;
+        let side = a.side;
         tokio::spawn(async move {
-            // Ends with the caller's stream: a clean end half-closes upstream; a broken one drops
-            // the upstream call with the response stream (tonic resets it), which the owner sees.
-            while let Some(Ok(f)) = inbound.next().await {
-                if tx.send(f).await.is_err() {
-                    break;
+            // A clean end of the caller's stream half-closes upstream; a broken one is told to the
+            // owner as an abort (a half-close would look like a finished direction).
+            loop {
+                let next = tokio::select! {
+                    // The upstream call is over: nothing more to carry.
+                    _ = tx.closed() => return,
+                    f = inbound.next() => f,
+                };
+                match next {
+                    Some(Ok(f)) => {
+                        if tx.send(f).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(s)) => {
+                        let reason = format!(
+                            "the {}'s connection to the relaying member broke ({})",
+                            side.as_str(),
+                            s.message()
+                        );
+                        let _ = tx.send(crate::router_client::abort(reason)).await;
+                        return;
+                    }
+                    None => return,
                 }
             }
         });
         let out: FrameStream = Box::pin(upstream);
         Ok(Response::new(out))
+    }
+}
+
+/// A relayed call's error: a broken connection to the owner (which tonic reports as UNKNOWN,
+/// INTERNAL or CANCELLED) is UNAVAILABLE, as documented; other codes pass unchanged.
+fn relay_error(owner: u64, s: Status) -> Status {
+    match s.code() {
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+            if !s.metadata().contains_key(crate::forward::ANSWERED_BY) =>
+        {
+            Status::unavailable(format!(
+                "the connection to member {owner}, which owns the session, broke: {}",
+                s.message()
+            ))
+        }
+        _ => s,
     }
 }
 
@@ -454,6 +513,21 @@ impl ControlService {
     }
 }
 
+impl ControlService {
+    /// A local session's view; a session that just ended is NOT_FOUND, a busy one UNAVAILABLE.
+    async fn inspect(
+        &self,
+        s: &ActorRef<lodge_actors::router::SessionActor<Frame>>,
+        key: &str,
+    ) -> Result<SessionView, Status> {
+        match s.send_timeout(Inspect, self.cx.request_timeout).await {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) | Err(SendError::NotRunning | SendError::Closed) => Err(not_found(key)),
+            Err(e) => Err(status(e.into())),
+        }
+    }
+}
+
 fn not_found(key: &str) -> Status {
     Status::not_found(format!("session_key: no session {key:?}"))
 }
@@ -508,14 +582,20 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<GetSessionInfoRequest>,
     ) -> Result<Response<SessionInfo>, Status> {
-        self.cx.caller(req.metadata())?.require(Role::Admin, None)?;
+        let caller = self.cx.caller(req.metadata())?;
+        caller.require(Role::Admin, None)?;
         let key = req.get_ref().session_key.clone();
         check_id("session_key", &key).map_err(status)?;
         match self.lookup(&key).await? {
-            Found::Local(s) => match s.send_timeout(Inspect, self.cx.request_timeout).await {
-                Ok(Some(v)) => Ok(Response::new(info_of(v, self.cx.me()))),
-                _ => Err(not_found(&key)),
-            },
+            Found::Local(s) => {
+                let v = self.inspect(&s, &key).await?;
+                // A token limited to some workflows does not learn of the others' sessions.
+                if !caller.may_use(&v.workflow_id) {
+                    return Err(not_found(&key));
+                }
+                Ok(Response::new(info_of(v, self.cx.me())))
+            }
+            Found::Remote(r) if !caller.may_use(&r.workflow_id) => Err(not_found(&key)),
             Found::Remote(r) => {
                 let onward = self.onward(req.metadata(), req.get_ref().clone())?;
                 let ch = self.cx.peers.member(r.owner).await?;
@@ -529,7 +609,8 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        self.cx.caller(req.metadata())?.require(Role::Admin, None)?;
+        let caller = self.cx.caller(req.metadata())?;
+        caller.require(Role::Admin, None)?;
         let listing = self
             .cx
             .hub
@@ -545,11 +626,12 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
             .map_err(status)?;
         let mut sessions = Vec::new();
         for s in listing.local {
-            if let Ok(Some(v)) = s.send_timeout(Inspect, self.cx.request_timeout).await {
+            if let Ok(v) = self.inspect(&s, "").await {
                 sessions.push(info_of(v, self.cx.me()));
             }
         }
         sessions.extend(listing.remote.into_iter().map(info_of_record));
+        sessions.retain(|s| caller.may_use(&s.workflow_id));
         sessions.sort_by(|a, b| a.session_key.cmp(&b.session_key));
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
@@ -558,20 +640,27 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<TerminateSessionRequest>,
     ) -> Result<Response<TerminateSessionResponse>, Status> {
-        self.cx.caller(req.metadata())?.require(Role::Admin, None)?;
+        let caller = self.cx.caller(req.metadata())?;
+        caller.require(Role::Admin, None)?;
         let key = req.get_ref().session_key.clone();
         check_id("session_key", &key).map_err(status)?;
         match self.lookup(&key).await? {
             Found::Local(s) => {
+                if !caller.may_use(&self.inspect(&s, &key).await?.workflow_id) {
+                    return Err(not_found(&key));
+                }
                 let reason = req.get_ref().reason.clone();
                 match s
                     .send_timeout(Terminate { reason }, self.cx.request_timeout)
                     .await
                 {
                     Ok(terminated) => Ok(Response::new(TerminateSessionResponse { terminated })),
-                    Err(_) => Err(not_found(&key)),
+                    Err(SendError::NotRunning | SendError::Closed) => Err(not_found(&key)),
+                    // It may still be applied: not "not found".
+                    Err(e) => Err(status(e.into())),
                 }
             }
+            Found::Remote(r) if !caller.may_use(&r.workflow_id) => Err(not_found(&key)),
             Found::Remote(r) => {
                 let onward = self.onward(req.metadata(), req.get_ref().clone())?;
                 let ch = self.cx.peers.member(r.owner).await?;

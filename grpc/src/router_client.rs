@@ -59,6 +59,11 @@ impl RouterClient {
         Ok(Self { channel, token })
     }
 
+    /// The same connection with another token (a renewed one).
+    pub fn with_token(&self, token: Option<&str>) -> Result<Self, String> {
+        Self::new(self.channel.clone(), token)
+    }
+
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Some(t) = &self.token {
@@ -196,6 +201,14 @@ pub fn data(bytes: Bytes) -> Frame {
         data: bytes,
         ..Default::default()
     }
+}
+
+/// The frame by which a side gives up on a session: both sides then get UNAVAILABLE with
+/// `reason`, where a half-close (dropping `tx`) would look like a clean end.
+pub fn abort(reason: impl Into<String>) -> Frame {
+    control(frame::Control::Abort(crate::pb::router::Abort {
+        reason: reason.into(),
+    }))
 }
 
 /// A control frame.

@@ -58,6 +58,47 @@ fn put_op(record: &OwnerRecord, lease: i64) -> RequestOp {
     }
 }
 
+fn get_op(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::Get(RangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Runs a claim-like transaction: `Won` if it applied, else the record that holds the key.
+async fn settle(
+    kv: &KvService,
+    txn: TxnRequest,
+    timeout: Duration,
+    session_key: &str,
+) -> Result<Claim, RouterError> {
+    let answer = kv
+        .txn(timed(txn, timeout))
+        .await
+        .map_err(unavailable)?
+        .into_inner();
+    if answer.succeeded {
+        return Ok(Claim::Won);
+    }
+    let held = answer
+        .responses
+        .into_iter()
+        .find_map(|r| match r.response {
+            Some(response_op::Response::Get(g)) => g.kvs.into_iter().next(),
+            _ => None,
+        })
+        .and_then(|kv| OwnerRecord::decode(&kv.value));
+    match held {
+        Some(h) => Ok(Claim::Held(h)),
+        // Deleted between the compare and the read: a retry will win or see the holder.
+        None => Err(RouterError::Unavailable(format!(
+            "session {session_key}: its owner changed while claiming; retry"
+        ))),
+    }
+}
+
 impl OwnerStore for KvOwnerStore {
     fn claim(&self, record: OwnerRecord, lease: i64, timeout: Duration) -> StoreFuture<Claim> {
         let kv = self.kv.clone();
@@ -71,64 +112,54 @@ impl OwnerStore for KvOwnerStore {
                     target: Some(compare::Target::CreateRevision(0)),
                 }],
                 success: vec![put_op(&record, lease)],
-                failure: vec![RequestOp {
-                    request: Some(request_op::Request::Get(RangeRequest {
+                failure: vec![get_op(key)],
+            };
+            settle(&kv, txn, timeout, &record.session_key).await
+        })
+    }
+
+    fn take_over(
+        &self,
+        record: OwnerRecord,
+        held: OwnerRecord,
+        lease: i64,
+        timeout: Duration,
+    ) -> StoreFuture<Claim> {
+        let kv = self.kv.clone();
+        Box::pin(async move {
+            let key = record_key(&record.session_key);
+            let txn = TxnRequest {
+                compare: vec![Compare {
+                    result: compare::Result::Equal as i32,
+                    key: key.clone(),
+                    target: Some(compare::Target::Value(held.encode())),
+                }],
+                success: vec![put_op(&record, lease)],
+                failure: vec![get_op(key)],
+            };
+            settle(&kv, txn, timeout, &record.session_key).await
+        })
+    }
+
+    fn release(&self, record: OwnerRecord, timeout: Duration) -> StoreFuture<()> {
+        let kv = self.kv.clone();
+        Box::pin(async move {
+            let key = record_key(&record.session_key);
+            let txn = TxnRequest {
+                compare: vec![Compare {
+                    result: compare::Result::Equal as i32,
+                    key: key.clone(),
+                    target: Some(compare::Target::Value(record.encode())),
+                }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::Delete(DeleteRangeRequest {
                         key,
                         ..Default::default()
                     })),
                 }],
+                failure: vec![],
             };
-            let answer = kv
-                .txn(timed(txn, timeout))
-                .await
-                .map_err(unavailable)?
-                .into_inner();
-            if answer.succeeded {
-                return Ok(Claim::Won);
-            }
-            let held = answer
-                .responses
-                .into_iter()
-                .find_map(|r| match r.response {
-                    Some(response_op::Response::Get(g)) => g.kvs.into_iter().next(),
-                    _ => None,
-                })
-                .and_then(|kv| OwnerRecord::decode(&kv.value));
-            match held {
-                Some(h) => Ok(Claim::Held(h)),
-                // Deleted between the compare and the read: a retry will win or see the holder.
-                None => Err(RouterError::Unavailable(format!(
-                    "session {}: its owner changed while claiming; retry",
-                    record.session_key
-                ))),
-            }
-        })
-    }
-
-    fn put(&self, record: OwnerRecord, lease: i64, timeout: Duration) -> StoreFuture<()> {
-        let kv = self.kv.clone();
-        Box::pin(async move {
-            let put = PutRequest {
-                key: record_key(&record.session_key),
-                value: record.encode(),
-                prev_kv: false,
-                lease,
-            };
-            kv.put(timed(put, timeout)).await.map_err(unavailable)?;
-            Ok(())
-        })
-    }
-
-    fn delete(&self, key: String, timeout: Duration) -> StoreFuture<()> {
-        let kv = self.kv.clone();
-        Box::pin(async move {
-            let del = DeleteRangeRequest {
-                key: record_key(&key),
-                ..Default::default()
-            };
-            kv.delete_range(timed(del, timeout))
-                .await
-                .map_err(unavailable)?;
+            kv.txn(timed(txn, timeout)).await.map_err(unavailable)?;
             Ok(())
         })
     }

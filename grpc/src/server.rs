@@ -177,6 +177,13 @@ pub async fn node_services(
     ))
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
+    // The router's relays get their own connections: relayed bulk streams must not take the
+    // HTTP/2 window (or the stream slots) that forwarded KV writes and lease renewals need.
+    let relay_peers = Arc::new(crate::forward::Forwarder::new(
+        b.member_id,
+        b.directory.clone(),
+        b.peer_tls.clone(),
+    ));
     let forward = Arc::new(crate::forward::Forwarder::new(
         b.member_id,
         b.directory.clone(),
@@ -227,7 +234,7 @@ pub async fn node_services(
         table: b.router.table,
         settings: b.router.settings,
         auth: b.router.auth,
-        peers: forward.clone(),
+        peers: relay_peers,
         request_timeout: s.request_timeout,
         shutdown: shutdown.clone(),
     };

@@ -6,7 +6,7 @@
 
 use bytes::BytesMut;
 use lodge_grpc::pb::router::{frame, Frame};
-use lodge_grpc::router_client::{data, MAX_CHUNK};
+use lodge_grpc::router_client::{abort, data, MAX_CHUNK};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -32,6 +32,22 @@ pub async fn bridge_tcp(mut stream: TcpStream, link: Link) -> Result<(), String>
 async fn pump(stream: &mut TcpStream, link: Link) -> Result<(), String> {
     let (reader, writer) = stream.split();
     let Link { tx, rx } = link;
+    // Weak: it must not keep the sending half open past end-of-file (that is the half-close).
+    let for_abort = tx.downgrade();
+    let result = bridge_halves(reader, writer, tx, rx).await;
+    if let (Err(e), Some(tx)) = (&result, for_abort.upgrade()) {
+        // A broken local connection must fail the session, not look like a finished one.
+        let _ = tx.send(abort(e.clone())).await;
+    }
+    result
+}
+
+async fn bridge_halves(
+    reader: ReadHalf<'_>,
+    writer: WriteHalf<'_>,
+    tx: mpsc::Sender<Frame>,
+    rx: FrameRx,
+) -> Result<(), String> {
     let outbound = socket_to_link(reader, tx);
     let inbound = link_to_socket(rx, writer);
     tokio::pin!(outbound, inbound);

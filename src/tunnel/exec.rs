@@ -77,6 +77,7 @@ pub async fn run(conn: TunnelConn, args: ExecArgs) -> i32 {
         Ok(t) => t,
         Err(status) => return fail(status.message()),
     };
+    session::blocking_stdio();
     let input = match session::stdin_chunks() {
         Ok(i) => i,
         Err(e) => return fail(&e),

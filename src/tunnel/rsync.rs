@@ -159,6 +159,7 @@ pub async fn run_shell(conn: TunnelConn, args: RsyncShellArgs) -> i32 {
         Ok(t) => t,
         Err(status) => return fail(status.message()),
     };
+    session::blocking_stdio();
     let input = match session::stdin_chunks() {
         Ok(i) => i,
         Err(e) => return fail(&e),

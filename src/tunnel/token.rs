@@ -70,7 +70,7 @@ fn mint(args: &TokenArgs) -> Result<String, String> {
     let claims = Claims {
         sub: args.subject.clone(),
         exp: now + args.ttl_secs,
-        aud: args.audience.clone(),
+        aud: vec![args.audience.clone()],
         iss: None,
         roles: args.roles.clone(),
         workflows: (!args.workflows.is_empty()).then(|| args.workflows.clone()),

@@ -121,7 +121,8 @@ pub struct RouterHub<T: Payload> {
     /// Owner records of the sessions running here.
     records: HashMap<String, OwnerRecord>,
     /// Locates waiting for a claim under way, by key.
-    claiming: HashMap<String, Vec<Waiter<T>>>,
+    /// (Each waiter with whether its call was relayed here.)
+    claiming: HashMap<String, Vec<(Waiter<T>, bool)>>,
     /// Locates waiting for the owner lease.
     parked: Vec<(Locate<T>, Waiter<T>)>,
     lease: Option<i64>,
@@ -220,21 +221,50 @@ impl<T: Payload> RouterHub<T> {
         );
     }
 
-    /// Writes the records of the running sessions under a new lease (the old one expired).
+    /// Claims the running sessions' keys again under a new lease (the old one expired, taking
+    /// the records with it). A key another member claimed meanwhile is theirs: the session here
+    /// ends, rather than two members owning one key.
     fn rewrite_records(&mut self, lease: i64, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let records: Vec<OwnerRecord> = self.records.values().cloned().collect();
-        let timeout = self.settings.request_timeout;
-        let log = self.log.clone();
+        let (me, timeout) = (self.me(), self.settings.request_timeout);
         ctx.spawn(
             async move {
+                let mut lost = Vec::new();
                 for r in records {
-                    if let Err(e) = store.put(r, lease, timeout).await {
-                        warn!(log, "cannot rewrite an owner record"; "error" => %e);
+                    let claimed = match store.claim(r.clone(), lease, timeout).await {
+                        Ok(Claim::Held(held)) if held.owner == me => {
+                            store.take_over(r.clone(), held, lease, timeout).await
+                        }
+                        other => other,
+                    };
+                    match claimed {
+                        Ok(Claim::Won) => {}
+                        Ok(Claim::Held(held)) => lost.push((r.session_key, held.owner)),
+                        // Tried again at the next renewal failure; the lease keeps the rest.
+                        Err(_) => {}
                     }
                 }
+                lost
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(|lost, act, _| {
+                for (key, owner) in lost {
+                    warn!(act.log, "a session's key was claimed by another member while this one's lease had lapsed; ending it here"; "session_key" => &key, "owner" => owner);
+                    act.records.remove(&key);
+                    if let Some(s) = act.table.read().unwrap().get(&key).cloned() {
+                        actix::spawn(async move {
+                            let _ = s
+                                .send(super::session::Terminate {
+                                    reason: format!(
+                                        "member {owner} owns the session now (this member lost its lease)"
+                                    ),
+                                })
+                                .await;
+                        });
+                    }
+                }
+            }),
         );
     }
 
@@ -260,7 +290,7 @@ impl<T: Payload> RouterHub<T> {
             return;
         }
         if let Some(w) = self.claiming.get_mut(&msg.session_key) {
-            w.push(waiter);
+            w.push((waiter, msg.relayed));
             return;
         }
         let Some(lease) = self.lease else {
@@ -270,7 +300,8 @@ impl<T: Payload> RouterHub<T> {
             return;
         };
         let key = msg.session_key.clone();
-        self.claiming.insert(key.clone(), vec![waiter]);
+        self.claiming
+            .insert(key.clone(), vec![(waiter, msg.relayed)]);
         let record = OwnerRecord {
             session_key: key.clone(),
             workflow_id: msg.workflow_id,
@@ -280,17 +311,28 @@ impl<T: Payload> RouterHub<T> {
         };
         let store = self.store.clone();
         let timeout = self.settings.request_timeout;
-        let relayed = msg.relayed;
         let me = self.me();
         let claim = {
             let record = record.clone();
             async move {
                 match store.claim(record.clone(), lease, timeout).await? {
                     Claim::Won => Ok(None),
-                    // Ours, left by a session that just ended here: take it again.
+                    // Ours, left by a session that just ended here: take it again (unless
+                    // someone else did first).
                     Claim::Held(held) if held.owner == me => {
-                        store.put(record, lease, timeout).await?;
-                        Ok(None)
+                        match store
+                            .take_over(record.clone(), held, lease, timeout)
+                            .await?
+                        {
+                            Claim::Won => Ok(None),
+                            Claim::Held(other) if other.owner == me => {
+                                Err(RouterError::Unavailable(format!(
+                                    "session {}: its record changed while claiming; retry",
+                                    record.session_key
+                                )))
+                            }
+                            Claim::Held(other) => Ok(Some(other)),
+                        }
                     }
                     Claim::Held(held) => Ok(Some(held)),
                 }
@@ -301,16 +343,17 @@ impl<T: Payload> RouterHub<T> {
                 .into_actor(self)
                 .map(move |claimed, act, ctx| match claimed {
                     Ok(None) => act.start_session(record, ctx),
-                    Ok(Some(held)) if relayed => act.resolve(
-                        &key,
-                        Err(RouterError::Unavailable(format!(
-                            "session {key} is owned by member {} but was relayed here; retry",
-                            held.owner
-                        ))),
-                    ),
-                    Ok(Some(held)) => {
-                        act.resolve_with(&key, |_| Ok(Route::Remote { owner: held.owner }))
-                    }
+                    // Every waiter is sent to the owner, except those relayed here already.
+                    Ok(Some(held)) => act.resolve_with(&key, |relayed| {
+                        if relayed {
+                            Err(RouterError::Unavailable(format!(
+                                "session {key} is owned by member {} but was relayed here; retry",
+                                held.owner
+                            )))
+                        } else {
+                            Ok(Route::Remote { owner: held.owner })
+                        }
+                    }),
                     Err(e) => act.resolve(&key, Err(e)),
                 }),
         );
@@ -321,9 +364,10 @@ impl<T: Payload> RouterHub<T> {
         self.resolve_with(key, |_| Err(e.clone()));
     }
 
-    fn resolve_with(&mut self, key: &str, answer: impl Fn(()) -> Result<Route<T>, RouterError>) {
-        for w in self.claiming.remove(key).unwrap_or_default() {
-            let _ = w.send(answer(()));
+    /// Answers every waiter of `key`; `answer` is given whether the waiter's call was relayed.
+    fn resolve_with(&mut self, key: &str, answer: impl Fn(bool) -> Result<Route<T>, RouterError>) {
+        for (w, relayed) in self.claiming.remove(key).unwrap_or_default() {
+            let _ = w.send(answer(relayed));
         }
     }
 
@@ -352,13 +396,18 @@ impl<T: Payload> RouterHub<T> {
         let (first, again) = (spec(), spec());
         let sessions = self.sessions.clone();
         let name = actor_name(&key);
+        // Bounded: a start that never answers must not leave the key claimed here for good.
+        let timeout = self.settings.request_timeout;
         let start = async move {
-            match sessions.send(AddChild(first)).await {
+            match sessions.send_timeout(AddChild(first), timeout).await {
                 Ok(Ok(_)) => true,
                 Ok(Err(_)) => {
                     // The previous session of this key is still stopping: replace it.
-                    let _ = sessions.send(StopChild { name }).await;
-                    matches!(sessions.send(AddChild(again)).await, Ok(Ok(_)))
+                    let _ = sessions.send_timeout(StopChild { name }, timeout).await;
+                    matches!(
+                        sessions.send_timeout(AddChild(again), timeout).await,
+                        Ok(Ok(_))
+                    )
                 }
                 Err(_) => false,
             }
@@ -366,6 +415,7 @@ impl<T: Payload> RouterHub<T> {
         ctx.spawn(start.into_actor(self).map(move |started, act, _| {
             if !started {
                 warn!(act.log, "session actor did not start"; "session_key" => &key);
+                act.records.insert(key.clone(), record);
                 act.forget_record(&key);
                 act.resolve(
                     &key,
@@ -392,16 +442,16 @@ impl<T: Payload> RouterHub<T> {
     }
 
     fn forget_record(&mut self, key: &str) {
-        self.records.remove(key);
+        let Some(record) = self.records.remove(key) else {
+            return;
+        };
         let store = self.store.clone();
-        let (key, timeout, log) = (
-            key.to_string(),
-            self.settings.request_timeout,
-            self.log.clone(),
-        );
-        // Best effort: the lease removes it anyway if this fails.
+        let (timeout, log) = (self.settings.request_timeout, self.log.clone());
+        // Best effort: the lease removes it anyway if this fails. Only this exact record goes, so
+        // a late release cannot remove a newer claim of the key.
         actix::spawn(async move {
-            if let Err(e) = store.delete(key.clone(), timeout).await {
+            let key = record.session_key.clone();
+            if let Err(e) = store.release(record, timeout).await {
                 debug!(log, "cannot delete an owner record"; "session_key" => key, "error" => %e);
             }
         });

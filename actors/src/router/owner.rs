@@ -72,10 +72,19 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, RouterError>> + 
 pub trait OwnerStore: Send + Sync + 'static {
     /// Writes `record` under `lease` if the key was never written; otherwise answers the holder.
     fn claim(&self, record: OwnerRecord, lease: i64, timeout: Duration) -> StoreFuture<Claim>;
-    /// Writes `record` under `lease` whatever is there.
-    fn put(&self, record: OwnerRecord, lease: i64, timeout: Duration) -> StoreFuture<()>;
-    /// Deletes a session's record.
-    fn delete(&self, key: String, timeout: Duration) -> StoreFuture<()>;
+    /// Replaces `held` (still this member's, from an earlier session or lease) with `record`
+    /// under `lease`, only if the stored record is still exactly `held`; otherwise answers the
+    /// holder. A member never overwrites another's claim.
+    fn take_over(
+        &self,
+        record: OwnerRecord,
+        held: OwnerRecord,
+        lease: i64,
+        timeout: Duration,
+    ) -> StoreFuture<Claim>;
+    /// Deletes `record` if the stored record is still exactly it (a late delete must not remove
+    /// a newer claim of the same key).
+    fn release(&self, record: OwnerRecord, timeout: Duration) -> StoreFuture<()>;
     /// A new lease.
     fn grant(&self, ttl: Duration, timeout: Duration) -> StoreFuture<i64>;
     /// Renews `lease`; `false` when it no longer exists.
@@ -142,15 +151,28 @@ impl OwnerStore for MemoryStore {
         ready(Ok(Claim::Won))
     }
 
-    fn put(&self, record: OwnerRecord, _lease: i64, _timeout: Duration) -> StoreFuture<()> {
-        self.insert(record);
-        ready(Ok(()))
+    fn take_over(
+        &self,
+        record: OwnerRecord,
+        held: OwnerRecord,
+        _lease: i64,
+        _timeout: Duration,
+    ) -> StoreFuture<Claim> {
+        let mut s = self.state.lock().unwrap();
+        match s.records.get(&record.session_key) {
+            Some(current) if *current != held => return ready(Ok(Claim::Held(current.clone()))),
+            _ => {}
+        }
+        s.records.insert(record.session_key.clone(), record.clone());
+        Self::notify(&mut s, OwnerEvent::Put(record));
+        ready(Ok(Claim::Won))
     }
 
-    fn delete(&self, key: String, _timeout: Duration) -> StoreFuture<()> {
+    fn release(&self, record: OwnerRecord, _timeout: Duration) -> StoreFuture<()> {
         let mut s = self.state.lock().unwrap();
-        if s.records.remove(&key).is_some() {
-            Self::notify(&mut s, OwnerEvent::Deleted(key));
+        if s.records.get(&record.session_key) == Some(&record) {
+            s.records.remove(&record.session_key);
+            Self::notify(&mut s, OwnerEvent::Deleted(record.session_key));
         }
         ready(Ok(()))
     }

@@ -12,7 +12,7 @@
 //! directions have finished, because a gRPC call whose response ends is over for both directions.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +30,9 @@ pub trait Payload: Send + Unpin + 'static {
     fn payload_len(&self) -> usize;
     /// The frame telling a side that the other finished sending.
     fn eof() -> Self;
+    /// The reason, if this frame says its sender gives up on the session (a local error: the
+    /// session must fail for both sides, not look finished).
+    fn abort_reason(&self) -> Option<String>;
 }
 
 /// How a side's call stands.
@@ -90,6 +93,11 @@ pub struct SessionLink {
     bytes: [AtomicU64; 2],
     last_activity_ms: AtomicU64,
     directions_done: AtomicU8,
+    /// Which sides have finished sending (index as `bytes`).
+    finished: [AtomicBool; 2],
+    /// Set by whoever ends the session first; only that one writes the ends, so both sides
+    /// always see the same end.
+    decided: AtomicBool,
     ends: [watch::Sender<End>; 2],
 }
 
@@ -107,6 +115,8 @@ impl SessionLink {
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity_ms: AtomicU64::new(crate::clock::now_ms()),
             directions_done: AtomicU8::new(0),
+            finished: [AtomicBool::new(false), AtomicBool::new(false)],
+            decided: AtomicBool::new(false),
             ends: [user_end, agent_end],
         })
     }
@@ -117,24 +127,27 @@ impl SessionLink {
     }
 
     fn set(&self, end: End) -> bool {
-        let mut changed = false;
-        for tx in &self.ends {
-            tx.send_if_modified(|s| {
-                let open = *s == End::Open;
-                if open {
-                    *s = end.clone();
-                }
-                changed |= open;
-                open
-            });
+        if self.decided.swap(true, Ordering::AcqRel) {
+            return false;
         }
-        changed
+        for tx in &self.ends {
+            tx.send_replace(end.clone());
+        }
+        true
     }
 
-    fn direction_done(&self) {
+    fn direction_done(&self, from: Side) {
+        if self.finished[index(from)].swap(true, Ordering::AcqRel) {
+            return;
+        }
         if self.directions_done.fetch_add(1, Ordering::AcqRel) + 1 == 2 {
             self.set(End::Finished);
         }
+    }
+
+    /// Whether `side` has finished sending.
+    fn has_finished(&self, side: Side) -> bool {
+        self.finished[index(side)].load(Ordering::Acquire)
     }
 
     /// How the session stands.
@@ -182,6 +195,11 @@ impl<T: Payload> Pump<T> {
             let next = tokio::select! {
                 biased;
                 _ = ended.wait_for(|e| *e != End::Open) => return,
+                // The other side's call ended while this one still runs.
+                _ = self.peer.closed() => {
+                    self.peer_left();
+                    return;
+                }
                 f = inbound.next() => f,
             };
             let frame = match next {
@@ -193,11 +211,18 @@ impl<T: Payload> Pump<T> {
                 None => {
                     if self.queue(T::eof(), &mut ended).await {
                         drop(self.peer);
-                        self.link.direction_done();
+                        self.link.direction_done(self.from);
                     }
                     return;
                 }
             };
+            if let Some(reason) = frame.abort_reason() {
+                self.link.fail(RouterError::Unavailable(format!(
+                    "the {} gave up: {reason}",
+                    self.from.as_str()
+                )));
+                return;
+            }
             let n = frame.payload_len() as u64;
             self.link.bytes[index(self.from)].fetch_add(n, Ordering::Relaxed);
             self.link
@@ -210,13 +235,24 @@ impl<T: Payload> Pump<T> {
         }
     }
 
+    /// The other side's call is over. If it had finished sending, it simply left after its part
+    /// (what it sent is still delivered; nothing more can reach it): this direction is done.
+    /// Otherwise it broke off, and the session fails.
+    fn peer_left(&self) {
+        if self.link.has_finished(self.from.other()) {
+            self.link.direction_done(self.from);
+        } else {
+            self.link.fail(gone(self.from.other()));
+        }
+    }
+
     /// Queues `frame` for the peer; false (having ended the session) if that failed.
     async fn queue(&self, frame: T, ended: &mut watch::Receiver<End>) -> bool {
         let frame = match self.peer.try_send(frame) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(f)) => f,
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.link.fail(gone(self.from.other()));
+                self.peer_left();
                 return false;
             }
         };
@@ -226,7 +262,7 @@ impl<T: Payload> Pump<T> {
             sent = tokio::time::timeout(self.stall_timeout, self.peer.send(frame)) => match sent {
                 Ok(Ok(())) => true,
                 Ok(Err(_)) => {
-                    self.link.fail(gone(self.from.other()));
+                    self.peer_left();
                     false
                 }
                 Err(_) => {
@@ -321,6 +357,11 @@ mod tests {
         }
         fn eof() -> Self {
             F(b"EOF".to_vec())
+        }
+        fn abort_reason(&self) -> Option<String> {
+            self.0
+                .strip_prefix(b"ABORT ")
+                .map(|r| String::from_utf8_lossy(r).into_owned())
         }
     }
 
@@ -417,6 +458,61 @@ mod tests {
         p.await.unwrap();
         assert_eq!(agent_sees.next().await, Some(Err(gone(Side::User))));
         assert_eq!(user_sees.next().await, Some(Err(gone(Side::User))));
+    }
+
+    #[tokio::test]
+    async fn an_abort_frame_fails_the_session_instead_of_finishing_it() {
+        let (user, mut user_sees) = SideHandle::<F>::new(4);
+        let (agent, mut agent_sees) = SideHandle::<F>::new(4);
+        let link = SessionLink::new(user.end.clone(), agent.end.clone());
+        let (user_tx, user_in) = source();
+        let p = tokio::spawn(pump(Side::User, &agent, &link, Duration::from_secs(5)).run(user_in));
+        user_tx
+            .send(Ok(F(b"ABORT connection reset".to_vec())))
+            .await
+            .unwrap();
+        p.await.unwrap();
+        for sees in [&mut user_sees, &mut agent_sees] {
+            assert!(
+                matches!(sees.next().await, Some(Err(RouterError::Unavailable(m))) if m.contains("connection reset"))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_side_that_leaves_midway_fails_the_session_but_one_that_finished_may_go() {
+        // The agent's call ends while it still had a direction open: an error for the user.
+        let (user, mut user_sees) = SideHandle::<F>::new(4);
+        let (agent, agent_sees) = SideHandle::<F>::new(4);
+        let link = SessionLink::new(user.end.clone(), agent.end.clone());
+        let (_user_tx, user_in) = source();
+        let p = tokio::spawn(pump(Side::User, &agent, &link, Duration::from_secs(5)).run(user_in));
+        drop(agent.outbound);
+        drop(agent_sees);
+        p.await.unwrap();
+        assert_eq!(user_sees.next().await, Some(Err(gone(Side::Agent))));
+
+        // The agent finished sending (its output queued for the user), then left: the user
+        // still gets everything and an OK end.
+        let (user, mut user_sees) = SideHandle::<F>::new(4);
+        let (agent, agent_sees) = SideHandle::<F>::new(4);
+        let link = SessionLink::new(user.end.clone(), agent.end.clone());
+        let (user_tx, user_in) = source();
+        let (agent_tx, agent_in) = source();
+        let up = tokio::spawn(pump(Side::User, &agent, &link, Duration::from_secs(5)).run(user_in));
+        let down =
+            tokio::spawn(pump(Side::Agent, &user, &link, Duration::from_secs(5)).run(agent_in));
+        drop((user.outbound, agent.outbound));
+        agent_tx.send(Ok(F(b"last words".to_vec()))).await.unwrap();
+        drop(agent_tx);
+        down.await.unwrap();
+        drop(agent_sees);
+        up.await.unwrap();
+        drop(user_tx);
+        assert_eq!(user_sees.next().await, Some(Ok(F(b"last words".to_vec()))));
+        assert_eq!(user_sees.next().await, Some(Ok(F::eof())));
+        assert_eq!(user_sees.next().await, None);
+        assert_eq!(link.end(), End::Finished);
     }
 
     #[tokio::test]

@@ -25,6 +25,9 @@ impl Payload for F {
     fn eof() -> Self {
         F("eof")
     }
+    fn abort_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 struct Router {

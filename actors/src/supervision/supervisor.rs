@@ -18,7 +18,7 @@ use actix::{
     Actor, ActorContext, AsyncContext, Context, Handler, Message, ResponseFuture, Running,
     SpawnHandle,
 };
-use slog::{error, info, warn};
+use slog::{debug, error, info, warn};
 use tokio::sync::oneshot;
 
 use super::control::{Exit, ExitNotify};
@@ -362,6 +362,11 @@ impl Supervisor {
         if let Some(c) = self.children.remove(&id) {
             self.rt.registry.deregister(&c.cell);
         }
+        // Whoever waits for its start will not see one.
+        self.answer_restart(
+            id,
+            Err(ChildError::Failed("removed before it started".into())),
+        );
     }
 
     /// Queues the given waiting children for starting, in order.
@@ -563,11 +568,18 @@ impl Supervisor {
         let Some(child) = self.children.get_mut(&id) else {
             return;
         };
-        child.cell.record_failure(reason.clone());
-        self.rt
-            .registry
-            .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
-        warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
+        // A temporary or transient child that ends cleanly has done its job (a finished session,
+        // say): that is not a failure to record or to warn about.
+        if !failed && child.spec.restart != Restart::Permanent {
+            self.rt.registry.emit(&child.cell, EventKind::Stopped, None);
+            debug!(self.rt.log, "child finished"; "path" => &**child.cell.path());
+        } else {
+            child.cell.record_failure(reason.clone());
+            self.rt
+                .registry
+                .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
+            warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
+        }
         let restart = match child.spec.restart {
             Restart::Permanent => true,
             Restart::Transient => failed,

@@ -233,7 +233,16 @@ async fn listen_once(
     }
     while let Some(offer) = offers.next().await {
         let offer = offer.map_err(|s| format!("listen: {:?}: {}", s.code(), s.message()))?;
-        let (router, agent, running) = (router.clone(), agent.clone(), running.clone());
+        // The token file is read for every session: a renewed token is used at once, without
+        // waiting for the listen stream to reconnect.
+        let router = match conn.token().and_then(|t| router.with_token(t.as_deref())) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                eprintln!("lodge agent: {e}; using the token read at connect time");
+                router.clone()
+            }
+        };
+        let (agent, running) = (agent.clone(), running.clone());
         tokio::spawn(async move {
             take_offer(router, offer, &agent).await;
             drop(running);

@@ -162,6 +162,22 @@ where
     }
 }
 
+/// Makes stdin and stdout blocking. A parent may hand over non-blocking pipes (rsync does, for the
+/// remote shell it runs); the standard streams are written with blocking calls, which would then
+/// fail with EAGAIN whenever the pipe is full.
+pub(crate) fn blocking_stdio() {
+    use std::os::fd::AsFd;
+    let set = |fd: std::os::fd::BorrowedFd<'_>| {
+        if let Ok(flags) = rustix::fs::fcntl_getfl(fd) {
+            if flags.contains(rustix::fs::OFlags::NONBLOCK) {
+                let _ = rustix::fs::fcntl_setfl(fd, flags - rustix::fs::OFlags::NONBLOCK);
+            }
+        }
+    };
+    set(std::io::stdin().as_fd());
+    set(std::io::stdout().as_fd());
+}
+
 async fn write_out<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     w.write_all(bytes).await?;
     w.flush().await
