@@ -354,6 +354,60 @@ fn relay_error(owner: u64, s: Status) -> Status {
     }
 }
 
+/// A tunnel call's opening: who calls, whether another member relayed it, its token (to relay
+/// it on), and its first frame.
+struct Opening {
+    caller: Caller,
+    relayed: bool,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    inbound: Streaming<Frame>,
+    first: Frame,
+}
+
+impl Opening {
+    fn arrival(
+        self,
+        side: Side,
+        session_key: String,
+        workflow_id: String,
+        operation: Option<Operation>,
+        greeting: Paired,
+    ) -> Arrival {
+        Arrival {
+            side,
+            session_key,
+            workflow_id,
+            operation,
+            first: self.first,
+            greeting: Frame {
+                control: Some(frame::Control::Paired(greeting)),
+                ..Default::default()
+            },
+            inbound: self.inbound,
+            relayed: self.relayed,
+            authorization: self.authorization,
+        }
+    }
+}
+
+impl TunnelService {
+    /// Authenticates a tunnel call and reads its first frame.
+    async fn open(&self, req: Request<Streaming<Frame>>) -> Result<Opening, Status> {
+        let caller = self.cx.caller(req.metadata())?;
+        let relayed = req.metadata().contains_key(RELAYED);
+        let authorization = authorization(req.metadata());
+        let mut inbound = req.into_inner();
+        let first = self.first_frame(&mut inbound).await?;
+        Ok(Opening {
+            caller,
+            relayed,
+            authorization,
+            inbound,
+            first,
+        })
+    }
+}
+
 fn authorization(
     md: &MetadataMap,
 ) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
@@ -370,71 +424,39 @@ impl crate::pb::router::tunnel_server::Tunnel for TunnelService {
         &self,
         req: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::UserStream>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
-        let relayed = req.metadata().contains_key(RELAYED);
-        let auth = authorization(req.metadata());
-        let mut inbound = req.into_inner();
-        let first = self.first_frame(&mut inbound).await?;
-        let Some(frame::Control::UserInit(init)) = &first.control else {
+        let o = self.open(req).await?;
+        let Some(frame::Control::UserInit(init)) = &o.first.control else {
             return Err(Status::invalid_argument(
                 "the first frame of a user must be user_init",
             ));
         };
         let operation = check_user_init(init).map_err(status)?;
-        caller.require(role_of(operation.kind), Some(&init.workflow_id))?;
-        let greeting = Frame {
-            control: Some(frame::Control::Paired(Paired {
-                init: Some(init.clone()),
-            })),
-            ..Default::default()
+        o.caller
+            .require(role_of(operation.kind), Some(&init.workflow_id))?;
+        let (key, workflow) = (init.session_key.clone(), init.workflow_id.clone());
+        let greeting = Paired {
+            init: Some(init.clone()),
         };
-        let arrival = Arrival {
-            side: Side::User,
-            session_key: init.session_key.clone(),
-            workflow_id: init.workflow_id.clone(),
-            operation: Some(operation),
-            first: first.clone(),
-            greeting,
-            inbound,
-            relayed,
-            authorization: auth,
-        };
-        self.arrive(arrival).await
+        self.arrive(o.arrival(Side::User, key, workflow, Some(operation), greeting))
+            .await
     }
 
     async fn agent(
         &self,
         req: Request<Streaming<Frame>>,
     ) -> Result<Response<Self::AgentStream>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
-        let relayed = req.metadata().contains_key(RELAYED);
-        let auth = authorization(req.metadata());
-        let mut inbound = req.into_inner();
-        let first = self.first_frame(&mut inbound).await?;
-        let Some(frame::Control::AgentInit(init)) = &first.control else {
+        let o = self.open(req).await?;
+        let Some(frame::Control::AgentInit(init)) = &o.first.control else {
             return Err(Status::invalid_argument(
                 "the first frame of an agent must be agent_init",
             ));
         };
         check_id("session_key", &init.session_key).map_err(status)?;
         check_id("workflow_id", &init.workflow_id).map_err(status)?;
-        caller.require(Role::Agent, Some(&init.workflow_id))?;
-        let greeting = Frame {
-            control: Some(frame::Control::Paired(Paired { init: None })),
-            ..Default::default()
-        };
-        let arrival = Arrival {
-            side: Side::Agent,
-            session_key: init.session_key.clone(),
-            workflow_id: init.workflow_id.clone(),
-            operation: None,
-            first: first.clone(),
-            greeting,
-            inbound,
-            relayed,
-            authorization: auth,
-        };
-        self.arrive(arrival).await
+        o.caller.require(Role::Agent, Some(&init.workflow_id))?;
+        let (key, workflow) = (init.session_key.clone(), init.workflow_id.clone());
+        self.arrive(o.arrival(Side::Agent, key, workflow, None, Paired { init: None }))
+            .await
     }
 
     async fn listen(

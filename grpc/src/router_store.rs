@@ -58,6 +58,15 @@ fn put_op(record: &OwnerRecord, lease: i64) -> RequestOp {
     }
 }
 
+/// The stored record is exactly `record` (records encode deterministically).
+fn value_is(key: &[u8], record: &OwnerRecord) -> Compare {
+    Compare {
+        result: compare::Result::Equal as i32,
+        key: key.to_vec(),
+        target: Some(compare::Target::Value(record.encode())),
+    }
+}
+
 fn get_op(key: Vec<u8>) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::Get(RangeRequest {
@@ -129,11 +138,7 @@ impl OwnerStore for KvOwnerStore {
         Box::pin(async move {
             let key = record_key(&record.session_key);
             let txn = TxnRequest {
-                compare: vec![Compare {
-                    result: compare::Result::Equal as i32,
-                    key: key.clone(),
-                    target: Some(compare::Target::Value(held.encode())),
-                }],
+                compare: vec![value_is(&key, &held)],
                 success: vec![put_op(&record, lease)],
                 failure: vec![get_op(key)],
             };
@@ -146,11 +151,7 @@ impl OwnerStore for KvOwnerStore {
         Box::pin(async move {
             let key = record_key(&record.session_key);
             let txn = TxnRequest {
-                compare: vec![Compare {
-                    result: compare::Result::Equal as i32,
-                    key: key.clone(),
-                    target: Some(compare::Target::Value(record.encode())),
-                }],
+                compare: vec![value_is(&key, &record)],
                 success: vec![RequestOp {
                     request: Some(request_op::Request::Delete(DeleteRangeRequest {
                         key,
