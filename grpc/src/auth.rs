@@ -180,9 +180,11 @@ impl Authenticator {
                 Ok(k) => (k, Algorithm::RS256),
                 Err(_) => match DecodingKey::from_ec_pem(pem) {
                     Ok(k) => (k, Algorithm::ES256),
-                    Err(e) => return Err(format!(
+                    Err(e) => {
+                        return Err(format!(
                         "router.auth.public_key_file: not an RSA or P-256 public key in PEM: {e}"
-                    )),
+                    ))
+                    }
                 },
             },
         };
