@@ -65,8 +65,8 @@ pub enum Bench {
         registrations: usize,
     },
     /// One TCP stream through `lodge port-forward` → node → `lodge agent` → a local sink, beside
-    /// the same transfer through one socat relay and direct; session set-up time; the node's
-    /// memory with many idle sessions.
+    /// the same transfer through one socat relay (default and 128 KiB blocks) and direct;
+    /// session set-up time; the node's memory with many idle sessions.
     Tunnel {
         /// Bytes per transfer.
         #[arg(long, default_value_t = 1 << 30)]

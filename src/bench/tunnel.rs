@@ -1,7 +1,7 @@
 //! `lodge bench tunnel`: one TCP stream through `lodge port-forward` → node → `lodge agent` →
-//! a local server, beside the same transfer through one `socat` relay and direct, in the same
-//! run; then the session set-up time (connect → first byte echoed) beside socat's; then the
-//! node's memory with many idle sessions.
+//! a local server, beside the same transfer through one `socat` relay (with its default 8 KiB
+//! blocks, and with 128 KiB blocks) and direct, in the same run; then the session set-up time
+//! (connect → first byte echoed) beside socat's; then the node's memory with many idle sessions.
 //!
 //! The servers at the far end (a sink that counts what it reads and answers the count, and an
 //! echo server) and the clients are in this process: the servers on one current-thread tokio
@@ -160,11 +160,16 @@ impl Tunnel {
     }
 }
 
-/// `socat TCP-LISTEN:P,fork,reuseaddr TCP:127.0.0.1:TARGET` (one process per connection, socat's
-/// default 8 KiB transfer block); answers it and where it listens once it accepts connections.
-fn start_socat(target: u16) -> (Helper, SocketAddr) {
+/// `socat [-b BLOCK] TCP-LISTEN:P,fork,reuseaddr TCP:127.0.0.1:TARGET` (one process per
+/// connection; socat's default transfer block is 8 KiB); answers it and where it listens once it
+/// accepts connections.
+fn start_socat(target: u16, block: Option<usize>) -> (Helper, SocketAddr) {
     let port = free_port();
-    let child = Command::new("socat")
+    let mut socat = Command::new("socat");
+    if let Some(b) = block {
+        socat.args(["-b", &b.to_string()]);
+    }
+    let child = socat
         .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
         .arg(format!("TCP:127.0.0.1:{target}"))
         .stdout(Stdio::null())
@@ -349,95 +354,109 @@ pub fn run(o: Options) {
     );
     let chunk: Vec<u8> = (0..WRITE).map(|i| (i % 251) as u8).collect();
 
-    // 1. Throughput: the three paths in turn, the order rotated every round.
+    // 1. Throughput: the four paths in turn, the order rotated every round. socat runs as it
+    // usually is (8 KiB blocks), and with blocks the size of the source's writes and of the
+    // tunnel's frames.
     let sink = SocketAddr::from(([127, 0, 0, 1], servers.sink));
-    let (socat, socat_addr) = start_socat(servers.sink);
+    let (socat, socat_addr) = start_socat(servers.sink, None);
+    let (socat_big, socat_big_addr) = start_socat(servers.sink, Some(WRITE));
     let tunnel = Tunnel::start(servers.sink, &[]);
-    let paths = [
-        ("direct", sink),
-        ("socat", socat_addr),
-        ("lodge", tunnel.listen),
-    ];
+    let paths = [sink, socat_addr, socat_big_addr, tunnel.listen];
+    const LODGE: usize = 3;
     // Warm-up: connections, sessions, allocator pools.
-    for (_, to) in paths {
+    for to in paths {
         transfer(to, o.bytes.min(64 << 20), &chunk);
     }
-    let mut rates: [Vec<f64>; 3] = Default::default();
-    // CPU seconds per GB of each lodge process and of this one over the lodge transfers, and of
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    // CPU seconds per GB: each lodge process and this one over the lodge transfers, and each
     // socat (with its per-connection children) over its own.
     let mut cpu: [Vec<f64>; 4] = Default::default();
-    let mut socat_cpu = Vec::new();
+    let mut socat_cpu: [Vec<f64>; 2] = Default::default();
     let gb = o.bytes as f64 / 1e9;
     println!();
-    println!("| round | direct MB/s | socat MB/s | lodge MB/s | lodge ÷ socat | lodge ÷ direct |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| round | direct MB/s | socat MB/s | socat -b 128 KiB MB/s | lodge MB/s | lodge ÷ socat \
+         | lodge ÷ socat -b 128 KiB | lodge ÷ direct |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let row = |label: &str, r: [f64; 4]| {
+        let [d, s, b, l] = r;
+        println!(
+            "| {label} | {d:.0} | {s:.0} | {b:.0} | {l:.0} | {:.2} | {:.2} | {:.3} |",
+            l / s,
+            l / b,
+            l / d
+        );
+    };
     for round in 0..o.rounds {
-        let mut order = [0, 1, 2];
-        order.rotate_left(round % 3);
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(round % 4);
         for p in order {
             let pids = tunnel.pids();
             let before: Vec<f64> = pids.iter().map(|(_, pid)| cpu_of(pid, false)).collect();
             let me = cpu_of("self", false);
-            let socat_before = cpu_of(&socat.pid(), true);
-            let rate = transfer(paths[p].1, o.bytes, &chunk);
-            match paths[p].0 {
-                "lodge" => {
+            let relays = [&socat, &socat_big];
+            let socat_before = relays.map(|h| cpu_of(&h.pid(), true));
+            let rate = transfer(paths[p], o.bytes, &chunk);
+            match p {
+                LODGE => {
                     for (i, (_, pid)) in pids.iter().enumerate() {
                         cpu[i].push((cpu_of(pid, false) - before[i]) / gb);
                     }
                     cpu[3].push((cpu_of("self", false) - me) / gb);
                 }
-                "socat" => {
+                1 | 2 => {
                     // The connection's child is counted once socat has reaped it.
                     std::thread::sleep(Duration::from_millis(300));
-                    socat_cpu.push((cpu_of(&socat.pid(), true) - socat_before) / gb);
+                    let i = p - 1;
+                    socat_cpu[i].push((cpu_of(&relays[i].pid(), true) - socat_before[i]) / gb);
                 }
                 _ => {}
             }
             rates[p].push(rate);
         }
-        let [d, s, l] = [&rates[0], &rates[1], &rates[2]].map(|v| v[round]);
-        println!(
-            "| {} | {d:.0} | {s:.0} | {l:.0} | {:.2} | {:.3} |",
-            round + 1,
-            l / s,
-            l / d
+        row(
+            &(round + 1).to_string(),
+            [0, 1, 2, 3].map(|p| rates[p][round]),
         );
     }
-    let [d, s, l] = rates.map(median);
+    let m = rates.map(median);
+    row("**median**", m);
     println!(
-        "| **median** | **{d:.0}** | **{s:.0}** | **{l:.0}** | **{:.2}** | **{:.3}** |",
-        l / s,
-        l / d
-    );
-    println!(
-        "target: lodge ≥ 0.50 × socat: {}",
-        if l / s >= 0.5 { "met" } else { "NOT met" }
+        "target: lodge ≥ 0.50 × socat: {} ({:.2}); against socat -b 128 KiB: {:.2}",
+        if m[LODGE] / m[1] >= 0.5 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        m[LODGE] / m[1],
+        m[LODGE] / m[2]
     );
     println!();
     println!(
         "CPU seconds per GB moved (median of rounds; the bench's own is its source and sink):"
     );
     println!();
-    println!("| node | agent | port-forward | lodge's three | bench, lodge path | socat relay |");
-    println!("|---|---|---|---|---|---|");
-    let c = cpu.map(median);
     println!(
-        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        "| node | agent | port-forward | lodge's three | bench, lodge path | socat | socat -b 128 KiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let c = cpu.map(median);
+    let [sc, sb] = socat_cpu.map(median);
+    println!(
+        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {sc:.2} | {sb:.2} |",
         c[0],
         c[1],
         c[2],
         c[0] + c[1] + c[2],
         c[3],
-        median(socat_cpu)
     );
-    drop(socat);
-    drop(tunnel);
+    drop((socat, socat_big, tunnel));
 
     // 2. Set-up time: the same echo server through lodge, socat and directly, sample by sample
     // in turn.
     let echo = SocketAddr::from(([127, 0, 0, 1], servers.echo));
-    let (socat, socat_addr) = start_socat(servers.echo);
+    let (socat, socat_addr) = start_socat(servers.echo, None);
     let tunnel = Tunnel::start(servers.echo, &[]);
     let paths = [
         ("direct", echo),
