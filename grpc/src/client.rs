@@ -9,6 +9,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 pub const STREAM_WINDOW: u32 = 2 << 20;
 /// HTTP/2 receive window of a whole connection (16 MiB).
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame a node or a client accepts (256 KiB; the protocol's default is 16 KiB).
+/// The HTTP/2 writer makes one system call per DATA frame, so with the default a 128 KiB tunnel
+/// message ([`crate::router_client::MAX_CHUNK`]) left in eight writes and was read in eight
+/// frames at every hop; now it is one. Other streams of the connection wait for at most one such
+/// message, which is less than the socket's send buffer already queues ahead of them.
+pub const MAX_FRAME: u32 = 256 << 10;
 
 /// TLS settings of a client; all empty means plaintext.
 #[derive(Clone, Debug, Default)]
@@ -41,7 +47,8 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String>
         // Tunnels stream bulk data: hyper's 64 KiB default window stalls a stream every 64 KiB
         // for a round trip. These bound what one stream or connection can have in flight.
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME);
     if let Some(ca) = &tls.ca {
         let mut cfg =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));

@@ -314,6 +314,7 @@ pub async fn serve(
         .initial_stream_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .tcp_nodelay(true)
+        .max_frame_size(crate::client::MAX_FRAME)
         .layer(MetricsLayer::new(metrics, served_methods()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);

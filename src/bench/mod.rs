@@ -6,6 +6,7 @@ mod disk;
 mod heartbeat;
 mod kv;
 mod memory;
+mod tunnel;
 
 use clap::Subcommand;
 
@@ -63,6 +64,23 @@ pub enum Bench {
         #[arg(long, default_value_t = 100_000)]
         registrations: usize,
     },
+    /// One TCP stream through `lodge port-forward` → node → `lodge agent` → a local sink, beside
+    /// the same transfer through one socat relay (default and 128 KiB blocks) and direct;
+    /// session set-up time; the node's memory with many idle sessions.
+    Tunnel {
+        /// Bytes per transfer.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Transfers per path (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Sequential connect → echo exchanges per path for the set-up times.
+        #[arg(long, default_value_t = 500)]
+        setups: usize,
+        /// Idle sessions held open for the memory figure (0: skip it).
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+    },
     /// The bare tonic server of `bench heartbeat` (run by it as a child process).
     #[command(hide = true)]
     EchoServer,
@@ -107,6 +125,20 @@ pub fn run(cmd: Bench) -> i32 {
             registrations,
         } => {
             heartbeat::run(clients.max(1), seconds.max(1), rounds.max(1), registrations);
+            0
+        }
+        Bench::Tunnel {
+            bytes,
+            rounds,
+            setups,
+            sessions,
+        } => {
+            tunnel::run(tunnel::Options {
+                bytes: bytes.max(1),
+                rounds: rounds.max(1),
+                setups: setups.max(1),
+                sessions,
+            });
             0
         }
         Bench::EchoServer => heartbeat::serve_echo(),
