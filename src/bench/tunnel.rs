@@ -502,7 +502,7 @@ pub fn run(o: Options) {
 
     // 3. Memory with idle sessions, on fresh processes. One connection (one HTTP/2 stream to the
     // node) per session from the port-forward and from the agent: the node's per-connection
-    // stream limit (256 by default) is raised to hold them all.
+    // stream limit (2048 by default) is raised if needed to hold them all.
     if o.sessions == 0 {
         return;
     }
