@@ -17,9 +17,9 @@ use lodge_grpc::router_client::new_session_key;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 
-use self::session::{Outcome, UserIo};
+use self::session::Outcome;
 use self::terminal::RawMode;
-use super::{Link, TunnelConn};
+use super::TunnelConn;
 
 /// Arguments of `lodge exec`.
 #[derive(clap::Args, Debug)]
@@ -69,29 +69,12 @@ pub async fn run(conn: TunnelConn, args: ExecArgs) -> i32 {
             },
         })),
     };
-    let client = match conn.connect().await {
-        Ok(c) => c,
+    let (link, io) = match session::open(&conn, init, resizes).await {
+        Ok(opened) => opened,
         Err(e) => return fail(&e),
-    };
-    let tunnel = match client.open_user(init).await {
-        Ok(t) => t,
-        Err(status) => return fail(status.message()),
-    };
-    session::blocking_stdio();
-    let input = match session::stdin_chunks() {
-        Ok(i) => i,
-        Err(e) => return fail(&e),
-    };
-    let io = UserIo {
-        input,
-        resizes,
-        stdout: tokio::io::stdout(),
-        stderr: tokio::io::stderr(),
     };
     if !args.tty {
-        return session::run(Link::from(tunnel), io)
-            .await
-            .finish("lodge exec");
+        return session::run(link, io).await.finish("lodge exec");
     }
     // Raw only once the agent is there: while waiting, ^C still interrupts `lodge exec`.
     let raw = match RawMode::enable() {
@@ -101,7 +84,7 @@ pub async fn run(conn: TunnelConn, args: ExecArgs) -> i32 {
     // In raw mode ^C is a byte for the remote side; a signal from elsewhere (kill, a closed
     // window) must still restore the terminal before we go.
     let outcome = tokio::select! {
-        outcome = session::run(Link::from(tunnel), io) => outcome,
+        outcome = session::run(link, io) => outcome,
         signal = stop_signal() => {
             drop(raw);
             eprintln!("lodge exec: stopped by signal {signal}");

@@ -18,8 +18,8 @@ use std::path::Path;
 use lodge_grpc::pb::router::{user_init, Rsync, UserInit};
 use lodge_grpc::router_client::new_session_key;
 
-use super::exec::session::{self, UserIo};
-use super::{Link, TunnelConn};
+use super::exec::session;
+use super::TunnelConn;
 
 /// Arguments of `lodge rsync`.
 #[derive(clap::Args, Debug)]
@@ -151,28 +151,11 @@ pub async fn run_shell(conn: TunnelConn, args: RsyncShellArgs) -> i32 {
             command: args.command,
         })),
     };
-    let client = match conn.connect().await {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let tunnel = match client.open_user(init).await {
-        Ok(t) => t,
-        Err(status) => return fail(status.message()),
-    };
-    session::blocking_stdio();
-    let input = match session::stdin_chunks() {
-        Ok(i) => i,
-        Err(e) => return fail(&e),
-    };
-    let io = UserIo {
-        input,
-        resizes: None,
-        stdout: tokio::io::stdout(),
-        stderr: tokio::io::stderr(),
-    };
-    session::run(Link::from(tunnel), io)
-        .await
-        .finish("lodge rsync")
+    match session::open(&conn, init, None).await {
+        Ok((link, io)) => session::run(link, io).await,
+        Err(e) => session::Outcome::Failed(e),
+    }
+    .finish("lodge rsync")
 }
 
 #[cfg(test)]

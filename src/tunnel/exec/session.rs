@@ -162,6 +162,31 @@ where
     }
 }
 
+/// The local standard streams as a session's user side, once its tunnel is open.
+pub(crate) type StdIo = UserIo<tokio::io::Stdout, tokio::io::Stderr>;
+
+/// Opens the user tunnel for `init` and takes over the standard streams: what `lodge exec` and
+/// `lodge rsync-shell` share. The error is one line for people.
+pub(crate) async fn open(
+    conn: &crate::tunnel::TunnelConn,
+    init: lodge_grpc::pb::router::UserInit,
+    resizes: Option<mpsc::Receiver<TerminalSize>>,
+) -> Result<(crate::tunnel::Link, StdIo), String> {
+    let client = conn.connect().await?;
+    let tunnel = client
+        .open_user(init)
+        .await
+        .map_err(|status| status.message().to_string())?;
+    blocking_stdio();
+    let io = UserIo {
+        input: stdin_chunks()?,
+        resizes,
+        stdout: tokio::io::stdout(),
+        stderr: tokio::io::stderr(),
+    };
+    Ok((crate::tunnel::Link::from(tunnel), io))
+}
+
 /// Makes stdin and stdout blocking. A parent may hand over non-blocking pipes (rsync does, for the
 /// remote shell it runs); the standard streams are written with blocking calls, which would then
 /// fail with EAGAIN whenever the pipe is full.
