@@ -354,13 +354,12 @@ impl<T: Payload> RouterHub<T> {
                             Ok(Route::Remote { owner: held.owner })
                         }
                     }),
-                    Err(e) => act.resolve(&key, Err(e)),
+                    Err(e) => act.fail_waiters(&key, e),
                 }),
         );
     }
 
-    fn resolve(&mut self, key: &str, result: Result<(), RouterError>) {
-        let e = result.expect_err("resolve is for errors");
+    fn fail_waiters(&mut self, key: &str, e: RouterError) {
         self.resolve_with(key, |_| Err(e.clone()));
     }
 
@@ -417,11 +416,11 @@ impl<T: Payload> RouterHub<T> {
                 warn!(act.log, "session actor did not start"; "session_key" => &key);
                 act.records.insert(key.clone(), record);
                 act.forget_record(&key);
-                act.resolve(
+                act.fail_waiters(
                     &key,
-                    Err(RouterError::Unavailable(format!(
+                    RouterError::Unavailable(format!(
                         "session {key}: its actor did not start; retry"
-                    ))),
+                    )),
                 );
                 return;
             }
