@@ -96,17 +96,7 @@ impl Forwarder {
             .directory
             .address(*leader)
             .ok_or_else(|| self.status(err))?;
-        let cached = self.channels.lock().unwrap().get(&addr).cloned();
-        match cached {
-            Some(c) => Ok(c),
-            None => {
-                let c = client::connect(&addr, &self.tls)
-                    .await
-                    .map_err(Status::unavailable)?;
-                self.channels.lock().unwrap().insert(addr, c.clone());
-                Ok(c)
-            }
-        }
+        self.channel(addr).await
     }
 
     /// A channel to member `id` (relaying a session to its owner, say).
@@ -114,6 +104,11 @@ impl Forwarder {
         let addr = self.directory.address(id).ok_or_else(|| {
             Status::unavailable(format!("member {id}'s address is not known here; retry"))
         })?;
+        self.channel(addr).await
+    }
+
+    /// The cached channel to `addr`, or a new one (tonic channels reconnect by themselves).
+    async fn channel(&self, addr: String) -> Result<Channel, Status> {
         let cached = self.channels.lock().unwrap().get(&addr).cloned();
         match cached {
             Some(c) => Ok(c),

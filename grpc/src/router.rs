@@ -518,6 +518,30 @@ impl ControlService {
     }
 
     /// A control call for a session owned elsewhere, sent to its owner once.
+    /// Authenticates an admin call about session `key` and finds the session.
+    async fn admin_lookup(
+        &self,
+        md: &MetadataMap,
+        key: &str,
+    ) -> Result<(Caller, Found<Frame>), Status> {
+        let caller = self.cx.caller(md)?;
+        caller.require(Role::Admin, None)?;
+        check_id("session_key", key).map_err(status)?;
+        Ok((caller, self.lookup(key).await?))
+    }
+
+    /// The owner's control client and the call to send it.
+    async fn to_owner<T>(
+        &self,
+        owner: u64,
+        md: &MetadataMap,
+        msg: T,
+    ) -> Result<(RouterControlClient<tonic::transport::Channel>, Request<T>), Status> {
+        let onward = self.onward(md, msg)?;
+        let channel = self.cx.peers.member(owner).await?;
+        Ok((RouterControlClient::new(channel), onward))
+    }
+
     fn onward<T>(&self, md: &MetadataMap, msg: T) -> Result<Request<T>, Status> {
         if md.contains_key(RELAYED) {
             return Err(Status::unavailable(
@@ -604,11 +628,9 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<GetSessionInfoRequest>,
     ) -> Result<Response<SessionInfo>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
-        caller.require(Role::Admin, None)?;
         let key = req.get_ref().session_key.clone();
-        check_id("session_key", &key).map_err(status)?;
-        match self.lookup(&key).await? {
+        let (caller, found) = self.admin_lookup(req.metadata(), &key).await?;
+        match found {
             Found::Local(s) => {
                 let v = self.inspect(&s, &key).await?;
                 // A token limited to some workflows does not learn of the others' sessions.
@@ -619,9 +641,10 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
             }
             Found::Remote(r) if !caller.may_use(&r.workflow_id) => Err(not_found(&key)),
             Found::Remote(r) => {
-                let onward = self.onward(req.metadata(), req.get_ref().clone())?;
-                let ch = self.cx.peers.member(r.owner).await?;
-                RouterControlClient::new(ch).get_session_info(onward).await
+                let (mut owner, onward) = self
+                    .to_owner(r.owner, req.metadata(), req.get_ref().clone())
+                    .await?;
+                owner.get_session_info(onward).await
             }
             Found::Missing => Err(not_found(&key)),
         }
@@ -662,11 +685,9 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<TerminateSessionRequest>,
     ) -> Result<Response<TerminateSessionResponse>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
-        caller.require(Role::Admin, None)?;
         let key = req.get_ref().session_key.clone();
-        check_id("session_key", &key).map_err(status)?;
-        match self.lookup(&key).await? {
+        let (caller, found) = self.admin_lookup(req.metadata(), &key).await?;
+        match found {
             Found::Local(s) => {
                 if !caller.may_use(&self.inspect(&s, &key).await?.workflow_id) {
                     return Err(not_found(&key));
@@ -684,9 +705,10 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
             }
             Found::Remote(r) if !caller.may_use(&r.workflow_id) => Err(not_found(&key)),
             Found::Remote(r) => {
-                let onward = self.onward(req.metadata(), req.get_ref().clone())?;
-                let ch = self.cx.peers.member(r.owner).await?;
-                RouterControlClient::new(ch).terminate_session(onward).await
+                let (mut owner, onward) = self
+                    .to_owner(r.owner, req.metadata(), req.get_ref().clone())
+                    .await?;
+                owner.terminate_session(onward).await
             }
             Found::Missing => Err(not_found(&key)),
         }
