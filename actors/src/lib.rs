@@ -15,6 +15,7 @@
 //!   the admin RPC.
 
 pub mod admin;
+pub mod balancer;
 pub mod clock;
 pub mod cluster;
 pub mod envelope;

@@ -1,0 +1,1 @@
+//! Address, path and header patterns of routes.

@@ -1,0 +1,1 @@
+//! Telling a connection's protocol from its first bytes.
