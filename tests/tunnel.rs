@@ -395,3 +395,39 @@ fn tunnel_sessions_cli_lists_and_terminates() {
         .unwrap();
     assert!(err.contains("tests"), "{err}");
 }
+#[test]
+fn tunnel_tcp_reset_reaches_the_far_side_as_a_reset_not_an_end() {
+    let s = setup();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let seen = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break "a clean end",
+                Ok(_) => continue,
+                Err(_) => break "a reset",
+            }
+        };
+        let _ = tx.send(seen);
+    });
+    let (_pf, local) = s.forward(port, &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::TcpStream::connect(&local).await.unwrap();
+        c.write_all(b"partial upload").await.unwrap();
+        // An abortive close: the user's side breaks off in the middle.
+        c.set_zero_linger().unwrap();
+        drop(c);
+    });
+    let seen = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server saw the connection end");
+    assert_eq!(seen, "a reset", "a broken upload must not look complete");
+}
