@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
     let protos = [
         "lodge/admin/v1/admin.proto",
+        "lodge/balancer/v1/balancer.proto",
         "lodge/cluster/v1/cluster.proto",
         "lodge/kv/v1/kv.proto",
         "lodge/raft/v1/raft.proto",

@@ -28,6 +28,11 @@ pub mod pb {
         tonic::include_proto!("lodge.admin.v1");
     }
 
+    /// `lodge.balancer.v1`.
+    pub mod balancer {
+        tonic::include_proto!("lodge.balancer.v1");
+    }
+
     /// `lodge.cluster.v1`.
     pub mod cluster {
         tonic::include_proto!("lodge.cluster.v1");
