@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod balancer;
 pub mod client;
 pub mod cluster;
 pub mod deadline;
