@@ -7,6 +7,7 @@ pub mod lease;
 pub mod log;
 pub mod members;
 pub mod raft;
+pub mod store;
 pub mod topology;
 pub mod transport;
 pub mod watch;
