@@ -20,6 +20,7 @@ pub mod router;
 pub mod router_client;
 pub mod router_store;
 pub mod server;
+pub mod store;
 pub mod translation;
 
 /// Generated protobuf and gRPC code.
