@@ -5,7 +5,10 @@
 pub mod flow;
 pub mod pattern;
 pub mod route;
+pub mod scaler;
+pub mod score;
 pub mod sniff;
+pub mod traffic;
 
 pub use flow::{Flow, ModuleType, Protocol};
 pub use route::{Route, RoutingTable};
