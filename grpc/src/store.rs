@@ -183,13 +183,18 @@ impl Store for KvStore {
         })
     }
 
-    fn revoke(&self, lease: i64) -> StoreFuture<()> {
+    fn revoke(&self, lease: i64) -> StoreFuture<i64> {
         let kv = self.kv.clone();
         let req = self.timed(LeaseRevokeRequest { id: lease });
         Box::pin(async move {
             match kv.lease_revoke(req).await {
-                Ok(_) => Ok(()),
-                Err(s) if s.code() == Code::NotFound => Ok(()),
+                Ok(r) => Ok(r
+                    .into_inner()
+                    .header
+                    .map(|h| h.revision)
+                    .unwrap_or_default()),
+                // Gone already: nothing newer to wait for.
+                Err(s) if s.code() == Code::NotFound => Ok(0),
                 Err(s) => Err(store_error(s)),
             }
         })

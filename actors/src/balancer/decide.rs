@@ -28,7 +28,7 @@ use super::BalancerError;
 pub const CAN_HANDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The outcome of a decision.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Decision {
     pub instance: Instance,
     pub route: CompiledRoute,

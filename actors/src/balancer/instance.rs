@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::envelope::ActorRef;
+
 use super::model::{LoadReport, ModuleRecord, ReportedHealth};
+use super::module::ModuleActor;
 use super::score::{is_full, load_score, LoadSample};
 
 /// Health as the balancer judges it.
@@ -205,6 +208,8 @@ pub struct Instance {
     pub created: i64,
     pub report: Option<Arc<LoadReport>>,
     pub live: Arc<Live>,
+    /// Its actor on this member.
+    pub actor: ActorRef<ModuleActor>,
 }
 
 impl Instance {
@@ -290,5 +295,16 @@ impl Instance {
     /// At `max_connections`: never chosen.
     pub fn full(&self) -> bool {
         is_full(&self.sample())
+    }
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("record", &self.record)
+            .field("lease", &self.lease)
+            .field("created", &self.created)
+            .field("report", &self.report)
+            .finish_non_exhaustive()
     }
 }

@@ -2,19 +2,28 @@
 //! weights and an autoscaler, kept in the replicated store, and the decision code shared by the
 //! `RouteRequest` RPC and the node's L4 data plane.
 
+pub mod autoscale;
 pub mod decide;
 pub mod flow;
+pub mod handle;
+pub mod hook;
 pub mod instance;
 pub mod limits;
+pub mod metrics;
 pub mod model;
+pub mod module;
 pub mod pattern;
 pub mod probe;
 pub mod route;
 pub mod scaler;
 pub mod score;
 pub mod sniff;
+pub mod state;
 pub mod traffic;
 pub mod view;
+
+#[cfg(test)]
+mod tests;
 
 pub use flow::{Flow, ModuleType, Protocol};
 pub use route::{Route, RoutingTable};
@@ -60,5 +69,97 @@ impl From<crate::cluster::store::StoreError> for BalancerError {
             StoreError::Unknown(m) => Self::Unknown(m),
             e => Self::Unavailable(e.to_string()),
         }
+    }
+}
+
+/// Wall-clock milliseconds, as the balancer's records and decisions count time.
+pub fn now_ms() -> i64 {
+    crate::clock::precise_ms() as i64
+}
+
+/// What a node's balancer is made of: the shared state every part reads, and the actor
+/// references the supervision tree fills in.
+pub struct BalancerParts {
+    pub store: std::sync::Arc<dyn crate::cluster::store::Store>,
+    pub published: view::Published,
+    pub state: crate::ActorRef<state::BalancerState>,
+    pub scaler: crate::ActorRef<autoscale::Autoscaler>,
+    pub deps: module::ModuleDeps,
+    pub handle: handle::BalancerHandle,
+    pub leads: autoscale::Leads,
+    pub log: slog::Logger,
+}
+
+impl BalancerParts {
+    /// The balancer of member `member` over `store`, asking instances through `probe`.
+    pub fn new(
+        store: std::sync::Arc<dyn crate::cluster::store::Store>,
+        probe: std::sync::Arc<dyn probe::ModuleProbe>,
+        metrics: std::sync::Arc<metrics::BalancerMetrics>,
+        hook: Option<std::sync::Arc<hook::DeployHook>>,
+        member: u64,
+        leads: autoscale::Leads,
+        log: &slog::Logger,
+    ) -> Self {
+        let published = view::Published::default();
+        let state = crate::ActorRef::default();
+        let handle = handle::BalancerHandle::new(
+            store.clone(),
+            published.clone(),
+            state.clone(),
+            probe.clone(),
+            metrics.clone(),
+            hook,
+            member,
+        );
+        Self {
+            store,
+            published: published.clone(),
+            state,
+            scaler: crate::ActorRef::default(),
+            deps: module::ModuleDeps {
+                published,
+                probe,
+                metrics,
+                log: log.clone(),
+            },
+            handle,
+            leads,
+            log: log.clone(),
+        }
+    }
+
+    /// `/node/balancer`, one_for_all (the state actor rebuilds the module actors after a
+    /// failure):
+    ///
+    /// ```text
+    /// /node/balancer
+    /// ├── /node/balancer/modules   one_for_one; /node/balancer/modules/<instance_id>
+    /// ├── /node/balancer/state     loads and watches the balancer's keys; publishes the view
+    /// └── /node/balancer/scaler    the autoscaler (acts on the leader)
+    /// ```
+    pub fn supervisor(parts: std::sync::Arc<Self>) -> crate::SupervisorSpec {
+        use crate::{ChildSpec, Strategy, SupervisorSpec};
+        SupervisorSpec::new(Strategy::OneForAll, move || {
+            let (modules, modules_ref) = ChildSpec::supervisor(
+                "modules",
+                SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+            );
+            let p = parts.clone();
+            let state = ChildSpec::actor_for("state", &parts.state, move || {
+                state::BalancerState::new(
+                    p.store.clone(),
+                    p.published.clone(),
+                    modules_ref.clone(),
+                    p.deps.clone(),
+                    &p.log,
+                )
+            });
+            let p = parts.clone();
+            let scaler = ChildSpec::actor_for("scaler", &parts.scaler, move || {
+                autoscale::Autoscaler::new(p.handle.clone(), p.leads.clone(), &p.log)
+            });
+            vec![modules, state, scaler]
+        })
     }
 }

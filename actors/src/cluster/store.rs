@@ -70,8 +70,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreFuture<TxnOutcome>;
     /// A new lease of `ttl_secs` (at least 1).
     fn grant(&self, ttl_secs: i64) -> StoreFuture<i64>;
-    /// Ends a lease and deletes its keys; a lease already gone is not an error.
-    fn revoke(&self, lease: i64) -> StoreFuture<()>;
+    /// Ends a lease and deletes its keys; a lease already gone is not an error. Answers the
+    /// store's revision after it.
+    fn revoke(&self, lease: i64) -> StoreFuture<i64>;
     /// Renews a lease for its full TTL.
     fn keep_alive(&self, lease: i64) -> StoreFuture<()>;
     /// Changes under `prefix` from `start_revision` on, on this member, until the receiver is
@@ -184,12 +185,12 @@ impl Store for MemoryStore {
         })
     }
 
-    fn revoke(&self, lease: i64) -> StoreFuture<()> {
-        self.apply(&Command::LeaseRevoke {
+    fn revoke(&self, lease: i64) -> StoreFuture<i64> {
+        let res = self.apply(&Command::LeaseRevoke {
             id: lease,
             expired: false,
         });
-        Self::ready(Ok(()))
+        Self::ready(Ok(res.revision))
     }
 
     fn keep_alive(&self, lease: i64) -> StoreFuture<()> {

@@ -1,0 +1,1022 @@
+//! The balancer's operations, as the gRPC adapter and the data plane call them.
+//!
+//! Reads and decisions use the published [`View`]. Writes go to the replicated store with a
+//! compare on the record's revision (so two nodes changing the same record never lose either
+//! change: the loser reads again and reapplies), then wait until this node has applied them, so
+//! an acknowledged write is visible to the next call here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::decide::{capabilities, Decider, Decision, CAN_HANDLE_TIMEOUT};
+use super::flow::{Flow, ModuleType, Protocol};
+use super::hook::DeployHook;
+use super::instance::{Capability, Instance};
+use super::metrics::{BalancerMetrics, ScalingLabels};
+use super::model::{
+    decode, encode, BalancerSettings, DecisionRecord, HealthCheckSpec, Instructions, Key,
+    LimitTarget, LimitsRecord, LoadReport, MetricPoint, ModuleRecord, RateLimitSpec,
+    ReportedHealth, RoutesRecord, ScalingRecord, Stats,
+};
+use super::module::{Drain, Drained};
+use super::probe::ModuleProbe;
+use super::route::{validate_route_id, CompiledRoute, Route, RoutingTable};
+use super::scaler::{self, Direction, InstanceLoad, ScalingConfig};
+use super::score::{balance_score, shed_plan};
+use super::state::{BalancerState, WaitFor};
+use super::traffic::{TrafficError, TrafficRecord};
+use super::view::{Published, Versioned, View};
+use super::{now_ms, BalancerError};
+use crate::cluster::kv::{Cmp, Compare, KeyValue, Op, Target};
+use crate::cluster::store::Store;
+use crate::envelope::{ActorRef, SendError};
+
+/// Times a compare-and-swap is retried against concurrent writers before giving up.
+const CAS_ATTEMPTS: usize = 8;
+/// Instructions kept for an instance that does not heartbeat.
+const MAX_INSTRUCTIONS: usize = 16;
+/// Metric points kept per instance.
+const MAX_POINTS: usize = 256;
+/// How long a node avoids an instance whose data address refused a connection.
+pub const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// A registration request, decoded.
+#[derive(Clone, Debug, Default)]
+pub struct RegisterModule {
+    pub instance_id: String,
+    pub module_type: Option<ModuleType>,
+    pub version: String,
+    pub control_address: String,
+    pub data_address: String,
+    pub protocols: Vec<Protocol>,
+    pub max_connections: u32,
+    pub metadata: BTreeMap<String, String>,
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+/// A registration written.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub instance_id: String,
+    pub interval_ms: u32,
+    pub max_missed: u32,
+    pub replaced: bool,
+}
+
+/// The answer to a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BeatAnswer {
+    pub re_register: bool,
+    pub should_reload: bool,
+    /// The instance count wanted for the module's type, when a decision is new to it.
+    pub desired_instances: Option<u32>,
+    pub instructions: Vec<String>,
+    pub interval_ms: u32,
+}
+
+/// An instance's load as reported to callers.
+#[derive(Clone, Debug)]
+pub struct LoadInfo {
+    pub instance: Instance,
+    pub load_score: u32,
+    pub active_connections: u64,
+    pub full: bool,
+}
+
+/// A routing-table change.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingUpdate {
+    pub routes: Vec<Route>,
+    pub replace_all: bool,
+    pub validate_only: bool,
+    pub delete: Vec<String>,
+    pub expected_revision: i64,
+}
+
+/// Partial settings: `None` keeps a value.
+#[derive(Clone, Debug, Default)]
+pub struct SettingsUpdate {
+    pub heartbeat_interval_ms: Option<u32>,
+    pub max_missed_heartbeats: Option<u32>,
+    pub drain_timeout_ms: Option<u32>,
+    pub can_handle_ttl_ms: Option<u32>,
+    pub autoscale_interval_ms: Option<u32>,
+    pub rebalance_threshold: Option<u32>,
+    pub validate_only: bool,
+}
+
+/// The balancer's operations on one node; clones share everything.
+#[derive(Clone)]
+pub struct BalancerHandle {
+    store: Arc<dyn Store>,
+    published: Published,
+    state: ActorRef<BalancerState>,
+    decider: Arc<Decider>,
+    probe: Arc<dyn ModuleProbe>,
+    metrics: Arc<BalancerMetrics>,
+    hook: Option<Arc<DeployHook>>,
+    member: u64,
+}
+
+fn invalid(m: impl Into<String>) -> BalancerError {
+    BalancerError::Invalid(m.into())
+}
+
+/// An identifier: 1..=128 characters of `[A-Za-z0-9._-]` (it names an actor and a store key).
+pub fn check_id(field: &str, id: &str) -> Result<(), BalancerError> {
+    validate_route_id(id).map_err(|e| invalid(format!("{field}: {e}")))
+}
+
+/// A host:port with a port in 1..=65535.
+fn check_address(field: &str, addr: &str) -> Result<(), BalancerError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(format!("{field}: '{addr}' is not host:port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(format!("{field}: '{addr}' has no valid host")));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(invalid(format!(
+            "{field}: '{port}' is not a port (1 to 65535)"
+        ))),
+    }
+}
+
+fn check_version(field: &str, v: &str) -> Result<(), BalancerError> {
+    if v.is_empty() {
+        return Err(invalid(format!("{field}: required")));
+    }
+    if v.len() > 128 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(format!(
+            "{field}: '{v}' must be 1 to 128 characters without spaces"
+        )));
+    }
+    Ok(())
+}
+
+fn traffic_error(e: TrafficError) -> BalancerError {
+    match e {
+        TrafficError::Invalid(m) => BalancerError::Invalid(m),
+        TrafficError::Precondition(m) => BalancerError::Precondition(m),
+    }
+}
+
+fn revision_is(key: &Key, rev: i64) -> Compare {
+    Compare {
+        key: key.bytes(),
+        cmp: Cmp::Equal,
+        target: Target::ModRevision(rev),
+    }
+}
+
+fn put(key: &Key, value: Vec<u8>, lease: i64) -> Op {
+    Op::Put {
+        key: key.bytes(),
+        value,
+        lease,
+    }
+}
+
+impl BalancerHandle {
+    /// The operations of a node whose state actor publishes to `published`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        published: Published,
+        state: ActorRef<BalancerState>,
+        probe: Arc<dyn ModuleProbe>,
+        metrics: Arc<BalancerMetrics>,
+        hook: Option<Arc<DeployHook>>,
+        member: u64,
+    ) -> Self {
+        Self {
+            store,
+            published,
+            state,
+            decider: Arc::new(Decider::default()),
+            probe,
+            metrics,
+            hook,
+            member,
+        }
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<View> {
+        self.published.get()
+    }
+
+    /// The figures.
+    pub fn metrics(&self) -> &Arc<BalancerMetrics> {
+        &self.metrics
+    }
+
+    /// This node's member id.
+    pub fn member(&self) -> u64 {
+        self.member
+    }
+
+    /// Waits until this node has applied `revision`.
+    async fn applied(&self, revision: i64) -> Result<(), BalancerError> {
+        self.state
+            .send(WaitFor(revision))
+            .await
+            .map_err(|e| BalancerError::Unavailable(format!("balancer state: {e}; retry")))
+    }
+
+    /// The stored value of `key`, read through the leader.
+    async fn read(&self, key: &Key) -> Result<Option<KeyValue>, BalancerError> {
+        let raw = key.bytes();
+        let listing = self.store.range(raw.clone()).await?;
+        Ok(listing.kvs.into_iter().find(|kv| kv.key == raw))
+    }
+
+    /// Reads `key`, applies `change` to its record (default when absent) and writes it back if
+    /// it has not changed since; retried against concurrent writers. `change` answers the new
+    /// record (`None`: nothing to write) and a result for the caller.
+    async fn update<T, R>(
+        &self,
+        key: Key,
+        lease: i64,
+        mut change: impl FnMut(T, i64) -> Result<(Option<T>, R), BalancerError>,
+    ) -> Result<(R, i64), BalancerError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Default,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            let stored = self.read(&key).await?;
+            let rev = stored.as_ref().map_or(0, |kv| kv.mod_revision);
+            let current = stored
+                .and_then(|kv| decode::<T>(&kv.value))
+                .unwrap_or_default();
+            let (next, answer) = change(current, rev)?;
+            let Some(next) = next else {
+                return Ok((answer, rev));
+            };
+            let outcome = self
+                .store
+                .txn(
+                    vec![revision_is(&key, rev)],
+                    vec![put(&key, encode(&next), lease)],
+                    vec![],
+                )
+                .await?;
+            if outcome.succeeded {
+                self.applied(outcome.revision).await?;
+                return Ok((answer, outcome.revision));
+            }
+        }
+        Err(BalancerError::Aborted(
+            "the record kept changing under concurrent writers; retry".into(),
+        ))
+    }
+
+    // --- Registration ---------------------------------------------------------------------
+
+    /// Registers an instance (again: replaces its registration).
+    pub async fn register(&self, req: RegisterModule) -> Result<Registered, BalancerError> {
+        let module_type = req
+            .module_type
+            .ok_or_else(|| invalid("module_type: required: one of alb, dblb, ailb, rtmp, nlb"))?;
+        let instance_id = if req.instance_id.is_empty() {
+            format!("{module_type}-{:016x}", fastrand::u64(..))
+        } else {
+            req.instance_id.clone()
+        };
+        check_id("instance_id", &instance_id)?;
+        check_version("version", &req.version)?;
+        check_address("control_address", &req.control_address)?;
+        check_address("data_address", &req.data_address)?;
+        if req.metadata.len() > 64 {
+            return Err(invalid(format!(
+                "metadata: {} entries; at most 64",
+                req.metadata.len()
+            )));
+        }
+        let health_check = req
+            .health_check
+            .map(|h| h.normalised("health_check"))
+            .transpose()
+            .map_err(invalid)?;
+        let view = self.view();
+        let settings = view.settings.value.clone();
+        let now = now_ms();
+        let record = ModuleRecord {
+            instance_id: instance_id.clone(),
+            module_type,
+            version: req.version,
+            control_address: req.control_address,
+            data_address: req.data_address,
+            protocols: req.protocols,
+            max_connections: req.max_connections,
+            metadata: req.metadata,
+            health_check,
+            registered_at_ms: now,
+            interval_ms: settings.heartbeat_interval_ms,
+            max_missed: settings.max_missed_heartbeats,
+            registered_by: self.member,
+            draining: None,
+        };
+        // Registering counts as the first heartbeat, so the instance is routable at once; it is
+        // told of what exists now, not of everything that happened before it.
+        let report = LoadReport {
+            at_ms: now,
+            member: self.member,
+            routes_seen: view.routes.revision,
+            scaling_seen: view.scaling_of(module_type).value.last.map_or(0, |d| d.seq),
+            ..Default::default()
+        };
+        let ttl = BalancerSettings::lease_ttl_secs(record.interval_ms, record.max_missed);
+        let lease = self.store.grant(ttl).await?;
+        let module_key = Key::Module(instance_id.clone());
+        let written = self
+            .store
+            .txn(
+                vec![],
+                vec![
+                    Op::Get {
+                        key: module_key.bytes(),
+                    },
+                    put(&module_key, encode(&record), lease),
+                    put(&Key::Load(instance_id.clone()), encode(&report), lease),
+                    Op::Delete {
+                        key: Key::Instructions(instance_id.clone()).bytes(),
+                        prefix: false,
+                    },
+                ],
+                vec![],
+            )
+            .await;
+        let outcome = match written {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = self.store.revoke(lease).await;
+                return Err(e.into());
+            }
+        };
+        let previous = outcome.gets.into_iter().next().flatten();
+        if let Some(old) = &previous {
+            if old.lease != 0 && old.lease != lease {
+                // Its keys moved to the new lease; the old lease only holds the past now.
+                let _ = self.store.revoke(old.lease).await;
+            }
+        }
+        self.applied(outcome.revision).await?;
+        Ok(Registered {
+            instance_id,
+            interval_ms: record.interval_ms,
+            max_missed: record.max_missed,
+            replaced: previous.is_some(),
+        })
+    }
+
+    /// The instance `id` as this node has applied it; an instance registered elsewhere a moment
+    /// ago is waited for.
+    pub async fn instance(&self, id: &str) -> Result<Option<Instance>, BalancerError> {
+        check_id("instance_id", id)?;
+        if let Some(i) = self.view().instances.get(id) {
+            return Ok(Some(i.clone()));
+        }
+        match self.read(&Key::Module(id.to_string())).await? {
+            None => Ok(None),
+            Some(kv) => {
+                self.applied(kv.mod_revision).await?;
+                Ok(self.view().instances.get(id).cloned())
+            }
+        }
+    }
+
+    /// A heartbeat: renews the instance's lease (at most every half interval per node), records
+    /// its report, and hands it what is waiting for it.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        stats: Stats,
+        health: ReportedHealth,
+    ) -> Result<BeatAnswer, BalancerError> {
+        let Some(inst) = self.instance(id).await? else {
+            return Ok(BeatAnswer {
+                re_register: true,
+                ..Default::default()
+            });
+        };
+        let interval = Duration::from_millis(inst.record.interval_ms.into());
+        if inst.live.renewal_due(interval) {
+            match self.store.keep_alive(inst.lease).await {
+                Ok(()) => {}
+                Err(crate::cluster::store::StoreError::LeaseNotFound(_)) => {
+                    return Ok(BeatAnswer {
+                        re_register: true,
+                        ..Default::default()
+                    })
+                }
+                Err(e) => {
+                    inst.live.renewal_failed();
+                    return Err(e.into());
+                }
+            }
+        }
+        let view = self.view();
+        let before = inst.report.as_deref().cloned().unwrap_or_default();
+        let waiting = view
+            .instructions
+            .get(id)
+            .map(|v| v.value.items.clone())
+            .unwrap_or_default();
+        let fresh: Vec<(u64, String)> = waiting
+            .into_iter()
+            .filter(|(seq, _)| *seq > before.instructions_seen)
+            .collect();
+        let decision = view.scaling_of(inst.record.module_type).value.last;
+        let scaling = decision.filter(|d| d.seq > before.scaling_seen);
+        let report = LoadReport {
+            stats,
+            health,
+            at_ms: now_ms(),
+            member: self.member,
+            metrics: before.metrics.clone(),
+            instructions_seen: fresh.last().map_or(before.instructions_seen, |(s, _)| *s),
+            scaling_seen: scaling.as_ref().map_or(before.scaling_seen, |d| d.seq),
+            routes_seen: view.routes.revision,
+        };
+        let module_key = Key::Module(id.to_string());
+        let outcome = self
+            .store
+            .txn(
+                vec![Compare {
+                    key: module_key.bytes(),
+                    cmp: Cmp::Equal,
+                    target: Target::CreateRevision(inst.created),
+                }],
+                vec![put(&Key::Load(id.to_string()), encode(&report), inst.lease)],
+                vec![],
+            )
+            .await?;
+        if !outcome.succeeded {
+            // Evicted or replaced since this node looked.
+            return Ok(BeatAnswer {
+                re_register: true,
+                ..Default::default()
+            });
+        }
+        // What was delivered must be seen as delivered by the next heartbeat here.
+        self.applied(outcome.revision).await?;
+        Ok(BeatAnswer {
+            re_register: false,
+            should_reload: before.routes_seen != 0 && view.routes.revision > before.routes_seen,
+            desired_instances: scaling.map(|d| d.desired),
+            instructions: fresh.into_iter().map(|(_, i)| i).collect(),
+            interval_ms: inst.record.interval_ms,
+        })
+    }
+
+    /// Ends a registration. Graceful: marks it draining (no node routes to it any more), waits
+    /// for its connections to end or `drain_timeout` (0: the settings'), then removes it.
+    pub async fn unregister(
+        &self,
+        id: &str,
+        graceful: bool,
+        drain_timeout: Duration,
+    ) -> Result<Drained, BalancerError> {
+        let Some(inst) = self.instance(id).await? else {
+            return Err(BalancerError::NotFound(format!(
+                "instance_id: {id} is not registered"
+            )));
+        };
+        let mut drained = Drained {
+            drained: 0,
+            remaining: 0,
+            took: Duration::ZERO,
+        };
+        if graceful {
+            let timeout = if drain_timeout.is_zero() {
+                Duration::from_millis(self.view().settings.value.drain_timeout_ms.into())
+            } else {
+                drain_timeout
+            };
+            let now = now_ms();
+            let mut record = (*inst.record).clone();
+            record.draining = Some(super::model::Drain {
+                since_ms: now,
+                deadline_ms: now + timeout.as_millis() as i64,
+            });
+            let key = Key::Module(id.to_string());
+            let outcome = self
+                .store
+                .txn(
+                    vec![Compare {
+                        key: key.bytes(),
+                        cmp: Cmp::Equal,
+                        target: Target::CreateRevision(inst.created),
+                    }],
+                    vec![put(&key, encode(&record), inst.lease)],
+                    vec![],
+                )
+                .await?;
+            if !outcome.succeeded {
+                return Err(BalancerError::NotFound(format!(
+                    "instance_id: {id} was evicted or replaced meanwhile"
+                )));
+            }
+            self.applied(outcome.revision).await?;
+            let deadline = Instant::now() + timeout;
+            drained = self.drain(&inst, deadline).await?;
+        }
+        let revoked = self.store.revoke(inst.lease).await?;
+        self.applied(revoked).await?;
+        Ok(drained)
+    }
+
+    async fn drain(&self, inst: &Instance, deadline: Instant) -> Result<Drained, BalancerError> {
+        // The actor may still be starting (registered a moment ago): ask again shortly.
+        loop {
+            match inst.actor.send(Drain { deadline }).await {
+                Ok(r) => return r,
+                Err(SendError::NotRunning) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    return Err(BalancerError::Unavailable(format!(
+                        "the instance's actor: {e}; retry"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Keeps metric points an instance reported (the latest per name and labels).
+    pub async fn report_metrics(
+        &self,
+        id: &str,
+        points: Vec<MetricPoint>,
+    ) -> Result<usize, BalancerError> {
+        let Some(inst) = self.instance(id).await? else {
+            return Err(BalancerError::NotFound(format!(
+                "instance_id: {id} is not registered"
+            )));
+        };
+        for (n, p) in points.iter().enumerate() {
+            if p.name.is_empty() || p.name.len() > 128 {
+                return Err(invalid(format!(
+                    "metrics[{n}].name: required, at most 128 characters"
+                )));
+            }
+            if !p.value.is_finite() {
+                return Err(invalid(format!("metrics[{n}].value: not a finite number")));
+            }
+        }
+        let accepted = points.len();
+        let now = now_ms();
+        self.update(
+            Key::Load(id.to_string()),
+            inst.lease,
+            |mut report: LoadReport, _| {
+                for mut p in points.clone() {
+                    if p.timestamp_ms == 0 {
+                        p.timestamp_ms = now;
+                    }
+                    report
+                        .metrics
+                        .retain(|q| !(q.name == p.name && q.labels == p.labels));
+                    report.metrics.push(p);
+                }
+                let excess = report.metrics.len().saturating_sub(MAX_POINTS);
+                report.metrics.drain(..excess);
+                Ok((Some(report), ()))
+            },
+        )
+        .await?;
+        Ok(accepted)
+    }
+
+    // --- Routing ----------------------------------------------------------------------------
+
+    /// Changes the routing table; answers the table as written (or as it would be).
+    pub async fn update_routing(
+        &self,
+        u: RoutingUpdate,
+    ) -> Result<(Vec<Route>, i64, bool), BalancerError> {
+        // The request's own routes first, so that errors name the request's fields.
+        RoutingTable::compile(u.routes.clone()).map_err(invalid)?;
+        for (n, id) in u.delete.iter().enumerate() {
+            validate_route_id(id).map_err(|e| invalid(format!("delete_route_ids[{n}]: {e}")))?;
+        }
+        let ((routes, applied), rev) = self
+            .update(Key::Routes, 0, |current: RoutesRecord, rev| {
+                if u.expected_revision != 0 && u.expected_revision != rev {
+                    return Err(BalancerError::Precondition(format!(
+                        "expected_revision: the table is at revision {rev}, not {}",
+                        u.expected_revision
+                    )));
+                }
+                let mut routes = if u.replace_all {
+                    Vec::new()
+                } else {
+                    current.routes.clone()
+                };
+                for (n, id) in u.delete.iter().enumerate() {
+                    let before = routes.len();
+                    routes.retain(|r| &r.route_id != id);
+                    if before == routes.len() && !u.replace_all {
+                        return Err(BalancerError::NotFound(format!(
+                            "delete_route_ids[{n}]: no route '{id}'"
+                        )));
+                    }
+                }
+                for r in &u.routes {
+                    match routes.iter_mut().find(|x| x.route_id == r.route_id) {
+                        Some(x) => *x = r.clone(),
+                        None => routes.push(r.clone()),
+                    }
+                }
+                let table = RoutingTable::compile(routes).map_err(invalid)?;
+                let ordered: Vec<Route> = table.routes().iter().map(|c| c.route.clone()).collect();
+                if u.validate_only {
+                    return Ok((None, (ordered, false)));
+                }
+                Ok((
+                    Some(RoutesRecord {
+                        routes: ordered.clone(),
+                    }),
+                    (ordered, true),
+                ))
+            })
+            .await?;
+        Ok((routes, rev, applied))
+    }
+
+    /// Decides where `flow` goes (see [`Decider`]), counting the outcome.
+    pub async fn decide(
+        &self,
+        flow: &Flow,
+        dry_run: bool,
+        exclude: &[String],
+    ) -> Result<Decision, BalancerError> {
+        let view = self.view();
+        if !view.loaded {
+            return Err(BalancerError::Unavailable(
+                "the balancer has not loaded its state yet; retry".into(),
+            ));
+        }
+        let r = self
+            .decider
+            .decide(&view, flow, dry_run, exclude, self.probe.as_ref(), now_ms())
+            .await;
+        let outcome = match &r {
+            Ok(_) if dry_run => "dry_run",
+            Ok(_) => "routed",
+            Err(BalancerError::NotFound(_)) => "no_route",
+            Err(BalancerError::Exhausted(_)) => {
+                self.metrics.rate_limited.inc();
+                "rate_limited"
+            }
+            Err(_) => "no_instance",
+        };
+        self.metrics.decided(outcome);
+        r
+    }
+
+    /// Validates `route` and asks every instance of its target type whether it takes it.
+    pub async fn validate_route(
+        &self,
+        route: Route,
+    ) -> Result<Vec<(String, Capability)>, BalancerError> {
+        let compiled = CompiledRoute::compile(route, "route").map_err(invalid)?;
+        let view = self.view();
+        let instances: Vec<&Instance> = view.of_type(compiled.route.target).collect();
+        let answers = capabilities(
+            &view,
+            &compiled,
+            &instances,
+            self.probe.as_ref(),
+            CAN_HANDLE_TIMEOUT,
+        )
+        .await;
+        Ok(instances
+            .iter()
+            .map(|i| i.record.instance_id.clone())
+            .zip(answers)
+            .collect())
+    }
+
+    // --- Limits -----------------------------------------------------------------------------
+
+    /// Sets (adds or replaces) the limit of a target.
+    pub async fn set_limit(&self, spec: RateLimitSpec) -> Result<RateLimitSpec, BalancerError> {
+        spec.validate("limit").map_err(invalid)?;
+        let (_, _) = self
+            .update(Key::Limits, 0, |mut current: LimitsRecord, _| {
+                current.limits.retain(|l| l.target != spec.target);
+                current.limits.push(spec.clone());
+                current.limits.sort_by(|a, b| a.target.cmp(&b.target));
+                Ok((Some(current), ()))
+            })
+            .await?;
+        Ok(spec)
+    }
+
+    /// Removes the limit of `target`; answers whether there was one.
+    pub async fn remove_limit(&self, target: &str) -> Result<bool, BalancerError> {
+        LimitTarget::parse(target, "target").map_err(invalid)?;
+        let (removed, _) = self
+            .update(Key::Limits, 0, |mut current: LimitsRecord, _| {
+                let before = current.limits.len();
+                current.limits.retain(|l| l.target != target);
+                let removed = before != current.limits.len();
+                Ok((removed.then_some(current), removed))
+            })
+            .await?;
+        Ok(removed)
+    }
+
+    // --- Blue/green -------------------------------------------------------------------------
+
+    async fn traffic(
+        &self,
+        t: ModuleType,
+        change: impl Fn(&TrafficRecord, i64) -> Result<TrafficRecord, TrafficError>,
+    ) -> Result<Versioned<TrafficRecord>, BalancerError> {
+        let now = now_ms();
+        let (value, revision) = self
+            .update(Key::Traffic(t), 0, |current: TrafficRecord, _| {
+                let next = change(&current, now).map_err(traffic_error)?;
+                Ok((Some(next.clone()), next))
+            })
+            .await?;
+        Ok(Versioned { value, revision })
+    }
+
+    /// Gives `version` of type `t` a share of its traffic.
+    pub async fn set_weight(
+        &self,
+        t: ModuleType,
+        version: &str,
+        weight: u32,
+    ) -> Result<Versioned<TrafficRecord>, BalancerError> {
+        self.traffic(t, |r, now| r.set_weight(version, weight, now))
+            .await
+    }
+
+    /// Promotes `version` of type `t`, at once or by steps.
+    pub async fn promote(
+        &self,
+        t: ModuleType,
+        version: &str,
+        gradual: bool,
+        step_percent: u32,
+        interval_ms: u64,
+    ) -> Result<Versioned<TrafficRecord>, BalancerError> {
+        self.traffic(t, |r, now| {
+            r.promote(version, gradual, step_percent, interval_ms, now)
+        })
+        .await
+    }
+
+    /// Returns type `t` to the version that served before the latest change.
+    pub async fn rollback(&self, t: ModuleType) -> Result<Versioned<TrafficRecord>, BalancerError> {
+        self.traffic(t, |r, now| r.rollback(now)).await
+    }
+
+    // --- Scaling ----------------------------------------------------------------------------
+
+    /// Sets the scaling settings of type `t`, keeping what the scaler remembers.
+    pub async fn set_scaling(
+        &self,
+        t: ModuleType,
+        config: ScalingConfig,
+    ) -> Result<ScalingConfig, BalancerError> {
+        config.validate().map_err(invalid)?;
+        self.update(Key::Scaling(t), 0, |mut current: ScalingRecord, _| {
+            current.config = config.clone();
+            Ok((Some(current), ()))
+        })
+        .await?;
+        Ok(config)
+    }
+
+    /// The load of every instance of `t` (every type: `None`), and their balance score.
+    pub fn load(&self, t: Option<ModuleType>) -> (Vec<LoadInfo>, u32) {
+        let view = self.view();
+        let infos: Vec<LoadInfo> = view
+            .instances
+            .values()
+            .filter(|i| t.is_none_or(|t| i.record.module_type == t))
+            .map(|i| LoadInfo {
+                instance: i.clone(),
+                load_score: i.load_score(),
+                active_connections: i.sample().active_connections,
+                full: i.full(),
+            })
+            .collect();
+        let scores: Vec<u32> = infos.iter().map(|l| l.load_score).collect();
+        (infos, balance_score(&scores))
+    }
+
+    /// Asks instances well above their type's mean load to shed connections (delivered with their
+    /// next heartbeat). Answers the balance score before and the plan.
+    pub async fn rebalance(
+        &self,
+        t: Option<ModuleType>,
+        dry_run: bool,
+    ) -> Result<(u32, Vec<(String, u64)>), BalancerError> {
+        let threshold = self.view().settings.value.rebalance_threshold;
+        let types: Vec<ModuleType> = t.map_or(ModuleType::ALL.to_vec(), |t| vec![t]);
+        let (_, before) = self.load(t);
+        let mut plan = Vec::new();
+        for t in types {
+            let (infos, _) = self.load(Some(t));
+            let input: Vec<(String, u32, u64)> = infos
+                .iter()
+                .filter(|l| l.instance.health(now_ms()).0.routable())
+                .map(|l| {
+                    (
+                        l.instance.record.instance_id.clone(),
+                        l.load_score,
+                        l.active_connections,
+                    )
+                })
+                .collect();
+            plan.extend(shed_plan(&input, threshold));
+        }
+        if !dry_run {
+            for (id, n) in &plan {
+                self.instruct(id, format!("shed-connections {n}")).await?;
+            }
+        }
+        Ok((before, plan))
+    }
+
+    /// Queues an instruction for an instance's next heartbeat.
+    async fn instruct(&self, id: &str, instruction: String) -> Result<(), BalancerError> {
+        let Some(inst) = self.instance(id).await? else {
+            return Ok(());
+        };
+        let seen = inst.report.as_ref().map_or(0, |r| r.instructions_seen);
+        self.update(
+            Key::Instructions(id.to_string()),
+            inst.lease,
+            |mut current: Instructions, _| {
+                current.items.retain(|(s, _)| *s > seen);
+                let seq = current.next_seq().max(seen + 1);
+                current.items.push((seq, instruction.clone()));
+                let excess = current.items.len().saturating_sub(MAX_INSTRUCTIONS);
+                current.items.drain(..excess);
+                Ok((Some(current), ()))
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A scaling decision now: forced up or down (to `desired` if non-zero), or as the
+    /// autoscaler would decide (`Direction::None` asks for that). Delivered when it changes
+    /// something.
+    pub async fn trigger_scaling(
+        &self,
+        t: ModuleType,
+        direction: Option<Direction>,
+        desired: u32,
+        reason: &str,
+    ) -> Result<(DecisionRecord, bool), BalancerError> {
+        let view = self.view();
+        let record = view.scaling_of(t).value;
+        let now = now_ms();
+        let loads: Vec<InstanceLoad> = view
+            .of_type(t)
+            .filter(|i| i.health(now).0.routable())
+            .map(|i| {
+                let s = i
+                    .report
+                    .as_ref()
+                    .map(|r| r.stats.clone())
+                    .unwrap_or_default();
+                InstanceLoad {
+                    cpu_percent: s.cpu_percent,
+                    memory_percent: s.memory_percent,
+                    connections: i.sample().active_connections,
+                }
+            })
+            .collect();
+        let current = view
+            .of_type(t)
+            .filter(|i| i.record.draining.is_none())
+            .count() as u32;
+        let mut d = match direction {
+            Some(dir) => scaler::force(&record.config, current, dir, desired, now),
+            None => scaler::decide(&record.config, &loads, &record.memory, now),
+        };
+        if !reason.is_empty() {
+            d.reason = format!("{reason}: {}", d.reason);
+        }
+        self.deliver(t, d, now).await
+    }
+
+    /// Records a decision (when it changes something), then tells the deployment hook.
+    async fn deliver(
+        &self,
+        t: ModuleType,
+        d: scaler::Decision,
+        now: i64,
+    ) -> Result<(DecisionRecord, bool), BalancerError> {
+        let direction = match d.direction {
+            Direction::Up => "up",
+            Direction::Down => "down",
+            Direction::None => "none",
+        };
+        let mut decision = DecisionRecord {
+            seq: 0,
+            direction: direction.into(),
+            current: d.current,
+            desired: d.desired,
+            pressure: d.pressure,
+            reason: d.reason.clone(),
+            decided_at_ms: now,
+            member: self.member,
+        };
+        if d.direction == Direction::None {
+            return Ok((decision, false));
+        }
+        let (seq, _) = self
+            .update(Key::Scaling(t), 0, |mut current: ScalingRecord, _| {
+                let seq = current.last.as_ref().map_or(0, |l| l.seq) + 1;
+                current.memory = scaler::remember(&current.memory, &d, now);
+                current.last = Some(DecisionRecord {
+                    seq,
+                    ..decision.clone()
+                });
+                Ok((Some(current), seq))
+            })
+            .await?;
+        decision.seq = seq;
+        self.metrics
+            .scaling_decisions
+            .get_or_create(&ScalingLabels {
+                module_type: t.to_string(),
+                direction: direction.into(),
+            })
+            .inc();
+        if let Some(hook) = &self.hook {
+            hook.deliver(t, &decision);
+        }
+        Ok((decision, true))
+    }
+
+    /// One round of the autoscaler: every enabled type decided and delivered.
+    pub async fn autoscale(
+        &self,
+    ) -> Vec<(ModuleType, Result<(DecisionRecord, bool), BalancerError>)> {
+        let view = self.view();
+        let mut out = Vec::new();
+        for (t, rec) in &view.scaling {
+            if rec.value.config.enabled {
+                out.push((*t, self.trigger_scaling(*t, None, 0, "").await));
+            }
+        }
+        out
+    }
+
+    // --- Settings ---------------------------------------------------------------------------
+
+    /// Changes the settings; answers them as written (or as they would be) and the revision.
+    pub async fn update_settings(
+        &self,
+        u: SettingsUpdate,
+    ) -> Result<(BalancerSettings, i64), BalancerError> {
+        self.update(Key::Settings, 0, |mut s: BalancerSettings, _| {
+            let fields = [
+                (&mut s.heartbeat_interval_ms, u.heartbeat_interval_ms),
+                (&mut s.max_missed_heartbeats, u.max_missed_heartbeats),
+                (&mut s.drain_timeout_ms, u.drain_timeout_ms),
+                (&mut s.can_handle_ttl_ms, u.can_handle_ttl_ms),
+                (&mut s.autoscale_interval_ms, u.autoscale_interval_ms),
+                (&mut s.rebalance_threshold, u.rebalance_threshold),
+            ];
+            for (field, value) in fields {
+                if let Some(v) = value {
+                    *field = v;
+                }
+            }
+            s.validate().map_err(invalid)?;
+            if u.validate_only {
+                return Ok((None, s));
+            }
+            Ok((Some(s.clone()), s))
+        })
+        .await
+    }
+
+    /// Records that a connection to `inst` failed: this node avoids it for a while.
+    pub fn connect_failed(&self, inst: &Instance, error: &str) {
+        inst.live.avoid(
+            AVOID_AFTER_FAILURE,
+            format!(
+                "a connection to {} failed: {error}",
+                inst.record.data_address
+            ),
+        );
+        self.metrics.decided("connect_failed");
+    }
+}
