@@ -5,9 +5,10 @@
 //! operator sees what was set, but a module that cannot attribute a connection to them does not
 //! pretend to enforce them.
 //!
-//! Each window is a token bucket (`governor`'s GCRA): per second with `requests_per_second +
-//! burst` tokens (the proto's "extra requests at once"), per minute and per hour with their whole
-//! allowance as the bucket. A connection must pass every window that is set.
+//! Each window is a token bucket (`governor`'s GCRA): per second holding `burst` tokens (how many
+//! connections it lets through at once; 0: `requests_per_second`), the same meaning as the
+//! balancer's limits; per minute and per hour with their whole allowance as the bucket. A
+//! connection must pass every window that is set.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -46,13 +47,8 @@ pub fn validate(limit: Option<&RateLimit>) -> Result<&RateLimit, Status> {
     }
     if l.burst > 0 && l.requests_per_second == 0 {
         return Err(Status::invalid_argument(
-            "limit.burst: needs limit.requests_per_second (the burst is extra room in the \
-             per-second window)",
-        ));
-    }
-    if l.requests_per_second.checked_add(l.burst).is_none() {
-        return Err(Status::invalid_argument(
-            "limit.burst: requests_per_second + burst exceeds 4294967295",
+            "limit.burst: needs limit.requests_per_second (a burst is of the per-second \
+             window)",
         ));
     }
     Ok(l)
@@ -66,7 +62,7 @@ impl Buckets {
     fn of(l: &RateLimit) -> Self {
         let mut v = Vec::new();
         if let Some(rps) = NonZeroU32::new(l.requests_per_second) {
-            let cap = NonZeroU32::new(l.requests_per_second + l.burst).unwrap_or(rps);
+            let cap = NonZeroU32::new(l.burst).unwrap_or(rps);
             v.push((
                 "second",
                 RateLimiter::direct(Quota::per_second(rps).allow_burst(cap)),
@@ -184,7 +180,7 @@ mod tests {
             (limit("*", 0, 10, 0, 5), Some("limit.burst: ")),
             (limit("", 10, 0, 0, 0), Some("limit.target: ")),
             (limit("a\nb", 10, 0, 0, 0), Some("limit.target: ")),
-            (limit("*", u32::MAX, 0, 0, 1), Some("limit.burst: ")),
+            (limit("*", u32::MAX, 0, 0, 1), None),
             (limit("*", 10, 0, 0, 0), None),
             (limit("*", 10, 0, 0, 5), None),
             (limit("route:web", 0, 60, 0, 0), None),
@@ -212,8 +208,8 @@ mod tests {
         for _ in 0..10 {
             limits.admit().unwrap();
         }
-        // Per second 2, burst 1: three at once, then refused.
-        limits.set(Some(&limit("*", 2, 0, 0, 1))).unwrap();
+        // Per second 2, burst 3: three at once, then refused.
+        limits.set(Some(&limit("*", 2, 0, 0, 3))).unwrap();
         for _ in 0..3 {
             limits.admit().unwrap();
         }
