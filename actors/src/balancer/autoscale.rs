@@ -3,7 +3,7 @@
 //! each enabled type's pressure into a desired instance count and delivers what changes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorFutureExt, AsyncContext, Context, WrapFuture};
 use serde::Serialize;
@@ -23,7 +23,12 @@ pub struct Autoscaler {
     rounds: u64,
     delivered: u64,
     last_error: Option<String>,
+    /// When the last round ran.
+    last: Instant,
 }
+
+/// How often the autoscaler looks at its period and at whether this node leads.
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl Autoscaler {
     /// The autoscaler of a node.
@@ -35,21 +40,28 @@ impl Autoscaler {
             rounds: 0,
             delivered: 0,
             last_error: None,
+            last: Instant::now(),
         }
     }
 
+    /// The period is re-read at least every second, so a changed `autoscale_interval_ms`
+    /// applies without waiting out the old one.
     fn schedule(&mut self, ctx: &mut Context<Self>) {
-        let every = self.handle.view().settings.value.autoscale_interval_ms;
-        ctx.run_later(Duration::from_millis(every.into()), |act, ctx| {
-            act.round(ctx)
-        });
+        let every = Duration::from_millis(self.every().into());
+        ctx.run_later(every.min(RECHECK), |act, ctx| act.round(ctx));
+    }
+
+    fn every(&self) -> u32 {
+        self.handle.view().settings.value.autoscale_interval_ms
     }
 
     fn round(&mut self, ctx: &mut Context<Self>) {
-        if !(self.leads)() {
+        let due = self.last.elapsed() >= Duration::from_millis(self.every().into());
+        if !due || !(self.leads)() {
             self.schedule(ctx);
             return;
         }
+        self.last = Instant::now();
         self.rounds += 1;
         let handle = self.handle.clone();
         ctx.spawn(

@@ -73,6 +73,10 @@ struct Balancer {
 }
 
 async fn balancer() -> Balancer {
+    balancer_with(None, false).await
+}
+
+async fn balancer_with(hook: Option<Arc<super::hook::DeployHook>>, leads: bool) -> Balancer {
     let store = MemoryStore::new();
     let probe = FakeProbe::default();
     let metrics = Arc::new(BalancerMetrics::default());
@@ -82,9 +86,9 @@ async fn balancer() -> Balancer {
         shared,
         Arc::new(probe.clone()),
         metrics.clone(),
-        None,
+        hook,
         1,
-        Arc::new(|| false),
+        Arc::new(move || leads),
         &log,
     ));
     let handle = parts.handle.clone();
@@ -707,4 +711,68 @@ async fn a_failed_connection_steers_new_flows_to_the_others() {
     for _ in 0..10 {
         assert_ne!(chosen(&b, &http("/")).await, failed);
     }
+}
+
+#[actix_rt::test]
+async fn the_autoscaler_on_the_leader_delivers_to_heartbeats_and_the_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("decision");
+    let script = format!(
+        "cat > {0}.json; echo \"$LODGE_MODULE_TYPE $LODGE_DIRECTION $LODGE_CURRENT $LODGE_DESIRED\" > {0}.tmp; mv {0}.tmp {0}.env",
+        out.display()
+    );
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let hook = super::hook::DeployHook::new(vec!["sh".into(), "-c".into(), script], &log);
+    let b = balancer_with(hook.map(Arc::new), true).await;
+    b.handle
+        .register(module("alb-1", ModuleType::Alb, "v1"))
+        .await
+        .unwrap();
+    let hot = Stats {
+        cpu_percent: 140.0,
+        ..Default::default()
+    };
+    b.handle
+        .heartbeat("alb-1", hot, ReportedHealth::Healthy)
+        .await
+        .unwrap();
+    let cfg = scaler::ScalingConfig {
+        enabled: true,
+        min_instances: 1,
+        max_instances: 4,
+        ..Default::default()
+    };
+    b.handle.set_scaling(ModuleType::Alb, cfg).await.unwrap();
+    b.handle
+        .update_settings(super::handle::SettingsUpdate {
+            autoscale_interval_ms: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let env = out.with_extension("env");
+    eventually("the hook ran", || env.exists()).await;
+    // CPU at 140 % against a 70 % target: pressure 2.0, so ceil(1 × 2.0 / 0.8) = 3 at once.
+    assert_eq!(std::fs::read_to_string(&env).unwrap(), "alb up 1 3\n");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (json["module_type"].as_str(), json["desired"].as_u64()),
+        (Some("alb"), Some(3))
+    );
+    let beat = b
+        .handle
+        .heartbeat("alb-1", Stats::default(), ReportedHealth::Healthy);
+    assert_eq!(beat.await.unwrap().desired_instances, Some(3));
+    // The up cooldown (3 min) holds later rounds back: still one decision.
+    let rounds_before = b
+        .handle
+        .view()
+        .scaling_of(ModuleType::Alb)
+        .value
+        .last
+        .unwrap()
+        .seq;
+    assert_eq!(rounds_before, 1);
 }
