@@ -513,3 +513,52 @@ fn routes_and_weights_survive_a_leader_kill() {
         );
     });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limit_holds_connections_under_a_burst() {
+    let (_cfg, config) = dataplane_config();
+    let node = Node::start(&["--config", &config]);
+    let mut c = client(&node.grpc).await;
+    let data = data_address(&mut c).await;
+    let _cache = module(&node.grpc, "dblb", &redis_backend("cache"), "dblb-1", "v1");
+    set_routes(
+        &mut c,
+        vec![route("cache", pb::Protocol::Redis, pb::ModuleType::Dblb, 1)],
+    )
+    .await;
+    c.set_rate_limit(pb::SetRateLimitRequest {
+        limit: Some(pb::RateLimit {
+            target: "route:cache".into(),
+            requests_per_second: 2,
+            burst: 3,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let began = Instant::now();
+    let mut answered = 0u64;
+    for _ in 0..30 {
+        let mut s = TcpStream::connect(&data).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut line = String::new();
+        // A refused connection is closed without an answer.
+        if BufReader::new(s).read_line(&mut line).is_ok_and(|n| n > 0) {
+            assert_eq!(line, "+PONG cache\r\n");
+            answered += 1;
+        }
+    }
+    // The burst, plus what two per second refilled while the loop ran.
+    let refilled = (began.elapsed().as_secs_f64() * 2.0).ceil() as u64;
+    assert!(
+        (3..=3 + refilled).contains(&answered),
+        "{answered} of 30 connections got through"
+    );
+    let m = c
+        .get_nlb_metrics(pb::GetNlbMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.rate_limited, 30 - answered);
+}
