@@ -28,6 +28,17 @@ pub struct NodeConfig {
     pub registry: RegistrySection,
     pub translation: TranslationSection,
     pub router: RouterSection,
+    pub balancer: BalancerSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct BalancerSection {
+    pub listen: Vec<String>,
+    pub sniff_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub connect_attempts: usize,
+    pub buffer_bytes: usize,
+    pub deploy_hook: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -372,10 +383,32 @@ impl NodeConfig {
             ("router.stall_timeout_ms", self.router.stall_timeout_ms),
             ("router.queue_frames", self.router.queue_frames as u64),
             ("router.owner_lease_ttl_ms", self.router.owner_lease_ttl_ms),
+            ("balancer.sniff_timeout_ms", self.balancer.sniff_timeout_ms),
+            (
+                "balancer.connect_timeout_ms",
+                self.balancer.connect_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(err(key, "must be greater than 0"));
             }
+        }
+        self.balancer_listeners()?;
+        let b = &self.balancer;
+        if !(1..=16).contains(&b.connect_attempts) {
+            return Err(err("balancer.connect_attempts", "must be between 1 and 16"));
+        }
+        if !(4096..=4 << 20).contains(&b.buffer_bytes) {
+            return Err(err(
+                "balancer.buffer_bytes",
+                "must be between 4096 and 4194304",
+            ));
+        }
+        if b.deploy_hook.first().is_some_and(|p| p.trim().is_empty()) {
+            return Err(err(
+                "balancer.deploy_hook",
+                "the program (first entry) is empty",
+            ));
         }
         if !(0.0..=1.0).contains(&self.supervision.backoff_jitter) {
             return Err(err("supervision.backoff_jitter", "must be between 0 and 1"));
@@ -565,6 +598,39 @@ impl NodeConfig {
             )
         })?;
         Ok(Some(material))
+    }
+
+    /// The data plane's listeners: each `balancer.listen` entry's address and protocol.
+    pub fn balancer_listeners(
+        &self,
+    ) -> Result<Vec<(SocketAddr, Option<lodge_actors::balancer::Protocol>)>, ConfigError> {
+        self.balancer
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(n, entry)| {
+                let key = format!("balancer.listen[{n}]");
+                let (addr, protocol) = match entry.split_once('=') {
+                    Some((a, p)) => (a, Some(p)),
+                    None => (entry.as_str(), None),
+                };
+                let addr: SocketAddr = addr
+                    .trim()
+                    .parse()
+                    .map_err(|_| err(&key, format!("{addr:?} is not an IP address and port")))?;
+                let protocol = protocol
+                    .map(|p| {
+                        lodge_actors::balancer::Protocol::parse(p.trim()).ok_or_else(|| {
+                            err(
+                                &key,
+                                format!("{p:?} is not a protocol (http, mysql, redis, ...)"),
+                            )
+                        })
+                    })
+                    .transpose()?;
+                Ok((addr, protocol))
+            })
+            .collect()
     }
 
     /// The router's auth settings, with key files read.

@@ -10,6 +10,14 @@ pub type Guard = slog_async::AsyncGuard;
 
 /// Builds the node's logger.
 pub fn build(level: &str, format: &str, node_id: u64) -> (Logger, Guard) {
+    build_with(level, format, o!("node" => node_id))
+}
+
+/// Builds a logger whose records all carry `values` (e.g. a module's instance id).
+pub fn build_with<T>(level: &str, format: &str, values: slog::OwnedKV<T>) -> (Logger, Guard)
+where
+    T: slog::SendSyncRefUnwindSafeKV + 'static,
+{
     let level = Level::from_str(level).unwrap_or(Level::Info);
     let (drain, guard) = if format == "json" {
         let json = slog_json::Json::new(std::io::stderr())
@@ -23,5 +31,5 @@ pub fn build(level: &str, format: &str, node_id: u64) -> (Logger, Guard) {
         slog_async::Async::new(term).build_with_guard()
     };
     let drain = drain.filter_level(level).fuse();
-    (Logger::root(drain, o!("node" => node_id)), guard)
+    (Logger::root(drain, values), guard)
 }

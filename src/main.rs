@@ -11,6 +11,7 @@ mod kv;
 mod lb;
 mod logging;
 mod metrics;
+mod module;
 mod node;
 mod translate;
 mod tunnel;
@@ -119,6 +120,14 @@ enum Command {
         #[command(subcommand)]
         cmd: tunnel::sessions::Sessions,
     },
+    /// Run a balancer module that forwards every connection to one backend: it registers with
+    /// the balancer (`--endpoint`), serves lodge.balancer.v1.Module, and drains on SIGTERM.
+    Module {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(flatten)]
+        args: module::ModuleArgs,
+    },
     /// Mint a token signed with an HS256 secret (development and tests).
     Token(tunnel::token::TokenArgs),
     /// Benchmarks (results go to docs/benchmarks.md).
@@ -211,6 +220,7 @@ fn main() {
         Command::Sessions { conn, cmd } => {
             client_runtime().block_on(tunnel::sessions::run(conn, cmd))
         }
+        Command::Module { conn, args } => server_runtime().block_on(module::run(conn, args)),
         Command::Token(args) => tunnel::token::run(args),
         Command::Bench { cmd } => bench::run(cmd),
     };
@@ -222,4 +232,21 @@ fn client_runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("building the client runtime")
+}
+
+/// A multi-threaded runtime, for commands that serve traffic (`lodge module`'s data path).
+fn server_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

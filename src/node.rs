@@ -7,12 +7,18 @@
 use std::sync::Arc;
 
 use lodge_actors::admin::{AdminActor, NodeFacts};
+use lodge_actors::balancer::autoscale::Leads;
+use lodge_actors::balancer::dataplane::{DataPlaneSettings, ListenerSpec};
+use lodge_actors::balancer::hook::DeployHook;
+use lodge_actors::balancer::metrics::BalancerMetrics;
+use lodge_actors::balancer::{BalancerParts, DataPlane};
 use lodge_actors::cluster::disk::Disk;
 use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::members::{
     HeartbeatSender, Membership, MembershipSettings, ResourceProbe, Resources,
 };
 use lodge_actors::cluster::raft::{RaftNode, RaftSettings};
+use lodge_actors::cluster::store::Store;
 use lodge_actors::cluster::topology::Directory;
 use lodge_actors::cluster::transport::Transport;
 use lodge_actors::registry::index::ClientTable;
@@ -28,6 +34,8 @@ use lodge_actors::{
     clock, ActorRef, Backoff, ChildSpec, Placement, RestartLimit, Runtime, RuntimeConfig, Strategy,
     SupervisorSpec,
 };
+use lodge_grpc::balancer::probe::GrpcModuleProbe;
+use lodge_grpc::balancer::service::BalancerBackend;
 use lodge_grpc::client::ClientTls;
 use lodge_grpc::cluster::GrpcHeartbeats;
 use lodge_grpc::forward::Forwarder;
@@ -36,6 +44,7 @@ use lodge_grpc::pb::router::Frame;
 use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::registry::GrpcLeaseKeeper;
 use lodge_grpc::server::{self, ServerSettings};
+use lodge_grpc::store::KvStore;
 use slog::{error, info, warn};
 
 use crate::config::NodeConfig;
@@ -161,6 +170,7 @@ struct TreeParts {
     router_settings: Arc<RouterSettings>,
     owner_store: Arc<dyn OwnerStore>,
     router_metrics: RouterMetrics,
+    balancer: Arc<BalancerParts>,
     log: slog::Logger,
 }
 
@@ -178,9 +188,14 @@ struct TreeParts {
 /// │   ├── /node/registry/clients     one_for_one; /node/registry/clients/<client_id>
 /// │   └── /node/registry/index       loads and watches registrations, writes them
 /// ├── /node/translation        the translation gateway (backend probe, jobs)
-/// └── /node/router             one_for_all
-///     ├── /node/router/sessions      one_for_one; /node/router/sessions/<key>, one per session
-///     └── /node/router/hub           session table, owner records, agents' listen streams
+/// ├── /node/router             one_for_all
+/// │   ├── /node/router/sessions      one_for_one; /node/router/sessions/<key>, one per session
+/// │   └── /node/router/hub           session table, owner records, agents' listen streams
+/// └── /node/balancer           one_for_all
+///     ├── /node/balancer/modules     one_for_one; /node/balancer/modules/<instance_id>
+///     ├── /node/balancer/state       loads and watches the balancer's keys; publishes the view
+///     ├── /node/balancer/scaler      the autoscaler (acts on the leader)
+///     └── /node/balancer/listeners   one_for_one; /node/balancer/listeners/<n>, the data plane
 /// ```
 fn root_spec(p: TreeParts) -> SupervisorSpec {
     let p = Arc::new(p);
@@ -299,6 +314,7 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
             ChildSpec::supervisor("registry", registry).0,
             translation,
             ChildSpec::supervisor("router", router).0,
+            ChildSpec::supervisor("balancer", BalancerParts::supervisor(p.balancer.clone())).0,
         ]
     })
 }
@@ -362,6 +378,25 @@ pub fn run(cfg: NodeConfig) -> i32 {
     };
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
+    // The data plane's sockets are bound here, once: a restarted listener actor reuses its socket.
+    let mut data_listeners = Vec::new();
+    for (addr, protocol) in cfg.balancer_listeners().expect("validated") {
+        match std::net::TcpListener::bind(addr) {
+            Ok(socket) => data_listeners.push(ListenerSpec {
+                socket: Arc::new(socket),
+                protocol,
+            }),
+            Err(e) => {
+                eprintln!("lodge: cannot listen on {addr} (balancer.listen): {e}");
+                return 1;
+            }
+        }
+    }
+    let data_addresses: Vec<String> = data_listeners
+        .iter()
+        .filter_map(|l| l.socket.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
 
     let disk = match Disk::open(&cfg.node.data_dir.join("raft")) {
         Ok((disk, _)) => disk,
@@ -467,6 +502,43 @@ pub fn run(cfg: NodeConfig) -> i32 {
             lease_keeper.clone(),
             raft_ref.clone(),
         ));
+        let balancer_metrics = Arc::new(BalancerMetrics::default());
+        let balancer_store: Arc<dyn Store> = Arc::new(KvStore::new(
+            lodge_grpc::kv::KvService::new(
+                raft_ref.clone(),
+                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+                NodeConfig::duration(cfg.server.request_timeout_ms),
+                shutdown_rx.clone(),
+            ),
+            lease_keeper.clone(),
+            raft_ref.clone(),
+            NodeConfig::duration(cfg.server.request_timeout_ms),
+        ));
+        let leads: Leads = {
+            let directory = directory.clone();
+            Arc::new(move || directory.figures().is_leader)
+        };
+        let balancer = Arc::new(
+            BalancerParts::new(
+                balancer_store,
+                Arc::new(GrpcModuleProbe::new()),
+                balancer_metrics.clone(),
+                DeployHook::new(cfg.balancer.deploy_hook.clone(), &log).map(Arc::new),
+                cfg.node.id,
+                leads,
+                &log,
+            )
+            .with_dataplane(DataPlane {
+                listeners: data_listeners,
+                settings: Arc::new(DataPlaneSettings {
+                    sniff_timeout: NodeConfig::duration(cfg.balancer.sniff_timeout_ms),
+                    connect_timeout: NodeConfig::duration(cfg.balancer.connect_timeout_ms),
+                    connect_attempts: cfg.balancer.connect_attempts,
+                    buffer_bytes: cfg.balancer.buffer_bytes,
+                }),
+                io: io.clone(),
+            }),
+        );
         let probe: ResourceProbe = {
             let registry_slot = registry_slot.clone();
             Arc::new(move || {
@@ -506,6 +578,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
             router_settings: router_settings.clone(),
             owner_store,
             router_metrics: router_metrics.clone(),
+            balancer: balancer.clone(),
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
@@ -532,6 +605,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
         prom.register_collector(Box::new(ClusterCollector(directory.clone())));
         registry_metrics.register(&mut prom);
         router_metrics.register(&mut prom);
+        balancer_metrics.register(&mut prom);
         let prom = Arc::new(prom);
 
         let built = {
@@ -552,6 +626,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
                     table: router_table.clone(),
                     settings: router_settings.clone(),
                     auth: auth.clone(),
+                },
+                balancer: BalancerBackend {
+                    handle: balancer.handle.clone(),
+                    raft: raft_ref.clone(),
+                    listeners: Arc::new(std::sync::RwLock::new(data_addresses.clone())),
+                    started: std::time::Instant::now(),
                 },
             };
             let settings = settings.clone();

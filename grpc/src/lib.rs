@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod forward;
 pub mod kv;
 pub mod metrics;
+pub mod module;
 pub mod raft;
 pub mod registry;
 pub mod registry_client;

@@ -82,13 +82,17 @@ impl ClientOptions {
 
 /// `hostname-pid`: stable for the life of the process, distinct between copies on one host.
 fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}-{}", hostname(), std::process::id())
+}
+
+/// This machine's host name ("unknown" when neither the kernel nor `HOSTNAME` gives one).
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| "unknown".to_string());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// How current the registration is, from the heartbeats missed in a row.
@@ -355,7 +359,7 @@ impl Drop for RegistryClient {
 }
 
 /// A request with a `grpc-timeout`, so the server can give up when the client has.
-fn timed<T>(msg: T, t: Duration) -> tonic::Request<T> {
+pub(crate) fn timed<T>(msg: T, t: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(t);
     r
@@ -363,7 +367,7 @@ fn timed<T>(msg: T, t: Duration) -> tonic::Request<T> {
 
 /// Bounds a call on the client side too: `grpc-timeout` relies on the server, and a member that
 /// stopped answering is exactly the case to guard against.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     t: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Status> {
@@ -373,7 +377,12 @@ async fn bounded<T>(
     }
 }
 
-async fn connect_bounded(ep: &str, tls: &ClientTls, t: Duration) -> Result<Channel, String> {
+/// Connects to `ep`, giving up after `t` (a member that accepts nothing must not hold the caller).
+pub(crate) async fn connect_bounded(
+    ep: &str,
+    tls: &ClientTls,
+    t: Duration,
+) -> Result<Channel, String> {
     match tokio::time::timeout(t, client::connect(ep, tls)).await {
         Ok(r) => r,
         Err(_) => Err(format!("cannot connect to {ep}: no answer within {t:?}")),
@@ -382,7 +391,7 @@ async fn connect_bounded(ep: &str, tls: &ClientTls, t: Duration) -> Result<Chann
 
 /// Whether a failed registry call means the member is unreachable or too slow, so the client
 /// should move to another. CANCELLED is what a server answers when our `grpc-timeout` ran out.
-fn member_failed(s: &Status) -> bool {
+pub(crate) fn member_failed(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
@@ -398,6 +407,12 @@ fn interval_of(ms: i64, secs: i32) -> Option<Duration> {
     } else {
         None
     }
+}
+
+/// A pause between half of `b` and `b`, so that clients that lost the same member do not come
+/// back in lockstep.
+pub(crate) fn jittered(b: Duration) -> Duration {
+    b / 2 + b.mul_f64(fastrand::f64() / 2.0)
 }
 
 /// Why a session with one member ended.
@@ -513,7 +528,7 @@ impl Worker {
         self.cur.connected = false;
         self.watchdog();
         let b = self.backoff;
-        let delay = b / 2 + b.mul_f64(fastrand::f64() / 2.0);
+        let delay = jittered(b);
         self.backoff = (b * 2).min(self.opts().backoff_max.max(self.opts().backoff_initial));
         if switch {
             self.idx = (self.idx + 1) % self.opts().endpoints.len();

@@ -103,6 +103,7 @@ const SERVICE_NAMES: &[&str] = &[
     "lodge.registry.v1.Translation",
     "lodge.router.v1.Tunnel",
     "lodge.router.v1.RouterControl",
+    "lodge.balancer.v1.Balancer",
 ];
 
 /// What the node's services talk to.
@@ -127,6 +128,8 @@ pub struct Backends {
     pub translation: ActorRef<lodge_actors::translate::gateway::TranslationGateway>,
     /// The session router.
     pub router: RouterBackend,
+    /// The balancer.
+    pub balancer: crate::balancer::service::BalancerBackend,
 }
 
 /// What the router's services talk to.
@@ -248,6 +251,15 @@ pub async fn node_services(
     let router_control = pb::router::router_control_server::RouterControlServer::new(
         crate::router::ControlService::new(router_cx),
     );
+    let balancer = pb::balancer::balancer_server::BalancerServer::new(
+        crate::balancer::service::BalancerService::new(
+            b.balancer,
+            s.request_timeout,
+            shutdown.clone(),
+        ),
+    )
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft =
         pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))
@@ -261,6 +273,7 @@ pub async fn node_services(
         .add_service(translation)
         .add_service(tunnel)
         .add_service(router_control)
+        .add_service(balancer)
         .add_service(raft);
     Ok(NodeServices { routes, health })
 }

@@ -118,12 +118,13 @@ fn kv_from_pb(kv: crate::pb::kv::KeyValue) -> KeyValue {
     }
 }
 
-impl Store for KvStore {
-    fn range(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+impl KvStore {
+    fn listing(&self, prefix: Vec<u8>, serializable: bool) -> StoreFuture<Listing> {
         let kv = self.kv.clone();
         let req = self.timed(RangeRequest {
             key: prefix,
             prefix: true,
+            serializable,
             ..Default::default()
         });
         Box::pin(async move {
@@ -133,6 +134,16 @@ impl Store for KvStore {
                 kvs: answer.kvs.into_iter().map(kv_from_pb).collect(),
             })
         })
+    }
+}
+
+impl Store for KvStore {
+    fn range(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+        self.listing(prefix, false)
+    }
+
+    fn range_local(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+        self.listing(prefix, true)
     }
 
     fn txn(

@@ -178,17 +178,7 @@ impl Node {
 
     /// Waits (at most `limit`) for the process to exit; kills it past that and answers `None`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        wait_child(self.child.take().expect("running"), limit)
     }
 
     pub fn stderr(&self) -> String {
@@ -202,6 +192,116 @@ impl Node {
 }
 
 impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits (at most `limit`) for `child` to exit; kills it past that and answers `None`.
+pub fn wait_child(mut child: Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A `lodge` command other than a node (`lodge module`, ...), killed and reaped when dropped.
+pub struct Lodge {
+    child: Option<Child>,
+    /// The line it printed when ready.
+    pub ready: String,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Lodge {
+    /// Runs `lodge ARGS` and waits for the stdout line starting with `ready`; panics with the
+    /// process's stderr if it ends or takes too long first.
+    pub fn start(args: &[&str], ready: &str) -> Lodge {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr = dir.path().join("stderr.log");
+        let mut child = Command::new(LODGE)
+            .args(args)
+            .env_remove("LODGE_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning lodge");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with(ready) => {
+                    return Lodge {
+                        child: Some(child),
+                        ready: line,
+                        stderr,
+                        _dir: dir,
+                    }
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    let status = wait_child(child, Duration::ZERO);
+                    panic!(
+                        "lodge {args:?} not ready ({status:?}): {}",
+                        std::fs::read_to_string(&stderr).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The value of `key=` in the ready line.
+    pub fn field(&self, key: &str) -> String {
+        let k = format!("{key}=");
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k.as_str()))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready))
+            .to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Whether it has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        let c = self.child.as_mut().expect("running");
+        c.try_wait().expect("try_wait").is_some()
+    }
+
+    /// Waits (at most `limit`) for the exit; kills it past that and answers `None`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_child(self.child.take().expect("running"), limit)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Lodge {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

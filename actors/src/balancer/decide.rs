@@ -41,6 +41,8 @@ pub struct Decision {
 pub struct Decider {
     splits: Mutex<HashMap<ModuleType, Split>>,
     turn: AtomicU64,
+    /// Decisions made per route on this node.
+    per_route: Mutex<HashMap<String, u64>>,
 }
 
 /// Why one instance is not a candidate (for the error message).
@@ -192,6 +194,12 @@ impl Decider {
             let load_score = chosen.load_score();
             if !dry_run {
                 chosen.live.decisions.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .per_route
+                    .lock()
+                    .expect("route counts")
+                    .entry(r.route_id.clone())
+                    .or_default() += 1;
             }
             return Ok(Decision {
                 instance: chosen.clone(),
@@ -219,6 +227,16 @@ impl Decider {
             "no instance can take the flow: {}",
             reasons.join(" | ")
         )))
+    }
+
+    /// Decisions made for `route_id` on this node.
+    pub fn decisions_for(&self, route_id: &str) -> u64 {
+        self.per_route
+            .lock()
+            .expect("route counts")
+            .get(route_id)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The candidates of the version the weights pick (all of them when no weights are set, or

@@ -214,6 +214,16 @@ impl BalancerHandle {
         &self.metrics
     }
 
+    /// Decisions made for `route_id` on this node.
+    pub fn decisions_for(&self, route_id: &str) -> u64 {
+        self.decider.decisions_for(route_id)
+    }
+
+    /// The probe the balancer asks instances with.
+    pub fn probe(&self) -> &Arc<dyn ModuleProbe> {
+        &self.probe
+    }
+
     /// This node's member id.
     pub fn member(&self) -> u64 {
         self.member

@@ -3,6 +3,7 @@
 //! `RouteRequest` RPC and the node's L4 data plane.
 
 pub mod autoscale;
+pub mod dataplane;
 pub mod decide;
 pub mod flow;
 pub mod handle;
@@ -87,7 +88,17 @@ pub struct BalancerParts {
     pub deps: module::ModuleDeps,
     pub handle: handle::BalancerHandle,
     pub leads: autoscale::Leads,
+    /// The data plane's listeners, if this node has any.
+    pub dataplane: Option<DataPlane>,
     pub log: slog::Logger,
+}
+
+/// A node's data plane.
+pub struct DataPlane {
+    pub listeners: Vec<dataplane::ListenerSpec>,
+    pub settings: std::sync::Arc<dataplane::DataPlaneSettings>,
+    /// Where connections run (not on an actor's thread).
+    pub io: tokio::runtime::Handle,
 }
 
 impl BalancerParts {
@@ -125,8 +136,15 @@ impl BalancerParts {
             },
             handle,
             leads,
+            dataplane: None,
             log: log.clone(),
         }
+    }
+
+    /// Adds a data plane.
+    pub fn with_dataplane(mut self, d: DataPlane) -> Self {
+        self.dataplane = Some(d);
+        self
     }
 
     /// `/node/balancer`, one_for_all (the state actor rebuilds the module actors after a
@@ -136,7 +154,8 @@ impl BalancerParts {
     /// /node/balancer
     /// ├── /node/balancer/modules   one_for_one; /node/balancer/modules/<instance_id>
     /// ├── /node/balancer/state     loads and watches the balancer's keys; publishes the view
-    /// └── /node/balancer/scaler    the autoscaler (acts on the leader)
+    /// ├── /node/balancer/scaler    the autoscaler (acts on the leader)
+    /// └── /node/balancer/listeners one_for_one; /node/balancer/listeners/<n>, the data plane
     /// ```
     pub fn supervisor(parts: std::sync::Arc<Self>) -> crate::SupervisorSpec {
         use crate::{ChildSpec, Strategy, SupervisorSpec};
@@ -159,7 +178,34 @@ impl BalancerParts {
             let scaler = ChildSpec::actor_for("scaler", &parts.scaler, move || {
                 autoscale::Autoscaler::new(p.handle.clone(), p.leads.clone(), &p.log)
             });
-            vec![modules, state, scaler]
+            let p = parts.clone();
+            let (listeners, _) = ChildSpec::supervisor(
+                "listeners",
+                SupervisorSpec::new(Strategy::OneForOne, move || {
+                    let Some(d) = &p.dataplane else {
+                        return Vec::new();
+                    };
+                    d.listeners
+                        .iter()
+                        .enumerate()
+                        .map(|(n, spec)| {
+                            let (spec, p) = (spec.clone(), p.clone());
+                            let r = crate::ActorRef::default();
+                            ChildSpec::actor_for(n.to_string(), &r, move || {
+                                let d = p.dataplane.as_ref().expect("checked above");
+                                dataplane::ListenerActor::new(
+                                    spec.clone(),
+                                    p.handle.clone(),
+                                    d.settings.clone(),
+                                    d.io.clone(),
+                                    &p.log,
+                                )
+                            })
+                        })
+                        .collect()
+                }),
+            );
+            vec![modules, state, scaler, listeners]
         })
     }
 }

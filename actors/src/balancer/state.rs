@@ -121,7 +121,9 @@ impl BalancerState {
 
     fn load(&mut self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
-        let read = async move { store.range(PREFIX.as_bytes().to_vec()).await };
+        // This member's own state, then its own changes from the next revision: following needs
+        // no leader (a member starting before the election, or cut off, still loads).
+        let read = async move { store.range_local(PREFIX.as_bytes().to_vec()).await };
         ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
             Ok(listing) => {
                 act.model = Model::default();

@@ -61,6 +61,9 @@ pub struct TxnOutcome {
 pub trait Store: Send + Sync + 'static {
     /// The keys under `prefix`, read linearizably (through the leader).
     fn range(&self, prefix: Vec<u8>) -> StoreFuture<Listing>;
+    /// The keys under `prefix` as this member has applied them (no leader needed; may lag):
+    /// what a follower loads before watching its own changes from the next revision.
+    fn range_local(&self, prefix: Vec<u8>) -> StoreFuture<Listing>;
     /// Runs `success` if every compare holds, else `failure`, atomically.
     fn txn(
         &self,
@@ -146,6 +149,10 @@ impl Store for MemoryStore {
             kvs,
             revision: inner.kv.revision(),
         }))
+    }
+
+    fn range_local(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+        self.range(prefix)
     }
 
     fn txn(

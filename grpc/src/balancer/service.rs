@@ -1,0 +1,813 @@
+//! `lodge.balancer.v1.Balancer`: decodes a request, calls the balancer with the caller's deadline,
+//! and maps the answer. The balancer itself (`lodge_actors::balancer`) holds the rules.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use lodge_actors::balancer::handle::{
+    check_id, BalancerHandle, RegisterModule, RoutingUpdate, SettingsUpdate,
+};
+use lodge_actors::balancer::instance::Health;
+use lodge_actors::balancer::model::{CheckKind, LimitTarget};
+use lodge_actors::balancer::probe::Target;
+use lodge_actors::balancer::scaler::Direction;
+use lodge_actors::balancer::{now_ms, BalancerError, Flow, ModuleType};
+use lodge_actors::cluster::raft::{GetStatus, RaftNode};
+use lodge_actors::ActorRef;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    module_type_from_pb, port, protocol_from_pb, required_module_type, route_from_pb, route_to_pb,
+};
+use super::wire::{
+    decision_to_pb, health_check_from_pb, health_to_pb, instance_to_pb, limit_from_pb, limit_to_pb,
+    load_info_to_pb, load_to_pb, points_from_pb, points_to_pb, reported_health, scaling_from_pb,
+    scaling_to_pb, settings_to_pb, stats_from_pb, stats_to_pb, status, traffic_to_pb,
+};
+use crate::deadline;
+use crate::kv::stream_until_shutdown;
+use crate::pb::balancer as pb;
+
+/// What the Balancer service talks to.
+#[derive(Clone)]
+pub struct BalancerBackend {
+    pub handle: BalancerHandle,
+    /// For the leader's id in the status.
+    pub raft: ActorRef<RaftNode>,
+    /// The data plane's listening addresses on this node.
+    pub listeners: Arc<RwLock<Vec<String>>>,
+    pub started: Instant,
+}
+
+/// The Balancer service.
+pub struct BalancerService {
+    b: BalancerBackend,
+    timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl BalancerService {
+    /// Serves `b`; `timeout` bounds a call without its own deadline; streams end at `shutdown`.
+    pub fn new(
+        b: BalancerBackend,
+        timeout: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            b,
+            timeout,
+            shutdown,
+        }
+    }
+
+    fn h(&self) -> &BalancerHandle {
+        &self.b.handle
+    }
+}
+
+/// Runs `f` within `budget`: DEADLINE_EXCEEDED after it, the balancer's status on failure.
+async fn within<T>(
+    budget: Duration,
+    f: impl Future<Output = Result<T, BalancerError>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(budget, f).await {
+        Ok(r) => r.map_err(status),
+        Err(_) => Err(Status::deadline_exceeded(
+            "the balancer did not answer before the deadline",
+        )),
+    }
+}
+
+fn optional_type(v: i32, field: &str) -> Result<Option<ModuleType>, Status> {
+    if v == 0 {
+        return Ok(None);
+    }
+    module_type_from_pb(v)
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{field}: unknown module type {v}")))
+}
+
+fn id(field: &str, v: &str) -> Result<(), Status> {
+    check_id(field, v).map_err(status)
+}
+
+type MetricsStream = Pin<Box<dyn Stream<Item = Result<pb::NlbMetrics, Status>> + Send>>;
+
+/// This node's balancer figures.
+pub fn nlb_metrics(h: &BalancerHandle) -> pb::NlbMetrics {
+    let m = h.metrics();
+    let view = h.view();
+    let now = now_ms();
+    let mut decisions = HashMap::new();
+    for outcome in [
+        "routed",
+        "dry_run",
+        "no_route",
+        "no_instance",
+        "rate_limited",
+        "unrecognised",
+        "connect_failed",
+    ] {
+        decisions.insert(outcome.to_string(), m.decisions_of(outcome));
+    }
+    let mut modules: HashMap<String, u32> = HashMap::new();
+    let mut traffic = Vec::new();
+    let (mut active, mut total, mut bytes_in, mut bytes_out) = (0, 0, 0, 0);
+    for i in view.instances.values() {
+        *modules
+            .entry(i.health(now).0.as_str().to_string())
+            .or_default() += 1;
+        let l = &i.live;
+        let t = pb::ModuleTraffic {
+            instance_id: i.record.instance_id.clone(),
+            active_connections: l.connections.load(Ordering::Relaxed),
+            connections_total: l.connections_total.load(Ordering::Relaxed),
+            bytes_in: l.bytes_in.load(Ordering::Relaxed),
+            bytes_out: l.bytes_out.load(Ordering::Relaxed),
+        };
+        active += t.active_connections;
+        total += t.connections_total;
+        bytes_in += t.bytes_in;
+        bytes_out += t.bytes_out;
+        traffic.push(t);
+    }
+    let scaling: u64 = {
+        // Families cannot be iterated; count the decisions from the records instead.
+        view.scaling
+            .values()
+            .map(|s| s.value.last.as_ref().map_or(0, |d| d.seq))
+            .sum()
+    };
+    pb::NlbMetrics {
+        member_id: h.member(),
+        timestamp_ms: now,
+        decisions,
+        active_connections: active,
+        connections_total: total,
+        bytes_in,
+        bytes_out,
+        evictions: m.evictions.get(),
+        drains: m.drains.get(),
+        rate_limited: m.rate_limited.get(),
+        scaling_decisions: scaling,
+        modules,
+        traffic,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::balancer_server::Balancer for BalancerService {
+    async fn register_module(
+        &self,
+        req: Request<pb::RegisterModuleRequest>,
+    ) -> Result<Response<pb::RegisterModuleResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let mut protocols = Vec::new();
+        for (n, p) in m.protocols.iter().enumerate() {
+            protocols.push(protocol_from_pb(*p).ok_or_else(|| {
+                Status::invalid_argument(format!("protocols[{n}]: unknown protocol {p}"))
+            })?);
+        }
+        let r = RegisterModule {
+            instance_id: m.instance_id,
+            module_type: Some(required_module_type(m.module_type, "module_type")?),
+            version: m.version,
+            control_address: m.control_address,
+            data_address: m.data_address,
+            protocols,
+            max_connections: m.max_connections,
+            metadata: m.metadata.into_iter().collect(),
+            health_check: m.health_check.map(health_check_from_pb).transpose()?,
+        };
+        let done = within(budget, self.h().register(r)).await?;
+        Ok(Response::new(pb::RegisterModuleResponse {
+            instance_id: done.instance_id,
+            heartbeat_interval_ms: done.interval_ms,
+            max_missed_heartbeats: done.max_missed,
+            replaced: done.replaced,
+        }))
+    }
+
+    async fn unregister_module(
+        &self,
+        req: Request<pb::UnregisterModuleRequest>,
+    ) -> Result<Response<pb::UnregisterModuleResponse>, Status> {
+        let m = req.get_ref();
+        id("instance_id", &m.instance_id)?;
+        let drain = if m.drain_timeout_ms > 0 {
+            Duration::from_millis(m.drain_timeout_ms.into())
+        } else {
+            Duration::from_millis(self.h().view().settings.value.drain_timeout_ms.into())
+        };
+        // A drain may outlast the server's default budget; the caller's own deadline still
+        // bounds it.
+        let budget = deadline::of(&req, self.timeout.max(drain + Duration::from_secs(5)));
+        let m = req.into_inner();
+        let d = within(
+            budget,
+            self.h().unregister(&m.instance_id, m.graceful, drain),
+        )
+        .await?;
+        Ok(Response::new(pb::UnregisterModuleResponse {
+            drained_connections: d.drained,
+            remaining_connections: d.remaining,
+            drain_ms: d.took.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        id("instance_id", &m.instance_id)?;
+        let a = within(
+            budget,
+            self.h().heartbeat(
+                &m.instance_id,
+                stats_from_pb(m.stats),
+                reported_health(m.health),
+            ),
+        )
+        .await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            re_register_required: a.re_register,
+            should_reload: a.should_reload,
+            should_scale: a.desired_instances.is_some(),
+            desired_instances: a.desired_instances.unwrap_or(0),
+            instructions: a.instructions,
+            heartbeat_interval_ms: a.interval_ms,
+        }))
+    }
+
+    async fn list_modules(
+        &self,
+        req: Request<pb::ListModulesRequest>,
+    ) -> Result<Response<pb::ListModulesResponse>, Status> {
+        let m = req.into_inner();
+        let t = optional_type(m.module_type, "module_type")?;
+        let now = now_ms();
+        let view = self.h().view();
+        let modules = view
+            .instances
+            .values()
+            .filter(|i| t.is_none_or(|t| i.record.module_type == t))
+            .filter(|i| m.version.is_empty() || i.record.version == m.version)
+            .filter(|i| !m.healthy_only || i.health(now).0.routable())
+            .map(|i| instance_to_pb(i, now))
+            .collect();
+        Ok(Response::new(pb::ListModulesResponse { modules }))
+    }
+
+    async fn get_module_info(
+        &self,
+        req: Request<pb::GetModuleInfoRequest>,
+    ) -> Result<Response<pb::GetModuleInfoResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let inst = within(budget, self.h().instance(&m.instance_id))
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!("instance_id: {} is not registered", m.instance_id))
+            })?;
+        let capabilities = inst
+            .live
+            .capabilities()
+            .into_iter()
+            .map(|(route_id, c)| pb::Capability {
+                instance_id: m.instance_id.clone(),
+                route_id,
+                can_handle: c.can_handle,
+                priority: c.priority,
+                reason: c.reason,
+            })
+            .collect();
+        let metrics = inst
+            .report
+            .as_ref()
+            .map(|r| points_to_pb(&r.metrics))
+            .unwrap_or_default();
+        Ok(Response::new(pb::GetModuleInfoResponse {
+            module: Some(instance_to_pb(&inst, now_ms())),
+            capabilities,
+            metrics,
+        }))
+    }
+
+    async fn update_routing(
+        &self,
+        req: Request<pb::UpdateRoutingRequest>,
+    ) -> Result<Response<pb::UpdateRoutingResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let mut routes = Vec::with_capacity(m.routes.len());
+        for (n, r) in m.routes.into_iter().enumerate() {
+            routes.push(route_from_pb(r, &format!("routes[{n}]"))?);
+        }
+        let u = RoutingUpdate {
+            routes,
+            replace_all: m.replace_all,
+            validate_only: m.validate_only,
+            delete: m.delete_route_ids,
+            expected_revision: m.expected_revision,
+        };
+        let (routes, revision, applied) = within(budget, self.h().update_routing(u)).await?;
+        Ok(Response::new(pb::UpdateRoutingResponse {
+            routes: routes.iter().map(route_to_pb).collect(),
+            revision,
+            applied,
+        }))
+    }
+
+    async fn get_routing_table(
+        &self,
+        req: Request<pb::GetRoutingTableRequest>,
+    ) -> Result<Response<pb::GetRoutingTableResponse>, Status> {
+        let t = optional_type(req.get_ref().target, "target")?;
+        let view = self.h().view();
+        let now = now_ms();
+        let entries = view
+            .routes
+            .value
+            .routes()
+            .iter()
+            .filter(|c| t.is_none_or(|t| c.route.target == t))
+            .map(|c| {
+                let id = &c.route.route_id;
+                let instances = view
+                    .of_type(c.route.target)
+                    .filter(|i| i.health(now).0.routable())
+                    .filter(|i| {
+                        i.live
+                            .capabilities()
+                            .iter()
+                            .any(|(r, cap)| r == id && cap.can_handle)
+                    })
+                    .map(|i| i.record.instance_id.clone())
+                    .collect();
+                pb::RoutingEntry {
+                    route: Some(route_to_pb(&c.route)),
+                    instances,
+                    decisions: self.h().decisions_for(id),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetRoutingTableResponse {
+            entries,
+            revision: view.routes.revision,
+        }))
+    }
+
+    async fn route_request(
+        &self,
+        req: Request<pb::RouteQuery>,
+    ) -> Result<Response<pb::RouteDecision>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let protocol = protocol_from_pb(m.protocol).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "protocol: required: tcp, http, redis, ... (got {})",
+                m.protocol
+            ))
+        })?;
+        let flow = Flow {
+            protocol,
+            source: m.source,
+            source_port: port(m.source_port, "source_port")?,
+            destination: m.destination,
+            destination_port: port(m.destination_port, "destination_port")?,
+            path: m.path,
+            headers: m
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect(),
+        };
+        let d = within(budget, self.h().decide(&flow, m.dry_run, &[])).await?;
+        let r = &d.instance.record;
+        Ok(Response::new(pb::RouteDecision {
+            instance_id: r.instance_id.clone(),
+            address: r.data_address.clone(),
+            route_id: d.route.route.route_id.clone(),
+            priority: d.route.route.priority,
+            module_type: super::convert::module_type_to_pb(r.module_type) as i32,
+            version: r.version.clone(),
+            load_score: d.load_score,
+            dry_run: d.dry_run,
+        }))
+    }
+
+    async fn validate_route(
+        &self,
+        req: Request<pb::ValidateRouteRequest>,
+    ) -> Result<Response<pb::ValidateRouteResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let route = req
+            .into_inner()
+            .route
+            .ok_or_else(|| Status::invalid_argument("route: required"))?;
+        let route = route_from_pb(route, "route")?;
+        let route_id = route.route_id.clone();
+        let answers = within(budget, self.h().validate_route(route)).await?;
+        Ok(Response::new(pb::ValidateRouteResponse {
+            valid: true,
+            capable: answers
+                .into_iter()
+                .map(|(instance_id, c)| pb::Capability {
+                    instance_id,
+                    route_id: route_id.clone(),
+                    can_handle: c.can_handle,
+                    priority: c.priority,
+                    reason: c.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn report_metrics(
+        &self,
+        req: Request<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        id("instance_id", &m.instance_id)?;
+        let n = within(
+            budget,
+            self.h()
+                .report_metrics(&m.instance_id, points_from_pb(m.metrics)),
+        )
+        .await?;
+        Ok(Response::new(pb::ReportMetricsResponse {
+            accepted: n as u32,
+        }))
+    }
+
+    async fn get_nlb_metrics(
+        &self,
+        _: Request<pb::GetNlbMetricsRequest>,
+    ) -> Result<Response<pb::NlbMetrics>, Status> {
+        Ok(Response::new(nlb_metrics(self.h())))
+    }
+
+    async fn get_module_metrics(
+        &self,
+        req: Request<pb::GetModuleMetricsRequest>,
+    ) -> Result<Response<pb::ModuleMetrics>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let inst = within(budget, self.h().instance(&m.instance_id))
+            .await?
+            .ok_or_else(|| {
+                Status::not_found(format!("instance_id: {} is not registered", m.instance_id))
+            })?;
+        let report = inst.report.clone().unwrap_or_default();
+        let l = &inst.live;
+        Ok(Response::new(pb::ModuleMetrics {
+            instance_id: m.instance_id.clone(),
+            stats: Some(stats_to_pb(&report.stats)),
+            metrics: points_to_pb(&report.metrics),
+            traffic: Some(pb::ModuleTraffic {
+                instance_id: m.instance_id,
+                active_connections: l.connections.load(Ordering::Relaxed),
+                connections_total: l.connections_total.load(Ordering::Relaxed),
+                bytes_in: l.bytes_in.load(Ordering::Relaxed),
+                bytes_out: l.bytes_out.load(Ordering::Relaxed),
+            }),
+            load: Some(load_to_pb(&inst, now_ms())),
+        }))
+    }
+
+    type StreamNLBMetricsStream = MetricsStream;
+
+    async fn stream_nlb_metrics(
+        &self,
+        req: Request<pb::StreamNlbMetricsRequest>,
+    ) -> Result<Response<Self::StreamNLBMetricsStream>, Status> {
+        let every = match req.into_inner().interval_ms {
+            0 => Duration::from_secs(1),
+            ms if ms < 100 => {
+                return Err(Status::invalid_argument(format!(
+                    "interval_ms: {ms} is under the 100 ms minimum"
+                )))
+            }
+            ms => Duration::from_millis(ms.into()),
+        };
+        let h = self.h().clone();
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if out.send(Ok(nlb_metrics(&h))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn check_health(
+        &self,
+        req: Request<pb::CheckHealthRequest>,
+    ) -> Result<Response<pb::CheckHealthResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let deep = req.into_inner().deep;
+        let view = self.h().view();
+        let now = now_ms();
+        let mut modules = Vec::new();
+        let mut asks = tokio::task::JoinSet::new();
+        for i in view.instances.values() {
+            let (health, reason) = i.health(now);
+            if deep && health.routable() {
+                let probe = self.h().probe().clone();
+                let target = Target {
+                    instance_id: i.record.instance_id.clone(),
+                    control: i.record.control_address.clone(),
+                    data: i.record.data_address.clone(),
+                };
+                let timeout = budget.min(Duration::from_secs(2));
+                asks.spawn(async move {
+                    let r = probe
+                        .health_check(&target, CheckKind::Grpc, true, timeout)
+                        .await;
+                    (target.instance_id, health, r)
+                });
+            } else {
+                modules.push(pb::ModuleHealth {
+                    instance_id: i.record.instance_id.clone(),
+                    health: health_to_pb(health) as i32,
+                    reason,
+                });
+            }
+        }
+        while let Some(Ok((instance_id, health, r))) = asks.join_next().await {
+            let (health, reason) = match r {
+                Ok(()) => (health, String::new()),
+                Err(e) => (Health::Unhealthy, format!("deep health check: {e}")),
+            };
+            modules.push(pb::ModuleHealth {
+                instance_id,
+                health: health_to_pb(health) as i32,
+                reason,
+            });
+        }
+        modules.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        let unhealthy = modules
+            .iter()
+            .filter(|m| m.health == pb::HealthStatus::Unhealthy as i32)
+            .count();
+        let (status, message) = if !view.loaded {
+            (
+                pb::HealthStatus::Starting,
+                "the balancer has not loaded its state yet".to_string(),
+            )
+        } else if unhealthy > 0 {
+            (
+                pb::HealthStatus::Degraded,
+                format!("{unhealthy} of {} instances unhealthy", modules.len()),
+            )
+        } else {
+            (pb::HealthStatus::Healthy, "serving".to_string())
+        };
+        Ok(Response::new(pb::CheckHealthResponse {
+            status: status as i32,
+            message,
+            modules,
+        }))
+    }
+
+    async fn get_nlb_status(
+        &self,
+        req: Request<pb::GetNlbStatusRequest>,
+    ) -> Result<Response<pb::NlbStatus>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let view = self.h().view();
+        let now = now_ms();
+        let leader = match self.b.raft.send_timeout(GetStatus, budget).await {
+            Ok(Ok(s)) => s.leader.unwrap_or(0),
+            _ => 0,
+        };
+        let m = nlb_metrics(self.h());
+        Ok(Response::new(pb::NlbStatus {
+            member_id: self.h().member(),
+            leader_id: leader,
+            uptime_ms: self.b.started.elapsed().as_millis() as i64,
+            modules_total: view.instances.len() as u32,
+            modules_healthy: view
+                .instances
+                .values()
+                .filter(|i| i.health(now).0.routable())
+                .count() as u32,
+            routes: view.routes.value.routes().len() as u32,
+            routing_revision: view.routes.revision,
+            listeners: self.b.listeners.read().expect("listeners").clone(),
+            active_connections: m.active_connections,
+            decisions_total: m.decisions.values().sum(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn update_nlb_config(
+        &self,
+        req: Request<pb::UpdateNlbConfigRequest>,
+    ) -> Result<Response<pb::BalancerConfig>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let u = SettingsUpdate {
+            heartbeat_interval_ms: m.heartbeat_interval_ms,
+            max_missed_heartbeats: m.max_missed_heartbeats,
+            drain_timeout_ms: m.drain_timeout_ms,
+            can_handle_ttl_ms: m.can_handle_ttl_ms,
+            autoscale_interval_ms: m.autoscale_interval_ms,
+            rebalance_threshold: m.rebalance_threshold,
+            validate_only: m.validate_only,
+        };
+        let (s, rev) = within(budget, self.h().update_settings(u)).await?;
+        Ok(Response::new(settings_to_pb(&s, rev)))
+    }
+
+    async fn get_nlb_config(
+        &self,
+        _: Request<pb::GetNlbConfigRequest>,
+    ) -> Result<Response<pb::BalancerConfig>, Status> {
+        let s = self.h().view().settings.clone();
+        Ok(Response::new(settings_to_pb(&s.value, s.revision)))
+    }
+
+    async fn rebalance_load(
+        &self,
+        req: Request<pb::RebalanceLoadRequest>,
+    ) -> Result<Response<pb::RebalanceLoadResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let t = optional_type(m.module_type, "module_type")?;
+        let (before, plan) = within(budget, self.h().rebalance(t, m.dry_run)).await?;
+        Ok(Response::new(pb::RebalanceLoadResponse {
+            balance_score_before: before,
+            shed: plan
+                .into_iter()
+                .map(|(instance_id, connections)| pb::Shed {
+                    instance_id,
+                    connections,
+                })
+                .collect(),
+            dry_run: m.dry_run,
+        }))
+    }
+
+    async fn get_load_distribution(
+        &self,
+        req: Request<pb::GetLoadDistributionRequest>,
+    ) -> Result<Response<pb::LoadDistribution>, Status> {
+        let t = optional_type(req.get_ref().module_type, "module_type")?;
+        let (infos, balance) = self.h().load(t);
+        let now = now_ms();
+        Ok(Response::new(pb::LoadDistribution {
+            instances: infos.iter().map(|l| load_info_to_pb(l, now)).collect(),
+            balance_score: balance,
+        }))
+    }
+
+    async fn trigger_scaling(
+        &self,
+        req: Request<pb::TriggerScalingRequest>,
+    ) -> Result<Response<pb::ScalingDecision>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let t = required_module_type(m.module_type, "module_type")?;
+        let direction = match pb::ScalingDirection::try_from(m.direction) {
+            Ok(pb::ScalingDirection::Up) => Some(Direction::Up),
+            Ok(pb::ScalingDirection::Down) => Some(Direction::Down),
+            Ok(pb::ScalingDirection::Auto) => None,
+            _ if m.desired_instances > 0 => Some(Direction::None),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "direction: required: UP, DOWN or AUTO (or desired_instances)",
+                ))
+            }
+        };
+        let (d, delivered) = within(
+            budget,
+            self.h()
+                .trigger_scaling(t, direction, m.desired_instances, &m.reason),
+        )
+        .await?;
+        Ok(Response::new(decision_to_pb(t, &d, delivered)))
+    }
+
+    async fn set_traffic_weight(
+        &self,
+        req: Request<pb::SetTrafficWeightRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let t = required_module_type(m.module_type, "module_type")?;
+        let v = within(budget, self.h().set_weight(t, &m.version, m.weight)).await?;
+        Ok(Response::new(traffic_to_pb(t, &v)))
+    }
+
+    async fn get_active_version(
+        &self,
+        req: Request<pb::GetActiveVersionRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        let t = required_module_type(req.get_ref().module_type, "module_type")?;
+        Ok(Response::new(traffic_to_pb(
+            t,
+            &self.h().view().traffic_of(t),
+        )))
+    }
+
+    async fn promote_version(
+        &self,
+        req: Request<pb::PromoteVersionRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let m = req.into_inner();
+        let t = required_module_type(m.module_type, "module_type")?;
+        let v = within(
+            budget,
+            self.h().promote(
+                t,
+                &m.version,
+                m.gradual,
+                m.step_percent,
+                m.interval_ms.into(),
+            ),
+        )
+        .await?;
+        Ok(Response::new(traffic_to_pb(t, &v)))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::TrafficState>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let t = required_module_type(req.get_ref().module_type, "module_type")?;
+        let v = within(budget, self.h().rollback(t)).await?;
+        Ok(Response::new(traffic_to_pb(t, &v)))
+    }
+
+    async fn set_rate_limit(
+        &self,
+        req: Request<pb::SetRateLimitRequest>,
+    ) -> Result<Response<pb::RateLimit>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let l = req
+            .into_inner()
+            .limit
+            .ok_or_else(|| Status::invalid_argument("limit: required"))?;
+        let spec = within(budget, self.h().set_limit(limit_from_pb(l))).await?;
+        Ok(Response::new(limit_to_pb(&spec)))
+    }
+
+    async fn get_rate_limits(
+        &self,
+        _: Request<pb::GetRateLimitsRequest>,
+    ) -> Result<Response<pb::GetRateLimitsResponse>, Status> {
+        let view = self.h().view();
+        Ok(Response::new(pb::GetRateLimitsResponse {
+            limits: view.limits.value.iter().map(limit_to_pb).collect(),
+        }))
+    }
+
+    async fn remove_rate_limit(
+        &self,
+        req: Request<pb::RemoveRateLimitRequest>,
+    ) -> Result<Response<pb::RemoveRateLimitResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let target = req.into_inner().target;
+        LimitTarget::parse(&target, "target").map_err(Status::invalid_argument)?;
+        let removed = within(budget, self.h().remove_limit(&target)).await?;
+        Ok(Response::new(pb::RemoveRateLimitResponse { removed }))
+    }
+
+    async fn set_scaling_config(
+        &self,
+        req: Request<pb::SetScalingConfigRequest>,
+    ) -> Result<Response<pb::ScalingConfig>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let c = req
+            .into_inner()
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: required"))?;
+        let t = required_module_type(c.module_type, "config.module_type")?;
+        let c = within(budget, self.h().set_scaling(t, scaling_from_pb(c))).await?;
+        Ok(Response::new(scaling_to_pb(t, &c)))
+    }
+
+    async fn get_scaling_config(
+        &self,
+        req: Request<pb::GetScalingConfigRequest>,
+    ) -> Result<Response<pb::ScalingConfig>, Status> {
+        let t = required_module_type(req.get_ref().module_type, "module_type")?;
+        let c = self.h().view().scaling_of(t).value.config;
+        Ok(Response::new(scaling_to_pb(t, &c)))
+    }
+}
