@@ -861,7 +861,8 @@ fn metrics_text(m: &pb::NlbMetrics) -> String {
     out
 }
 
-/// One update of `metrics --watch`: a line for people, or a JSON document.
+/// One update of `metrics --watch`: a line for people (counts that are still zero left out), or a
+/// JSON document.
 pub fn metrics_line(m: &pb::NlbMetrics, as_json: bool) -> String {
     if as_json {
         return metrics_json(m).to_string();
@@ -874,8 +875,8 @@ pub fn metrics_line(m: &pb::NlbMetrics, as_json: bool) -> String {
         bytes(m.bytes_in).replace(' ', ""),
         bytes(m.bytes_out).replace(' ', ""),
         m.rate_limited,
-        counts(&m.decisions),
-        counts(&m.modules)
+        nonzero_counts(&m.decisions),
+        nonzero_counts(&m.modules)
     )
 }
 
@@ -994,10 +995,19 @@ fn map_or_dash(m: &HashMap<String, String>) -> String {
 
 /// `name=count ...`, sorted by name.
 fn counts<V: std::fmt::Display>(m: &HashMap<String, V>) -> String {
-    if m.is_empty() {
+    counts_where(m, |_| true)
+}
+
+/// `name=count ...` of the counts that are not zero (a watch line stays short).
+fn nonzero_counts<V: std::fmt::Display + Default + PartialEq>(m: &HashMap<String, V>) -> String {
+    counts_where(m, |v| *v != V::default())
+}
+
+fn counts_where<V: std::fmt::Display>(m: &HashMap<String, V>, keep: impl Fn(&V) -> bool) -> String {
+    let mut items: Vec<_> = m.iter().filter(|(_, v)| keep(v)).collect();
+    if items.is_empty() {
         return "-".into();
     }
-    let mut items: Vec<_> = m.iter().collect();
     items.sort_by(|a, b| a.0.cmp(b.0));
     items
         .iter()
@@ -1324,7 +1334,12 @@ dry_run      yes (no rate-limit tokens spent; the version split did not advance)
         let m = pb::NlbMetrics {
             member_id: 1,
             timestamp_ms: 1_714_564_800_000,
-            decisions: [("routed".to_string(), 5), ("no_route".to_string(), 1)].into(),
+            decisions: [
+                ("routed".to_string(), 5),
+                ("no_route".to_string(), 1),
+                ("rate_limited".to_string(), 0),
+            ]
+            .into(),
             active_connections: 2,
             connections_total: 9,
             bytes_in: 1536,

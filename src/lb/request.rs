@@ -312,9 +312,9 @@ pub fn trigger_scaling(
         Trigger::Up => (D::Up, 0),
         Trigger::Down => (D::Down, 0),
         Trigger::Auto => (D::Auto, 0),
-        // A forced decision with a count ignores the direction (the count says which way), but
-        // the direction must still be a forced one: AUTO would ask the autoscaler instead.
-        Trigger::To(n) => (D::Up, *n),
+        // A count alone: the node forces it (the count says which way); AUTO would ask the
+        // autoscaler instead.
+        Trigger::To(n) => (D::Unspecified, *n),
     };
     pb::TriggerScalingRequest {
         module_type: module_type(t),
@@ -814,7 +814,7 @@ mod tests {
             req,
             pb::TriggerScalingRequest {
                 module_type: pb::ModuleType::Alb as i32,
-                direction: pb::ScalingDirection::Up as i32,
+                direction: pb::ScalingDirection::Unspecified as i32,
                 desired_instances: 4,
                 reason: "load test".into(),
             }
