@@ -176,17 +176,26 @@ fn us(v: Option<f64>) -> String {
 
 /// Prints `rows` (the first is the header) as left-aligned columns two spaces apart.
 pub fn print_table(rows: &[Vec<String>]) {
+    print!("{}", format_table(rows));
+}
+
+/// `rows` (the first is the header) as left-aligned columns two spaces apart, a newline after
+/// each row.
+pub fn format_table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
+    let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 /// Runs a ctl subcommand; returns the process exit code.

@@ -8,6 +8,7 @@ mod ctl;
 mod failover;
 mod join;
 mod kv;
+mod lb;
 mod logging;
 mod metrics;
 mod module;
@@ -61,6 +62,13 @@ enum Command {
         conn: ctl::Connection,
         #[command(subcommand)]
         cmd: client::Client,
+    },
+    /// The balancer (lodge.balancer.v1): modules, routes, weights, limits, load, scaling.
+    Lb {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: lb::Lb,
     },
     /// Translate a title or a markdown document (registers as a client for the job's duration).
     Translate {
@@ -198,6 +206,7 @@ fn main() {
         Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
         Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
         Command::Client { conn, cmd } => client_runtime().block_on(client::run(conn, cmd)),
+        Command::Lb { conn, cmd } => client_runtime().block_on(lb::run(conn, cmd)),
         Command::Translate { conn, args } => client_runtime().block_on(translate::run(conn, args)),
         Command::Agent { conn, args } => client_runtime().block_on(tunnel::agent::run(conn, args)),
         Command::Exec { conn, args } => client_runtime().block_on(tunnel::exec::run(conn, args)),

@@ -231,7 +231,8 @@ fn age(s: &SessionInfo) -> String {
     duration_words(u64::try_from(now - created.seconds).unwrap_or(0))
 }
 
-fn duration_words(secs: u64) -> String {
+/// Seconds in the two largest units ("3m12s", "2h05m").
+pub(crate) fn duration_words(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
@@ -242,7 +243,7 @@ fn duration_words(secs: u64) -> String {
 }
 
 /// A byte count in binary units ("1.5 MiB").
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut unit = 0;
