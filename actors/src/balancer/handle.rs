@@ -399,6 +399,13 @@ impl BalancerHandle {
         }
     }
 
+    /// The instance `id`, or NOT_FOUND naming it.
+    pub async fn registered(&self, id: &str) -> Result<Instance, BalancerError> {
+        self.instance(id).await?.ok_or_else(|| {
+            BalancerError::NotFound(format!("instance_id: {id} is not registered"))
+        })
+    }
+
     /// A heartbeat: renews the instance's lease (at most every half interval per node), records
     /// its report, and hands it what is waiting for it.
     pub async fn heartbeat(
@@ -491,11 +498,7 @@ impl BalancerHandle {
         graceful: bool,
         drain_timeout: Duration,
     ) -> Result<Drained, BalancerError> {
-        let Some(inst) = self.instance(id).await? else {
-            return Err(BalancerError::NotFound(format!(
-                "instance_id: {id} is not registered"
-            )));
-        };
+        let inst = self.registered(id).await?;
         let mut drained = Drained {
             drained: 0,
             remaining: 0,
@@ -563,11 +566,7 @@ impl BalancerHandle {
         id: &str,
         points: Vec<MetricPoint>,
     ) -> Result<usize, BalancerError> {
-        let Some(inst) = self.instance(id).await? else {
-            return Err(BalancerError::NotFound(format!(
-                "instance_id: {id} is not registered"
-            )));
-        };
+        let inst = self.registered(id).await?;
         for (n, p) in points.iter().enumerate() {
             if p.name.is_empty() || p.name.len() > 128 {
                 return Err(invalid(format!(

@@ -272,11 +272,7 @@ impl pb::balancer_server::Balancer for BalancerService {
     ) -> Result<Response<pb::GetModuleInfoResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
-        let inst = within(budget, self.h().instance(&m.instance_id))
-            .await?
-            .ok_or_else(|| {
-                Status::not_found(format!("instance_id: {} is not registered", m.instance_id))
-            })?;
+        let inst = within(budget, self.h().registered(&m.instance_id)).await?;
         let capabilities = inst
             .live
             .capabilities()
@@ -462,11 +458,7 @@ impl pb::balancer_server::Balancer for BalancerService {
     ) -> Result<Response<pb::ModuleMetrics>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
-        let inst = within(budget, self.h().instance(&m.instance_id))
-            .await?
-            .ok_or_else(|| {
-                Status::not_found(format!("instance_id: {} is not registered", m.instance_id))
-            })?;
+        let inst = within(budget, self.h().registered(&m.instance_id)).await?;
         let report = inst.report.clone().unwrap_or_default();
         let l = &inst.live;
         Ok(Response::new(pb::ModuleMetrics {
