@@ -38,6 +38,7 @@ pub struct BalancerSection {
     pub connect_timeout_ms: u64,
     pub connect_attempts: usize,
     pub buffer_bytes: usize,
+    pub max_connections: usize,
     pub deploy_hook: Vec<String>,
 }
 
@@ -402,6 +403,12 @@ impl NodeConfig {
             return Err(err(
                 "balancer.buffer_bytes",
                 "must be between 4096 and 4194304",
+            ));
+        }
+        if !(1..=1_000_000).contains(&b.max_connections) {
+            return Err(err(
+                "balancer.max_connections",
+                "must be between 1 and 1000000",
             ));
         }
         if b.deploy_hook.first().is_some_and(|p| p.trim().is_empty()) {

@@ -528,16 +528,17 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 leads,
                 &log,
             )
-            .with_dataplane(DataPlane {
-                listeners: data_listeners,
-                settings: Arc::new(DataPlaneSettings {
+            .with_dataplane(DataPlane::new(
+                data_listeners,
+                DataPlaneSettings {
                     sniff_timeout: NodeConfig::duration(cfg.balancer.sniff_timeout_ms),
                     connect_timeout: NodeConfig::duration(cfg.balancer.connect_timeout_ms),
                     connect_attempts: cfg.balancer.connect_attempts,
                     buffer_bytes: cfg.balancer.buffer_bytes,
-                }),
-                io: io.clone(),
-            }),
+                    max_connections: cfg.balancer.max_connections,
+                },
+                io.clone(),
+            )),
         );
         let probe: ResourceProbe = {
             let registry_slot = registry_slot.clone();

@@ -261,24 +261,37 @@ async fn a_killed_module_is_evicted_and_new_connections_avoid_it() {
     let mut c = client(&node.grpc).await;
     fast_heartbeats(&mut c).await;
     let data = data_address(&mut c).await;
-    let mut a = module(&node.grpc, "alb", &http_backend("a"), "alb-a", "v1");
-    let _b = module(&node.grpc, "alb", &http_backend("b"), "alb-b", "v1");
+    let mut by_id = std::collections::BTreeMap::new();
+    for (id, answer) in [("alb-a", "a"), ("alb-b", "b")] {
+        let m = module(&node.grpc, "alb", &http_backend(answer), id, "v1");
+        by_id.insert(id.to_string(), (m, answer));
+    }
     set_routes(
         &mut c,
         vec![route("web", pb::Protocol::Http, pb::ModuleType::Alb, 1)],
     )
     .await;
-    let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..6 {
-        seen.insert(curl(&data, "x"));
-    }
-    assert_eq!(seen.len(), 2, "both instances take traffic: {seen:?}");
+    let body = curl(&data, "x");
+    assert!(body == "a" || body == "b", "{body}");
 
-    // Killed mid-traffic (no unregistration): new connections avoid it at once...
-    signal(a.pid(), "KILL");
-    a.wait_exit(WAIT);
+    // The instance the next connection would go to is killed mid-traffic (no unregistration):
+    // new connections avoid it at once (its refused connection is retried elsewhere)...
+    let next = c
+        .route_request(pb::RouteQuery {
+            protocol: pb::Protocol::Http as i32,
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instance_id;
+    let (mut victim, _) = by_id.remove(&next).unwrap();
+    let (survivor, (_kept, answer)) = by_id.into_iter().next().unwrap();
+    signal(victim.pid(), "KILL");
+    victim.wait_exit(WAIT);
     for _ in 0..6 {
-        assert_eq!(curl(&data, "x"), "b");
+        assert_eq!(curl(&data, "x"), answer);
     }
     // ...and its missed heartbeats evict it.
     let began = Instant::now();
@@ -288,10 +301,10 @@ async fn a_killed_module_is_evicted_and_new_connections_avoid_it() {
             .into_iter()
             .map(|m| m.instance_id)
             .collect();
-        if ids == ["alb-b"] {
+        if ids == [survivor.as_str()] {
             break;
         }
-        assert!(began.elapsed() < WAIT, "alb-a not evicted: {ids:?}");
+        assert!(began.elapsed() < WAIT, "{next} not evicted: {ids:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let m = c
@@ -440,7 +453,7 @@ async fn bad_routes_and_settings_are_refused_naming_the_field() {
 }
 
 #[test]
-fn routes_and_weights_survive_a_leader_kill() {
+fn routes_weights_and_registrations_survive_a_leader_kill() {
     let trio = Trio::new("", &[]);
     let mut nodes: Vec<Option<Node>> = (0..3)
         .map(|i| Some(trio.start(i, tempfile::tempdir().unwrap())))
@@ -449,6 +462,7 @@ fn routes_and_weights_survive_a_leader_kill() {
     let endpoints: Vec<String> = (0..3).map(|i| trio.addr(i)).collect();
     rt.block_on(async {
         let mut c = client(&endpoints[0]).await;
+        fast_heartbeats(&mut c).await;
         set_routes(
             &mut c,
             vec![route("web", pb::Protocol::Http, pb::ModuleType::Alb, 3)],
@@ -469,8 +483,20 @@ fn routes_and_weights_survive_a_leader_kill() {
         .await
         .unwrap();
     });
+    // A module heartbeating every 200 ms (a 1 s lease) through whichever member answers.
+    let m = module(
+        &endpoints.join(","),
+        "alb",
+        &http_backend("web"),
+        "alb-1",
+        "v1",
+    );
     let leader = common::leader_of(nodes[0].as_ref().unwrap()).expect("a leader");
     nodes[(leader - 1) as usize].take().unwrap().kill9();
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     let survivor = (0..3).find(|i| nodes[*i].is_some()).unwrap();
     eventually("a new leader", || {
         common::leader_of(nodes[survivor].as_ref().unwrap()).filter(|l| *l != leader)
@@ -478,12 +504,19 @@ fn routes_and_weights_survive_a_leader_kill() {
     rt.block_on(async {
         for i in (0..3).filter(|i| nodes[*i].is_some()) {
             let mut c = client(&endpoints[i]).await;
-            let table = c
-                .get_routing_table(pb::GetRoutingTableRequest::default())
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(table.entries.len(), 1, "member {}", i + 1);
+            // Each survivor serves what it has applied: wait for it to catch up, then compare.
+            let began = Instant::now();
+            let table = loop {
+                let t = c
+                    .get_routing_table(pb::GetRoutingTableRequest::default())
+                    .await
+                    .map(|t| t.into_inner());
+                match t {
+                    Ok(t) if t.entries.len() == 1 => break t,
+                    other => assert!(began.elapsed() < WAIT, "member {}: {other:?}", i + 1),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             assert_eq!(table.entries[0].route.as_ref().unwrap().priority, 3);
             let t = c
                 .get_active_version(pb::GetActiveVersionRequest {
@@ -493,7 +526,35 @@ fn routes_and_weights_survive_a_leader_kill() {
                 .unwrap()
                 .into_inner();
             assert_eq!((t.active_version.as_str(), t.canary_percent), ("v1", 20));
+            // The module was not evicted by the failover.
+            let ids: Vec<String> = modules(&mut c)
+                .await
+                .into_iter()
+                .map(|m| m.instance_id)
+                .collect();
+            assert_eq!(ids, ["alb-1"], "member {}", i + 1);
+            let metrics = c
+                .get_nlb_metrics(pb::GetNlbMetricsRequest {})
+                .await
+                .unwrap();
+            assert_eq!(metrics.into_inner().evictions, 0, "member {}", i + 1);
         }
+        // Its heartbeats go on after the failover (through a survivor)...
+        let mut c = client(&endpoints[survivor]).await;
+        let began = Instant::now();
+        loop {
+            let m = modules(&mut c).await;
+            if m.first()
+                .is_some_and(|m| m.last_heartbeat_ms > killed_at + 500)
+            {
+                break;
+            }
+            assert!(began.elapsed() < WAIT, "no heartbeat since the kill: {m:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // ...and it never had to register again: the failover changed nothing it saw.
+        let registrations = m.stderr().matches("registered with the balancer").count();
+        assert_eq!(registrations, 1, "{}", m.stderr());
         // And the survivors still take writes: a rollback during the canary goes back to v1.
         let mut c = client(&endpoints[survivor]).await;
         let t = c

@@ -36,6 +36,8 @@ pub struct DataPlaneSettings {
     pub connect_attempts: usize,
     /// Copy buffer per direction.
     pub buffer_bytes: usize,
+    /// Connections this node proxies at once, over all listeners; more are closed at once.
+    pub max_connections: usize,
 }
 
 /// One listening address.
@@ -57,6 +59,8 @@ pub struct ListenerActor {
     log: Logger,
     accept: Option<tokio::task::JoinHandle<()>>,
     address: String,
+    /// Shared by every listener of the node: each proxied connection holds a permit.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ListenerActor {
@@ -65,6 +69,7 @@ impl ListenerActor {
         spec: ListenerSpec,
         handle: BalancerHandle,
         settings: Arc<DataPlaneSettings>,
+        slots: Arc<tokio::sync::Semaphore>,
         io: tokio::runtime::Handle,
         log: &Logger,
     ) -> Self {
@@ -80,6 +85,7 @@ impl ListenerActor {
             io,
             accept: None,
             address,
+            slots,
         }
     }
 }
@@ -106,6 +112,7 @@ impl Actor for ListenerActor {
             self.log.clone(),
         );
         let io = self.io.clone();
+        let slots = self.slots.clone();
         self.accept = Some(self.io.spawn(async move {
             let listener = match TcpListener::from_std(socket) {
                 Ok(l) => l,
@@ -117,9 +124,16 @@ impl Actor for ListenerActor {
             loop {
                 match listener.accept().await {
                     Ok((conn, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            // Over the node's connection limit: closed at once, counted.
+                            handle.metrics().decided("over_capacity");
+                            drop(conn);
+                            continue;
+                        };
                         let (handle, settings, log) =
                             (handle.clone(), settings.clone(), log.clone());
                         io.spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = serve(conn, peer, hint, &handle, &settings).await {
                                 debug!(log, "connection closed"; "peer" => %peer, "why" => e);
                             }
@@ -163,7 +177,8 @@ impl Managed for ListenerActor {
     }
 }
 
-/// Reads until the sniffer decides, the client stops sending for `timeout`, or it closes.
+/// Reads until the sniffer decides, `timeout` after the connection was accepted, or the client
+/// closes.
 async fn first_bytes(conn: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Sniff) {
     let mut buf = Vec::with_capacity(4096);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -178,6 +193,11 @@ async fn first_bytes(conn: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Sniff
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// Protocols whose clients send nothing before the server's greeting.
+fn server_speaks_first(p: Protocol) -> bool {
+    matches!(p, Protocol::Mysql)
 }
 
 /// What a connection is, for routing.
@@ -220,11 +240,21 @@ async fn serve(
 ) -> Result<(), String> {
     let _ = conn.set_nodelay(true);
     let local = conn.local_addr().map_err(|e| e.to_string())?;
-    let (prefix, verdict) = first_bytes(&mut conn, settings.sniff_timeout).await;
+    let (prefix, verdict) = if hint.is_some_and(server_speaks_first) {
+        // Its clients wait for the server's greeting: there is nothing to sniff.
+        (Vec::new(), Sniff::NeedMore)
+    } else {
+        first_bytes(&mut conn, settings.sniff_timeout).await
+    };
     let (flow, recognised) = flow_of(verdict, hint, peer, local);
     let mut excluded = Vec::new();
     let (inst, mut upstream) = loop {
-        let decision = match handle.decide(&flow, false, &excluded).await {
+        let decided = if excluded.is_empty() {
+            handle.decide(&flow, false, &excluded).await
+        } else {
+            handle.redecide(&flow, &excluded).await
+        };
+        let decision = match decided {
             Ok(d) => d,
             Err(e) => {
                 if !recognised && matches!(e, BalancerError::NotFound(_)) {
@@ -271,6 +301,9 @@ struct Open<'a> {
     handle: &'a BalancerHandle,
     inst: &'a Instance,
     labels: InstanceLabels,
+    /// Kept, not looked up again at the end: the series may have been forgotten meanwhile (the
+    /// instance left), and a lookup would bring it back below zero.
+    active: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl<'a> Open<'a> {
@@ -282,12 +315,14 @@ impl<'a> Open<'a> {
         inst.live.connections.fetch_add(1, Ordering::Relaxed);
         inst.live.connections_total.fetch_add(1, Ordering::Relaxed);
         let m = handle.metrics();
-        m.connections_active.get_or_create(&labels).inc();
+        let active = m.connections_active.get_or_create(&labels).clone();
+        active.inc();
         m.connections.get_or_create(&labels).inc();
         Self {
             handle,
             inst,
             labels,
+            active,
         }
     }
 
@@ -312,10 +347,6 @@ impl<'a> Open<'a> {
 impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.inst.live.connections.fetch_sub(1, Ordering::Relaxed);
-        self.handle
-            .metrics()
-            .connections_active
-            .get_or_create(&self.labels)
-            .dec();
+        self.active.dec();
     }
 }

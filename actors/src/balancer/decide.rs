@@ -26,6 +26,21 @@ use super::BalancerError;
 
 /// How long a decision waits for instances to answer CanHandle.
 pub const CAN_HANDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a failed CanHandle counts as "cannot".
+pub const FAILED_ANSWER_TTL: Duration = Duration::from_secs(2);
+
+/// Which CanHandle answers [`capabilities`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    /// Cached ones while good; the rest asked now and kept.
+    Cached,
+    /// All asked now and kept (the module actors refresh answers before they expire, so that
+    /// decisions rarely wait for one).
+    Refresh,
+    /// All asked now, none kept: a route that is not in the table (ValidateRoute) must not
+    /// stand in for the table's route of the same id.
+    Hypothetical,
+}
 
 /// The outcome of a decision.
 #[derive(Clone, Debug)]
@@ -83,13 +98,21 @@ pub async fn capabilities(
     instances: &[&Instance],
     probe: &dyn ModuleProbe,
     timeout: Duration,
+    ask: Ask,
 ) -> Vec<Capability> {
+    let refresh = ask != Ask::Cached;
     let ttl = Duration::from_millis(view.settings.value.can_handle_ttl_ms.into());
     let rev = view.routes.revision;
     let id = &route.route.route_id;
     let mut answers: Vec<Option<Capability>> = instances
         .iter()
-        .map(|i| i.live.capability(id, rev, ttl))
+        .map(|i| {
+            if refresh {
+                None
+            } else {
+                i.live.capability(id, rev)
+            }
+        })
         .collect();
     let mut asking = tokio::task::JoinSet::new();
     for (n, i) in instances.iter().enumerate() {
@@ -105,19 +128,21 @@ pub async fn capabilities(
                 priority: a.priority,
                 reason: a.reason,
                 routes_revision: rev,
-                at: Some(Instant::now()),
+                expires: Some(Instant::now() + ttl),
             },
-            // Kept like an answer, so that an unreachable instance is not asked on every
-            // decision; its health check or eviction decides the rest.
+            // Kept briefly, so that an unreachable instance is not asked on every decision,
+            // but a module whose control server was not up yet is asked again soon.
             Err(e) => Capability {
                 can_handle: false,
                 priority: 0,
                 reason: format!("CanHandle failed: {e}"),
                 routes_revision: rev,
-                at: Some(Instant::now()),
+                expires: Some(Instant::now() + FAILED_ANSWER_TTL),
             },
         };
-        instances[n].live.remember(id, c.clone());
+        if ask != Ask::Hypothetical {
+            instances[n].live.remember(id, c.clone());
+        }
         answers[n] = Some(c);
     }
     answers
@@ -128,20 +153,23 @@ pub async fn capabilities(
                 priority: 0,
                 reason: "CanHandle was not answered".into(),
                 routes_revision: rev,
-                at: None,
+                expires: None,
             })
         })
         .collect()
 }
 
 impl Decider {
-    /// Decides where `flow` goes. `exclude` lists instances a caller just failed to reach.
+    /// Decides where `flow` goes. `exclude` lists instances a caller just failed to reach;
+    /// `retry` marks such a second try, which the rate limits already admitted.
+    #[allow(clippy::too_many_arguments)]
     pub async fn decide(
         &self,
         view: &View,
         flow: &Flow,
         dry_run: bool,
         exclude: &[String],
+        retry: bool,
         probe: &dyn ModuleProbe,
         now_ms: i64,
     ) -> Result<Decision, BalancerError> {
@@ -156,7 +184,15 @@ impl Decider {
                     None => possible.push(i),
                 }
             }
-            let answers = capabilities(view, route, &possible, probe, CAN_HANDLE_TIMEOUT).await;
+            let answers = capabilities(
+                view,
+                route,
+                &possible,
+                probe,
+                CAN_HANDLE_TIMEOUT,
+                Ask::Cached,
+            )
+            .await;
             let mut candidates = Vec::new();
             for (i, c) in possible.into_iter().zip(answers) {
                 if c.can_handle {
@@ -180,7 +216,7 @@ impl Decider {
                 ));
                 continue;
             }
-            if !dry_run {
+            if !dry_run && !retry {
                 let targets = [
                     LimitTarget::Route(r.route_id.clone()),
                     LimitTarget::Module(r.target),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::decide::{capabilities, Decider, Decision, CAN_HANDLE_TIMEOUT};
+use super::decide::{capabilities, Ask, Decider, Decision, CAN_HANDLE_TIMEOUT};
 use super::flow::{Flow, ModuleType, Protocol};
 use super::hook::DeployHook;
 use super::instance::{Capability, Instance};
@@ -172,6 +172,16 @@ fn revision_is(key: &Key, rev: i64) -> Compare {
     }
 }
 
+/// The registration of `id` is still the one created at `created` (a registration again gets a
+/// creation revision of its own).
+fn same_registration(id: &str, created: i64) -> Compare {
+    Compare {
+        key: Key::Module(id.to_string()).bytes(),
+        cmp: Cmp::Equal,
+        target: Target::CreateRevision(created),
+    }
+}
+
 fn put(key: &Key, value: Vec<u8>, lease: i64) -> Op {
     Op::Put {
         key: key.bytes(),
@@ -229,12 +239,31 @@ impl BalancerHandle {
         self.member
     }
 
-    /// Waits until this node has applied `revision`.
+    /// Waits until this node has applied `revision` (before reading what it holds).
     async fn applied(&self, revision: i64) -> Result<(), BalancerError> {
         self.state
             .send(WaitFor(revision))
             .await
             .map_err(|e| BalancerError::Unavailable(format!("balancer state: {e}; retry")))
+    }
+
+    /// After a committed write: waits until this node shows it, so the caller's next call here
+    /// sees it. The write stands whatever happens here: a state actor restarting meanwhile must
+    /// not turn an applied change into a retryable error (a retried rollback would undo itself).
+    async fn visible(&self, revision: i64) {
+        let _ = self.state.send(WaitFor(revision)).await;
+    }
+
+    /// The view, once this node has loaded the balancer's state (before that its answers would
+    /// be defaults, not the cluster's).
+    pub fn loaded_view(&self) -> Result<Arc<View>, BalancerError> {
+        let view = self.view();
+        if !view.loaded {
+            return Err(BalancerError::Unavailable(
+                "the balancer has not loaded its state on this node yet; retry".into(),
+            ));
+        }
+        Ok(view)
     }
 
     /// The stored value of `key`, read through the leader.
@@ -251,6 +280,21 @@ impl BalancerHandle {
         &self,
         key: Key,
         lease: i64,
+        change: impl FnMut(T, i64) -> Result<(Option<T>, R), BalancerError>,
+    ) -> Result<(R, i64), BalancerError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Default,
+    {
+        self.update_if(key, lease, Vec::new(), change).await
+    }
+
+    /// [`update`](Self::update), also only while `guards` hold (e.g. the registration it belongs
+    /// to is still the same one). A guard that fails ends it with `NotFound`.
+    async fn update_if<T, R>(
+        &self,
+        key: Key,
+        lease: i64,
+        guards: Vec<Compare>,
         mut change: impl FnMut(T, i64) -> Result<(Option<T>, R), BalancerError>,
     ) -> Result<(R, i64), BalancerError>
     where
@@ -259,24 +303,46 @@ impl BalancerHandle {
         for _ in 0..CAS_ATTEMPTS {
             let stored = self.read(&key).await?;
             let rev = stored.as_ref().map_or(0, |kv| kv.mod_revision);
-            let current = stored
-                .and_then(|kv| decode::<T>(&kv.value))
-                .unwrap_or_default();
+            let current = match stored {
+                None => T::default(),
+                // Never replace what this node cannot read (a newer node's record, or one written
+                // by hand) with a default plus a change: that would erase the rest of it.
+                Some(kv) => decode::<T>(&kv.value).ok_or_else(|| {
+                    BalancerError::Precondition(format!(
+                        "{}: the stored record cannot be read by this node (written by a newer version?)",
+                        String::from_utf8_lossy(&kv.key)
+                    ))
+                })?,
+            };
             let (next, answer) = change(current, rev)?;
             let Some(next) = next else {
                 return Ok((answer, rev));
             };
+            let mut compares = guards.clone();
+            compares.push(revision_is(&key, rev));
             let outcome = self
                 .store
                 .txn(
-                    vec![revision_is(&key, rev)],
+                    compares,
                     vec![put(&key, encode(&next), lease)],
-                    vec![],
+                    vec![Op::Get { key: key.bytes() }],
                 )
                 .await?;
             if outcome.succeeded {
-                self.applied(outcome.revision).await?;
+                self.visible(outcome.revision).await;
                 return Ok((answer, outcome.revision));
+            }
+            // The record moved: read it again. A guard that failed: the record's owner is gone.
+            let moved = outcome
+                .gets
+                .first()
+                .cloned()
+                .flatten()
+                .map(|kv| kv.mod_revision);
+            if !guards.is_empty() && moved.unwrap_or(0) == rev {
+                return Err(BalancerError::NotFound(
+                    "the registration changed or ended meanwhile".into(),
+                ));
             }
         }
         Err(BalancerError::Aborted(
@@ -311,7 +377,7 @@ impl BalancerHandle {
             .map(|h| h.normalised("health_check"))
             .transpose()
             .map_err(invalid)?;
-        let view = self.view();
+        let view = self.loaded_view()?;
         let settings = view.settings.value.clone();
         let now = now_ms();
         let record = ModuleRecord {
@@ -350,6 +416,12 @@ impl BalancerHandle {
                     Op::Get {
                         key: module_key.bytes(),
                     },
+                    // Deleted first, so the registration gets a creation revision of its own:
+                    // calls guarded by the one they saw cannot touch its replacement.
+                    Op::Delete {
+                        key: module_key.bytes(),
+                        prefix: false,
+                    },
                     put(&module_key, encode(&record), lease),
                     put(&Key::Load(instance_id.clone()), encode(&report), lease),
                     Op::Delete {
@@ -374,7 +446,7 @@ impl BalancerHandle {
                 let _ = self.store.revoke(old.lease).await;
             }
         }
-        self.applied(outcome.revision).await?;
+        self.visible(outcome.revision).await;
         Ok(Registered {
             instance_id,
             interval_ms: record.interval_ms,
@@ -401,9 +473,9 @@ impl BalancerHandle {
 
     /// The instance `id`, or NOT_FOUND naming it.
     pub async fn registered(&self, id: &str) -> Result<Instance, BalancerError> {
-        self.instance(id).await?.ok_or_else(|| {
-            BalancerError::NotFound(format!("instance_id: {id} is not registered"))
-        })
+        self.instance(id)
+            .await?
+            .ok_or_else(|| BalancerError::NotFound(format!("instance_id: {id} is not registered")))
     }
 
     /// A heartbeat: renews the instance's lease (at most every half interval per node), records
@@ -430,69 +502,91 @@ impl BalancerHandle {
                         ..Default::default()
                     })
                 }
-                Err(e) => {
-                    inst.live.renewal_failed();
-                    return Err(e.into());
-                }
+                // No leader right now (an election): a new leader gives every lease a full TTL,
+                // so a renewal missed now costs nothing; the next heartbeat renews.
+                Err(_) => inst.live.renewal_failed(),
             }
         }
         let view = self.view();
-        let before = inst.report.as_deref().cloned().unwrap_or_default();
         let waiting = view
             .instructions
             .get(id)
             .map(|v| v.value.items.clone())
             .unwrap_or_default();
-        let fresh: Vec<(u64, String)> = waiting
-            .into_iter()
-            .filter(|(seq, _)| *seq > before.instructions_seen)
-            .collect();
         let decision = view.scaling_of(inst.record.module_type).value.last;
-        let scaling = decision.filter(|d| d.seq > before.scaling_seen);
-        let report = LoadReport {
-            stats,
-            health,
-            at_ms: now_ms(),
-            member: self.member,
-            metrics: before.metrics.clone(),
-            instructions_seen: fresh.last().map_or(before.instructions_seen, |(s, _)| *s),
-            scaling_seen: scaling.as_ref().map_or(before.scaling_seen, |d| d.seq),
-            routes_seen: view.routes.revision,
-        };
-        let module_key = Key::Module(id.to_string());
-        let outcome = self
-            .store
-            .txn(
-                vec![Compare {
-                    key: module_key.bytes(),
-                    cmp: Cmp::Equal,
-                    target: Target::CreateRevision(inst.created),
-                }],
-                vec![put(&Key::Load(id.to_string()), encode(&report), inst.lease)],
-                vec![],
+        let interval_ms = inst.record.interval_ms;
+        let member = self.member;
+        // What is delivered is decided against the stored report, under its revision: two
+        // heartbeats at once, or one failing over to a node that lags, never deliver twice.
+        let written = self
+            .update_if(
+                Key::Load(id.to_string()),
+                inst.lease,
+                vec![same_registration(id, inst.created)],
+                |before: LoadReport, _| {
+                    let fresh: Vec<&(u64, String)> = waiting
+                        .iter()
+                        .filter(|(seq, _)| *seq > before.instructions_seen)
+                        .collect();
+                    let scaling = decision.as_ref().filter(|d| d.seq > before.scaling_seen);
+                    let report = LoadReport {
+                        stats: stats.clone(),
+                        health,
+                        at_ms: now_ms(),
+                        member,
+                        metrics: before.metrics.clone(),
+                        instructions_seen: fresh
+                            .last()
+                            .map_or(before.instructions_seen, |(s, _)| *s),
+                        scaling_seen: scaling.map_or(before.scaling_seen, |d| d.seq),
+                        routes_seen: view.routes.revision,
+                    };
+                    let answer = BeatAnswer {
+                        re_register: false,
+                        should_reload: view.routes.revision > before.routes_seen,
+                        desired_instances: scaling.map(|d| d.desired),
+                        instructions: fresh.into_iter().map(|(_, i)| i.clone()).collect(),
+                        interval_ms,
+                    };
+                    Ok((Some(report), answer))
+                },
             )
-            .await?;
-        if !outcome.succeeded {
+            .await;
+        match written {
+            Ok((answer, _)) => Ok(answer),
             // Evicted or replaced since this node looked.
-            return Ok(BeatAnswer {
+            Err(BalancerError::NotFound(_)) => Ok(BeatAnswer {
                 re_register: true,
                 ..Default::default()
-            });
+            }),
+            // The store cannot take the report now (an election): the heartbeat still counts
+            // (the lease is safe, above); nothing was delivered, so the next one delivers it.
+            Err(BalancerError::Unavailable(_)) => Ok(BeatAnswer {
+                interval_ms,
+                ..Default::default()
+            }),
+            Err(e) => Err(e),
         }
-        // What was delivered must be seen as delivered by the next heartbeat here.
-        self.applied(outcome.revision).await?;
-        Ok(BeatAnswer {
-            re_register: false,
-            should_reload: before.routes_seen != 0 && view.routes.revision > before.routes_seen,
-            desired_instances: scaling.map(|d| d.desired),
-            instructions: fresh.into_iter().map(|(_, i)| i).collect(),
-            interval_ms: inst.record.interval_ms,
-        })
     }
 
     /// Ends a registration. Graceful: marks it draining (no node routes to it any more), waits
     /// for its connections to end or `drain_timeout` (0: the settings'), then removes it.
+    ///
+    /// It runs to the end even if the caller goes away: an instance must not stay draining (and
+    /// unroutable) because the caller's deadline was shorter than the drain.
     pub async fn unregister(
+        &self,
+        id: &str,
+        graceful: bool,
+        drain_timeout: Duration,
+    ) -> Result<Drained, BalancerError> {
+        let (this, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move { this.unregister_now(&id, graceful, drain_timeout).await })
+            .await
+            .map_err(|e| BalancerError::Unavailable(format!("unregistering: {e}")))?
+    }
+
+    async fn unregister_now(
         &self,
         id: &str,
         graceful: bool,
@@ -511,50 +605,55 @@ impl BalancerHandle {
                 drain_timeout
             };
             let now = now_ms();
-            let mut record = (*inst.record).clone();
-            record.draining = Some(super::model::Drain {
-                since_ms: now,
-                deadline_ms: now + timeout.as_millis() as i64,
-            });
-            let key = Key::Module(id.to_string());
-            let outcome = self
-                .store
-                .txn(
-                    vec![Compare {
-                        key: key.bytes(),
-                        cmp: Cmp::Equal,
-                        target: Target::CreateRevision(inst.created),
-                    }],
-                    vec![put(&key, encode(&record), inst.lease)],
-                    vec![],
-                )
-                .await?;
-            if !outcome.succeeded {
-                return Err(BalancerError::NotFound(format!(
+            self.update_if(
+                Key::Module(id.to_string()),
+                inst.lease,
+                vec![same_registration(id, inst.created)],
+                |record: Option<ModuleRecord>, _| {
+                    let mut record = record.ok_or_else(|| {
+                        BalancerError::NotFound("the registration ended meanwhile".into())
+                    })?;
+                    record.draining = Some(super::model::Drain {
+                        since_ms: now,
+                        deadline_ms: now + timeout.as_millis() as i64,
+                    });
+                    Ok((Some(Some(record)), ()))
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                BalancerError::NotFound(_) => BalancerError::NotFound(format!(
                     "instance_id: {id} was evicted or replaced meanwhile"
-                )));
-            }
-            self.applied(outcome.revision).await?;
-            let deadline = Instant::now() + timeout;
-            drained = self.drain(&inst, deadline).await?;
+                )),
+                e => e,
+            })?;
+            drained = self.drain(&inst, Instant::now() + timeout).await;
         }
         let revoked = self.store.revoke(inst.lease).await?;
-        self.applied(revoked).await?;
+        self.visible(revoked).await;
         Ok(drained)
     }
 
-    async fn drain(&self, inst: &Instance, deadline: Instant) -> Result<Drained, BalancerError> {
-        // The actor may still be starting (registered a moment ago): ask again shortly.
+    /// The drain, by the instance's actor; if the actor cannot be reached (it is starting, or
+    /// restarting), the instance is removed anyway: a drain is a courtesy, a stuck one is not.
+    async fn drain(&self, inst: &Instance, deadline: Instant) -> Drained {
+        let began = Instant::now();
         loop {
             match inst.actor.send(Drain { deadline }).await {
-                Ok(r) => return r,
+                Ok(Ok(d)) => return d,
                 Err(SendError::NotRunning) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(e) => {
-                    return Err(BalancerError::Unavailable(format!(
-                        "the instance's actor: {e}; retry"
-                    )))
+                _ => {
+                    let open = inst
+                        .live
+                        .connections
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    return Drained {
+                        drained: 0,
+                        remaining: open,
+                        took: began.elapsed(),
+                    };
                 }
             }
         }
@@ -664,6 +763,27 @@ impl BalancerHandle {
         dry_run: bool,
         exclude: &[String],
     ) -> Result<Decision, BalancerError> {
+        self.decide_once(flow, dry_run, exclude, false).await
+    }
+
+    /// Decides again for a connection whose chosen instance did not accept it: `exclude` lists
+    /// the instances tried. Its rate-limit tokens were spent by the first decision, and the
+    /// outcome is counted once.
+    pub async fn redecide(
+        &self,
+        flow: &Flow,
+        exclude: &[String],
+    ) -> Result<Decision, BalancerError> {
+        self.decide_once(flow, false, exclude, true).await
+    }
+
+    async fn decide_once(
+        &self,
+        flow: &Flow,
+        dry_run: bool,
+        exclude: &[String],
+        retry: bool,
+    ) -> Result<Decision, BalancerError> {
         let view = self.view();
         if !view.loaded {
             return Err(BalancerError::Unavailable(
@@ -672,8 +792,19 @@ impl BalancerHandle {
         }
         let r = self
             .decider
-            .decide(&view, flow, dry_run, exclude, self.probe.as_ref(), now_ms())
+            .decide(
+                &view,
+                flow,
+                dry_run,
+                exclude,
+                retry,
+                self.probe.as_ref(),
+                now_ms(),
+            )
             .await;
+        if retry {
+            return r;
+        }
         let outcome = match &r {
             Ok(_) if dry_run => "dry_run",
             Ok(_) => "routed",
@@ -702,6 +833,7 @@ impl BalancerHandle {
             &instances,
             self.probe.as_ref(),
             CAN_HANDLE_TIMEOUT,
+            Ask::Hypothetical,
         )
         .await;
         Ok(instances
@@ -881,8 +1013,12 @@ impl BalancerHandle {
     }
 
     /// A scaling decision now: forced up or down (to `desired` if non-zero), or as the
-    /// autoscaler would decide (`Direction::None` asks for that). Delivered when it changes
-    /// something.
+    /// autoscaler would decide (`None`). Delivered (heartbeats, the deployment hook) when it
+    /// changes something.
+    ///
+    /// The decision is taken inside the compare-and-swap of the type's scaling record, from the
+    /// stored cooldowns: an operator's call and the autoscaler, or an old and a new leader, cannot
+    /// both deliver on the same memory.
     pub async fn trigger_scaling(
         &self,
         t: ModuleType,
@@ -890,12 +1026,13 @@ impl BalancerHandle {
         desired: u32,
         reason: &str,
     ) -> Result<(DecisionRecord, bool), BalancerError> {
-        let view = self.view();
-        let record = view.scaling_of(t).value;
+        let view = self.loaded_view()?;
         let now = now_ms();
+        // Every instance not draining counts, healthy or not: counting only the healthy ones
+        // would ask for another instance every round while one is starting.
         let loads: Vec<InstanceLoad> = view
             .of_type(t)
-            .filter(|i| i.health(now).0.routable())
+            .filter(|i| i.record.draining.is_none())
             .map(|i| {
                 let s = i
                     .report
@@ -909,68 +1046,69 @@ impl BalancerHandle {
                 }
             })
             .collect();
-        let current = view
-            .of_type(t)
-            .filter(|i| i.record.draining.is_none())
-            .count() as u32;
-        let mut d = match direction {
-            Some(dir) => scaler::force(&record.config, current, dir, desired, now),
-            None => scaler::decide(&record.config, &loads, &record.memory, now),
-        };
-        if !reason.is_empty() {
-            d.reason = format!("{reason}: {}", d.reason);
-        }
-        self.deliver(t, d, now).await
-    }
-
-    /// Records a decision (when it changes something), then tells the deployment hook.
-    async fn deliver(
-        &self,
-        t: ModuleType,
-        d: scaler::Decision,
-        now: i64,
-    ) -> Result<(DecisionRecord, bool), BalancerError> {
-        let direction = match d.direction {
-            Direction::Up => "up",
-            Direction::Down => "down",
-            Direction::None => "none",
-        };
-        let mut decision = DecisionRecord {
-            seq: 0,
-            direction: direction.into(),
-            current: d.current,
-            desired: d.desired,
-            pressure: d.pressure,
-            reason: d.reason.clone(),
-            decided_at_ms: now,
-            member: self.member,
-        };
-        if d.direction == Direction::None {
-            return Ok((decision, false));
-        }
-        let (seq, _) = self
-            .update(Key::Scaling(t), 0, |mut current: ScalingRecord, _| {
-                let seq = current.last.as_ref().map_or(0, |l| l.seq) + 1;
-                current.memory = scaler::remember(&current.memory, &d, now);
-                current.last = Some(DecisionRecord {
-                    seq,
-                    ..decision.clone()
-                });
-                Ok((Some(current), seq))
+        let current = loads.len() as u32;
+        let member = self.member;
+        let ((decision, delivered), _) = self
+            .update(Key::Scaling(t), 0, |mut rec: ScalingRecord, _| {
+                let mut d = match direction {
+                    Some(dir) => scaler::force(&rec.config, current, dir, desired, now),
+                    None => scaler::decide(&rec.config, &loads, &rec.memory, now),
+                };
+                if !reason.is_empty() {
+                    d.reason = format!("{reason}: {}", d.reason);
+                }
+                let name = match d.direction {
+                    Direction::Up => "up",
+                    Direction::Down => "down",
+                    Direction::None => "none",
+                };
+                let last = rec.last.clone();
+                let record = DecisionRecord {
+                    seq: last.as_ref().map_or(0, |l| l.seq) + 1,
+                    direction: name.into(),
+                    current,
+                    desired: d.desired,
+                    pressure: d.pressure,
+                    reason: d.reason.clone(),
+                    decided_at_ms: now,
+                    member,
+                    cooldown_until_ms: d.cooldown_until_ms,
+                };
+                // The same count asked for again within its direction's cooldown (a type held
+                // below its minimum, say) is not news: delivering it every round would run the
+                // hook every round.
+                let cooldown = match d.direction {
+                    Direction::Up => rec.config.scale_up_cooldown_ms,
+                    _ => rec.config.scale_down_cooldown_ms,
+                } as i64;
+                let repeated = direction.is_none()
+                    && last.as_ref().is_some_and(|l| {
+                        l.desired == d.desired
+                            && l.direction == name
+                            && now - l.decided_at_ms < cooldown
+                    });
+                if d.direction == Direction::None || repeated {
+                    let seq = last.map_or(0, |l| l.seq);
+                    return Ok((None, (DecisionRecord { seq, ..record }, false)));
+                }
+                rec.memory = scaler::remember(&rec.memory, &d, now);
+                rec.last = Some(record.clone());
+                Ok((Some(rec), (record, true)))
             })
             .await?;
-        decision.seq = seq;
-        self.metrics
-            .scaling_decisions
-            .get_or_create(&ScalingLabels {
-                module_type: t.to_string(),
-                direction: direction.into(),
-            })
-            .inc();
-        if let Some(hook) = &self.hook {
-            hook.deliver(t, &decision);
+        if delivered {
+            self.metrics
+                .scaling_decisions
+                .get_or_create(&ScalingLabels {
+                    module_type: t.to_string(),
+                    direction: decision.direction.clone(),
+                })
+                .inc();
+            if let Some(hook) = &self.hook {
+                hook.deliver(t, &decision);
+            }
         }
-        Ok((decision, true))
+        Ok((decision, delivered))
     }
 
     /// One round of the autoscaler: every enabled type decided and delivered.

@@ -55,8 +55,9 @@ pub struct Capability {
     pub reason: String,
     /// The routing table revision it answered for: a newer table asks again.
     pub routes_revision: i64,
+    /// Until when it is good (failures are kept briefly, answers for the configured TTL).
     #[serde(skip)]
-    pub at: Option<Instant>,
+    pub expires: Option<Instant>,
 }
 
 /// Consecutive results of the active health checks.
@@ -134,15 +135,10 @@ impl Live {
     }
 
     /// The cached CanHandle answer for `route_id`, if still good for `routes_revision`.
-    pub fn capability(
-        &self,
-        route_id: &str,
-        routes_revision: i64,
-        ttl: Duration,
-    ) -> Option<Capability> {
+    pub fn capability(&self, route_id: &str, routes_revision: i64) -> Option<Capability> {
         let s = self.state.lock().expect("live lock");
         let c = s.capabilities.get(route_id)?;
-        let fresh = c.at.is_some_and(|at| at.elapsed() < ttl);
+        let fresh = c.expires.is_some_and(|e| e > Instant::now());
         (fresh && c.routes_revision == routes_revision).then(|| c.clone())
     }
 

@@ -99,6 +99,25 @@ pub struct DataPlane {
     pub settings: std::sync::Arc<dataplane::DataPlaneSettings>,
     /// Where connections run (not on an actor's thread).
     pub io: tokio::runtime::Handle,
+    /// One permit per proxied connection, shared by the listeners (`max_connections`).
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl DataPlane {
+    /// The data plane of `listeners` with `settings`, running connections on `io`.
+    pub fn new(
+        listeners: Vec<dataplane::ListenerSpec>,
+        settings: dataplane::DataPlaneSettings,
+        io: tokio::runtime::Handle,
+    ) -> Self {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+        Self {
+            listeners,
+            settings: std::sync::Arc::new(settings),
+            io,
+            slots,
+        }
+    }
 }
 
 impl BalancerParts {
@@ -197,6 +216,7 @@ impl BalancerParts {
                                     spec.clone(),
                                     p.handle.clone(),
                                     d.settings.clone(),
+                                    d.slots.clone(),
                                     d.io.clone(),
                                     &p.log,
                                 )

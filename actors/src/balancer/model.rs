@@ -349,6 +349,9 @@ pub struct DecisionRecord {
     pub reason: String,
     pub decided_at_ms: i64,
     pub member: u64,
+    /// When a cooldown held a change back: when it ends (0 otherwise).
+    #[serde(default)]
+    pub cooldown_until_ms: i64,
 }
 
 /// A module type's scaling settings and what the scaler remembers.

@@ -14,7 +14,7 @@ use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, Wrap
 use serde::Serialize;
 use slog::{info, Logger};
 
-use super::decide::{capabilities, CAN_HANDLE_TIMEOUT};
+use super::decide::{capabilities, Ask, CAN_HANDLE_TIMEOUT};
 use super::metrics::BalancerMetrics;
 use super::probe::{ModuleProbe, Target};
 use super::route::protocol_matches;
@@ -61,8 +61,10 @@ pub struct ModuleActor {
     id: String,
     deps: ModuleDeps,
     log: Logger,
-    /// The routing table revision whose routes were asked about.
-    warmed: Option<i64>,
+    /// The routing table revision and the lease whose routes were asked about, and when.
+    warmed: Option<(i64, i64, Instant)>,
+    /// A health check is scheduled or running.
+    checking: bool,
     checks: u64,
     drains: u64,
 }
@@ -76,21 +78,33 @@ impl ModuleActor {
             deps,
             log,
             warmed: None,
+            checking: false,
             checks: 0,
             drains: 0,
         }
     }
 
-    /// Asks CanHandle for every route of its type it serves, once per table revision.
+    /// Asks CanHandle for every route of its type it serves: for each new table revision or
+    /// registration, and again at half the answers' lifetime, so that decisions find them
+    /// cached. Also starts the health checks of a registration that asks for them.
     fn warm(&mut self, ctx: &mut Context<Self>) {
         let view = self.deps.published.get();
         let Some(inst) = view.instances.get(&self.id).cloned() else {
+            // Gone from the view: the state actor stops this actor (retrying while busy).
             return;
         };
-        if self.warmed == Some(view.routes.revision) {
-            return;
+        if !self.checking && inst.record.health_check.is_some() {
+            self.checking = true;
+            self.schedule_check(ctx, true);
         }
-        self.warmed = Some(view.routes.revision);
+        let ttl = Duration::from_millis(view.settings.value.can_handle_ttl_ms.into());
+        let current = (view.routes.revision, inst.lease);
+        if let Some((rev, lease, at)) = self.warmed {
+            if (rev, lease) == current && at.elapsed() < ttl / 2 {
+                return;
+            }
+        }
+        self.warmed = Some((current.0, current.1, Instant::now()));
         let probe = self.deps.probe.clone();
         let work = async move {
             for route in view.routes.value.routes() {
@@ -106,7 +120,16 @@ impl ModuleActor {
                     .any(|p| protocol_matches(*p, &flow))
                     || r.protocol == super::Protocol::Tcp;
                 if r.target == inst.record.module_type && serves {
-                    capabilities(&view, route, &[&inst], probe.as_ref(), CAN_HANDLE_TIMEOUT).await;
+                    let ask = Ask::Refresh;
+                    capabilities(
+                        &view,
+                        route,
+                        &[&inst],
+                        probe.as_ref(),
+                        CAN_HANDLE_TIMEOUT,
+                        ask,
+                    )
+                    .await;
                 }
             }
         };
@@ -120,6 +143,7 @@ impl ModuleActor {
             .get(&self.id)
             .and_then(|i| i.record.health_check.clone())
         else {
+            self.checking = false;
             return;
         };
         let wait = if at_once {
@@ -133,9 +157,11 @@ impl ModuleActor {
     fn check(&mut self, ctx: &mut Context<Self>) {
         let view = self.deps.published.get();
         let Some(inst) = view.instances.get(&self.id).cloned() else {
+            self.checking = false;
             return;
         };
         let Some(spec) = inst.record.health_check.clone() else {
+            self.checking = false;
             return;
         };
         self.checks += 1;
@@ -175,7 +201,6 @@ impl Actor for ModuleActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.warm(ctx);
         ctx.run_interval(WARM_TICK, |act, ctx| act.warm(ctx));
-        self.schedule_check(ctx, true);
     }
 }
 
@@ -211,7 +236,7 @@ impl Managed for ModuleActor {
             missed_heartbeats: inst.map(|i| i.missed(now)),
             local_connections: inst.map_or(0, |i| i.live.connections.load(Ordering::Relaxed)),
             decisions_here: inst.map_or(0, |i| i.live.decisions.load(Ordering::Relaxed)),
-            warmed_routes_revision: self.warmed,
+            warmed_routes_revision: self.warmed.map(|w| w.0),
             health_checks_run: self.checks,
             checks: inst
                 .map(|i| serde_json::to_value(i.live.checks()).unwrap_or_default())

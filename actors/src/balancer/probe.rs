@@ -48,4 +48,6 @@ pub trait ModuleProbe: Send + Sync + 'static {
     ) -> ProbeFuture<()>;
     /// The instance's active connections, as it counts them (for drains).
     fn active_connections(&self, target: &Target, timeout: Duration) -> ProbeFuture<u64>;
+    /// The instance is gone: whatever is kept for it (a connection) can go.
+    fn forget(&self, _instance_id: &str) {}
 }

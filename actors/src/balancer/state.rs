@@ -6,7 +6,7 @@
 //! Writers (the [`super::handle::BalancerHandle`]) write to the store and wait for this actor to
 //! apply their revision, so a write is visible here as soon as it is acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -36,7 +36,12 @@ use crate::cluster::kv::{Event, KeyValue};
 use crate::cluster::store::Store;
 use crate::cluster::watch::WatchUpdate;
 use crate::envelope::ActorRef;
-use crate::supervision::{AddChild, ChildSpec, Managed, Restart, StopChild, Supervisor};
+use crate::supervision::{
+    AddChild, ChildError, ChildSpec, Managed, Restart, StopChild, Supervisor,
+};
+
+/// How often module actors refused a start or stop are tried again.
+const RECONCILE: Duration = Duration::from_millis(500);
 
 /// Answers once this member has applied `revision` (at once if it has).
 #[derive(Message)]
@@ -79,8 +84,16 @@ pub struct BalancerState {
     metrics: Arc<BalancerMetrics>,
     log: Logger,
     model: Model,
-    /// This member's live state and actor of each instance, by id; the lease it goes with.
-    live: HashMap<String, (i64, Arc<Live>, ActorRef<ModuleActor>)>,
+    /// This member's live state of each instance, by id, and the lease it goes with.
+    live: HashMap<String, (i64, Arc<Live>)>,
+    /// The actor reference of each id, kept while its actor may run (a re-registered id gets
+    /// the same one).
+    actors: HashMap<String, ActorRef<ModuleActor>>,
+    /// Ids whose actor runs; ids with a start or stop under way.
+    running: HashSet<String>,
+    pending: HashSet<String>,
+    /// The type of every id seen, for forgetting its metric series once it is gone.
+    types: HashMap<String, ModuleType>,
     compiled: Versioned<Arc<RoutingTable>>,
     limiters: Arc<LimitSet>,
     waiters: Vec<(i64, oneshot::Sender<()>)>,
@@ -109,6 +122,10 @@ impl BalancerState {
             log: log.new(slog::o!("actor" => "balancer")),
             model: Model::default(),
             live: HashMap::new(),
+            actors: HashMap::new(),
+            running: HashSet::new(),
+            pending: HashSet::new(),
+            types: HashMap::new(),
             compiled: Versioned::default(),
             limiters: Arc::new(LimitSet::default()),
             waiters: Vec::new(),
@@ -166,6 +183,7 @@ impl BalancerState {
         match key {
             Key::Module(id) => {
                 if let Some(r) = decode::<ModuleRecord>(&kv.value) {
+                    self.types.insert(id.clone(), r.module_type);
                     let reg = Registered {
                         record: Arc::new(r),
                         lease: kv.lease,
@@ -307,7 +325,8 @@ impl BalancerState {
             .modules
             .iter()
             .filter_map(|(id, reg)| {
-                let (_, live, actor) = self.live.get(id)?;
+                let (_, live) = self.live.get(id)?;
+                let actor = self.actors.get(id)?;
                 Some((
                     id.clone(),
                     Instance {
@@ -347,46 +366,48 @@ impl BalancerState {
         counts
     }
 
-    /// One actor per instance: started when it appears, stopped when it goes. A registration
-    /// replaced under a new lease keeps its actor but starts its live state afresh.
+    /// One actor per instance: started when it appears, stopped when it goes, retried on the
+    /// next round when the supervisor is busy with another change (or the previous actor of a
+    /// re-registered id is still stopping). A re-registration under a new lease keeps its actor
+    /// but starts its live state afresh.
     fn sync_actors(&mut self, ctx: &mut Context<Self>) {
-        let gone: Vec<String> = self
-            .live
-            .keys()
-            .filter(|id| !self.model.modules.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.live.remove(&id);
-            let modules = self.modules.clone();
-            actix::spawn(async move {
-                let _ = modules.send(StopChild { name: id }).await;
-            });
-        }
-        let mut starting = Vec::new();
-        for (id, reg) in &self.model.modules {
+        let model = &self.model.modules;
+        self.live.retain(|id, _| model.contains_key(id));
+        for (id, reg) in model {
             match self.live.get_mut(id) {
-                Some((lease, live, _)) if *lease != reg.lease => {
+                Some((lease, live)) if *lease != reg.lease => {
                     *lease = reg.lease;
                     *live = Arc::new(Live::default());
                 }
                 Some(_) => {}
                 None => {
-                    let actor: ActorRef<ModuleActor> = ActorRef::default();
-                    self.live.insert(
-                        id.clone(),
-                        (reg.lease, Arc::new(Live::default()), actor.clone()),
-                    );
-                    starting.push((id.clone(), actor));
+                    self.live
+                        .insert(id.clone(), (reg.lease, Arc::new(Live::default())));
                 }
             }
+            self.actors.entry(id.clone()).or_default();
         }
-        for (id, actor) in starting {
-            self.start_actor(id, actor, ctx);
+        let start: Vec<String> = model
+            .keys()
+            .filter(|id| !self.running.contains(*id) && !self.pending.contains(*id))
+            .cloned()
+            .collect();
+        let stop: Vec<String> = self
+            .running
+            .iter()
+            .filter(|id| !model.contains_key(*id) && !self.pending.contains(*id))
+            .cloned()
+            .collect();
+        for id in start {
+            self.start_actor(id, ctx);
+        }
+        for id in stop {
+            self.stop_actor(id, ctx);
         }
     }
 
-    fn start_actor(&mut self, id: String, actor: ActorRef<ModuleActor>, ctx: &mut Context<Self>) {
+    fn start_actor(&mut self, id: String, ctx: &mut Context<Self>) {
+        let actor = self.actors.entry(id.clone()).or_default().clone();
         let deps = self.deps.clone();
         let name = id.clone();
         let spec = ChildSpec::actor_for(id.clone(), &actor, move || {
@@ -394,24 +415,51 @@ impl BalancerState {
         })
         .restart(Restart::Transient);
         let modules = self.modules.clone();
-        let start = async move {
-            match modules.send(AddChild(spec)).await {
-                Ok(Ok(_)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        };
+        self.pending.insert(id.clone());
+        let start = async move { modules.send(AddChild(spec)).await };
         ctx.spawn(start.into_actor(self).map(move |res, act, _| {
-            if let Err(e) = res {
-                debug!(act.log, "module actor did not start"; "instance_id" => &id, "error" => e);
-            }
-            // Gone while it started: stop it again.
-            if !act.live.contains_key(&id) {
-                let modules = act.modules.clone();
-                actix::spawn(async move {
-                    let _ = modules.send(StopChild { name: id }).await;
-                });
+            act.pending.remove(&id);
+            match res {
+                Ok(Ok(_)) => {
+                    act.running.insert(id);
+                }
+                // Busy, or the name still taken by the previous actor of this id: next round.
+                other => {
+                    debug!(act.log, "module actor not started yet"; "instance_id" => &id, "why" => ?other)
+                }
             }
         }));
+    }
+
+    fn stop_actor(&mut self, id: String, ctx: &mut Context<Self>) {
+        let modules = self.modules.clone();
+        self.pending.insert(id.clone());
+        let name = id.clone();
+        let stop = async move { modules.send(StopChild { name }).await };
+        ctx.spawn(stop.into_actor(self).map(move |res, act, _| {
+            act.pending.remove(&id);
+            match res {
+                Ok(Ok(())) | Ok(Err(ChildError::NotFound(_))) => {
+                    act.running.remove(&id);
+                    if !act.model.modules.contains_key(&id) {
+                        act.actors.remove(&id);
+                        act.deps.probe.forget(&id);
+                        act.forget_series(&id);
+                    }
+                }
+                other => {
+                    debug!(act.log, "module actor not stopped yet"; "instance_id" => &id, "why" => ?other)
+                }
+            }
+        }));
+    }
+
+    /// Drops a gone instance's metric series, so the page does not grow with every instance
+    /// that ever existed.
+    fn forget_series(&mut self, id: &str) {
+        if let Some(t) = self.types.remove(id) {
+            self.metrics.forget(t, id);
+        }
     }
 }
 
@@ -431,6 +479,12 @@ impl Actor for BalancerState {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.load(ctx);
+        // Starts and stops refused earlier (a busy supervisor) are retried.
+        ctx.run_interval(RECONCILE, |act, ctx| {
+            if act.loaded {
+                act.sync_actors(ctx);
+            }
+        });
     }
 }
 

@@ -765,14 +765,69 @@ async fn the_autoscaler_on_the_leader_delivers_to_heartbeats_and_the_hook() {
         .handle
         .heartbeat("alb-1", Stats::default(), ReportedHealth::Healthy);
     assert_eq!(beat.await.unwrap().desired_instances, Some(3));
-    // The up cooldown (3 min) holds later rounds back: still one decision.
-    let rounds_before = b
+    // Three more rounds: the up cooldown (3 min) holds them back, so still one decision.
+    let rounds = || async {
+        let cell = b._rt.registry().get("/node/balancer/scaler").unwrap();
+        let dump = cell.request_dump().unwrap().await.unwrap();
+        dump["rounds"].as_u64().unwrap()
+    };
+    let first = rounds().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rounds().await < first + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the autoscaler stopped running rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let last = b
         .handle
         .view()
         .scaling_of(ModuleType::Alb)
         .value
         .last
-        .unwrap()
-        .seq;
-    assert_eq!(rounds_before, 1);
+        .unwrap();
+    assert_eq!(last.seq, 1, "{last:?}");
+}
+
+#[actix_rt::test]
+async fn removed_and_re_registered_instances_get_their_actors() {
+    let b = balancer().await;
+    let ids = ["m-1", "m-2", "m-3"];
+    for id in ids {
+        b.handle
+            .register(module(id, ModuleType::Alb, "v1"))
+            .await
+            .unwrap();
+    }
+    let running = |b: &Balancer, id: &str| {
+        b._rt
+            .registry()
+            .get(&format!("/node/balancer/modules/{id}"))
+            .is_some_and(|c| c.state() == crate::Lifecycle::Running)
+    };
+    eventually("three actors", || ids.iter().all(|id| running(&b, id))).await;
+    // Two leases run out together: both actors go, although the supervisor takes one change at
+    // a time.
+    for id in &ids[..2] {
+        let lease = b.handle.view().instances[*id].lease;
+        b.store.expire(lease);
+    }
+    eventually("two actors stopped", || {
+        !running(&b, "m-1") && !running(&b, "m-2") && running(&b, "m-3")
+    })
+    .await;
+    // The same id again gets an actor (its old one is gone), and it works: a drain reaches it.
+    b.handle
+        .register(module("m-1", ModuleType::Alb, "v2"))
+        .await
+        .unwrap();
+    eventually("m-1 again", || running(&b, "m-1")).await;
+    let d = b
+        .handle
+        .unregister("m-1", true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!((d.drained, d.remaining), (0, 0));
+    assert_eq!(b.metrics.evictions.get(), 2);
 }

@@ -22,7 +22,8 @@ use crate::pb::balancer::module_client::ModuleClient;
 /// Asks module instances over gRPC.
 #[derive(Clone, Default)]
 pub struct GrpcModuleProbe {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// By instance id: its control address and the channel to it (dropped when it goes).
+    channels: Arc<Mutex<HashMap<String, (String, Channel)>>>,
 }
 
 impl GrpcModuleProbe {
@@ -31,17 +32,20 @@ impl GrpcModuleProbe {
         Self::default()
     }
 
-    fn client(&self, addr: &str) -> Result<ModuleClient<Channel>, String> {
+    fn client(&self, t: &Target) -> Result<ModuleClient<Channel>, String> {
+        let addr = &t.control;
         let mut channels = self.channels.lock().expect("channels");
-        if let Some(c) = channels.get(addr) {
-            return Ok(ModuleClient::new(c.clone()));
+        if let Some((a, c)) = channels.get(&t.instance_id) {
+            if a == addr {
+                return Ok(ModuleClient::new(c.clone()));
+            }
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("control_address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
+        channels.insert(t.instance_id.clone(), (addr.clone(), channel.clone()));
         Ok(ModuleClient::new(channel))
     }
 }
@@ -65,7 +69,7 @@ async fn bounded<T>(
 
 impl ModuleProbe for GrpcModuleProbe {
     fn can_handle(&self, t: &Target, route: &Route, timeout: Duration) -> ProbeFuture<CanHandle> {
-        let client = self.client(&t.control);
+        let client = self.client(t);
         let req = pb::CanHandleRequest {
             route: Some(route_to_pb(route)),
         };
@@ -103,7 +107,7 @@ impl ModuleProbe for GrpcModuleProbe {
                 })
             }
             CheckKind::Grpc => {
-                let client = self.client(&t.control);
+                let client = self.client(t);
                 Box::pin(async move {
                     let mut client = client?;
                     let req = timed(pb::HealthCheckRequest { deep }, timeout);
@@ -121,8 +125,12 @@ impl ModuleProbe for GrpcModuleProbe {
         }
     }
 
+    fn forget(&self, instance_id: &str) {
+        self.channels.lock().expect("channels").remove(instance_id);
+    }
+
     fn active_connections(&self, t: &Target, timeout: Duration) -> ProbeFuture<u64> {
-        let client = self.client(&t.control);
+        let client = self.client(t);
         Box::pin(async move {
             let mut client = client?;
             let req = timed(pb::GetStatsRequest {}, timeout);

@@ -208,6 +208,11 @@ impl pb::balancer_server::Balancer for BalancerService {
         // A drain may outlast the server's default budget; the caller's own deadline still
         // bounds it.
         let budget = deadline::of(&req, self.timeout.max(drain + Duration::from_secs(5)));
+        // A caller in a hurry gets its answer: the drain ends a second before its deadline (the
+        // instance is removed either way).
+        let drain = drain
+            .min(budget.saturating_sub(Duration::from_secs(1)))
+            .max(Duration::from_millis(1));
         let m = req.into_inner();
         let d = within(
             budget,
@@ -254,7 +259,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         let m = req.into_inner();
         let t = optional_type(m.module_type, "module_type")?;
         let now = now_ms();
-        let view = self.h().view();
+        let view = self.h().loaded_view().map_err(status)?;
         let modules = view
             .instances
             .values()
@@ -327,7 +332,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         req: Request<pb::GetRoutingTableRequest>,
     ) -> Result<Response<pb::GetRoutingTableResponse>, Status> {
         let t = optional_type(req.get_ref().target, "target")?;
-        let view = self.h().view();
+        let view = self.h().loaded_view().map_err(status)?;
         let now = now_ms();
         let entries = view
             .routes
@@ -579,7 +584,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         req: Request<pb::GetNlbStatusRequest>,
     ) -> Result<Response<pb::NlbStatus>, Status> {
         let budget = deadline::of(&req, self.timeout);
-        let view = self.h().view();
+        let view = self.h().loaded_view().map_err(status)?;
         let now = now_ms();
         let leader = match self.b.raft.send_timeout(GetStatus, budget).await {
             Ok(Ok(s)) => s.leader.unwrap_or(0),
@@ -628,7 +633,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         &self,
         _: Request<pb::GetNlbConfigRequest>,
     ) -> Result<Response<pb::BalancerConfig>, Status> {
-        let s = self.h().view().settings.clone();
+        let s = self.h().loaded_view().map_err(status)?.settings.clone();
         Ok(Response::new(settings_to_pb(&s.value, s.revision)))
     }
 
@@ -711,7 +716,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         let t = required_module_type(req.get_ref().module_type, "module_type")?;
         Ok(Response::new(traffic_to_pb(
             t,
-            &self.h().view().traffic_of(t),
+            &self.h().loaded_view().map_err(status)?.traffic_of(t),
         )))
     }
 
@@ -763,7 +768,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         &self,
         _: Request<pb::GetRateLimitsRequest>,
     ) -> Result<Response<pb::GetRateLimitsResponse>, Status> {
-        let view = self.h().view();
+        let view = self.h().loaded_view().map_err(status)?;
         Ok(Response::new(pb::GetRateLimitsResponse {
             limits: view.limits.value.iter().map(limit_to_pb).collect(),
         }))
@@ -799,7 +804,13 @@ impl pb::balancer_server::Balancer for BalancerService {
         req: Request<pb::GetScalingConfigRequest>,
     ) -> Result<Response<pb::ScalingConfig>, Status> {
         let t = required_module_type(req.get_ref().module_type, "module_type")?;
-        let c = self.h().view().scaling_of(t).value.config;
+        let c = self
+            .h()
+            .loaded_view()
+            .map_err(status)?
+            .scaling_of(t)
+            .value
+            .config;
         Ok(Response::new(scaling_to_pb(t, &c)))
     }
 }

@@ -291,7 +291,7 @@ pub fn decision_to_pb(t: ModuleType, d: &DecisionRecord, delivered: bool) -> pb:
         pressure: d.pressure,
         reason: d.reason.clone(),
         decided_at_ms: d.decided_at_ms,
-        cooldown_until_ms: 0,
+        cooldown_until_ms: d.cooldown_until_ms,
         delivered,
     }
 }

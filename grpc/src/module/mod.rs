@@ -121,7 +121,7 @@ impl ModuleOptions {
             tls: ClientTls::default(),
             instance_id: default_instance_id(module_type),
             module_type,
-            version: String::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
             control_address: control_address.to_string(),
             data_address: data_address.to_string(),
             protocols: Vec::new(),
