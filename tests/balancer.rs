@@ -3,11 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::backends::{http_backend, redis_backend};
 use common::{eventually, signal, Lodge, Node, Trio};
 use lodge_grpc::pb::balancer as pb;
 use lodge_grpc::pb::balancer::balancer_client::BalancerClient;
@@ -47,56 +48,6 @@ async fn fast_heartbeats(c: &mut BalancerClient<Channel>) {
     })
     .await
     .unwrap();
-}
-
-/// An HTTP backend answering every request with `name` (one request per connection).
-fn http_backend(name: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if line == "\r\n" {
-                        break;
-                    }
-                    line.clear();
-                }
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-            });
-        }
-    });
-    addr
-}
-
-/// A backend speaking enough RESP to answer PING with `+PONG <name>`, until the client leaves.
-fn redis_backend(name: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let _ = write!(s, "+PONG {name}\r\n");
-                }
-                let _ = s.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
 }
 
 fn module(node: &str, kind: &str, backend: &str, id: &str, version: &str) -> Lodge {

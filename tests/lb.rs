@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::backends::http_backend;
 use common::{json_of, stderr, stdout, Lodge, Node, LODGE};
 use serde_json::{json, Value};
 
@@ -390,34 +390,6 @@ fn routes_limits_weights_scaling_and_settings() {
     assert_eq!(s["member_id"], 1);
     let e = fails(&dead, &["status"], 1);
     assert!(e.starts_with("lodge lb: cannot connect to"), "{e}");
-}
-
-/// An HTTP backend answering every request with `name` (one request per connection).
-fn http_backend(name: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let mut line = String::new();
-                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
-                    if line == "\r\n" {
-                        break;
-                    }
-                    line.clear();
-                }
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-            });
-        }
-    });
-    addr
 }
 
 #[test]

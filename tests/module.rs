@@ -4,9 +4,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
+use common::backends::echo_backend;
 use common::{signal, Lodge};
 use lodge_grpc::module::stub::{Seen, StubBalancer};
 use lodge_grpc::pb::balancer as pb;
@@ -14,25 +15,6 @@ use lodge_grpc::pb::balancer::module_client::ModuleClient;
 
 /// Bound on every wait; only turns a hang into a failure.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A backend on its own threads: each connection first gets `greeting` (if any), then its
-/// bytes back, then its end of stream back as a half-close.
-fn backend(greeting: &'static [u8]) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let _ = w.write_all(greeting);
-                let _ = std::io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 fn round_trip(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).unwrap();
@@ -63,7 +45,7 @@ fn start_module(stub: &StubBalancer, backend: &str, extra: &[&str]) -> Lodge {
 fn module_forwards_with_half_close_and_drains_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut stub = rt.block_on(StubBalancer::start(100)).unwrap();
-    let echo = backend(b"");
+    let echo = echo_backend(b"");
     let mut m = start_module(
         &stub,
         &echo,
@@ -144,8 +126,8 @@ fn module_forwards_with_half_close_and_drains_on_sigterm() {
 fn module_settings_health_and_shutdown_over_grpc() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut stub = rt.block_on(StubBalancer::start(100)).unwrap();
-    let first = backend(b"");
-    let second = backend(b"B2:");
+    let first = echo_backend(b"");
+    let second = echo_backend(b"B2:");
     let mut m = start_module(&stub, &first, &["--max-connections", "5"]);
     let (data, control) = (m.field("data"), m.field("control"));
     rt.block_on(stub.next(WAIT, |e| matches!(e, Seen::Register(_))))

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod fake_llm;
 
 use serde_json::Value;
