@@ -58,6 +58,12 @@ fn start_lodge(n: usize) -> Vec<Proc> {
 
 /// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides.
 pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
+    start_lodge_args(n, env, &[])
+}
+
+/// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides and more
+/// `lodge node` arguments (`--config FILE`, say).
+pub(super) fn start_lodge_args(n: usize, env: &[(&str, &str)], extra: &[String]) -> Vec<Proc> {
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
@@ -67,7 +73,7 @@ pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
         .map(|i| {
             let dir = tempfile::tempdir().unwrap();
             let client = format!("127.0.0.1:{}", ports[i]);
-            let args = [
+            let mut args = vec![
                 "--node-id".to_string(),
                 (i + 1).to_string(),
                 "--listen".to_string(),
@@ -75,6 +81,7 @@ pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
                 "--initial-cluster".to_string(),
                 initial.clone(),
             ];
+            args.extend_from_slice(extra);
             Proc {
                 child: launch(&args, dir.path(), env),
                 client,
@@ -87,7 +94,7 @@ pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
 /// Starts `lodge node ARGS` keeping its data in `dir`, and waits until it is ready.
 pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child {
     let exe = std::env::current_exe().expect("own path");
-    let mut child = Command::new(&exe)
+    let mut child = super::net::die_with_bench(&mut Command::new(&exe))
         .arg("node")
         .args(args)
         .args(["--metrics-listen", "127.0.0.1:0", "--log-level", "warning"])

@@ -2,10 +2,12 @@
 //! reported as a median (these machines are shared and noisy). Results go to docs/benchmarks.md.
 
 mod actors;
+mod balancer;
 mod disk;
 mod heartbeat;
 mod kv;
 mod memory;
+mod net;
 mod tunnel;
 
 use clap::Subcommand;
@@ -81,6 +83,33 @@ pub enum Bench {
         #[arg(long, default_value_t = 1000)]
         sessions: usize,
     },
+    /// The balancer on one node: RouteRequest decisions per second beside GetNLBConfig calls;
+    /// one TCP stream through the data plane → `lodge module` → a sink beside one socat relay
+    /// and direct; new connections per second and their set-up time beside socat and direct.
+    Balancer {
+        /// Bytes per transfer.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Sequential connect → request → answer → close per path per round.
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        /// RouteRequest (and GetNLBConfig) calls per round.
+        #[arg(long, default_value_t = 20_000)]
+        decisions: u64,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Print the figures as one JSON document on stdout (the readable report goes to
+        /// stderr).
+        #[arg(long)]
+        json: bool,
+        /// The node's `[balancer] buffer_bytes` (default: the node's default).
+        #[arg(long)]
+        buffer_bytes: Option<usize>,
+    },
     /// The bare tonic server of `bench heartbeat` (run by it as a child process).
     #[command(hide = true)]
     EchoServer,
@@ -138,6 +167,26 @@ pub fn run(cmd: Bench) -> i32 {
                 rounds: rounds.max(1),
                 setups: setups.max(1),
                 sessions,
+            });
+            0
+        }
+        Bench::Balancer {
+            bytes,
+            rounds,
+            connections,
+            decisions,
+            concurrency,
+            json,
+            buffer_bytes,
+        } => {
+            balancer::run(balancer::Options {
+                bytes: bytes.max(1),
+                rounds: rounds.max(1),
+                connections: connections.max(1),
+                decisions: decisions.max(1),
+                concurrency: concurrency.max(1),
+                json,
+                buffer_bytes,
             });
             0
         }

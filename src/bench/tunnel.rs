@@ -9,22 +9,20 @@
 //! transfer allows. The node, the agent and the port-forward are child processes of this same
 //! binary; socat is the system's.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use super::kv::{free_port, start_lodge_with, Proc};
+use super::kv::{start_lodge_with, Proc};
+use super::net::{
+    connect, cpu_of, exchange, field, mb, quantile, raise_nofile, start, start_servers,
+    start_socat, transfer, Helper,
+};
 use super::{median, rss_of};
 
 /// The source's write size.
 const WRITE: usize = 128 * 1024;
-/// Longest any single socket operation of the bench may block before the bench fails.
-const STEP: Duration = Duration::from_secs(120);
 const WORKFLOW: &str = "bench-tunnel";
 
 /// What the bench measures, from the command line.
@@ -33,58 +31,6 @@ pub struct Options {
     pub rounds: usize,
     pub setups: usize,
     pub sessions: usize,
-}
-
-/// A child process (not a node) killed and reaped on drop; its stderr goes to a file.
-struct Helper {
-    child: Child,
-    name: &'static str,
-}
-
-impl Helper {
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `cmd` (stdout piped, stderr to `log`) and waits for a stdout line starting with
-/// `ready`; answers the helper and that line. Later stdout lines are read and dropped.
-fn start(mut cmd: Command, name: &'static str, ready: &str, log: &Path) -> (Helper, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let helper = Helper { child, name };
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with(ready) => return (helper, line),
-            Ok(_) => continue,
-            Err(_) => panic!("{name} did not start (see {})", log.display()),
-        }
-    }
-}
-
-/// The value of `key=` in a ready line.
-fn field(line: &str, key: &str) -> String {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        .to_string()
 }
 
 /// A node (auth off), an agent and a port-forward to `target` on the loopback.
@@ -160,185 +106,6 @@ impl Tunnel {
     }
 }
 
-/// `socat [-b BLOCK] TCP-LISTEN:P,fork,reuseaddr TCP:127.0.0.1:TARGET` (one process per
-/// connection; socat's default transfer block is 8 KiB); answers it and where it listens once it
-/// accepts connections.
-fn start_socat(target: u16, block: Option<usize>) -> (Helper, SocketAddr) {
-    let port = free_port();
-    let mut socat = Command::new("socat");
-    if let Some(b) = block {
-        socat.args(["-b", &b.to_string()]);
-    }
-    let child = socat
-        .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
-        .arg(format!("TCP:127.0.0.1:{target}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting socat (scripts/bench-deps installs it)");
-    let helper = Helper {
-        child,
-        name: "socat",
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    // Listening shows in /proc/net/tcp; connecting to find out would make a relayed connection.
-    let hex = format!(":{port:04X} ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        // State 0A is LISTEN.
-        if table
-            .lines()
-            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
-        {
-            return (helper, addr);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("socat did not listen on {addr}");
-}
-
-/// The far-end servers, on a current-thread runtime of their own thread.
-struct Servers {
-    /// Reads to end-of-file, then answers the byte count (8 bytes, little-endian) and closes.
-    sink: u16,
-    /// Echoes what it reads; closes its side after end-of-file.
-    echo: u16,
-}
-
-fn start_servers() -> Servers {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(Servers {
-                sink: sink.local_addr().unwrap().port(),
-                echo: echo.local_addr().unwrap().port(),
-            })
-            .unwrap();
-            tokio::spawn(async move {
-                while let Ok((mut s, _)) = sink.accept().await {
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 256 * 1024];
-                        let mut n = 0u64;
-                        loop {
-                            match s.read(&mut buf).await {
-                                Ok(0) => break,
-                                Ok(k) => n += k as u64,
-                                Err(_) => return,
-                            }
-                        }
-                        let _ = s.write_all(&n.to_le_bytes()).await;
-                        let _ = s.shutdown().await;
-                    });
-                }
-            });
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let _ = s.set_nodelay(true);
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-            }
-        });
-    });
-    rx.recv().unwrap()
-}
-
-fn connect(to: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(to).unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
-    s.set_read_timeout(Some(STEP)).unwrap();
-    s.set_write_timeout(Some(STEP)).unwrap();
-    s
-}
-
-/// Sends `bytes` to the sink through `to` in [`WRITE`]-byte writes, half-closes, and waits for
-/// the sink's count: answers MB/s (10^6 bytes) over the whole exchange.
-fn transfer(to: SocketAddr, bytes: u64, chunk: &[u8]) -> f64 {
-    let t = Instant::now();
-    let mut s = connect(to);
-    let mut left = bytes;
-    while left > 0 {
-        let k = left.min(chunk.len() as u64) as usize;
-        s.write_all(&chunk[..k])
-            .unwrap_or_else(|e| panic!("writing to {to}: {e}"));
-        left -= k as u64;
-    }
-    s.shutdown(Shutdown::Write).unwrap();
-    let mut ack = [0u8; 8];
-    s.read_exact(&mut ack)
-        .unwrap_or_else(|e| panic!("reading the sink's count through {to}: {e}"));
-    let took = t.elapsed();
-    let got = u64::from_le_bytes(ack);
-    assert_eq!(
-        got, bytes,
-        "the sink got {got} bytes of {bytes} through {to}"
-    );
-    bytes as f64 / 1e6 / took.as_secs_f64()
-}
-
-/// Connect, one byte out, the same byte back: the time to the echoed byte, in µs. The
-/// connection is then closed.
-fn setup_once(to: SocketAddr) -> f64 {
-    let t = Instant::now();
-    let mut s = connect(to);
-    s.set_nodelay(true).unwrap();
-    s.write_all(b"x").unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b)
-        .unwrap_or_else(|e| panic!("reading the echo through {to}: {e}"));
-    let took = t.elapsed();
-    assert_eq!(&b, b"x");
-    took.as_secs_f64() * 1e6
-}
-
-/// CPU time (user + system) process `pid` used so far, in seconds, from `/proc/PID/stat`; with
-/// `children`, also that of its children it has waited for (socat's, one per connection).
-fn cpu_of(pid: &str, children: bool) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses; utime and stime are
-    // fields 14 and 15 of the line, 12 and 13 after it.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // USER_HZ, 100 on every Linux target Lodge builds for.
-    let fields = if children { 11..15 } else { 11..13 };
-    f.get(fields)
-        .map_or(0.0, |v| v.iter().sum::<u64>() as f64 / 100.0)
-}
-
-/// Quantile `q` of sorted samples.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-/// Raises this process's soft open-file limit to its hard limit (the children inherit it):
-/// the memory part holds a few descriptors per session in this process and the helpers.
-fn raise_nofile() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current != l.maximum {
-        l.current = l.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, l) {
-            eprintln!("raising the open-file limit: {e}");
-        }
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
-fn mb(b: u64) -> f64 {
-    b as f64 / 1e6
-}
-
 pub fn run(o: Options) {
     let nofile = raise_nofile();
     let servers = start_servers();
@@ -365,7 +132,7 @@ pub fn run(o: Options) {
     const LODGE: usize = 3;
     // Warm-up: connections, sessions, allocator pools.
     for to in paths {
-        transfer(to, o.bytes.min(64 << 20), &chunk);
+        transfer(to, o.bytes.min(64 << 20), b"", &chunk);
     }
     let mut rates: [Vec<f64>; 4] = Default::default();
     // CPU seconds per GB: each lodge process and this one over the lodge transfers, and each
@@ -397,7 +164,7 @@ pub fn run(o: Options) {
             let me = cpu_of("self", false);
             let relays = [&socat, &socat_big];
             let socat_before = relays.map(|h| cpu_of(&h.pid(), true));
-            let rate = transfer(paths[p], o.bytes, &chunk);
+            let rate = transfer(paths[p], o.bytes, b"", &chunk);
             match p {
                 LODGE => {
                     for (i, (_, pid)) in pids.iter().enumerate() {
@@ -465,7 +232,7 @@ pub fn run(o: Options) {
     ];
     for (_, to) in paths {
         for _ in 0..10 {
-            setup_once(to);
+            exchange(to, b"x");
         }
     }
     let mut samples: [Vec<f64>; 3] = Default::default();
@@ -473,7 +240,7 @@ pub fn run(o: Options) {
         let mut order = [0, 1, 2];
         order.rotate_left(i % 3);
         for p in order {
-            samples[p].push(setup_once(paths[p].1));
+            samples[p].push(exchange(paths[p].1, b"x"));
         }
     }
     println!();
@@ -514,7 +281,7 @@ pub fn run(o: Options) {
     // A few sessions opened and closed first, so that what every session's first use sets up
     // (connections, pools) is in the baseline.
     for _ in 0..20 {
-        setup_once(tunnel.listen);
+        exchange(tunnel.listen, b"x");
     }
     std::thread::sleep(Duration::from_secs(1));
     let pids = tunnel.pids();
