@@ -10,6 +10,18 @@ use prometheus_client::registry::Registry;
 
 use super::flow::ModuleType;
 
+/// Every decision outcome counted.
+pub const OUTCOMES: [&str; 8] = [
+    "routed",
+    "dry_run",
+    "no_route",
+    "no_instance",
+    "rate_limited",
+    "unrecognised",
+    "connect_failed",
+    "over_capacity",
+];
+
 /// A decision's outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {

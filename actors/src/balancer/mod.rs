@@ -15,6 +15,7 @@ pub mod model;
 pub mod module;
 pub mod pattern;
 pub mod probe;
+pub mod report;
 pub mod route;
 pub mod scaler;
 pub mod score;

@@ -1,19 +1,16 @@
 //! `lodge.balancer.v1.Balancer`: decodes a request, calls the balancer with the caller's deadline,
 //! and maps the answer. The balancer itself (`lodge_actors::balancer`) holds the rules.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use lodge_actors::balancer::handle::{
     check_id, BalancerHandle, RegisterModule, RoutingUpdate, SettingsUpdate,
 };
-use lodge_actors::balancer::instance::Health;
-use lodge_actors::balancer::model::{CheckKind, LimitTarget};
-use lodge_actors::balancer::probe::Target;
+use lodge_actors::balancer::model::LimitTarget;
+use lodge_actors::balancer::report::Traffic;
 use lodge_actors::balancer::scaler::Direction;
 use lodge_actors::balancer::{now_ms, BalancerError, Flow, ModuleType};
 use lodge_actors::cluster::raft::{GetStatus, RaftNode};
@@ -26,8 +23,9 @@ use super::convert::{
 };
 use super::wire::{
     decision_to_pb, health_check_from_pb, health_to_pb, instance_to_pb, limit_from_pb, limit_to_pb,
-    load_info_to_pb, load_to_pb, points_from_pb, points_to_pb, reported_health, scaling_from_pb,
-    scaling_to_pb, settings_to_pb, stats_from_pb, stats_to_pb, status, traffic_to_pb,
+    load_info_to_pb, load_to_pb, module_traffic_to_pb, points_from_pb, points_to_pb,
+    reported_health, scaling_from_pb, scaling_to_pb, settings_to_pb, stats_from_pb, stats_to_pb,
+    status, traffic_to_pb,
 };
 use crate::deadline;
 use crate::kv::stream_until_shutdown;
@@ -100,63 +98,29 @@ type MetricsStream = Pin<Box<dyn Stream<Item = Result<pb::NlbMetrics, Status>> +
 
 /// This node's balancer figures.
 pub fn nlb_metrics(h: &BalancerHandle) -> pb::NlbMetrics {
-    let m = h.metrics();
-    let view = h.view();
-    let now = now_ms();
-    let mut decisions = HashMap::new();
-    for outcome in [
-        "routed",
-        "dry_run",
-        "no_route",
-        "no_instance",
-        "rate_limited",
-        "unrecognised",
-        "connect_failed",
-    ] {
-        decisions.insert(outcome.to_string(), m.decisions_of(outcome));
-    }
-    let mut modules: HashMap<String, u32> = HashMap::new();
-    let mut traffic = Vec::new();
-    let (mut active, mut total, mut bytes_in, mut bytes_out) = (0, 0, 0, 0);
-    for i in view.instances.values() {
-        *modules
-            .entry(i.health(now).0.as_str().to_string())
-            .or_default() += 1;
-        let l = &i.live;
-        let t = pb::ModuleTraffic {
-            instance_id: i.record.instance_id.clone(),
-            active_connections: l.connections.load(Ordering::Relaxed),
-            connections_total: l.connections_total.load(Ordering::Relaxed),
-            bytes_in: l.bytes_in.load(Ordering::Relaxed),
-            bytes_out: l.bytes_out.load(Ordering::Relaxed),
-        };
-        active += t.active_connections;
-        total += t.connections_total;
-        bytes_in += t.bytes_in;
-        bytes_out += t.bytes_out;
-        traffic.push(t);
-    }
-    let scaling: u64 = {
-        // Families cannot be iterated; count the decisions from the records instead.
-        view.scaling
-            .values()
-            .map(|s| s.value.last.as_ref().map_or(0, |d| d.seq))
-            .sum()
-    };
+    let f = h.figures();
     pb::NlbMetrics {
-        member_id: h.member(),
-        timestamp_ms: now,
-        decisions,
-        active_connections: active,
-        connections_total: total,
-        bytes_in,
-        bytes_out,
-        evictions: m.evictions.get(),
-        drains: m.drains.get(),
-        rate_limited: m.rate_limited.get(),
-        scaling_decisions: scaling,
-        modules,
-        traffic,
+        member_id: f.member,
+        timestamp_ms: f.at_ms,
+        decisions: f
+            .decisions
+            .iter()
+            .map(|(o, n)| (o.to_string(), *n))
+            .collect(),
+        active_connections: f.total.active,
+        connections_total: f.total.total,
+        bytes_in: f.total.bytes_in,
+        bytes_out: f.total.bytes_out,
+        evictions: f.evictions,
+        drains: f.drains,
+        rate_limited: f.rate_limited,
+        scaling_decisions: f.scaling_decisions,
+        modules: f
+            .by_health
+            .iter()
+            .map(|(h, n)| (h.to_string(), *n))
+            .collect(),
+        traffic: f.traffic.iter().map(module_traffic_to_pb).collect(),
     }
 }
 
@@ -332,37 +296,17 @@ impl pb::balancer_server::Balancer for BalancerService {
         req: Request<pb::GetRoutingTableRequest>,
     ) -> Result<Response<pb::GetRoutingTableResponse>, Status> {
         let t = optional_type(req.get_ref().target, "target")?;
-        let view = self.h().loaded_view().map_err(status)?;
-        let now = now_ms();
-        let entries = view
-            .routes
-            .value
-            .routes()
-            .iter()
-            .filter(|c| t.is_none_or(|t| c.route.target == t))
-            .map(|c| {
-                let id = &c.route.route_id;
-                let instances = view
-                    .of_type(c.route.target)
-                    .filter(|i| i.health(now).0.routable())
-                    .filter(|i| {
-                        i.live
-                            .capabilities()
-                            .iter()
-                            .any(|(r, cap)| r == id && cap.can_handle)
-                    })
-                    .map(|i| i.record.instance_id.clone())
-                    .collect();
-                pb::RoutingEntry {
-                    route: Some(route_to_pb(&c.route)),
-                    instances,
-                    decisions: self.h().decisions_for(id),
-                }
-            })
-            .collect();
+        let (entries, revision) = self.h().routing_entries(t).map_err(status)?;
         Ok(Response::new(pb::GetRoutingTableResponse {
-            entries,
-            revision: view.routes.revision,
+            entries: entries
+                .into_iter()
+                .map(|e| pb::RoutingEntry {
+                    route: Some(route_to_pb(&e.route)),
+                    instances: e.instances,
+                    decisions: e.decisions,
+                })
+                .collect(),
+            revision,
         }))
     }
 
@@ -465,18 +409,11 @@ impl pb::balancer_server::Balancer for BalancerService {
         let m = req.into_inner();
         let inst = within(budget, self.h().registered(&m.instance_id)).await?;
         let report = inst.report.clone().unwrap_or_default();
-        let l = &inst.live;
         Ok(Response::new(pb::ModuleMetrics {
-            instance_id: m.instance_id.clone(),
+            instance_id: m.instance_id,
             stats: Some(stats_to_pb(&report.stats)),
             metrics: points_to_pb(&report.metrics),
-            traffic: Some(pb::ModuleTraffic {
-                instance_id: m.instance_id,
-                active_connections: l.connections.load(Ordering::Relaxed),
-                connections_total: l.connections_total.load(Ordering::Relaxed),
-                bytes_in: l.bytes_in.load(Ordering::Relaxed),
-                bytes_out: l.bytes_out.load(Ordering::Relaxed),
-            }),
+            traffic: Some(module_traffic_to_pb(&Traffic::of(&inst))),
             load: Some(load_to_pb(&inst, now_ms())),
         }))
     }
@@ -515,67 +452,19 @@ impl pb::balancer_server::Balancer for BalancerService {
     ) -> Result<Response<pb::CheckHealthResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let deep = req.into_inner().deep;
-        let view = self.h().view();
-        let now = now_ms();
-        let mut modules = Vec::new();
-        let mut asks = tokio::task::JoinSet::new();
-        for i in view.instances.values() {
-            let (health, reason) = i.health(now);
-            if deep && health.routable() {
-                let probe = self.h().probe().clone();
-                let target = Target {
-                    instance_id: i.record.instance_id.clone(),
-                    control: i.record.control_address.clone(),
-                    data: i.record.data_address.clone(),
-                };
-                let timeout = budget.min(Duration::from_secs(2));
-                asks.spawn(async move {
-                    let r = probe
-                        .health_check(&target, CheckKind::Grpc, true, timeout)
-                        .await;
-                    (target.instance_id, health, r)
-                });
-            } else {
-                modules.push(pb::ModuleHealth {
-                    instance_id: i.record.instance_id.clone(),
-                    health: health_to_pb(health) as i32,
-                    reason,
-                });
-            }
-        }
-        while let Some(Ok((instance_id, health, r))) = asks.join_next().await {
-            let (health, reason) = match r {
-                Ok(()) => (health, String::new()),
-                Err(e) => (Health::Unhealthy, format!("deep health check: {e}")),
-            };
-            modules.push(pb::ModuleHealth {
-                instance_id,
-                health: health_to_pb(health) as i32,
-                reason,
-            });
-        }
-        modules.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        let unhealthy = modules
-            .iter()
-            .filter(|m| m.health == pb::HealthStatus::Unhealthy as i32)
-            .count();
-        let (status, message) = if !view.loaded {
-            (
-                pb::HealthStatus::Starting,
-                "the balancer has not loaded its state yet".to_string(),
-            )
-        } else if unhealthy > 0 {
-            (
-                pb::HealthStatus::Degraded,
-                format!("{unhealthy} of {} instances unhealthy", modules.len()),
-            )
-        } else {
-            (pb::HealthStatus::Healthy, "serving".to_string())
-        };
+        let r = self.h().check_health(deep, budget).await;
         Ok(Response::new(pb::CheckHealthResponse {
-            status: status as i32,
-            message,
-            modules,
+            status: health_to_pb(r.status) as i32,
+            message: r.message,
+            modules: r
+                .instances
+                .into_iter()
+                .map(|i| pb::ModuleHealth {
+                    instance_id: i.instance_id,
+                    health: health_to_pb(i.health) as i32,
+                    reason: i.reason,
+                })
+                .collect(),
         }))
     }
 

@@ -6,6 +6,7 @@ use lodge_actors::balancer::model::{
     BalancerSettings, CheckKind, DecisionRecord, HealthCheckSpec, MetricPoint, RateLimitSpec,
     ReportedHealth, Stats,
 };
+use lodge_actors::balancer::report::Traffic;
 use lodge_actors::balancer::scaler::ScalingConfig;
 use lodge_actors::balancer::traffic::TrafficRecord;
 use lodge_actors::balancer::view::Versioned;
@@ -328,5 +329,16 @@ pub fn limit_to_pb(l: &RateLimitSpec) -> pb::RateLimit {
         requests_per_minute: l.per_minute,
         requests_per_hour: l.per_hour,
         burst: l.burst,
+    }
+}
+
+/// An instance's traffic through this node in wire form.
+pub fn module_traffic_to_pb(t: &Traffic) -> pb::ModuleTraffic {
+    pb::ModuleTraffic {
+        instance_id: t.instance_id.clone(),
+        active_connections: t.active,
+        connections_total: t.total,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
     }
 }
