@@ -39,6 +39,7 @@ pub struct BalancerSection {
     pub connect_attempts: usize,
     pub buffer_bytes: usize,
     pub max_connections: usize,
+    pub idle_timeout_ms: u64,
     pub deploy_hook: Vec<String>,
 }
 

@@ -536,6 +536,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
                     connect_attempts: cfg.balancer.connect_attempts,
                     buffer_bytes: cfg.balancer.buffer_bytes,
                     max_connections: cfg.balancer.max_connections,
+                    idle_timeout: (cfg.balancer.idle_timeout_ms > 0)
+                        .then(|| NodeConfig::duration(cfg.balancer.idle_timeout_ms)),
                 },
                 io.clone(),
             )),

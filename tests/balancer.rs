@@ -574,3 +574,61 @@ async fn a_rate_limit_holds_connections_under_a_burst() {
         .into_inner();
     assert_eq!(m.rate_limited, 30 - answered);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_connection_is_closed_and_bytes_count_while_it_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(
+        &path,
+        "[balancer]\nlisten = [\"127.0.0.1:0\"]\nidle_timeout_ms = 300\n",
+    )
+    .unwrap();
+    let node = Node::start(&["--config", &path.display().to_string()]);
+    let mut c = client(&node.grpc).await;
+    let data = data_address(&mut c).await;
+    let _cache = module(&node.grpc, "dblb", &redis_backend("cache"), "dblb-1", "v1");
+    set_routes(
+        &mut c,
+        vec![route("cache", pb::Protocol::Redis, pb::ModuleType::Dblb, 1)],
+    )
+    .await;
+    let mut s = TcpStream::connect(&data).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line, "+PONG cache\r\n");
+    let quiet_from = Instant::now();
+    // While the connection is open, its bytes are already counted.
+    let m = c
+        .get_nlb_metrics(pb::GetNlbMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((m.bytes_in, m.bytes_out), (14, 13), "{:?}", m.traffic);
+    assert_eq!(m.active_connections, 1);
+    // Then it says nothing: the node closes it.
+    line.clear();
+    assert_eq!(r.read_line(&mut line).unwrap(), 0, "closed, not {line:?}");
+    assert!(quiet_from.elapsed() >= Duration::from_millis(300));
+    let began = Instant::now();
+    loop {
+        let m = c
+            .get_nlb_metrics(pb::GetNlbMetricsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if m.active_connections == 0 {
+            break;
+        }
+        assert!(began.elapsed() < WAIT, "{m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = node.scrape();
+    assert!(
+        text.contains("lodge_balancer_idle_closed_total 1"),
+        "{text}"
+    );
+}

@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::flow::{Flow, Protocol};
 use super::handle::BalancerHandle;
 use super::instance::Instance;
+use super::metered::{Activity, Metered, Tally};
 use super::metrics::{BytesLabels, InstanceLabels};
 use super::sniff::{sniff, Sniff, MAX_SNIFF};
 use super::BalancerError;
@@ -38,6 +39,8 @@ pub struct DataPlaneSettings {
     pub buffer_bytes: usize,
     /// Connections this node proxies at once, over all listeners; more are closed at once.
     pub max_connections: usize,
+    /// A connection that carries nothing either way for this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// One listening address.
@@ -280,20 +283,47 @@ async fn serve(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let _open = Open::new(handle, &inst);
+    let open = Open::new(handle, &inst);
     upstream
         .write_all(&prefix)
         .await
         .map_err(|e| format!("writing to {}: {e}", inst.record.data_address))?;
+    let activity = Arc::new(Activity::new());
+    let (to_module, to_client): (Tally, Tally) = (|l| &l.bytes_in, |l| &l.bytes_out);
+    open.bytes("in").inc_by(prefix.len() as u64);
+    to_module(&inst.live).fetch_add(prefix.len() as u64, Ordering::Relaxed);
+    let mut client = Metered::new(
+        conn,
+        activity.clone(),
+        inst.live.clone(),
+        to_module,
+        open.bytes("in"),
+    );
+    let mut module = Metered::new(
+        upstream,
+        activity.clone(),
+        inst.live.clone(),
+        to_client,
+        open.bytes("out"),
+    );
     let size = settings.buffer_bytes;
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, size, size).await;
-    let (to_module, to_client) = match &copied {
-        Ok(c) => *c,
-        Err(_) => (0, 0),
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut module, size, size);
+    let Some(limit) = settings.idle_timeout else {
+        return copy.await.map(|_| ()).map_err(|e| e.to_string());
     };
-    _open.bytes(prefix.len() as u64 + to_module, to_client);
-    copied.map(|_| ()).map_err(|e| e.to_string())
+    tokio::pin!(copy);
+    loop {
+        let quiet = activity.quiet_for();
+        if quiet >= limit {
+            // Dropping both sockets closes the connection both ways.
+            handle.metrics().idle_closed.inc();
+            return Err(format!("idle for {} ms", quiet.as_millis()));
+        }
+        tokio::select! {
+            r = &mut copy => return r.map(|_| ()).map_err(|e| e.to_string()),
+            _ = tokio::time::sleep(limit - quiet) => {}
+        }
+    }
 }
 
 /// A connection counted as open on its instance while it lives.
@@ -326,21 +356,17 @@ impl<'a> Open<'a> {
         }
     }
 
-    fn bytes(&self, to_module: u64, to_client: u64) {
-        let l = &self.inst.live;
-        l.bytes_in.fetch_add(to_module, Ordering::Relaxed);
-        l.bytes_out.fetch_add(to_client, Ordering::Relaxed);
-        for (direction, n) in [("in", to_module), ("out", to_client)] {
-            self.handle
-                .metrics()
-                .bytes
-                .get_or_create(&BytesLabels {
-                    module_type: self.labels.module_type.clone(),
-                    instance: self.labels.instance.clone(),
-                    direction: direction.into(),
-                })
-                .inc_by(n);
-        }
+    /// The byte counter of one direction (`in`: client to module).
+    fn bytes(&self, direction: &str) -> prometheus_client::metrics::counter::Counter {
+        self.handle
+            .metrics()
+            .bytes
+            .get_or_create(&BytesLabels {
+                module_type: self.labels.module_type.clone(),
+                instance: self.labels.instance.clone(),
+                direction: direction.into(),
+            })
+            .clone()
     }
 }
 

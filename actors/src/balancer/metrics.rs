@@ -69,6 +69,8 @@ pub struct BalancerMetrics {
     pub evictions: Counter,
     pub drains: Counter,
     pub rate_limited: Counter,
+    /// Data-plane connections closed by the idle timeout.
+    pub idle_closed: Counter,
     pub scaling_decisions: Family<ScalingLabels, Counter>,
     /// Registered instances per type.
     pub instances: Family<TypeLabels, Gauge>,
@@ -153,6 +155,11 @@ impl BalancerMetrics {
             "drains",
             "Graceful unregistrations (drains) completed",
             self.drains.clone(),
+        );
+        r.register(
+            "idle_closed",
+            "Data-plane connections closed after carrying nothing for balancer.idle_timeout_ms",
+            self.idle_closed.clone(),
         );
         r.register(
             "rate_limited",

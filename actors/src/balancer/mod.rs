@@ -10,6 +10,7 @@ pub mod handle;
 pub mod hook;
 pub mod instance;
 pub mod limits;
+pub mod metered;
 pub mod metrics;
 pub mod model;
 pub mod module;
