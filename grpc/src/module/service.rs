@@ -13,6 +13,7 @@ use lodge_actors::balancer::{Flow, ModuleType, Protocol, Route, RoutingTable};
 use tokio::time::Instant;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::link::call_balancer;
@@ -20,6 +21,7 @@ use super::state::{lock, unix_ms, Sampler, Shared, Snapshot};
 use super::{ModuleHandle, DEFAULT_DRAIN_TIMEOUT};
 use crate::balancer::convert::{module_type_to_pb, route_from_pb, route_to_pb};
 use crate::pb::balancer as pb;
+use crate::pb::balancer::balancer_client::BalancerClient;
 use crate::pb::balancer::module_server::Module;
 use crate::registry_client::timed;
 
@@ -56,6 +58,18 @@ impl ModuleService {
              module of that type or the balancer)",
             self.shared.opts.module_type
         )))
+    }
+
+    /// Sends `req` to the balancer with `call` (its method), bounded by the call timeout and
+    /// failing over across the balancer's endpoints: the type-wide calls are the cluster's.
+    async fn forward<Req, T, F, Fut>(&self, req: Req, call: F) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: Fn(BalancerClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let t = self.shared.opts.call_timeout;
+        call_balancer(&self.shared, t, |c| call(c, timed(req.clone(), t))).await
     }
 
     fn routes(&self) -> Vec<Route> {
@@ -381,11 +395,9 @@ impl Module for ModuleService {
         let req = pb::SetScalingConfigRequest {
             config: Some(config),
         };
-        let t = self.shared.opts.call_timeout;
-        let config = call_balancer(&self.shared, t, move |mut c| async move {
-            c.set_scaling_config(timed(req, t)).await
-        })
-        .await?;
+        let config = self
+            .forward(req, |mut c, r| async move { c.set_scaling_config(r).await })
+            .await?;
         Ok(Response::new(pb::ScaleResponse {
             config: Some(config),
         }))
@@ -399,12 +411,9 @@ impl Module for ModuleService {
             module_type: self.own_type(),
             ..Default::default()
         };
-        let t = self.shared.opts.call_timeout;
-        let r = call_balancer(&self.shared, t, move |mut c| {
-            let req = req.clone();
-            async move { c.list_modules(timed(req, t)).await }
-        })
-        .await?;
+        let r = self
+            .forward(req, |mut c, r| async move { c.list_modules(r).await })
+            .await?;
         Ok(Response::new(r))
     }
 
@@ -414,12 +423,9 @@ impl Module for ModuleService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let mut req = r.into_inner();
         req.module_type = self.type_field(req.module_type, "module_type")?;
-        let t = self.shared.opts.call_timeout;
-        let r = call_balancer(&self.shared, t, move |mut c| {
-            let req = req.clone();
-            async move { c.set_traffic_weight(timed(req, t)).await }
-        })
-        .await?;
+        let r = self
+            .forward(req, |mut c, r| async move { c.set_traffic_weight(r).await })
+            .await?;
         Ok(Response::new(r))
     }
 
@@ -429,11 +435,9 @@ impl Module for ModuleService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let mut req = r.into_inner();
         req.module_type = self.type_field(req.module_type, "module_type")?;
-        let t = self.shared.opts.call_timeout;
-        let r = call_balancer(&self.shared, t, move |mut c| async move {
-            c.get_active_version(timed(req, t)).await
-        })
-        .await?;
+        let r = self
+            .forward(req, |mut c, r| async move { c.get_active_version(r).await })
+            .await?;
         Ok(Response::new(r))
     }
 
@@ -443,11 +447,9 @@ impl Module for ModuleService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let mut req = r.into_inner();
         req.module_type = self.type_field(req.module_type, "module_type")?;
-        let t = self.shared.opts.call_timeout;
-        let r = call_balancer(&self.shared, t, move |mut c| async move {
-            c.rollback(timed(req, t)).await
-        })
-        .await?;
+        let r = self
+            .forward(req, |mut c, r| async move { c.rollback(r).await })
+            .await?;
         Ok(Response::new(r))
     }
 
@@ -457,12 +459,9 @@ impl Module for ModuleService {
     ) -> Result<Response<pb::TrafficState>, Status> {
         let mut req = r.into_inner();
         req.module_type = self.type_field(req.module_type, "module_type")?;
-        let t = self.shared.opts.call_timeout;
-        let r = call_balancer(&self.shared, t, move |mut c| {
-            let req = req.clone();
-            async move { c.promote_version(timed(req, t)).await }
-        })
-        .await?;
+        let r = self
+            .forward(req, |mut c, r| async move { c.promote_version(r).await })
+            .await?;
         Ok(Response::new(r))
     }
 
