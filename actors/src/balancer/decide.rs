@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::flow::{Flow, ModuleType};
 use super::instance::{Capability, Instance};
 use super::model::LimitTarget;
-use super::probe::{ModuleProbe, Target};
+use super::probe::ModuleProbe;
 use super::route::{protocol_matches, CompiledRoute};
 use super::traffic::Split;
 use super::view::View;
@@ -83,14 +83,6 @@ fn refusal(i: &Instance, flow: &Flow, now_ms: i64, exclude: &[String]) -> Option
     None
 }
 
-fn target(i: &Instance) -> Target {
-    Target {
-        instance_id: i.record.instance_id.clone(),
-        control: i.record.control_address.clone(),
-        data: i.record.data_address.clone(),
-    }
-}
-
 /// The CanHandle answers of `instances` for `route`: cached ones, and the rest asked now.
 pub async fn capabilities(
     view: &View,
@@ -117,7 +109,7 @@ pub async fn capabilities(
     let mut asking = tokio::task::JoinSet::new();
     for (n, i) in instances.iter().enumerate() {
         if answers[n].is_none() {
-            let ask = probe.can_handle(&target(i), &route.route, timeout);
+            let ask = probe.can_handle(&i.target(), &route.route, timeout);
             asking.spawn(async move { (n, ask.await) });
         }
     }

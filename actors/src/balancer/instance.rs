@@ -13,6 +13,7 @@ use crate::envelope::ActorRef;
 
 use super::model::{LoadReport, ModuleRecord, ReportedHealth};
 use super::module::ModuleActor;
+use super::probe::Target;
 use super::score::{is_full, load_score, LoadSample};
 
 /// Health as the balancer judges it.
@@ -280,6 +281,15 @@ impl Instance {
             cpu_percent: stats.cpu_percent,
             latency_ms: stats.latency_ms,
             queue_depth: stats.queue_depth,
+        }
+    }
+
+    /// Where the probe reaches it.
+    pub fn target(&self) -> Target {
+        Target {
+            instance_id: self.record.instance_id.clone(),
+            control: self.record.control_address.clone(),
+            data: self.record.data_address.clone(),
         }
     }
 

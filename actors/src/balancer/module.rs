@@ -16,7 +16,7 @@ use slog::{info, Logger};
 
 use super::decide::{capabilities, Ask, CAN_HANDLE_TIMEOUT};
 use super::metrics::BalancerMetrics;
-use super::probe::{ModuleProbe, Target};
+use super::probe::ModuleProbe;
 use super::route::protocol_matches;
 use super::view::Published;
 use super::{BalancerError, Flow};
@@ -166,7 +166,7 @@ impl ModuleActor {
         };
         self.checks += 1;
         let probe = self.deps.probe.health_check(
-            &target_of(&inst),
+            &inst.target(),
             spec.kind,
             spec.deep,
             Duration::from_millis(spec.timeout_ms.into()),
@@ -184,14 +184,6 @@ impl ModuleActor {
             }
             act.schedule_check(ctx, false);
         }));
-    }
-}
-
-fn target_of(i: &super::instance::Instance) -> Target {
-    Target {
-        instance_id: i.record.instance_id.clone(),
-        control: i.record.control_address.clone(),
-        data: i.record.data_address.clone(),
     }
 }
 
@@ -270,7 +262,7 @@ impl Handler<Drain> for ModuleActor {
             .report
             .as_ref()
             .map_or(0, |r| r.stats.active_connections);
-        let target = target_of(&inst);
+        let target = inst.target();
         Box::pin(async move {
             let began = Instant::now();
             // The instance's own count covers every member's connections to it; an instance

@@ -10,7 +10,6 @@ use super::handle::BalancerHandle;
 use super::instance::{Health, Instance};
 use super::metrics::OUTCOMES;
 use super::model::CheckKind;
-use super::probe::Target;
 use super::route::Route;
 use super::{now_ms, BalancerError};
 
@@ -175,11 +174,7 @@ impl BalancerHandle {
                 continue;
             }
             let probe = self.probe().clone();
-            let target = Target {
-                instance_id,
-                control: i.record.control_address.clone(),
-                data: i.record.data_address.clone(),
-            };
+            let target = i.target();
             let timeout = timeout.min(DEEP_CHECK_TIMEOUT);
             asks.spawn(async move {
                 let r = probe
