@@ -105,6 +105,9 @@ pub struct ServerSection {
     pub per_ip_connection_rate: u32,
     pub per_ip_window_ms: u64,
     pub per_ip_max_connections: u32,
+    pub per_ip_exempt: Vec<String>,
+    pub proxy_protocol_from: Vec<String>,
+    pub handshake_timeout_ms: u64,
     pub tls: TlsSection,
 }
 
@@ -232,8 +235,23 @@ impl NodeConfig {
         let set = |b: config::ConfigBuilder<config::builder::DefaultState>, k: &str, v: Value| {
             b.set_override(k, v).map_err(|e| err(k, e.to_string()))
         };
+        let defaults = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()
+            .expect("the embedded defaults parse");
         for (k, v) in env_overrides(env) {
-            b = set(b, &k, v.into())?;
+            // A list key takes a comma-separated value (empty: an empty list).
+            let value: Value = if defaults.get_array(&k).is_ok() {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                    .map(|e| Value::from(e.to_string()))
+                    .collect::<Vec<_>>()
+                    .into()
+            } else {
+                v.into()
+            };
+            b = set(b, &k, value)?;
         }
         if let Some(v) = o.node_id {
             b = set(b, "node.id", v.into())?;
@@ -268,10 +286,6 @@ impl NodeConfig {
                 e.to_string(),
             )
         })?;
-        let defaults = Config::builder()
-            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
-            .build()
-            .expect("the embedded defaults parse");
         check_known_keys(&defaults.cache, &merged.cache, "")?;
         let cfg: NodeConfig = merged.try_deserialize().map_err(|e| match e {
             config::ConfigError::Type {
@@ -348,6 +362,7 @@ impl NodeConfig {
                 self.supervision.shutdown_timeout_ms,
             ),
             ("server.per_ip_window_ms", s.per_ip_window_ms),
+            ("server.handshake_timeout_ms", s.handshake_timeout_ms),
             (
                 "registry.heartbeat_interval_ms",
                 self.registry.heartbeat_interval_ms,
@@ -395,6 +410,8 @@ impl NodeConfig {
                 return Err(err(key, "must be greater than 0"));
             }
         }
+        self.per_ip_exempt()?;
+        self.trusted_proxies()?;
         self.balancer_listeners()?;
         let b = &self.balancer;
         if !(1..=16).contains(&b.connect_attempts) {
@@ -608,6 +625,19 @@ impl NodeConfig {
         Ok(Some(material))
     }
 
+    /// `server.per_ip_exempt`, parsed.
+    pub fn per_ip_exempt(&self) -> Result<lodge_grpc::listener::Networks, ConfigError> {
+        networks("server.per_ip_exempt", &self.server.per_ip_exempt)
+    }
+
+    /// `server.proxy_protocol_from`, parsed.
+    pub fn trusted_proxies(&self) -> Result<lodge_grpc::listener::Networks, ConfigError> {
+        networks(
+            "server.proxy_protocol_from",
+            &self.server.proxy_protocol_from,
+        )
+    }
+
     /// The data plane's listeners: each `balancer.listen` entry's address and protocol.
     pub fn balancer_listeners(
         &self,
@@ -757,6 +787,12 @@ fn check_known_keys(known: &Value, given: &Value, prefix: &str) -> Result<(), Co
         }
     }
     Ok(())
+}
+
+/// A list of addresses and CIDR blocks under `key`; the error names the entry (`key[i]`).
+fn networks(key: &str, entries: &[String]) -> Result<lodge_grpc::listener::Networks, ConfigError> {
+    lodge_grpc::listener::Networks::parse(entries)
+        .map_err(|(i, why)| err(&format!("{key}[{i}]"), why))
 }
 
 #[cfg(test)]

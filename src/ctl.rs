@@ -210,7 +210,7 @@ pub async fn run(conn: Connection, cmd: Ctl) -> i32 {
 }
 
 fn rpc_error(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    lodge_grpc::client::status_line(&s)
 }
 
 async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {

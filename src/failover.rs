@@ -72,7 +72,7 @@ where
                         break;
                     }
                 }
-                Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+                Err(s) => return Err(client::status_line(&s)),
             }
         }
         if let Some(leader) = hint {

@@ -80,19 +80,24 @@ fn server_settings(
     let s = &c.server;
     ServerSettings {
         tls,
-        max_connections: s.max_connections,
+        admission: lodge_grpc::listener::Admission {
+            max_connections: s.max_connections,
+            per_ip: lodge_grpc::listener::PerIpLimits {
+                rate: s.per_ip_connection_rate,
+                window: NodeConfig::duration(s.per_ip_window_ms),
+                max_open: s.per_ip_max_connections,
+                metrics: registry_metrics,
+            },
+            exempt: c.per_ip_exempt().expect("validated at load"),
+            proxies: c.trusted_proxies().expect("validated at load"),
+            handshake_timeout: NodeConfig::duration(s.handshake_timeout_ms),
+        },
         max_concurrent_streams: s.max_concurrent_streams,
         max_message_bytes: s.max_message_bytes,
         request_timeout: NodeConfig::duration(s.request_timeout_ms),
         keepalive_interval: NodeConfig::duration(s.keepalive_interval_ms),
         keepalive_timeout: NodeConfig::duration(s.keepalive_timeout_ms),
         drain_timeout: NodeConfig::duration(s.drain_timeout_ms),
-        per_ip: server::PerIpLimits {
-            rate: s.per_ip_connection_rate,
-            window: NodeConfig::duration(s.per_ip_window_ms),
-            max_open: s.per_ip_max_connections,
-            metrics: registry_metrics,
-        },
         stream_window: c.router.stream_window_bytes,
         connection_window: c.router.connection_window_bytes,
     }

@@ -78,7 +78,7 @@ pub async fn run(conn: Connection, a: TranslateArgs) -> i32 {
 
 async fn work(client: &RegistryClient, a: &TranslateArgs, as_json: bool) -> Result<(), String> {
     client.wait_registered(Duration::from_secs(30)).await?;
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let status = |s: tonic::Status| lodge_grpc::client::status_line(&s);
     if let (Some(title), true) = (&a.title, a.check) {
         let r = client
             .check_title(pb::TitleCheckRequest {
@@ -147,7 +147,7 @@ async fn stream(
     doc: &str,
     as_json: bool,
 ) -> Result<(), String> {
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let status = |s: tonic::Status| lodge_grpc::client::status_line(&s);
     let parts = pieces(doc, 2000);
     let last = parts.len().saturating_sub(1);
     let (from, to) = (a.from.clone(), a.to.clone());

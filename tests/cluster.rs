@@ -499,3 +499,106 @@ fn a_lease_kept_alive_outlives_its_ttl() {
     assert_eq!(ttl["granted_ttl"], 2);
     assert_eq!(ttl["keys"][0], "k");
 }
+
+/// A `lodge kv watch` on one member, printing changes under `prefix`; killed when dropped.
+struct Watcher {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watcher {
+    fn start(endpoint: &str, prefix: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(LODGE)
+            .args(["kv", "--endpoint", endpoint, "watch", prefix, "--prefix"])
+            .env_remove("LODGE_ENDPOINT")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Self { child, lines }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn members_with_watches_and_a_module_stop_without_waiting_out_the_drain() {
+    let trio = Trio::new("", &[]);
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| trio.start(i, tempfile::tempdir().unwrap()))
+        .collect();
+    let all = (0..3).map(|i| trio.addr(i)).collect::<Vec<_>>().join(",");
+    // A watch open on every member, seen to deliver, so each holds a stream on its member.
+    let watchers: Vec<Watcher> = (0..3)
+        .map(|i| Watcher::start(&trio.addr(i), "w/"))
+        .collect();
+    let mut n = 0;
+    for w in &watchers {
+        eventually("the watch delivers", || {
+            n += 1;
+            assert!(kv(&all, &["put", &format!("w/{n}"), "v"]).status.success());
+            w.lines.recv_timeout(Duration::from_millis(500)).ok()
+        });
+    }
+    // A module heartbeating to the cluster.
+    let _module = Lodge::start(
+        &[
+            "module",
+            "--type",
+            "alb",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:9",
+            "--endpoint",
+            &all,
+            "--instance-id",
+            "m1",
+        ],
+        "module ",
+    );
+    eventually("the module is registered", || {
+        let out = kv(&all, &["get", "/lodge/balancer/", "--prefix", "--json"]);
+        let doc: Value = serde_json::from_str(&stdout(&out)).ok()?;
+        (doc["count"].as_u64()? > 0).then_some(())
+    });
+    // Each member in turn: SIGTERM, then a restart on the same ports at once (so the next stop
+    // happens in a whole cluster again). The drain (10 s by default) must not be waited out.
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let started = Instant::now();
+        let status = node
+            .terminate(Duration::from_secs(30))
+            .expect("the member exits");
+        let took = started.elapsed();
+        let err = node.stderr();
+        assert_eq!(status.code(), Some(0), "{err}");
+        assert!(err.contains("in-flight calls drained"), "{err}");
+        assert!(
+            took < Duration::from_secs(5),
+            "member {} took {took:?} to stop: the drain was waited out",
+            i + 1
+        );
+        eprintln!("member {} stopped in {took:?}", i + 1);
+        let dir = std::mem::replace(&mut node.dir, tempfile::tempdir().unwrap());
+        *node = trio.start(i, dir);
+    }
+    eventually("the restarted cluster serves writes", || {
+        kv(&all, &["put", "after", "v"])
+            .status
+            .success()
+            .then_some(())
+    });
+}

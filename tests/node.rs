@@ -278,22 +278,44 @@ fn an_open_event_watch_does_not_hold_up_shutdown() {
 #[test]
 fn a_second_signal_cuts_the_drain_short() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config_file(dir.path(), "[server]\ndrain_timeout_ms = 120000\n");
+    let cfg = config_file(
+        dir.path(),
+        "[server]\ndrain_timeout_ms = 120000\n[router]\nrendezvous_timeout_ms = 120000\n\
+         [router.auth]\nenabled = false\n",
+    );
     let mut node = Node::start(&["--config", &cfg]);
-    // A health watch keeps a call in flight, so the first SIGTERM's drain would wait 120 s.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut watch = rt.block_on(serving_health_watch(&node.grpc));
+    // A user waiting for an agent is a call in flight, so the first SIGTERM's drain would wait
+    // for it (120 s).
+    let mut user = Reaper(
+        Command::new(LODGE)
+            .args([
+                "exec",
+                "--endpoint",
+                &node.grpc,
+                "--workflow-id",
+                "w",
+                "true",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::eventually("the user's session is waiting", || {
+        stdout(&node.ctl(&["actors", "--json"]))
+            .contains("/node/router/sessions/")
+            .then_some(())
+    });
     signal(node.pid(), "TERM");
-    rt.block_on(async {
-        let next = watch.message().await.unwrap().unwrap();
-        assert_eq!(next.status(), ServingStatus::NotServing);
+    common::eventually("the drain began", || {
+        node.stderr().contains("shutting down").then_some(())
     });
     let status = node
         .terminate(Duration::from_secs(60))
         .expect("the second signal ends it");
     assert_eq!(status.code(), Some(1), "{}", node.stderr());
     assert!(node.stderr().contains("second signal"), "{}", node.stderr());
-    drop(watch);
+    let _ = user.0.kill();
 }
 
 #[test]

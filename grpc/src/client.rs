@@ -65,11 +65,57 @@ pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String>
     }
     ep.connect().await.map_err(|e| {
         let mut msg = format!("cannot connect to {endpoint}: {e}");
+        let mut closed = false;
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
             msg = format!("{msg}: {s}");
+            closed |= closed_by_peer(s);
             src = s.source();
+        }
+        if closed {
+            msg.push_str(CLOSED_HINT);
         }
         msg
     })
+}
+
+/// Said of a connection the node closed before answering anything. A node answers the calls of a
+/// connection its limits refuse (RESOURCE_EXHAUSTED naming the limit) while it has room to; past
+/// that it closes them at accept, and this is all the client can tell.
+const CLOSED_HINT: &str = " (the node closed the connection without answering: it may have been \
+     refused by the node's connection limit, server.max_connections, \
+     server.per_ip_connection_rate or server.per_ip_max_connections)";
+
+/// A failed call as one line for people: `Code: message`, with a note when the connection closed
+/// without an answer (the status was made by the client's transport, not sent by the node).
+pub fn status_line(s: &tonic::Status) -> String {
+    let mut line = format!("{:?}: {}", s.code(), s.message());
+    let mut src = std::error::Error::source(s);
+    let from_transport = src.is_some();
+    let mut closed = false;
+    while let Some(e) = src {
+        closed |= closed_by_peer(e);
+        src = e.source();
+    }
+    // hyper cancels the calls of a connection that closed under them.
+    closed |= from_transport && s.code() == tonic::Code::Cancelled;
+    if closed {
+        line.push_str(CLOSED_HINT);
+    }
+    line
+}
+
+/// Whether `e` says the other end closed or reset the connection (rather than, say, nobody
+/// listening).
+fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        return matches!(
+            io.kind(),
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        );
+    }
+    // hyper reports an HTTP/2 handshake cut short by a close in its own words.
+    let text = e.to_string();
+    text.contains("connection closed") || text.contains("connection reset")
 }

@@ -1,26 +1,22 @@
-//! Assembling and running the gRPC server: TLS, connection limit, HTTP/2 settings, health,
-//! reflection, metrics and graceful drain.
+//! Assembling and running the gRPC server: TLS, HTTP/2 settings, health, reflection, metrics and
+//! the drain. Connections reach it through [`crate::listener`], which applies the limits.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use lodge_actors::admin::AdminActor;
 use lodge_actors::ActorRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
+use crate::drain::{DrainLayer, InFlight};
 use crate::metrics::{MetricsLayer, ServerMetrics};
 use crate::pb;
 
@@ -39,30 +35,17 @@ pub struct TlsMaterial {
 #[derive(Clone)]
 pub struct ServerSettings {
     pub tls: Option<TlsMaterial>,
-    pub max_connections: usize,
+    /// Which connections are taken: limits, exempt clients, trusted proxies.
+    pub admission: crate::listener::Admission,
     pub max_concurrent_streams: u32,
     pub max_message_bytes: usize,
     pub request_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub drain_timeout: Duration,
-    /// Per-source-IP connection limits.
-    pub per_ip: PerIpLimits,
     /// HTTP/2 receive window of one stream and of a connection.
     pub stream_window: u32,
     pub connection_window: u32,
-}
-
-/// Limits on the connections of one source IP address (0 turns a limit off).
-#[derive(Clone)]
-pub struct PerIpLimits {
-    /// New connections allowed within `window`.
-    pub rate: u32,
-    pub window: Duration,
-    /// Connections open at once.
-    pub max_open: u32,
-    /// Where refusals are counted.
-    pub metrics: lodge_actors::registry::RegistryMetrics,
 }
 
 /// Builds the rustls configuration; an error here is a fatal configuration error, never a reason
@@ -290,8 +273,9 @@ pub async fn set_not_serving(health: &HealthReporter) {
     }
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then drains in-flight calls for at most
-/// `drain_timeout`. Returns whether the drain finished in time.
+/// Serves `routes` on `listener` until `shutdown` resolves, then drains: waits at most
+/// `drain_timeout` for the calls someone is waiting on (see [`crate::drain`]). Returns whether
+/// the drain finished in time.
 pub async fn serve(
     settings: &ServerSettings,
     listener: TcpListener,
@@ -299,19 +283,26 @@ pub async fn serve(
     metrics: Arc<ServerMetrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<bool, tonic::transport::Error> {
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(|tls| tls_config(tls).expect("TLS material is validated at start-up"));
     let mut builder = Server::builder();
-    if let Some(tls) = &settings.tls {
-        builder =
-            builder.tls_config(tls_config(tls).expect("TLS material is validated at start-up"))?;
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.clone())?;
     }
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(accept_loop(
+    let (refused_tx, refused_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(crate::listener::accept_loop(
         listener,
-        settings.max_connections,
-        settings.per_ip.clone(),
+        settings.admission.clone(),
         metrics.clone(),
-        conn_tx,
+        crate::listener::Outlets {
+            admitted: conn_tx,
+            refused: refused_tx,
+        },
     ));
+    tokio::spawn(crate::listener::serve_refusals(tls, refused_rx));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = settings.drain_timeout;
@@ -319,6 +310,7 @@ pub async fn serve(
         shutdown.await;
         let _ = drain_tx.send(());
     };
+    let in_flight = Arc::new(InFlight::default());
     let server = builder
         .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(settings.keepalive_interval))
@@ -329,6 +321,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .max_frame_size(crate::client::MAX_FRAME)
         .layer(MetricsLayer::new(metrics, served_methods()))
+        .layer(DrainLayer(in_flight.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
@@ -336,260 +329,21 @@ pub async fn serve(
         r = &mut server => return r.map(|_| true),
         _ = drain_rx => {}
     }
-    // Shutdown began: new connections are refused and open ones got GOAWAY; wait for in-flight calls.
-    match tokio::time::timeout(drain_timeout, server).await {
+    // Shutdown began: the listener is closed and open connections got GOAWAY. The server's own
+    // wait would also wait for the long-lived streams; wait for the counted calls only.
+    let drained = async {
+        tokio::select! {
+            r = &mut server => r,
+            _ = in_flight.idle() => Ok(()),
+        }
+    };
+    match tokio::time::timeout(drain_timeout, drained).await {
         Ok(r) => r.map(|_| true),
         Err(_) => Ok(false),
-    }
-}
-
-/// How long to wait after a failed accept (out of file descriptors, say) before trying again,
-/// rather than spinning on the error.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Accepts connections up to `max` (and within the per-IP limits); extra ones are closed at once
-/// and counted. Ends (closing the listener) when the server stops taking connections.
-async fn accept_loop(
-    listener: TcpListener,
-    max: usize,
-    per_ip: PerIpLimits,
-    metrics: Arc<ServerMetrics>,
-    tx: tokio::sync::mpsc::Sender<io::Result<LimitedConn>>,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    let ips = Arc::new(std::sync::Mutex::new(IpTable::default()));
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, peer)) => (stream, peer.ip()),
-                Err(_) => {
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-            _ = tx.closed() => return,
-        };
-        if active.load(Ordering::Relaxed) >= max {
-            metrics.connections_rejected.inc();
-            drop(stream);
-            continue;
-        }
-        if let Err(limit) = ips
-            .lock()
-            .unwrap()
-            .admit(peer, &per_ip, std::time::Instant::now())
-        {
-            per_ip.metrics.rejected(limit);
-            drop(stream);
-            continue;
-        }
-        // tonic's own listener sets this; ours must too, or small answers wait for the peer's
-        // delayed ACK (Nagle's algorithm), some 40 ms each.
-        let _ = stream.set_nodelay(true);
-        active.fetch_add(1, Ordering::Relaxed);
-        metrics.connections_accepted.inc();
-        metrics.connections_active.inc();
-        let conn = LimitedConn {
-            inner: stream,
-            slot: Slot {
-                active: active.clone(),
-                metrics: metrics.clone(),
-                ip: peer,
-                ips: ips.clone(),
-            },
-        };
-        if tx.send(Ok(conn)).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Connections per source IP: how many are open, and when recent ones arrived.
-#[derive(Default)]
-struct IpTable {
-    by_ip: std::collections::HashMap<std::net::IpAddr, IpEntry>,
-    admitted: u64,
-}
-
-#[derive(Default)]
-struct IpEntry {
-    open: u32,
-    /// Arrival times within the window, oldest first.
-    recent: std::collections::VecDeque<std::time::Instant>,
-}
-
-impl IpTable {
-    /// Takes a connection from `ip`, or names the limit that refuses it.
-    fn admit(
-        &mut self,
-        ip: std::net::IpAddr,
-        limits: &PerIpLimits,
-        now: std::time::Instant,
-    ) -> Result<(), &'static str> {
-        self.admitted += 1;
-        if self.admitted.is_multiple_of(1024) {
-            // Addresses that came once and left would otherwise stay forever.
-            self.by_ip.retain(|_, e| {
-                e.open > 0
-                    || e.recent
-                        .back()
-                        .is_some_and(|t| now.duration_since(*t) < limits.window)
-            });
-        }
-        let e = self.by_ip.entry(ip).or_default();
-        while e
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= limits.window)
-        {
-            e.recent.pop_front();
-        }
-        if limits.max_open > 0 && e.open >= limits.max_open {
-            return Err("ip_concurrency");
-        }
-        if limits.rate > 0 && e.recent.len() >= limits.rate as usize {
-            return Err("ip_rate");
-        }
-        e.open += 1;
-        if limits.rate > 0 {
-            e.recent.push_back(now);
-        }
-        Ok(())
-    }
-
-    fn release(&mut self, ip: std::net::IpAddr) {
-        if let Some(e) = self.by_ip.get_mut(&ip) {
-            e.open = e.open.saturating_sub(1);
-            // Forgotten once idle, so the table holds only addresses with open connections (or
-            // recent arrivals, which the next connection from them prunes).
-            if e.open == 0 && e.recent.is_empty() {
-                self.by_ip.remove(&ip);
-            }
-        }
-    }
-}
-
-struct Slot {
-    active: Arc<AtomicUsize>,
-    metrics: Arc<ServerMetrics>,
-    ip: std::net::IpAddr,
-    ips: Arc<std::sync::Mutex<IpTable>>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.connections_active.dec();
-        self.ips.lock().unwrap().release(self.ip);
-    }
-}
-
-/// A counted client connection.
-pub struct LimitedConn {
-    inner: TcpStream,
-    #[allow(dead_code)] // held for its Drop
-    slot: Slot,
-}
-
-impl Connected for LimitedConn {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl AsyncRead for LimitedConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
 /// Binds the listener (before any actor work, so a taken port fails fast).
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    fn limits(rate: u32, max_open: u32) -> PerIpLimits {
-        PerIpLimits {
-            rate,
-            window: Duration::from_secs(10),
-            max_open,
-            metrics: Default::default(),
-        }
-    }
-
-    #[test]
-    fn per_ip_rate_refuses_the_excess_until_the_window_passes() {
-        let mut t = IpTable::default();
-        let l = limits(3, 0);
-        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
-        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            t.admit(a, &l, t0).unwrap();
-        }
-        assert_eq!(t.admit(a, &l, t0), Err("ip_rate"));
-        // Another address has its own budget.
-        assert!(t.admit(b, &l, t0).is_ok());
-        assert!(t.admit(a, &l, t0 + Duration::from_secs(10)).is_ok());
-    }
-
-    #[test]
-    fn per_ip_concurrency_frees_a_slot_when_a_connection_closes() {
-        let mut t = IpTable::default();
-        let l = limits(0, 2);
-        let a: std::net::IpAddr = "::1".parse().unwrap();
-        let now = Instant::now();
-        t.admit(a, &l, now).unwrap();
-        t.admit(a, &l, now).unwrap();
-        assert_eq!(t.admit(a, &l, now), Err("ip_concurrency"));
-        t.release(a);
-        assert!(t.admit(a, &l, now).is_ok());
-        t.release(a);
-        t.release(a);
-        assert!(
-            t.by_ip.is_empty(),
-            "an address with nothing open is forgotten"
-        );
-    }
 }

@@ -243,12 +243,22 @@ impl AddrPattern {
     pub fn matches(&self, value: &str) -> bool {
         match self {
             Self::Any => true,
-            Self::Ip(ip) => parse_ip(value).is_some_and(|v| canonical(v) == *ip),
-            Self::Cidr { net, prefix } => parse_ip(value).is_some_and(|v| {
-                let v = canonical(v);
-                v.is_ipv4() == net.is_ipv4() && mask(v, *prefix) == *net
-            }),
+            Self::Ip(_) | Self::Cidr { .. } => parse_ip(value).is_some_and(|v| self.contains(v)),
             Self::Domain(glob) => parse_ip(value).is_none() && glob.matches(value),
+        }
+    }
+
+    /// Whether the IP address `ip` matches: `Any` matches every address, domain globs none; an
+    /// IPv4-mapped IPv6 address counts as the IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match self {
+            Self::Any => true,
+            Self::Ip(own) => ip == *own,
+            Self::Cidr { net, prefix } => {
+                ip.is_ipv4() == net.is_ipv4() && mask(ip, *prefix) == *net
+            }
+            Self::Domain(_) => false,
         }
     }
 }
