@@ -848,6 +848,40 @@ mod tests {
     }
 
     #[test]
+    fn list_keys_from_the_environment_are_comma_separated() {
+        let c = load(
+            Overrides::default(),
+            &[("LODGE_SERVER__PER_IP_EXEMPT", "10.0.0.0/8, ::1")],
+        )
+        .unwrap();
+        assert_eq!(c.server.per_ip_exempt, ["10.0.0.0/8", "::1"]);
+        assert!(c
+            .per_ip_exempt()
+            .unwrap()
+            .contains("10.9.8.7".parse().unwrap()));
+        let c = load(Overrides::default(), &[("LODGE_SERVER__PER_IP_EXEMPT", "")]).unwrap();
+        assert!(c.server.per_ip_exempt.is_empty(), "empty: no exemptions");
+        let defaults = load(Overrides::default(), &[]).unwrap();
+        assert!(defaults
+            .per_ip_exempt()
+            .unwrap()
+            .contains("127.0.0.1".parse().unwrap()));
+        assert!(defaults
+            .per_ip_exempt()
+            .unwrap()
+            .contains("::1".parse().unwrap()));
+        let e = load(
+            Overrides::default(),
+            &[(
+                "LODGE_SERVER__PROXY_PROTOCOL_FROM",
+                "10.0.0.1,proxy.example",
+            )],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "server.proxy_protocol_from[1]", "{e:?}");
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let e = load(
             Overrides {
