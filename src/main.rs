@@ -105,8 +105,7 @@ enum Command {
         #[command(flatten)]
         args: tunnel::rsync::RsyncArgs,
     },
-    /// rsync's remote shell, as `lodge rsync` gives it to rsync (`-e`).
-    #[command(hide = true)]
+    /// rsync's remote shell: `lodge rsync` passes it to rsync as `-e`; not run by hand.
     RsyncShell {
         #[command(flatten)]
         conn: tunnel::TunnelConn,

@@ -9,7 +9,7 @@ use lodge_actors::{
 };
 use tokio::sync::oneshot;
 
-use super::median;
+use super::{median, Outcome};
 
 const CAPACITY: usize = 1024;
 const CALLERS: u64 = 64;
@@ -227,7 +227,7 @@ where
     t.elapsed()
 }
 
-pub fn run(rounds: usize, messages: u64, requests: u64, actors: usize) {
+pub fn run(rounds: usize, messages: u64, requests: u64, actors: usize) -> Outcome {
     println!(
         "lodge bench actors: {rounds} rounds, medians; machine: {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -250,7 +250,7 @@ pub fn run(rounds: usize, messages: u64, requests: u64, actors: usize) {
         "| request/response, 64 tokio tasks → 1 actor | {:.2} M req/s | actix Addr::send {:.2} M/s | {:.2} | ≥ 1 M/s |",
         m(rr_lodge), m(rr_raw), rr_lodge / rr_raw
     );
-    let (lodge_mem, raw_mem, list) = super::memory::measure(actors);
+    let (lodge_mem, raw_mem, list) = super::memory::measure(actors)?;
     println!(
         "| memory per idle actor ({actors} actors, introspection included) | {lodge_mem:.0} B | plain actix actor {raw_mem:.0} B | {:.2} | < 2048 B |",
         lodge_mem / raw_mem
@@ -258,4 +258,5 @@ pub fn run(rounds: usize, messages: u64, requests: u64, actors: usize) {
     for (what, ms) in list {
         println!("| ListActors over {actors} actors, {what} | {ms:.1} ms | — | — | < 100 ms |");
     }
+    Ok(())
 }

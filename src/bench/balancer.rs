@@ -30,11 +30,11 @@ use serde_json::json;
 use tonic::transport::Channel;
 
 use super::kv::{start_lodge_args, Proc};
-use super::median;
 use super::net::{
     cpu_of, exchange, mb, quantile, raise_nofile, start, start_servers, start_socat, sys_of,
     transfer, Helper,
 };
+use super::{median, Failures, Outcome};
 
 /// The source's write size. The first write is a whole one too (the request head, then body),
 /// so the data plane's sniffer sees a complete head at once and never waits for its timeout.
@@ -73,23 +73,22 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn start(rt: &tokio::runtime::Runtime, backend: u16, buffer_bytes: Option<usize>) -> Self {
-        let scratch = tempfile::tempdir().unwrap();
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        backend: u16,
+        buffer_bytes: Option<usize>,
+    ) -> Outcome<Self> {
+        let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
         let config = scratch.path().join("node.toml");
         let mut toml = "[balancer]\nlisten = [\"127.0.0.1:0\"]\n".to_string();
         if let Some(b) = buffer_bytes {
             toml.push_str(&format!("buffer_bytes = {b}\n"));
         }
-        std::fs::write(&config, toml).unwrap();
-        let node = start_lodge_args(
-            1,
-            &[("LODGE_LOG__LEVEL", "warning")],
-            &["--config".into(), config.display().to_string()],
-        )
-        .pop()
-        .unwrap();
+        std::fs::write(&config, toml).map_err(|e| e.to_string())?;
+        let node =
+            start_lodge_args(1, &[], &["--config".into(), config.display().to_string()])?.remove(0);
         let data = rt.block_on(async {
-            let mut c = balancer_client(&node.client).await;
+            let mut c = balancer_client(&node.client).await?;
             // The listener is there once the balancer has loaded its state.
             let data = retry("the data-plane listener", || {
                 let mut c = c.clone();
@@ -102,7 +101,7 @@ impl Balancer {
                         .ok_or_else(|| "none yet".into())
                 }
             })
-            .await;
+            .await?;
             c.update_routing(pb::UpdateRoutingRequest {
                 routes: vec![pb::Route {
                     route_id: "bench".into(),
@@ -115,10 +114,10 @@ impl Balancer {
                 ..Default::default()
             })
             .await
-            .expect("setting the route");
-            data
-        });
-        let exe = std::env::current_exe().expect("own path");
+            .map_err(|e| format!("setting the route: {:?}: {}", e.code(), e.message()))?;
+            Ok::<_, String>(data)
+        })?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut module = Command::new(&exe);
         module.args([
             "module",
@@ -140,10 +139,10 @@ impl Balancer {
             "lodge module",
             "module ",
             &scratch.path().join("module.log"),
-        );
+        )?;
         // Routable: registered, healthy, and its CanHandle answer in.
         rt.block_on(async {
-            let c = balancer_client(&node.client).await;
+            let c = balancer_client(&node.client).await?;
             retry("a decision for the module", || {
                 let mut c = c.clone();
                 async move {
@@ -157,13 +156,15 @@ impl Balancer {
                 }
             })
             .await
-        });
-        Self {
+        })?;
+        Ok(Self {
             node,
             module,
-            data: data.parse().expect("the data-plane address"),
+            data: data
+                .parse()
+                .map_err(|e| format!("the data-plane address {data:?}: {e}"))?,
             _scratch: scratch,
-        }
+        })
     }
 
     /// (name, pid) of the two lodge processes.
@@ -175,18 +176,18 @@ impl Balancer {
     }
 }
 
-async fn balancer_client(endpoint: &str) -> BalancerClient<Channel> {
-    BalancerClient::new(channel(endpoint).await)
+async fn balancer_client(endpoint: &str) -> Outcome<BalancerClient<Channel>> {
+    Ok(BalancerClient::new(channel(endpoint).await?))
 }
 
-async fn channel(endpoint: &str) -> Channel {
+async fn channel(endpoint: &str) -> Outcome<Channel> {
     client::connect(endpoint, &ClientTls::default())
         .await
-        .unwrap_or_else(|e| panic!("connecting to {endpoint}: {e}"))
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))
 }
 
 /// Calls `f` until it answers Ok (30 s at most).
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> Outcome<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -194,8 +195,8 @@ where
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match f().await {
-            Ok(v) => return v,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(format!("{what}: {e}")),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -239,8 +240,7 @@ enum Rpc {
 /// One run of `total` calls with `concurrency` in flight over `channels`.
 struct Calls {
     per_s: f64,
-    errors: u64,
-    first_error: Option<String>,
+    failures: Failures,
 }
 
 async fn calls(channels: &[Channel], rpc: Rpc, total: u64, concurrency: usize) -> Calls {
@@ -269,26 +269,37 @@ async fn calls(channels: &[Channel], rpc: Rpc, total: u64, concurrency: usize) -
             })
         })
         .collect();
+    let mut failures = Failures::default();
     for task in tasks {
-        task.await.expect("a calling task");
+        if let Err(e) = task.await {
+            failures.add(format!("a calling task: {e}"));
+        }
     }
     let took = t.elapsed();
-    let first_error = first_error.lock().unwrap().take();
+    failures.count += errors.load(Ordering::Relaxed);
+    if failures.first.is_none() {
+        failures.first = first_error.lock().unwrap().take();
+    }
     Calls {
         per_s: total as f64 / took.as_secs_f64(),
-        errors: errors.load(Ordering::Relaxed),
-        first_error,
+        failures,
     }
 }
 
-pub fn run(o: Options) {
-    let nofile = raise_nofile();
-    let servers = start_servers();
+pub fn run(o: &Options) -> Outcome {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .map_err(|e| e.to_string())?;
+    let result = measure(o, &rt);
+    rt.shutdown_background();
+    result
+}
+
+fn measure(o: &Options, rt: &tokio::runtime::Runtime) -> Outcome {
+    let nofile = raise_nofile();
+    let servers = start_servers();
     say!(
         o,
         "lodge bench balancer: {} decisions at {} in flight; {} MB per transfer in {} KiB writes; \
@@ -303,12 +314,11 @@ pub fn run(o: Options) {
         o.buffer_bytes
             .map_or_else(|| "default (65536)".to_string(), |b| b.to_string()),
     );
-    let lb = Balancer::start(&rt, servers.either, o.buffer_bytes);
-    let decisions = decisions(&o, &rt, &lb);
-    let throughput = throughput(&o, &lb, servers.either);
-    let connections = connections(&o, &lb, servers.either);
+    let lb = Balancer::start(rt, servers.either, o.buffer_bytes)?;
+    let (decisions, failures) = decisions(o, rt, &lb)?;
+    let throughput = throughput(o, &lb, servers.either)?;
+    let connections = connections(o, &lb, servers.either)?;
     drop(lb);
-    rt.shutdown_background();
     if o.json {
         let doc = json!({
             "options": {
@@ -326,23 +336,34 @@ pub fn run(o: Options) {
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap());
     }
+    failures.check("RouteRequest or GetNLBConfig calls")
 }
 
 /// 1. RouteRequest decisions per second beside GetNLBConfig calls per second.
-fn decisions(o: &Options, rt: &tokio::runtime::Runtime, lb: &Balancer) -> serde_json::Value {
+///
+/// Answers the figures and the calls that failed.
+fn decisions(
+    o: &Options,
+    rt: &tokio::runtime::Runtime,
+    lb: &Balancer,
+) -> Outcome<(serde_json::Value, Failures)> {
     let n_channels = o.concurrency.clamp(1, 4);
     let channels: Vec<Channel> = rt.block_on(async {
         let mut v = Vec::new();
         for _ in 0..n_channels {
-            v.push(channel(&lb.node.client).await);
+            v.push(channel(&lb.node.client).await?);
         }
-        v
-    });
+        Ok::<_, String>(v)
+    })?;
     let concurrency = o.concurrency.max(1);
     // Warm-up: connections, the CanHandle cache, allocator pools.
     let warm = (o.decisions / 10).max(100);
+    let mut failures = Failures::default();
     for rpc in [Rpc::Floor, Rpc::Decide] {
-        rt.block_on(calls(&channels, rpc, warm, concurrency));
+        failures.merge(
+            rt.block_on(calls(&channels, rpc, warm, concurrency))
+                .failures,
+        );
     }
     let node = lb.pids()[0].1.clone();
     say!(o);
@@ -364,7 +385,6 @@ fn decisions(o: &Options, rt: &tokio::runtime::Runtime, lb: &Balancer) -> serde_
     let mut node_us: [Vec<f64>; 2] = Default::default();
     let mut bench_us: [Vec<f64>; 2] = Default::default();
     let mut errors = [0u64; 2];
-    let mut first_error: Option<String> = None;
     let mut rounds = Vec::new();
     for round in 0..o.rounds {
         let order = if round % 2 == 0 {
@@ -380,10 +400,8 @@ fn decisions(o: &Options, rt: &tokio::runtime::Runtime, lb: &Balancer) -> serde_
             node_us[i].push(per_call(cpu_of(&node, false) - node0));
             bench_us[i].push(per_call(cpu_of("self", false) - me0));
             rates[i].push(r.per_s);
-            errors[i] += r.errors;
-            if first_error.is_none() {
-                first_error = r.first_error;
-            }
+            errors[i] += r.failures.count;
+            failures.merge(r.failures);
         }
         let (f, d) = (rates[0][round], rates[1][round]);
         say!(
@@ -422,11 +440,12 @@ fn decisions(o: &Options, rt: &tokio::runtime::Runtime, lb: &Balancer) -> serde_
          RouteRequest; errors: {} GetNLBConfig, {} RouteRequest{}",
         errors[0],
         errors[1],
-        first_error
+        failures
+            .first
             .as_deref()
             .map_or_else(String::new, |e| format!(" (first: {e})"))
     );
-    json!({
+    let doc = json!({
         "channels": n_channels,
         "concurrency": concurrency,
         "rounds": rounds,
@@ -441,21 +460,22 @@ fn decisions(o: &Options, rt: &tokio::runtime::Runtime, lb: &Balancer) -> serde_
             "bench_cpu_us_per_decision": bd,
         },
         "errors": { "get_nlb_config": errors[0], "route_request": errors[1] },
-        "first_error": first_error,
-    })
+        "first_error": failures.first,
+    });
+    Ok((doc, failures))
 }
 
 /// 2. One TCP stream: direct, socat, socat -b 128 KiB, lodge.
-fn throughput(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
+fn throughput(o: &Options, lb: &Balancer, backend: u16) -> Outcome<serde_json::Value> {
     let chunk: Vec<u8> = (0..WRITE).map(|i| (i % 251) as u8).collect();
     let direct = SocketAddr::from(([127, 0, 0, 1], backend));
-    let (socat, socat_addr) = start_socat(backend, None);
-    let (socat_big, socat_big_addr) = start_socat(backend, Some(WRITE));
+    let (socat, socat_addr) = start_socat(backend, None)?;
+    let (socat_big, socat_big_addr) = start_socat(backend, Some(WRITE))?;
     let paths = [direct, socat_addr, socat_big_addr, lb.data];
     const LODGE: usize = 3;
     let warm = o.bytes.min(64 << 20);
     for to in paths {
-        transfer(to, warm, &post_head(warm), &chunk);
+        transfer(to, warm, &post_head(warm), &chunk)?;
     }
     let head = post_head(o.bytes);
     let mut rates: [Vec<f64>; 4] = Default::default();
@@ -501,7 +521,7 @@ fn throughput(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
             let sys_before: f64 = pids.iter().map(|(_, pid)| sys_of(pid)).sum();
             let me = cpu_of("self", false);
             let socat_before = relays.map(|h| cpu_of(&h.pid(), true));
-            let rate = transfer(paths[p], o.bytes, &head, &chunk);
+            let rate = transfer(paths[p], o.bytes, &head, &chunk)?;
             match p {
                 LODGE => {
                     let mut all = 0.0;
@@ -572,7 +592,7 @@ fn throughput(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
         sys_share * 100.0
     );
     let names = ["direct", "socat", "socat_b128k", "lodge"];
-    json!({
+    Ok(json!({
         "rounds_mb_per_s": names.iter().enumerate()
             .map(|(p, n)| (n.to_string(), json!(rates[p])))
             .collect::<serde_json::Map<_, _>>(),
@@ -589,21 +609,21 @@ fn throughput(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
             "socat": sc, "socat_b128k": sb,
             "lodge_system_share": sys_share,
         },
-    })
+    }))
 }
 
 /// 3. Sequential new connections: direct, socat, lodge.
-fn connections(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
+fn connections(o: &Options, lb: &Balancer, backend: u16) -> Outcome<serde_json::Value> {
     let direct = SocketAddr::from(([127, 0, 0, 1], backend));
-    let (socat, socat_addr) = start_socat(backend, None);
+    let (socat, socat_addr) = start_socat(backend, None)?;
     let paths = [
         ("direct", direct),
         ("socat", socat_addr),
         ("lodge", lb.data),
     ];
     for (_, to) in paths {
-        for _ in 0..50 {
-            exchange(to, GET);
+        for _ in 0..o.connections.min(50) {
+            exchange(to, GET)?;
         }
     }
     let n = o.connections.max(1);
@@ -622,7 +642,7 @@ fn connections(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
             let socat_before = cpu_of(&socat.pid(), true);
             let t = Instant::now();
             for _ in 0..n {
-                samples[p].push(exchange(paths[p].1, GET));
+                samples[p].push(exchange(paths[p].1, GET)?);
             }
             rates[p].push(n as f64 / t.elapsed().as_secs_f64());
             let per_k = |s: f64| s * 1e3 / n as f64 * 1e3;
@@ -714,5 +734,5 @@ fn connections(o: &Options, lb: &Balancer, backend: u16) -> serde_json::Value {
         }),
     );
     out.insert("per_round".into(), json!(n));
-    serde_json::Value::Object(out)
+    Ok(serde_json::Value::Object(out))
 }

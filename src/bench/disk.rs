@@ -11,7 +11,7 @@ use std::time::Instant;
 use lodge_actors::cluster::disk::{Disk, WriteBatch};
 use raft::eraftpb::Entry;
 
-use super::median;
+use super::{median, Outcome};
 
 /// Appends done before timing, so that start-up costs (first block allocations) do not count.
 const WARM_UP: usize = 20;
@@ -32,8 +32,13 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
     (median(v), p99)
 }
 
-fn wal(dir: &std::path::Path, appends: usize, bytes: usize) -> Vec<f64> {
-    let (disk, _) = Disk::open(&dir.join("wal")).expect("open");
+/// `e` as a one-line message saying what failed.
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+fn wal(dir: &std::path::Path, appends: usize, bytes: usize) -> Outcome<Vec<f64>> {
+    let (disk, _) = Disk::open(&dir.join("wal")).map_err(|e| format!("opening the WAL: {e}"))?;
     let mut out = Vec::with_capacity(appends);
     for i in 1..=(WARM_UP + appends) as u64 {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -43,19 +48,31 @@ fn wal(dir: &std::path::Path, appends: usize, bytes: usize) -> Vec<f64> {
             entries: vec![entry(i, bytes)],
             ..Default::default()
         };
-        disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
-        rx.recv().unwrap().expect("write");
+        disk.write(
+            batch,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .map_err(|_| "the WAL's storage thread stopped".to_string())?
+            .map_err(|e| format!("a WAL write: {e}"))?;
         if i as usize > WARM_UP {
             out.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
     disk.close();
-    out
+    Ok(out)
 }
 
 /// `preallocate`: overwrite a file whose size was set (and made durable) beforehand, as a WAL
 /// segment is; otherwise append, growing the file on every write.
-fn plain(dir: &std::path::Path, appends: usize, bytes: usize, preallocate: bool) -> Vec<f64> {
+fn plain(
+    dir: &std::path::Path,
+    appends: usize,
+    bytes: usize,
+    preallocate: bool,
+) -> Outcome<Vec<f64>> {
     let path = dir.join(if preallocate {
         "prealloc.log"
     } else {
@@ -67,35 +84,37 @@ fn plain(dir: &std::path::Path, appends: usize, bytes: usize, preallocate: bool)
         .write(true)
         .truncate(true)
         .open(&path)
-        .expect("log file");
+        .map_err(io("creating the log file"))?;
     // The WAL's framing adds about this much to an entry.
     let record = vec![b'x'; bytes + 24];
     if preallocate {
         f.set_len(((WARM_UP + appends) * record.len()) as u64 + (1 << 20))
-            .expect("set_len");
-        f.sync_all().expect("fsync");
+            .map_err(io("preallocating"))?;
+        f.sync_all().map_err(io("fsync"))?;
     }
     let mut out = Vec::with_capacity(appends);
     for i in 0..WARM_UP + appends {
         let t = Instant::now();
         if preallocate {
-            f.write_all_at(&record, (i * record.len()) as u64).unwrap();
+            f.write_all_at(&record, (i * record.len()) as u64)
+                .map_err(io("writing"))?;
         } else {
-            f.write_all(&record).unwrap();
+            f.write_all(&record).map_err(io("appending"))?;
         }
-        f.sync_data().unwrap();
+        f.sync_data().map_err(io("fdatasync"))?;
         if i >= WARM_UP {
             out.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
-    out
+    Ok(out)
 }
 
-pub fn run(appends: usize, bytes: usize) {
-    let dir = tempfile::tempdir_in(".").expect("scratch directory next to the working directory");
-    let (w50, w99) = summary(wal(dir.path(), appends, bytes));
-    let (p50, p99) = summary(plain(dir.path(), appends, bytes, false));
-    let (f50, f99) = summary(plain(dir.path(), appends, bytes, true));
+pub fn run(appends: usize, bytes: usize) -> Outcome {
+    let dir =
+        tempfile::tempdir_in(".").map_err(io("a scratch directory in the working directory"))?;
+    let (w50, w99) = summary(wal(dir.path(), appends, bytes)?);
+    let (p50, p99) = summary(plain(dir.path(), appends, bytes, false)?);
+    let (f50, f99) = summary(plain(dir.path(), appends, bytes, true)?);
     println!(
         "lodge bench disk: {appends} single-entry durable appends of {bytes} bytes, one at a time"
     );
@@ -116,4 +135,5 @@ pub fn run(appends: usize, bytes: usize) {
         w50 / f50,
         w99 / f99
     );
+    Ok(())
 }

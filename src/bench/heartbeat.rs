@@ -17,15 +17,20 @@ use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
 use tonic::transport::Channel;
 
-use super::kv::{free_port, launch, start_lodge_with, Proc};
-use super::{median, rss_of};
+use super::kv::{free_port, launch, start_lodge_with, Proc, NO_IP_LIMITS};
+use super::{median, rss_of, Failures, Outcome};
 
-/// The per-IP limits protect a node from one noisy address; here all load comes from one.
-const NO_IP_LIMITS: [(&str, &str); 3] = [
-    ("LODGE_SERVER__PER_IP_CONNECTION_RATE", "0"),
-    ("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "0"),
-    ("LODGE_SERVER__MAX_CONNECTIONS", "100000"),
-];
+/// What `lodge bench heartbeat` measures, from the command line.
+pub struct Options {
+    /// Clients beating at once, each on its own connection.
+    pub clients: usize,
+    /// Measured time per run (after a warm-up).
+    pub run_for: Duration,
+    /// Runs of each server (the median is reported).
+    pub rounds: usize,
+    /// Registrations for the memory figure (0: skip it).
+    pub registrations: usize,
+}
 
 struct Echo {
     child: Child,
@@ -39,22 +44,25 @@ impl Drop for Echo {
     }
 }
 
-fn start_echo() -> Echo {
-    let exe = std::env::current_exe().expect("own path");
-    let mut child = Command::new(exe)
-        .args(["bench", "echo-server"])
+fn start_echo() -> Outcome<Echo> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = super::net::die_with_bench(Command::new(exe).args(["bench", "echo-server"]))
         .stdout(Stdio::piped())
         .spawn()
-        .expect("starting the echo server");
-    let out = child.stdout.take().unwrap();
+        .map_err(|e| format!("starting the echo server: {e}"))?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut echo = Echo {
+        child,
+        addr: String::new(),
+    };
     let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).unwrap();
-    let addr = line
+    let _ = BufReader::new(out).read_line(&mut line);
+    echo.addr = line
         .trim()
         .strip_prefix("echo ready ")
-        .expect("echo server ready line")
+        .ok_or_else(|| format!("the echo server did not start (it printed {line:?})"))?
         .to_string();
-    Echo { child, addr }
+    Ok(echo)
 }
 
 /// The bare server: Heartbeat answered at once; everything else UNIMPLEMENTED.
@@ -131,37 +139,37 @@ pub fn serve_echo() -> i32 {
     0
 }
 
-async fn connect(addr: &str) -> RegistryClient<Channel> {
-    RegistryClient::new(
-        client::connect(addr, &ClientTls::default())
-            .await
-            .expect("connect"),
-    )
+async fn connect(addr: &str) -> Outcome<RegistryClient<Channel>> {
+    let ch = client::connect(addr, &ClientTls::default())
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    Ok(RegistryClient::new(ch))
 }
 
-async fn register(c: &mut RegistryClient<Channel>, name: String) -> String {
-    c.register_client(pb::RegisterClientRequest {
-        client_name: name,
-        namespace: "bench".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("register")
-    .into_inner()
-    .client_id
+async fn register(c: &mut RegistryClient<Channel>, name: String) -> Outcome<String> {
+    let r = c
+        .register_client(pb::RegisterClientRequest {
+            client_name: name,
+            namespace: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("RegisterClient: {:?}: {}", e.code(), e.message()))?;
+    Ok(r.into_inner().client_id)
 }
 
 /// Heartbeats per second from `ids.len()` clients, each on its own connection, for `duration`
 /// after a warm-up.
-async fn beats(addr: &str, ids: &[String], duration: Duration) -> (f64, u64) {
+async fn beats(addr: &str, ids: &[String], duration: Duration) -> Outcome<(f64, Failures)> {
     let start_at = Instant::now() + Duration::from_millis(500);
     let end_at = start_at + duration;
     let mut tasks = Vec::new();
     for id in ids {
-        let mut c = connect(addr).await;
+        let mut c = connect(addr).await?;
         let id = id.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut ok = 0u64;
+            let mut failed = Failures::default();
             loop {
                 let now = Instant::now();
                 if now >= end_at {
@@ -176,68 +184,88 @@ async fn beats(addr: &str, ids: &[String], duration: Duration) -> (f64, u64) {
                 if now >= start_at {
                     match r {
                         Ok(a) if a.get_ref().success => ok += 1,
-                        _ => failed += 1,
+                        Ok(a) => failed.add(format!(
+                            "Heartbeat answered success = false: {}",
+                            a.get_ref().message
+                        )),
+                        Err(e) => failed.add(format!("Heartbeat: {:?}: {}", e.code(), e.message())),
                     }
                 }
             }
         }));
     }
-    let (mut ok, mut failed) = (0, 0);
+    let mut ok = 0;
+    let mut failed = Failures::default();
     for t in tasks {
-        let (o, f) = t.await.unwrap();
-        ok += o;
-        failed += f;
+        match t.await {
+            Ok((o, f)) => {
+                ok += o;
+                failed.merge(f);
+            }
+            Err(e) => failed.add(format!("a client task: {e}")),
+        }
     }
-    (ok as f64 / duration.as_secs_f64(), failed)
+    Ok((ok as f64 / duration.as_secs_f64(), failed))
 }
 
-fn node(env: &[(&str, &str)]) -> Proc {
-    let mut all: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
-    all.push(("LODGE_LOG__LEVEL", "warning"));
-    all.extend_from_slice(env);
-    start_lodge_with(1, &all).pop().unwrap()
+fn node(env: &[(&str, &str)]) -> Outcome<Proc> {
+    Ok(start_lodge_with(1, env)?.remove(0))
 }
 
-pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
+pub fn run(o: &Options) -> Outcome {
     let io = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    let duration = Duration::from_secs(seconds);
-    println!("lodge bench heartbeat: {clients} clients (one connection each), {seconds} s per run, {rounds} rounds, 2 CPUs shared by servers and load");
-    let echo = start_echo();
-    let usual = node(&[]);
+        .map_err(|e| e.to_string())?;
+    let result = measure(&io, o);
+    io.shutdown_background();
+    result
+}
+
+fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
+    let &Options {
+        clients,
+        run_for: duration,
+        rounds,
+        registrations,
+    } = o;
+    println!(
+        "lodge bench heartbeat: {clients} clients (one connection each), {:.1} s per run, {rounds} rounds, 2 CPUs shared by servers and load",
+        duration.as_secs_f64()
+    );
+    let echo = start_echo()?;
+    let usual = node(&[])?;
     let renewing = node(&[
         ("LODGE_REGISTRY__HEARTBEAT_INTERVAL_MS", "1"),
         ("LODGE_REGISTRY__MAX_MISSED_HEARTBEATS", "60000"),
-    ]);
-    let register_all = |addr: String| {
+    ])?;
+    let register_all = |addr: String| -> Outcome<Vec<String>> {
         io.block_on(async move {
-            let mut c = connect(&addr).await;
+            let mut c = connect(&addr).await?;
             let mut ids = Vec::new();
             for i in 0..clients {
-                ids.push(register(&mut c, format!("bench-{i}")).await);
+                ids.push(register(&mut c, format!("bench-{i}")).await?);
             }
-            ids
+            Ok(ids)
         })
     };
-    let usual_ids = register_all(usual.client.clone());
-    let renewing_ids = register_all(renewing.client.clone());
+    let usual_ids = register_all(usual.client.clone())?;
+    let renewing_ids = register_all(renewing.client.clone())?;
     let echo_ids = vec!["c-echo".to_string(); clients];
     let (mut e, mut u, mut r) = (Vec::new(), Vec::new(), Vec::new());
-    let mut failures = 0;
+    let mut failures = Failures::default();
     for round in 0..rounds {
         // Alternate the order, so that neither side always runs on a warmer machine.
         let mut order = [0, 1, 2];
         order.rotate_left(round % 3);
         for which in order {
             let (rate, failed) = match which {
-                0 => io.block_on(beats(&echo.addr, &echo_ids, duration)),
-                1 => io.block_on(beats(&usual.client, &usual_ids, duration)),
-                _ => io.block_on(beats(&renewing.client, &renewing_ids, duration)),
+                0 => io.block_on(beats(&echo.addr, &echo_ids, duration))?,
+                1 => io.block_on(beats(&usual.client, &usual_ids, duration))?,
+                _ => io.block_on(beats(&renewing.client, &renewing_ids, duration))?,
             };
-            failures += failed;
+            failures.merge(failed);
             [&mut e, &mut u, &mut r][which].push(rate);
         }
     }
@@ -251,25 +279,25 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         "| Lodge Heartbeat, lease renewed through raft on every beat | {r:.0} | {:.2} |",
         r / e
     );
-    println!("failed heartbeats: {failures}");
+    println!("failed heartbeats: {}", failures.count);
     drop(usual);
     drop(renewing);
     drop(echo);
+    failures.check("heartbeats")?;
 
     if registrations == 0 {
-        io.shutdown_background();
-        return;
+        return Ok(());
     }
     // Memory: a fresh node, then `registrations` clients registered by 64 concurrent callers;
     // then the same node restarted on its data, once it has rebuilt every client actor (its
     // steady state, without what the registration burst left in the allocator).
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let addr = format!("127.0.0.1:{}", free_port());
     let args = ["--listen".to_string(), addr.clone()];
     let mut env: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
     env.push(("LODGE_LOG__LEVEL", "warning"));
-    let mut child = launch(&args, dir.path(), &env);
-    let before = rss_of(&child.id().to_string());
+    let child = Killed(launch(&args, dir.path(), &env)?);
+    let before = rss_of(&child.0.id().to_string());
     let t = Instant::now();
     let target = addr.clone();
     io.block_on(async move {
@@ -278,49 +306,27 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         for w in 0..64 {
             let addr = target.clone();
             tasks.push(tokio::spawn(async move {
-                let mut c = connect(&addr).await;
+                let mut c = connect(&addr).await?;
                 for i in (w * per)..((w + 1) * per).min(registrations) {
-                    register(&mut c, format!("mem-{i}")).await;
+                    register(&mut c, format!("mem-{i}")).await?;
                 }
+                Ok::<_, String>(())
             }));
         }
         for t in tasks {
-            t.await.unwrap();
+            t.await.map_err(|e| format!("a registering task: {e}"))??;
         }
-    });
+        Ok::<_, String>(())
+    })?;
     let took = t.elapsed();
-    let after = rss_of(&child.id().to_string());
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = rss_of(&child.0.id().to_string());
+    drop(child);
     let restarted_at = Instant::now();
-    let mut child = launch(&args, dir.path(), &env);
-    let target = addr.clone();
-    io.block_on(async move {
-        use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
-        let mut admin = AdminClient::new(
-            client::connect(&target, &ClientTls::default())
-                .await
-                .unwrap(),
-        );
-        loop {
-            let r = admin
-                .get_actor(GetActorRequest {
-                    path: "/node/registry/index".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let state: serde_json::Value = serde_json::from_str(&r.state_json).unwrap();
-            if state["actors"].as_u64() == Some(registrations as u64) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let child = Killed(launch(&args, dir.path(), &env)?);
+    io.block_on(all_actors_back(&addr, registrations))?;
     let reloaded = restarted_at.elapsed();
-    let steady = rss_of(&child.id().to_string());
-    let _ = child.kill();
-    let _ = child.wait();
+    let steady = rss_of(&child.0.id().to_string());
+    drop(child);
     let per = |b: u64| b.saturating_sub(before) as f64 / registrations as f64 / 1024.0;
     println!();
     println!("| registrations | empty node RSS | after registering | restarted, actors rebuilt | per registration (restarted) | registering took | restart to all actors |");
@@ -335,5 +341,47 @@ pub fn run(clients: usize, seconds: u64, rounds: usize, registrations: usize) {
         registrations as f64 / took.as_secs_f64(),
         reloaded.as_secs_f64()
     );
-    io.shutdown_background();
+    Ok(())
+}
+
+/// A node process killed and reaped on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the restarted node at `addr` has rebuilt the actor of every registration (at
+/// most 10 minutes: 100 k take seconds).
+async fn all_actors_back(addr: &str, registrations: usize) -> Outcome {
+    use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
+    let ch = client::connect(addr, &ClientTls::default())
+        .await
+        .map_err(|e| format!("connecting to the restarted node: {e}"))?;
+    let mut admin = AdminClient::new(ch);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = admin
+            .get_actor(GetActorRequest {
+                path: "/node/registry/index".into(),
+            })
+            .await
+            .map_err(|e| format!("the registry index: {:?}: {}", e.code(), e.message()))?
+            .into_inner();
+        let state: serde_json::Value = serde_json::from_str(&r.state_json)
+            .map_err(|e| format!("the registry index's state: {e}"))?;
+        let actors = state["actors"].as_u64();
+        if actors == Some(registrations as u64) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the restarted node rebuilt {actors:?} of {registrations} client actors in 10 minutes"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

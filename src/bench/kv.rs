@@ -16,6 +16,27 @@ use lodge_grpc::pb::etcd::{self as epb, kv_client::KvClient as EtcdClient};
 use lodge_grpc::pb::kv::{self as lpb, kv_client::KvClient as LodgeClient};
 use tonic::transport::Channel;
 
+use super::{Failures, Outcome};
+
+/// The per-IP connection limits protect a node from one noisy address; in a bench all load comes
+/// from one.
+pub(super) const NO_IP_LIMITS: [(&str, &str); 3] = [
+    ("LODGE_SERVER__PER_IP_CONNECTION_RATE", "0"),
+    ("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "0"),
+    ("LODGE_SERVER__MAX_CONNECTIONS", "100000"),
+];
+
+/// What `lodge bench kv` measures, from the command line.
+pub struct Options {
+    /// Concurrent clients of each put run.
+    pub clients: Vec<usize>,
+    /// Measured time per run (after a warm-up).
+    pub run_for: Duration,
+    pub value_bytes: usize,
+    /// Measure etcd too, if it is installed.
+    pub etcd: bool,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
     Lodge,
@@ -46,24 +67,27 @@ impl Drop for Proc {
 /// A loopback port free right now.
 pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_lodge(n: usize) -> Vec<Proc> {
-    start_lodge_with(n, &[])
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 /// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides.
-pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Vec<Proc> {
+pub(super) fn start_lodge_with(n: usize, env: &[(&str, &str)]) -> Outcome<Vec<Proc>> {
     start_lodge_args(n, env, &[])
 }
 
 /// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides and more
-/// `lodge node` arguments (`--config FILE`, say).
-pub(super) fn start_lodge_args(n: usize, env: &[(&str, &str)], extra: &[String]) -> Vec<Proc> {
+/// `lodge node` arguments (`--config FILE`, say). The per-IP limits are off ([`NO_IP_LIMITS`];
+/// `env` may set them again) and the log level is warning.
+pub(super) fn start_lodge_args(
+    n: usize,
+    env: &[(&str, &str)],
+    extra: &[String],
+) -> Outcome<Vec<Proc>> {
+    let mut all: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
+    all.push(("LODGE_LOG__LEVEL", "warning"));
+    all.extend_from_slice(env);
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
         .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
@@ -82,17 +106,17 @@ pub(super) fn start_lodge_args(n: usize, env: &[(&str, &str)], extra: &[String])
                 initial.clone(),
             ];
             args.extend_from_slice(extra);
-            Proc {
-                child: launch(&args, dir.path(), env),
+            Ok(Proc {
+                child: launch(&args, dir.path(), &all)?,
                 client,
                 _dir: dir,
-            }
+            })
         })
         .collect()
 }
 
 /// Starts `lodge node ARGS` keeping its data in `dir`, and waits until it is ready.
-pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child {
+pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Outcome<Child> {
     let exe = std::env::current_exe().expect("own path");
     let mut child = super::net::die_with_bench(&mut Command::new(&exe))
         .arg("node")
@@ -102,9 +126,9 @@ pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child
         .arg(dir)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).map_err(|e| e.to_string())?)
         .spawn()
-        .expect("starting a lodge node");
+        .map_err(|e| format!("starting a lodge node: {e}"))?;
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -114,21 +138,26 @@ pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Child
     });
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.starts_with("lodge node ready") => return child,
+            Ok(line) if line.starts_with("lodge node ready") => return Ok(child),
             Ok(_) => continue,
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "lodge node did not start (see {})",
-                    dir.join("stderr.log").display()
-                );
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                return Err(format!(
+                    "a lodge node did not get ready within 60 s; its last log line: {last}"
+                ));
             }
         }
     }
 }
 
-fn start_etcd(n: usize, etcd: &Path) -> Vec<Proc> {
+fn start_etcd(n: usize, etcd: &Path) -> Outcome<Vec<Proc>> {
     let client: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let peer: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
@@ -140,7 +169,7 @@ fn start_etcd(n: usize, etcd: &Path) -> Vec<Proc> {
             let dir = tempfile::tempdir().unwrap();
             let c = format!("http://127.0.0.1:{}", client[i]);
             let p = format!("http://127.0.0.1:{}", peer[i]);
-            let child = Command::new(etcd)
+            let child = super::net::die_with_bench(&mut Command::new(etcd))
                 .args([
                     "--name",
                     &format!("n{i}"),
@@ -166,14 +195,17 @@ fn start_etcd(n: usize, etcd: &Path) -> Vec<Proc> {
                 .arg("--data-dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+                .stderr(
+                    std::fs::File::create(dir.path().join("stderr.log"))
+                        .map_err(|e| e.to_string())?,
+                )
                 .spawn()
-                .expect("starting etcd");
-            Proc {
+                .map_err(|e| format!("starting {}: {e}", etcd.display()))?;
+            Ok(Proc {
                 child,
                 client: format!("127.0.0.1:{}", client[i]),
                 _dir: dir,
-            }
+            })
         })
         .collect()
 }
@@ -240,7 +272,7 @@ struct Load {
     ops_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
-    errors: u64,
+    failures: Failures,
 }
 
 async fn load(
@@ -262,11 +294,17 @@ async fn load(
             // requests to the leader and two thirds through followers, whichever member leads,
             // so neither system is favoured by where its election happened to land.
             let mut conns = Vec::new();
+            let mut failures = Failures::default();
             for ep in &endpoints {
-                conns.push(Conn::open(system, ep).await.expect("connect"));
+                match Conn::open(system, ep).await {
+                    Ok(c) => conns.push(c),
+                    Err(e) => failures.add(format!("connecting to {ep}: {e}")),
+                }
             }
             let mut lat = Vec::new();
-            let mut errors = 0u64;
+            if conns.is_empty() {
+                return (lat, failures);
+            }
             let mut i = 0u64;
             loop {
                 let now = Instant::now();
@@ -275,25 +313,29 @@ async fn load(
                 }
                 let key = format!("bench/{c}/{}", i % 1000).into_bytes();
                 i += 1;
-                let conn = &mut conns[(c + i as usize) % endpoints.len()];
-                let ok = conn.call(op, key, &value).await.is_ok();
+                let n = conns.len();
+                let conn = &mut conns[(c + i as usize) % n];
+                let r = conn.call(op, key, &value).await;
                 if now >= start_at {
-                    if ok {
-                        lat.push(now.elapsed().as_micros() as u32);
-                    } else {
-                        errors += 1;
+                    match r {
+                        Ok(()) => lat.push(now.elapsed().as_micros() as u32),
+                        Err(e) => failures.add(format!("{:?}: {}", e.code(), e.message())),
                     }
                 }
             }
-            (lat, errors)
+            (lat, failures)
         }));
     }
     let mut all = Vec::new();
-    let mut errors = 0;
+    let mut failures = Failures::default();
     for t in tasks {
-        let (l, e) = t.await.unwrap();
-        all.extend(l);
-        errors += e;
+        match t.await {
+            Ok((l, f)) => {
+                all.extend(l);
+                failures.merge(f);
+            }
+            Err(e) => failures.add(format!("a client task: {e}")),
+        }
     }
     all.sort_unstable();
     let q = |p: f64| {
@@ -304,78 +346,99 @@ async fn load(
         ops_per_s: all.len() as f64 / duration.as_secs_f64(),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
-        errors,
+        failures,
     }
 }
 
 /// Waits until a put succeeds through `endpoint` (the cluster has a leader).
-async fn ready(system: System, endpoint: &str) {
+async fn ready(system: System, endpoint: &str) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
     while Instant::now() < deadline {
-        if let Ok(mut c) = Conn::open(system, endpoint).await {
-            if c.call(Op::Put, b"bench/ready".to_vec(), b"1").await.is_ok() {
-                return;
-            }
+        match Conn::open(system, endpoint).await {
+            Ok(mut c) => match c.call(Op::Put, b"bench/ready".to_vec(), b"1").await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = format!("{:?}: {}", e.code(), e.message()),
+            },
+            Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{system:?} cluster did not become ready");
+    Err(format!(
+        "the {system:?} cluster took no write within 30 s (last: {last})"
+    ))
 }
 
 /// The leader's index in `nodes`, asked through the admin RPC of the first node.
-async fn lodge_leader(nodes: &[Proc]) -> usize {
+async fn lodge_leader(nodes: &[Proc]) -> Outcome<usize> {
     use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
-    let ch = client::connect(&nodes[0].client, &ClientTls::default())
-        .await
-        .unwrap();
+    let ch = client::connect(&nodes[0].client, &ClientTls::default()).await?;
     let r = AdminClient::new(ch)
         .get_actor(GetActorRequest {
             path: "/node/cluster/raft".into(),
         })
         .await
-        .unwrap()
+        .map_err(|e| format!("asking for the leader: {:?}: {}", e.code(), e.message()))?
         .into_inner();
-    let state: serde_json::Value = serde_json::from_str(&r.state_json).unwrap();
-    state["leader"].as_u64().expect("a leader") as usize - 1
+    let state: serde_json::Value =
+        serde_json::from_str(&r.state_json).map_err(|e| format!("the raft actor's state: {e}"))?;
+    match state["leader"].as_u64() {
+        Some(id) if (1..=nodes.len() as u64).contains(&id) => Ok(id as usize - 1),
+        other => Err(format!("the raft actor names no leader ({other:?})")),
+    }
 }
 
-pub fn run(clients: &[usize], seconds: u64, value_bytes: usize, with_etcd: bool) {
+pub fn run(o: &Options) -> Outcome {
     let io = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    let value = vec![b'x'; value_bytes];
-    let duration = Duration::from_secs(seconds);
+        .map_err(|e| e.to_string())?;
+    let result = measure(&io, o);
+    io.shutdown_background();
+    result
+}
+
+fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
+    let value = vec![b'x'; o.value_bytes];
     let etcd_bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
         .into_iter()
         .map(Path::new)
         .find(|p| p.exists());
     let mut systems = vec![System::Lodge];
-    match (with_etcd, etcd_bin) {
+    match (o.etcd, etcd_bin) {
         (true, Some(_)) => systems.push(System::Etcd),
-        (true, None) => eprintln!("etcd not found (scripts/bench-deps installs Debian's etcd-server); measuring Lodge alone"),
-        _ => {}
+        (true, None) => println!("etcd not found (scripts/bench-deps installs Debian's etcd-server): measuring Lodge alone"),
+        (false, _) => println!("--no-etcd: measuring Lodge alone"),
     }
-    println!("lodge bench kv: 3 members each, fsync on, {value_bytes}-byte values, {seconds} s per run, 2 CPUs shared by servers and load");
+    // The linearizable gets run with the largest number of clients asked for.
+    let get_clients = o.clients.iter().copied().max().unwrap_or(1);
+    println!(
+        "lodge bench kv: 3 members each, fsync on, {}-byte values, {:.1} s per run, 2 CPUs shared by servers and load",
+        o.value_bytes,
+        o.run_for.as_secs_f64()
+    );
     println!();
     println!("| system | load | clients | ops/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
+    let mut failures = Failures::default();
     for system in &systems {
-        let nodes = match system {
-            System::Lodge => start_lodge(3),
-            System::Etcd => start_etcd(3, etcd_bin.unwrap()),
+        let nodes = match (system, etcd_bin) {
+            (System::Lodge, _) => start_lodge_with(3, &[])?,
+            (System::Etcd, Some(bin)) => start_etcd(3, bin)?,
+            (System::Etcd, None) => unreachable!("etcd is measured only when found"),
         };
         let eps: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
-        io.block_on(ready(*system, &eps[0]));
-        let runs: Vec<(Op, usize)> = clients
+        io.block_on(ready(*system, &eps[0]))?;
+        let runs: Vec<(Op, usize)> = o
+            .clients
             .iter()
             .map(|c| (Op::Put, *c))
-            .chain([(Op::Get, 64)])
+            .chain([(Op::Get, get_clients)])
             .collect();
         for (op, c) in runs {
-            let r = io.block_on(load(*system, &eps, c, op, duration, &value));
+            let mut r = io.block_on(load(*system, &eps, c, op, o.run_for, &value));
             let name = if op == Op::Put {
                 "put"
             } else {
@@ -383,31 +446,18 @@ pub fn run(clients: &[usize], seconds: u64, value_bytes: usize, with_etcd: bool)
             };
             println!(
                 "| {system:?} | {name} | {c} | {:.0} | {:.2} | {:.2} | {} |",
-                r.ops_per_s, r.p50_ms, r.p99_ms, r.errors
+                r.ops_per_s, r.p50_ms, r.p99_ms, r.failures.count
             );
+            failures.merge(std::mem::take(&mut r.failures));
             results.push((*system, op, c, r));
         }
         if *system == System::Lodge {
-            let leader = io.block_on(lodge_leader(&nodes));
+            let leader = io.block_on(lodge_leader(&nodes))?;
             let mut nodes = nodes;
             let killed = nodes.remove(leader);
             let alive: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
             drop(killed); // SIGKILL
-            let t = Instant::now();
-            let took = io.block_on(async {
-                loop {
-                    for ep in &alive {
-                        if let Ok(mut c) = Conn::open(System::Lodge, ep).await {
-                            let put = c.call(Op::Put, b"bench/after-kill".to_vec(), b"1");
-                            if let Ok(Ok(())) =
-                                tokio::time::timeout(Duration::from_millis(500), put).await
-                            {
-                                return t.elapsed();
-                            }
-                        }
-                    }
-                }
-            });
+            let took = io.block_on(first_write(&alive))?;
             println!(
                 "| Lodge | first write after kill -9 of the leader | - | {:.0} ms | | | |",
                 took.as_secs_f64() * 1000.0
@@ -440,5 +490,29 @@ pub fn run(clients: &[usize], seconds: u64, value_bytes: usize, with_etcd: bool)
             }
         }
     }
-    io.shutdown_background();
+    failures.check("requests")
+}
+
+/// The time until a put through one of the survivors is acknowledged (30 s at most).
+async fn first_write(alive: &[String]) -> Outcome<Duration> {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(30) {
+        for ep in alive {
+            match Conn::open(System::Lodge, ep).await {
+                Ok(mut c) => {
+                    let put = c.call(Op::Put, b"bench/after-kill".to_vec(), b"1");
+                    match tokio::time::timeout(Duration::from_millis(500), put).await {
+                        Ok(Ok(())) => return Ok(t.elapsed()),
+                        Ok(Err(e)) => last = format!("{:?}: {}", e.code(), e.message()),
+                        Err(_) => last = "no answer within 500 ms".into(),
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+    }
+    Err(format!(
+        "no write acknowledged within 30 s of killing the leader (last: {last})"
+    ))
 }

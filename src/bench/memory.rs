@@ -13,7 +13,7 @@ use lodge_actors::{
     SupervisorSpec,
 };
 
-use super::median;
+use super::{median, Outcome};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Mode {
@@ -34,10 +34,13 @@ impl Managed for Idle {
     const KIND: &'static str = "bench-idle";
 }
 
+/// ListActors latencies: (what was asked, milliseconds).
+pub type ListFigures = Vec<(String, f64)>;
+
 /// Runs both modes in child processes; returns (lodge bytes/actor, raw bytes/actor, ListActors figures).
-pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
-    let exe = std::env::current_exe().expect("own path");
-    let run = |mode: &str| -> serde_json::Value {
+pub fn measure(actors: usize) -> Outcome<(f64, f64, ListFigures)> {
+    let exe = std::env::current_exe().map_err(|e| format!("the bench's own path: {e}"))?;
+    let run = |mode: &str| -> Outcome<serde_json::Value> {
         let out = Command::new(&exe)
             .args([
                 "bench",
@@ -48,16 +51,19 @@ pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
                 &actors.to_string(),
             ])
             .output()
-            .expect("running the memory child");
-        assert!(
-            out.status.success(),
-            "memory child failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("memory child prints JSON")
+            .map_err(|e| format!("running the memory child: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "the memory child (--mode {mode}) failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("the memory child (--mode {mode}) printed no JSON: {e}"))
     };
-    let lodge = run("lodge");
-    let raw = run("raw");
+    let lodge = run("lodge")?;
+    let raw = run("raw")?;
     let list = lodge["list_ms"]
         .as_object()
         .map(|m| {
@@ -66,11 +72,11 @@ pub fn measure(actors: usize) -> (f64, f64, Vec<(String, f64)>) {
                 .collect()
         })
         .unwrap_or_default();
-    (
+    Ok((
         lodge["bytes_per_actor"].as_f64().unwrap_or(f64::NAN),
         raw["bytes_per_actor"].as_f64().unwrap_or(f64::NAN),
         list,
-    )
+    ))
 }
 
 pub fn run_child(mode: Mode, actors: usize) -> i32 {

@@ -10,12 +10,17 @@ mod memory;
 mod net;
 mod tunnel;
 
+use std::time::Duration;
+
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum Bench {
     /// Actor runtime: messaging throughput, memory per actor, ListActors latency.
     Actors {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         /// Repetitions of each throughput measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -31,6 +36,9 @@ pub enum Bench {
     },
     /// Replicated KV: a 3-member Lodge cluster against a 3-member etcd cluster, same load.
     Kv {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         /// Concurrent clients for the put runs, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         clients: Vec<usize>,
@@ -46,6 +54,9 @@ pub enum Bench {
     },
     /// One durable append: Lodge's write-ahead log against a plain append + fdatasync, same disk.
     Disk {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         #[arg(long, default_value_t = 2000)]
         appends: usize,
         #[arg(long, default_value_t = 256)]
@@ -54,6 +65,9 @@ pub enum Bench {
     /// Client heartbeats per second on one node beside a bare tonic server answering the same
     /// RPC; then the memory of a node holding many registrations.
     Heartbeat {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         #[arg(long, default_value_t = 64)]
         clients: usize,
         /// Seconds per run.
@@ -70,6 +84,9 @@ pub enum Bench {
     /// the same transfer through one socat relay (default and 128 KiB blocks) and direct;
     /// session set-up time; the node's memory with many idle sessions.
     Tunnel {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         /// Bytes per transfer.
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
@@ -87,6 +104,9 @@ pub enum Bench {
     /// one TCP stream through the data plane → `lodge module` → a sink beside one socat relay
     /// and direct; new connections per second and their set-up time beside socat and direct.
     Balancer {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
         /// Bytes per transfer.
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
@@ -123,54 +143,117 @@ pub enum Bench {
     },
 }
 
+/// Runs a bench; the exit code. A bench that cannot finish (a process that does not start, a
+/// step that fails) or whose load saw failed requests prints why on stderr and exits 1: its
+/// figures would not mean what they say.
 pub fn run(cmd: Bench) -> i32 {
-    match cmd {
+    if cmd.smoke() {
+        eprintln!(
+            "smoke run (--smoke): tiny sizes, one round; it checks that the bench runs to its end, \
+             its figures mean nothing"
+        );
+    }
+    let (name, result) = match cmd {
         Bench::Actors {
+            smoke,
             rounds,
             messages,
             requests,
             actors,
         } => {
-            actors::run(rounds.max(1), messages, requests, actors);
-            0
+            let (rounds, messages, requests, actors) = if smoke {
+                (1, 20_000, 200, 2_000)
+            } else {
+                (
+                    rounds.max(1),
+                    messages.max(1),
+                    requests.max(1),
+                    actors.max(1),
+                )
+            };
+            ("actors", actors::run(rounds, messages, requests, actors))
         }
         Bench::Kv {
+            smoke,
             clients,
             seconds,
             value_bytes,
             no_etcd,
         } => {
-            kv::run(&clients, seconds.max(1), value_bytes, !no_etcd);
-            0
+            let (clients, run_for) = if smoke {
+                (vec![1, 4], Duration::from_millis(300))
+            } else {
+                let clients = clients.into_iter().map(|c| c.max(1)).collect();
+                (clients, Duration::from_secs(seconds.max(1)))
+            };
+            let o = kv::Options {
+                clients,
+                run_for,
+                value_bytes,
+                etcd: !no_etcd,
+            };
+            ("kv", kv::run(&o))
         }
-        Bench::Disk { appends, bytes } => {
-            disk::run(appends.max(10), bytes);
-            0
+        Bench::Disk {
+            smoke,
+            appends,
+            bytes,
+        } => {
+            let appends = if smoke { 50 } else { appends.max(10) };
+            ("disk", disk::run(appends, bytes))
         }
         Bench::Heartbeat {
+            smoke,
             clients,
             seconds,
             rounds,
             registrations,
         } => {
-            heartbeat::run(clients.max(1), seconds.max(1), rounds.max(1), registrations);
-            0
+            let o = if smoke {
+                heartbeat::Options {
+                    clients: 4,
+                    run_for: Duration::from_millis(300),
+                    rounds: 1,
+                    registrations: registrations.min(200),
+                }
+            } else {
+                heartbeat::Options {
+                    clients: clients.max(1),
+                    run_for: Duration::from_secs(seconds.max(1)),
+                    rounds: rounds.max(1),
+                    registrations,
+                }
+            };
+            ("heartbeat", heartbeat::run(&o))
         }
         Bench::Tunnel {
+            smoke,
             bytes,
             rounds,
             setups,
             sessions,
         } => {
-            tunnel::run(tunnel::Options {
-                bytes: bytes.max(1),
-                rounds: rounds.max(1),
-                setups: setups.max(1),
-                sessions,
-            });
-            0
+            let o = if smoke {
+                tunnel::Options {
+                    bytes: 4 << 20,
+                    rounds: 1,
+                    setups: 20,
+                    sessions: sessions.min(20),
+                    smoke,
+                }
+            } else {
+                tunnel::Options {
+                    bytes: bytes.max(1),
+                    rounds: rounds.max(1),
+                    setups: setups.max(1),
+                    sessions,
+                    smoke,
+                }
+            };
+            ("tunnel", tunnel::run(&o))
         }
         Bench::Balancer {
+            smoke,
             bytes,
             rounds,
             connections,
@@ -179,7 +262,7 @@ pub fn run(cmd: Bench) -> i32 {
             json,
             buffer_bytes,
         } => {
-            balancer::run(balancer::Options {
+            let mut o = balancer::Options {
                 bytes: bytes.max(1),
                 rounds: rounds.max(1),
                 connections: connections.max(1),
@@ -187,11 +270,79 @@ pub fn run(cmd: Bench) -> i32 {
                 concurrency: concurrency.max(1),
                 json,
                 buffer_bytes,
-            });
-            0
+            };
+            if smoke {
+                o.bytes = 4 << 20;
+                o.rounds = 1;
+                o.connections = 20;
+                o.decisions = 200;
+                o.concurrency = 4;
+            }
+            ("balancer", balancer::run(&o))
         }
-        Bench::EchoServer => heartbeat::serve_echo(),
-        Bench::Memory { mode, actors } => memory::run_child(mode, actors),
+        Bench::EchoServer => return heartbeat::serve_echo(),
+        Bench::Memory { mode, actors } => return memory::run_child(mode, actors),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lodge bench {name}: {e}");
+            1
+        }
+    }
+}
+
+impl Bench {
+    /// Whether `--smoke` was given.
+    fn smoke(&self) -> bool {
+        match self {
+            Bench::Actors { smoke, .. }
+            | Bench::Kv { smoke, .. }
+            | Bench::Disk { smoke, .. }
+            | Bench::Heartbeat { smoke, .. }
+            | Bench::Tunnel { smoke, .. }
+            | Bench::Balancer { smoke, .. } => *smoke,
+            Bench::EchoServer | Bench::Memory { .. } => false,
+        }
+    }
+}
+
+/// Why a bench stopped early, in one line for people.
+pub(crate) type Outcome<T = ()> = Result<T, String>;
+
+/// Failed requests of a load: how many, and the first one's error (the rest are usually alike).
+#[derive(Default, Debug)]
+pub(crate) struct Failures {
+    pub(crate) count: u64,
+    pub(crate) first: Option<String>,
+}
+
+impl Failures {
+    /// Counts one failure.
+    pub(crate) fn add(&mut self, error: impl std::fmt::Display) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(error.to_string());
+        }
+    }
+
+    /// Adds another tally to this one (its first error counts if this has none).
+    pub(crate) fn merge(&mut self, other: Failures) {
+        self.count += other.count;
+        if self.first.is_none() {
+            self.first = other.first;
+        }
+    }
+
+    /// Err naming the count and the first error if any request of `what` failed.
+    pub(crate) fn check(&self, what: &str) -> Outcome {
+        match self.count {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} {what} failed; the first: {}",
+                self.first.as_deref().unwrap_or("(no message)")
+            )),
+        }
     }
 }
 

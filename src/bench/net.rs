@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::kv::free_port;
+use super::Outcome;
 
 /// Longest any single socket operation of a bench may block before the bench fails.
 pub(crate) const STEP: Duration = Duration::from_secs(120);
@@ -62,13 +63,13 @@ pub(crate) fn start(
     name: &'static str,
     ready: &str,
     log: &Path,
-) -> (Helper, String) {
+) -> Outcome<(Helper, String)> {
     let mut child = die_with_bench(&mut cmd)
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?)
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-    let out = child.stdout.take().unwrap();
+        .map_err(|e| format!("starting {name}: {e}"))?;
+    let out = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -78,25 +79,35 @@ pub(crate) fn start(
     let helper = Helper { child, name };
     loop {
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with(ready) => return (helper, line),
+            Ok(line) if line.starts_with(ready) => return Ok((helper, line)),
             Ok(_) => continue,
-            Err(_) => panic!("{name} did not start (see {})", log.display()),
+            Err(_) => {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                return Err(format!(
+                    "{name} did not get ready within 30 s; its last log line: {last}"
+                ));
+            }
         }
     }
 }
 
 /// The value of `key=` in a ready line.
-pub(crate) fn field(line: &str, key: &str) -> String {
+pub(crate) fn field(line: &str, key: &str) -> Outcome<String> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        .to_string()
+        .map(str::to_string)
+        .ok_or_else(|| format!("no {key} in {line:?}"))
 }
 
 /// `socat [-b BLOCK] TCP-LISTEN:P,fork,reuseaddr TCP:127.0.0.1:TARGET` (one process per
 /// connection; socat's default transfer block is 8 KiB); answers it and where it listens once it
 /// accepts connections.
-pub(crate) fn start_socat(target: u16, block: Option<usize>) -> (Helper, SocketAddr) {
+pub(crate) fn start_socat(target: u16, block: Option<usize>) -> Outcome<(Helper, SocketAddr)> {
     let port = free_port();
     let mut socat = Command::new("socat");
     if let Some(b) = block {
@@ -108,7 +119,7 @@ pub(crate) fn start_socat(target: u16, block: Option<usize>) -> (Helper, SocketA
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("starting socat (scripts/bench-deps installs it)");
+        .map_err(|e| format!("starting socat (scripts/bench-deps installs it): {e}"))?;
     let helper = Helper {
         child,
         name: "socat",
@@ -124,11 +135,11 @@ pub(crate) fn start_socat(target: u16, block: Option<usize>) -> (Helper, SocketA
             .lines()
             .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
         {
-            return (helper, addr);
+            return Ok((helper, addr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("socat did not listen on {addr}");
+    Err(format!("socat did not listen on {addr} within 10 s"))
 }
 
 /// The far-end servers, on a current-thread runtime of their own thread (which lives as long as
@@ -224,59 +235,62 @@ pub(crate) fn start_servers() -> Servers {
     rx.recv().unwrap()
 }
 
-pub(crate) fn connect(to: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(to).unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
-    s.set_read_timeout(Some(STEP)).unwrap();
-    s.set_write_timeout(Some(STEP)).unwrap();
-    s
+pub(crate) fn connect(to: SocketAddr) -> Outcome<TcpStream> {
+    let s = TcpStream::connect(to).map_err(|e| format!("connecting to {to}: {e}"))?;
+    s.set_read_timeout(Some(STEP))
+        .and_then(|()| s.set_write_timeout(Some(STEP)))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    Ok(s)
 }
 
 /// Sends `bytes` to a sink through `to` in `chunk`-sized writes, the first of them `head`
 /// followed by the rest of a chunk; half-closes, and waits for the sink's count: answers MB/s
 /// (10^6 bytes) over the whole exchange, connect included.
-pub(crate) fn transfer(to: SocketAddr, bytes: u64, head: &[u8], chunk: &[u8]) -> f64 {
+pub(crate) fn transfer(to: SocketAddr, bytes: u64, head: &[u8], chunk: &[u8]) -> Outcome<f64> {
     assert!(head.len() <= chunk.len());
     let first: Vec<u8> = head.iter().chain(&chunk[head.len()..]).copied().collect();
     let t = Instant::now();
-    let mut s = connect(to);
+    let mut s = connect(to)?;
     let mut left = bytes;
     let mut next = &first[..];
     while left > 0 {
         let k = left.min(next.len() as u64) as usize;
         s.write_all(&next[..k])
-            .unwrap_or_else(|e| panic!("writing to {to}: {e}"));
+            .map_err(|e| format!("writing to {to}: {e}"))?;
         left -= k as u64;
         next = chunk;
     }
-    s.shutdown(Shutdown::Write).unwrap();
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("half-closing {to}: {e}"))?;
     let mut ack = [0u8; 8];
     s.read_exact(&mut ack)
-        .unwrap_or_else(|e| panic!("reading the sink's count through {to}: {e}"));
+        .map_err(|e| format!("reading the sink's count through {to}: {e}"))?;
     let took = t.elapsed();
     let got = u64::from_le_bytes(ack);
-    assert_eq!(
-        got, bytes,
-        "the sink got {got} bytes of {bytes} through {to}"
-    );
-    bytes as f64 / 1e6 / took.as_secs_f64()
+    if got != bytes {
+        return Err(format!("the sink got {got} bytes of {bytes} through {to}"));
+    }
+    Ok(bytes as f64 / 1e6 / took.as_secs_f64())
 }
 
 /// Connect, `request` out (TCP_NODELAY), the same bytes back from an echo server: answers the
 /// time from before `connect` to the answer's first byte, in µs. The connection is then closed
 /// (dropped) once the whole answer is in.
-pub(crate) fn exchange(to: SocketAddr, request: &[u8]) -> f64 {
+pub(crate) fn exchange(to: SocketAddr, request: &[u8]) -> Outcome<f64> {
     let t = Instant::now();
-    let mut s = connect(to);
-    s.set_nodelay(true).unwrap();
-    s.write_all(request).unwrap();
+    let mut s = connect(to)?;
+    let read = |e: std::io::Error| format!("reading the echo through {to}: {e}");
+    s.set_nodelay(true)
+        .and_then(|()| s.write_all(request))
+        .map_err(|e| format!("writing to {to}: {e}"))?;
     let mut answer = vec![0u8; request.len()];
-    s.read_exact(&mut answer[..1])
-        .unwrap_or_else(|e| panic!("reading the echo through {to}: {e}"));
+    s.read_exact(&mut answer[..1]).map_err(read)?;
     let took = t.elapsed();
-    s.read_exact(&mut answer[1..])
-        .unwrap_or_else(|e| panic!("reading the echo through {to}: {e}"));
-    assert_eq!(answer, request, "the echo through {to}");
-    took.as_secs_f64() * 1e6
+    s.read_exact(&mut answer[1..]).map_err(read)?;
+    if answer != request {
+        return Err(format!("the echo through {to} differs from what was sent"));
+    }
+    Ok(took.as_secs_f64() * 1e6)
 }
 
 /// CPU time (user + system) process `pid` used so far, in seconds, from `/proc/PID/stat`; with
@@ -348,11 +362,12 @@ mod tests {
     fn the_either_server_counts_posts_and_echoes_the_rest() {
         let s = start_servers();
         let either = SocketAddr::from(([127, 0, 0, 1], s.either));
-        assert!(exchange(either, b"GET / HTTP/1.1\r\n\r\n") > 0.0);
+        assert!(exchange(either, b"GET / HTTP/1.1\r\n\r\n").unwrap() > 0.0);
         let chunk = vec![7u8; 1000];
-        assert!(transfer(either, 2500, b"POST / HTTP/1.1\r\n\r\n", &chunk) > 0.0);
-        assert!(exchange(SocketAddr::from(([127, 0, 0, 1], s.echo)), b"x") > 0.0);
-        assert!(transfer(SocketAddr::from(([127, 0, 0, 1], s.sink)), 10, b"", &chunk) > 0.0);
+        assert!(transfer(either, 2500, b"POST / HTTP/1.1\r\n\r\n", &chunk).unwrap() > 0.0);
+        assert!(exchange(SocketAddr::from(([127, 0, 0, 1], s.echo)), b"x").unwrap() > 0.0);
+        let sink = SocketAddr::from(([127, 0, 0, 1], s.sink));
+        assert!(transfer(sink, 10, b"", &chunk).unwrap() > 0.0);
     }
 
     #[test]

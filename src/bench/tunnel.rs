@@ -19,7 +19,7 @@ use super::net::{
     connect, cpu_of, exchange, field, mb, quantile, raise_nofile, start, start_servers,
     start_socat, transfer, Helper,
 };
-use super::{median, rss_of};
+use super::{median, rss_of, Outcome};
 
 /// The source's write size.
 const WRITE: usize = 128 * 1024;
@@ -31,6 +31,8 @@ pub struct Options {
     pub rounds: usize,
     pub setups: usize,
     pub sessions: usize,
+    /// Tiny sizes: settle times shortened too.
+    pub smoke: bool,
 }
 
 /// A node (auth off), an agent and a port-forward to `target` on the loopback.
@@ -44,15 +46,12 @@ struct Tunnel {
 }
 
 impl Tunnel {
-    fn start(target: u16, node_env: &[(&str, &str)]) -> Self {
-        let mut env = vec![
-            ("LODGE_ROUTER__AUTH__ENABLED", "false"),
-            ("LODGE_LOG__LEVEL", "warning"),
-        ];
+    fn start(target: u16, node_env: &[(&str, &str)]) -> Outcome<Self> {
+        let mut env = vec![("LODGE_ROUTER__AUTH__ENABLED", "false")];
         env.extend_from_slice(node_env);
-        let node = start_lodge_with(1, &env).pop().unwrap();
-        let logs = tempfile::tempdir().unwrap();
-        let exe = std::env::current_exe().expect("own path");
+        let node = start_lodge_with(1, &env)?.remove(0);
+        let logs = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut agent = Command::new(&exe);
         agent.args([
             "agent",
@@ -66,7 +65,7 @@ impl Tunnel {
             "lodge agent",
             "lodge agent ready",
             &logs.path().join("agent.log"),
-        );
+        )?;
         let mut forward = Command::new(&exe);
         forward.args([
             "port-forward",
@@ -81,15 +80,18 @@ impl Tunnel {
             "lodge port-forward",
             "lodge port-forward ready",
             &logs.path().join("port-forward.log"),
-        );
-        let listen = field(&line, "listen=").parse().expect("listen address");
-        Self {
+        )?;
+        let listen = field(&line, "listen=")?;
+        let listen = listen
+            .parse()
+            .map_err(|e| format!("port-forward's listen={listen}: {e}"))?;
+        Ok(Self {
             node,
             agent,
             forward,
             listen,
             _logs: logs,
-        }
+        })
     }
 
     fn node_pid(&self) -> String {
@@ -106,7 +108,7 @@ impl Tunnel {
     }
 }
 
-pub fn run(o: Options) {
+pub fn run(o: &Options) -> Outcome {
     let nofile = raise_nofile();
     let servers = start_servers();
     println!(
@@ -125,14 +127,14 @@ pub fn run(o: Options) {
     // usually is (8 KiB blocks), and with blocks the size of the source's writes and of the
     // tunnel's frames.
     let sink = SocketAddr::from(([127, 0, 0, 1], servers.sink));
-    let (socat, socat_addr) = start_socat(servers.sink, None);
-    let (socat_big, socat_big_addr) = start_socat(servers.sink, Some(WRITE));
-    let tunnel = Tunnel::start(servers.sink, &[]);
+    let (socat, socat_addr) = start_socat(servers.sink, None)?;
+    let (socat_big, socat_big_addr) = start_socat(servers.sink, Some(WRITE))?;
+    let tunnel = Tunnel::start(servers.sink, &[])?;
     let paths = [sink, socat_addr, socat_big_addr, tunnel.listen];
     const LODGE: usize = 3;
     // Warm-up: connections, sessions, allocator pools.
     for to in paths {
-        transfer(to, o.bytes.min(64 << 20), b"", &chunk);
+        transfer(to, o.bytes.min(64 << 20), b"", &chunk)?;
     }
     let mut rates: [Vec<f64>; 4] = Default::default();
     // CPU seconds per GB: each lodge process and this one over the lodge transfers, and each
@@ -164,7 +166,7 @@ pub fn run(o: Options) {
             let me = cpu_of("self", false);
             let relays = [&socat, &socat_big];
             let socat_before = relays.map(|h| cpu_of(&h.pid(), true));
-            let rate = transfer(paths[p], o.bytes, b"", &chunk);
+            let rate = transfer(paths[p], o.bytes, b"", &chunk)?;
             match p {
                 LODGE => {
                     for (i, (_, pid)) in pids.iter().enumerate() {
@@ -223,8 +225,8 @@ pub fn run(o: Options) {
     // 2. Set-up time: the same echo server through lodge, socat and directly, sample by sample
     // in turn.
     let echo = SocketAddr::from(([127, 0, 0, 1], servers.echo));
-    let (socat, socat_addr) = start_socat(servers.echo, None);
-    let tunnel = Tunnel::start(servers.echo, &[]);
+    let (socat, socat_addr) = start_socat(servers.echo, None)?;
+    let tunnel = Tunnel::start(servers.echo, &[])?;
     let paths = [
         ("direct", echo),
         ("socat", socat_addr),
@@ -232,7 +234,7 @@ pub fn run(o: Options) {
     ];
     for (_, to) in paths {
         for _ in 0..10 {
-            exchange(to, b"x");
+            exchange(to, b"x")?;
         }
     }
     let mut samples: [Vec<f64>; 3] = Default::default();
@@ -240,7 +242,7 @@ pub fn run(o: Options) {
         let mut order = [0, 1, 2];
         order.rotate_left(i % 3);
         for p in order {
-            samples[p].push(exchange(paths[p].1, b"x"));
+            samples[p].push(exchange(paths[p].1, b"x")?);
         }
     }
     println!();
@@ -271,34 +273,36 @@ pub fn run(o: Options) {
     // node) per session from the port-forward and from the agent: the node's per-connection
     // stream limit (2048 by default) is raised if needed to hold them all.
     if o.sessions == 0 {
-        return;
+        return Ok(());
     }
+    // What a session's opening left in flight settles for this long before memory is read.
+    let settle = Duration::from_millis(if o.smoke { 200 } else { 2000 });
     let streams = (o.sessions + 16).to_string();
     let tunnel = Tunnel::start(
         servers.echo,
         &[("LODGE_SERVER__MAX_CONCURRENT_STREAMS", &streams)],
-    );
+    )?;
     // A few sessions opened and closed first, so that what every session's first use sets up
     // (connections, pools) is in the baseline.
     for _ in 0..20 {
-        exchange(tunnel.listen, b"x");
+        exchange(tunnel.listen, b"x")?;
     }
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(settle / 2);
     let pids = tunnel.pids();
     let before: Vec<u64> = pids.iter().map(|(_, p)| rss_of(p)).collect();
     let t = Instant::now();
     let mut open = Vec::with_capacity(o.sessions);
     for _ in 0..o.sessions {
-        let mut s = connect(tunnel.listen);
-        s.write_all(b"x").unwrap();
+        let mut s = connect(tunnel.listen)?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b)
-            .expect("reading the echo of an idle session");
+        s.write_all(b"x")
+            .and_then(|()| s.read_exact(&mut b))
+            .map_err(|e| format!("the echo of idle session {}: {e}", open.len() + 1))?;
         open.push(s);
     }
     let opened = t.elapsed();
     // Let whatever the opening left in flight settle.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(settle);
     let after: Vec<u64> = pids.iter().map(|(_, p)| rss_of(p)).collect();
     let node_sessions = count_sessions(&tunnel.node.client);
     // Then closed again: what stays is not per session (allocator pages kept, the store's
@@ -308,7 +312,7 @@ pub fn run(o: Options) {
     while count_sessions(&tunnel.node.client) != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(settle / 2);
     let closed: Vec<u64> = pids.iter().map(|(_, p)| rss_of(p)).collect();
     println!();
     println!(
@@ -329,6 +333,7 @@ pub fn run(o: Options) {
             mb(closed[i])
         );
     }
+    Ok(())
 }
 
 /// Sessions the node lists (through `RouterControl.ListSessions`), or -1 if it cannot say.
