@@ -17,7 +17,7 @@ use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
 use tonic::transport::Channel;
 
-use super::kv::{free_port, launch, start_lodge_with, Proc, NO_IP_LIMITS};
+use super::kv::{free_port, launch, start_lodge_with, Proc};
 use super::{median, rss_of, Failures, Outcome};
 
 /// What `lodge bench heartbeat` measures, from the command line.
@@ -294,8 +294,7 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let addr = format!("127.0.0.1:{}", free_port());
     let args = ["--listen".to_string(), addr.clone()];
-    let mut env: Vec<(&str, &str)> = NO_IP_LIMITS.to_vec();
-    env.push(("LODGE_LOG__LEVEL", "warning"));
+    let env = [("LODGE_LOG__LEVEL", "warning")];
     let child = Killed(launch(&args, dir.path(), &env)?);
     let before = rss_of(&child.0.id().to_string());
     let t = Instant::now();
