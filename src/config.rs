@@ -108,6 +108,8 @@ pub struct ServerSection {
     pub per_ip_exempt: Vec<String>,
     pub proxy_protocol_from: Vec<String>,
     pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_concurrent_rpcs: usize,
     pub tls: TlsSection,
 }
 
@@ -363,6 +365,7 @@ impl NodeConfig {
             ),
             ("server.per_ip_window_ms", s.per_ip_window_ms),
             ("server.handshake_timeout_ms", s.handshake_timeout_ms),
+            ("server.max_concurrent_rpcs", s.max_concurrent_rpcs as u64),
             (
                 "registry.heartbeat_interval_ms",
                 self.registry.heartbeat_interval_ms,

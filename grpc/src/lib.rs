@@ -7,10 +7,10 @@
 pub mod admin;
 pub mod auth;
 pub mod balancer;
+pub mod calls;
 pub mod client;
 pub mod cluster;
 pub mod deadline;
-pub mod drain;
 pub mod forward;
 pub mod kv;
 pub mod listener;

@@ -16,7 +16,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
-use crate::drain::{DrainLayer, InFlight};
+use crate::calls::{Calls, CallsLayer};
 use crate::metrics::{MetricsLayer, ServerMetrics};
 use crate::pb;
 
@@ -38,6 +38,8 @@ pub struct ServerSettings {
     /// Which connections are taken: limits, exempt clients, trusted proxies.
     pub admission: crate::listener::Admission,
     pub max_concurrent_streams: u32,
+    /// Calls in flight on the node at most (`server.max_concurrent_rpcs`).
+    pub max_concurrent_rpcs: usize,
     pub max_message_bytes: usize,
     pub request_timeout: Duration,
     pub keepalive_interval: Duration,
@@ -274,7 +276,7 @@ pub async fn set_not_serving(health: &HealthReporter) {
 }
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then drains: waits at most
-/// `drain_timeout` for the calls someone is waiting on (see [`crate::drain`]). Returns whether
+/// `drain_timeout` for the calls someone is waiting on (see [`crate::calls`]). Returns whether
 /// the drain finished in time.
 pub async fn serve(
     settings: &ServerSettings,
@@ -310,7 +312,10 @@ pub async fn serve(
         shutdown.await;
         let _ = drain_tx.send(());
     };
-    let in_flight = Arc::new(InFlight::default());
+    let calls = Calls::new(
+        settings.max_concurrent_rpcs,
+        settings.admission.per_ip.metrics.clone(),
+    );
     let server = builder
         .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(settings.keepalive_interval))
@@ -321,7 +326,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .max_frame_size(crate::client::MAX_FRAME)
         .layer(MetricsLayer::new(metrics, served_methods()))
-        .layer(DrainLayer(in_flight.clone()))
+        .layer(CallsLayer(calls.clone()))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
@@ -334,7 +339,7 @@ pub async fn serve(
     let drained = async {
         tokio::select! {
             r = &mut server => r,
-            _ = in_flight.idle() => Ok(()),
+            _ = calls.drain.idle() => Ok(()),
         }
     };
     match tokio::time::timeout(drain_timeout, drained).await {

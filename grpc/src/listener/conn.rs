@@ -4,12 +4,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use super::lifecycle::{ConnState, Lifecycle};
 
 /// Forwards writes of a wrapper to its `io` field (reads differ: a refused connection ends them).
 macro_rules! delegate_write {
@@ -104,18 +107,55 @@ impl AsyncRead for Prefixed {
 
 delegate_write!(Prefixed);
 
-/// An admitted connection: counted against the limits until it is dropped.
+/// What every call on an admitted connection finds in its request's extensions (plain, or inside
+/// TLS's `TlsConnectInfo`): the client as the limits saw it, and the connection's state.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// Addresses; `remote_addr` is the client named by a PROXY header, if there was one.
+    pub tcp: TcpConnectInfo,
+    /// Calls in flight and timers of the connection.
+    pub state: Arc<ConnState>,
+}
+
+impl ConnInfo {
+    /// The connection of a request, plain or TLS.
+    pub fn of(ext: &http::Extensions) -> Option<&ConnInfo> {
+        ext.get::<ConnInfo>().or_else(|| {
+            ext.get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()
+                .map(|t| t.get_ref())
+        })
+    }
+}
+
+/// An admitted connection: counted against the limits until it is dropped, and ended by its
+/// [`Lifecycle`] when it stays without calls for too long.
 pub struct LimitedConn {
     pub(super) io: Prefixed,
-    /// Held for its `Drop`, which gives the connection's places back.
-    pub(super) _slot: super::accept::Slot,
+    pub(super) life: Lifecycle,
+    /// Gives the connection's places back when dropped; counts how it ended.
+    pub(super) slot: super::accept::Slot,
+    ended: bool,
+}
+
+impl LimitedConn {
+    pub(super) fn new(io: Prefixed, life: Lifecycle, slot: super::accept::Slot) -> Self {
+        Self {
+            io,
+            life,
+            slot,
+            ended: false,
+        }
+    }
 }
 
 impl Connected for LimitedConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.tcp_info()
+        ConnInfo {
+            tcp: self.io.tcp_info(),
+            state: self.life.state.clone(),
+        }
     }
 }
 
@@ -125,6 +165,15 @@ impl AsyncRead for LimitedConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.ended {
+            return Poll::Ready(Ok(()));
+        }
+        if let Poll::Ready(ending) = self.life.poll_end(cx) {
+            self.ended = true;
+            self.slot.ended(ending);
+            // End of stream: the server drops the connection.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }

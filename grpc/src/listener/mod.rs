@@ -9,11 +9,13 @@
 
 mod accept;
 mod conn;
+mod lifecycle;
 mod per_ip;
 mod proxy_header;
 mod refusal;
 
 pub use accept::{accept_loop, Admission, Outlets};
-pub use conn::LimitedConn;
+pub use conn::{ConnInfo, LimitedConn};
+pub use lifecycle::ConnState;
 pub use per_ip::{Networks, PerIpLimits};
 pub use refusal::{serve as serve_refusals, RefusedConn};
