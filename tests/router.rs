@@ -415,6 +415,25 @@ async fn router_relays_a_side_to_the_member_that_owns_the_session() {
     let mut u_rx = u.rx;
     assert!(is_eof(&u_rx.message().await.unwrap().unwrap()));
     assert!(u_rx.message().await.unwrap().is_none());
+
+    // The other way round: the agent is first, so its member owns the session, and the user's
+    // call is relayed there; it is still told, before pairing, how long the owner waits.
+    let key = new_session_key();
+    let agent_first = {
+        let (agent, key) = (agent.clone(), key.clone());
+        tokio::spawn(async move { agent.open_agent(agent_init(&key, "wf")).await })
+    };
+    eventually("the agent waits on the member it reached", || {
+        let (admin, key) = (admin.clone(), key.clone());
+        futures_now(async move { admin.info(&key, Duration::from_secs(5)).await })
+            .ok()
+            .filter(|i| i.agent_connected && i.owner == 3)
+    });
+    let rendezvous = user.start_user(exec_init(&key, "wf")).await.unwrap();
+    assert_eq!(rendezvous.timeout, Some(Duration::from_secs(60)));
+    let u = rendezvous.paired().await.unwrap();
+    let (a, _) = agent_first.await.unwrap().unwrap();
+    drop((u.tx, a.tx));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

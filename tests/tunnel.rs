@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{stderr, stdout, Node, LODGE};
+use common::{stderr, stdout, wait_child, Node, LODGE};
 
 const SECRET: &str = "tunnel-tests-secret-0123456789abcdef";
 
@@ -67,24 +67,7 @@ fn start_until(mut cmd: Command, prefix: &str) -> (Proc, String) {
 }
 
 fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let node = Node::start_env(
-        &[],
-        &[(
-            "LODGE_ROUTER__AUTH__HS256_SECRET_FILE",
-            secret.to_str().unwrap(),
-        )],
-    );
-    let minted = Command::new(LODGE)
-        .args(["token", "--secret-file", secret.to_str().unwrap()])
-        .args(["--roles", "exec,port-forward,rsync,agent,admin"])
-        .output()
-        .unwrap();
-    assert!(minted.status.success(), "{}", stderr(&minted));
-    let token = dir.path().join("token");
-    std::fs::write(&token, stdout(&minted)).unwrap();
+    let (node, token, dir) = node_and_token(&[], "exec,port-forward,rsync,agent,admin");
     let mut agent = Command::new(LODGE);
     agent
         .args(["agent", "--workflow-id", "w", "--endpoint", &node.grpc])
@@ -98,6 +81,31 @@ fn setup() -> Setup {
         _agent: agent,
         _dir: dir,
     }
+}
+
+/// A node with auth on (and `env` on top), and a token file with `roles`.
+fn node_and_token(
+    env: &[(&str, &str)],
+    roles: &str,
+) -> (Node, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let mut env = env.to_vec();
+    env.push((
+        "LODGE_ROUTER__AUTH__HS256_SECRET_FILE",
+        secret.to_str().unwrap(),
+    ));
+    let node = Node::start_env(&[], &env);
+    let minted = Command::new(LODGE)
+        .args(["token", "--secret-file", secret.to_str().unwrap()])
+        .args(["--roles", roles])
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{}", stderr(&minted));
+    let token = dir.path().join("token");
+    std::fs::write(&token, stdout(&minted)).unwrap();
+    (node, token, dir)
 }
 
 impl Setup {
@@ -430,4 +438,156 @@ fn tunnel_tcp_reset_reaches_the_far_side_as_a_reset_not_an_end() {
         .recv_timeout(Duration::from_secs(30))
         .expect("the server saw the connection end");
     assert_eq!(seen, "a reset", "a broken upload must not look complete");
+}
+
+/// How many times the tests below repeat a run that used to lose its error text now and then.
+const RUNS: usize = 50;
+
+#[test]
+fn tunnel_rsync_error_text_reaches_the_user_every_time() {
+    require("rsync");
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_tree(&src);
+    let src = format!("{}/", src.display());
+    // The documented mistake: a destination whose parent does not exist. rsync's server writes
+    // "mkdir ... failed" to its stderr, then its exit code to the protocol stream (stdout).
+    let dest = format!("w:{}/missing/deeper/", dir.path().display());
+    let shell = format!(
+        "{LODGE} rsync-shell --endpoint {} --token-file {}",
+        s.node.grpc,
+        s.token.display()
+    );
+    for run in 0..RUNS {
+        // Both ways the issue names: `lodge rsync`, and rsync with lodge as its remote shell.
+        let out = if run % 2 == 0 {
+            s.lodge("rsync").args(["-a", &src, &dest]).output().unwrap()
+        } else {
+            Command::new("rsync")
+                .args(["-e", &shell, "-a", &src, &dest])
+                .env_remove("LODGE_TOKEN")
+                .output()
+                .unwrap()
+        };
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(11), "run {run}: {err}");
+        assert!(
+            err.contains("rsync:") && err.contains("mkdir") && err.contains("failed"),
+            "run {run} of {RUNS}: the remote error did not reach the user: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn tunnel_exec_stderr_and_exit_code_arrive_every_time() {
+    let s = setup();
+    for run in 0..RUNS {
+        let out = s.exec(&["--", "sh", "-c", "echo oops >&2; exit 3"], b"");
+        assert_eq!(out.status.code(), Some(3), "run {run}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "oops\n", "run {run} of {RUNS}");
+    }
+}
+
+#[test]
+fn tunnel_exec_without_an_agent_says_it_is_waiting_and_for_how_long() {
+    let (node, token, _dir) =
+        node_and_token(&[("LODGE_ROUTER__RENDEZVOUS_TIMEOUT_MS", "3000")], "exec");
+    let out = Command::new(LODGE)
+        .args(["exec", "--endpoint", &node.grpc, "--token-file"])
+        .arg(&token)
+        .args(["--workflow-id", "nobody", "--", "true"])
+        .env_remove("LODGE_TOKEN")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(
+        err.contains("lodge exec: waiting for an agent of workflow nobody (up to 3 s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("is `lodge agent --workflow-id nobody` running"),
+        "the timeout says what to check: {err}"
+    );
+}
+
+#[test]
+fn tunnel_agent_with_a_refused_token_stops_with_the_reason() {
+    // A token without the agent role is refused with PERMISSION_DENIED, a forged one with
+    // UNAUTHENTICATED: neither is retried.
+    let (node, exec_only, dir) = node_and_token(&[], "exec");
+    let forged = dir.path().join("forged");
+    std::fs::write(&forged, "not.a.jwt\n").unwrap();
+    for (token, reason) in [
+        (&exec_only, "PermissionDenied"),
+        (&forged, "Unauthenticated"),
+    ] {
+        let agent = Command::new(LODGE)
+            .args(["agent", "--workflow-id", "w", "--endpoint", &node.grpc])
+            .arg("--token-file")
+            .arg(token)
+            .env_remove("LODGE_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (status, err) = finish(agent);
+        assert_eq!(status, Some(77), "{reason}: {err}");
+        assert!(err.contains(reason), "{err}");
+        assert!(err.contains("not retrying"), "{err}");
+    }
+}
+
+#[test]
+fn tunnel_commands_without_a_token_say_how_to_pass_one() {
+    let (node, _token, _dir) = node_and_token(&[], "exec");
+    let hint = |err: &str| {
+        err.contains("authorization: Bearer <JWT>")
+            && err.contains("--token-file FILE or LODGE_TOKEN")
+    };
+    let exec = Command::new(LODGE)
+        .args([
+            "exec",
+            "--endpoint",
+            &node.grpc,
+            "--workflow-id",
+            "w",
+            "--",
+            "true",
+        ])
+        .env_remove("LODGE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(exec.status.code(), Some(255));
+    assert!(hint(&stderr(&exec)), "{}", stderr(&exec));
+    let list = Command::new(LODGE)
+        .args(["sessions", "--endpoint", &node.grpc, "list"])
+        .env_remove("LODGE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!list.status.success());
+    assert!(hint(&stderr(&list)), "{}", stderr(&list));
+    let agent = Command::new(LODGE)
+        .args(["agent", "--endpoint", &node.grpc, "--workflow-id", "w"])
+        .env_remove("LODGE_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = finish(agent);
+    assert_eq!(status, Some(77), "{err}");
+    assert!(hint(&err), "{err}");
+}
+
+/// Waits (30 s at most) for a child whose stderr is piped; answers its exit code and stderr.
+fn finish(mut child: Child) -> (Option<i32>, String) {
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = pipe.read_to_string(&mut err);
+        err
+    });
+    let status = wait_child(child, Duration::from_secs(30));
+    (status.and_then(|s| s.code()), reader.join().unwrap())
 }

@@ -253,9 +253,11 @@ impl Authenticator {
             }
             Mode::Jwt { key, validation } => (key, validation),
         };
-        let header = md
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("authorization: missing bearer token"))?;
+        let header = md.get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "authorization: missing: send the header \"authorization: Bearer <JWT>\"",
+            )
+        })?;
         let token = header
             .to_str()
             .ok()
@@ -265,7 +267,7 @@ impl Authenticator {
             })
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <token>\""))?;
+            .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <JWT>\""))?;
         let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             let why = match e.kind() {

@@ -38,6 +38,10 @@ use crate::pb::router::{
 /// Metadata key marking a call relayed by another member (holding its id): never relayed again.
 pub const RELAYED: &str = "lodge-relayed";
 
+/// Response header of a user's tunnel: how long, in milliseconds, the session's owner waits for an
+/// agent (`router.rendezvous_timeout_ms`), so that the user's end can say so while it waits.
+pub const RENDEZVOUS_TIMEOUT: &str = "lodge-rendezvous-timeout-ms";
+
 impl Payload for Frame {
     fn payload_len(&self) -> usize {
         self.data.len()
@@ -299,8 +303,9 @@ impl TunnelService {
                 a.session_key
             ))
         })?;
+        let opened = opened.map_err(|s| relay_error(owner, s))?;
+        let rendezvous_timeout = opened.metadata().get(RENDEZVOUS_TIMEOUT).cloned();
         let upstream = opened
-            .map_err(|s| relay_error(owner, s))?
             .into_inner()
             .map(move |r| r.map_err(|s| relay_error(owner, s)));
         let mut inbound = a.inbound;
@@ -334,7 +339,11 @@ impl TunnelService {
             }
         });
         let out: FrameStream = Box::pin(upstream);
-        Ok(Response::new(out))
+        let mut response = Response::new(out);
+        if let Some(ms) = rendezvous_timeout {
+            response.metadata_mut().insert(RENDEZVOUS_TIMEOUT, ms);
+        }
+        Ok(response)
     }
 }
 
@@ -437,8 +446,16 @@ impl crate::pb::router::tunnel_server::Tunnel for TunnelService {
         let greeting = Paired {
             init: Some(init.clone()),
         };
-        self.arrive(o.arrival(Side::User, key, workflow, Some(operation), greeting))
-            .await
+        let mut response = self
+            .arrive(o.arrival(Side::User, key, workflow, Some(operation), greeting))
+            .await?;
+        // A relayed call already carries the owner's figure, which is the one that applies.
+        let headers = response.metadata_mut();
+        if !headers.contains_key(RENDEZVOUS_TIMEOUT) {
+            let ms = self.cx.settings.rendezvous_timeout.as_millis().to_string();
+            headers.insert(RENDEZVOUS_TIMEOUT, ms.parse().expect("digits"));
+        }
+        Ok(response)
     }
 
     async fn agent(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
@@ -19,6 +19,7 @@ use crate::pb::router::{
     frame, AgentInit, Frame, GetSessionInfoRequest, ListSessionsRequest, ListenRequest,
     SessionInfo, SessionOffer, TerminateSessionRequest, UserInit,
 };
+pub use crate::router::RENDEZVOUS_TIMEOUT;
 
 /// Frames a sender may queue before `send` waits: small, so that a slow network slows the
 /// producer instead of growing memory.
@@ -59,6 +60,11 @@ impl RouterClient {
         Ok(Self { channel, token })
     }
 
+    /// Whether calls carry a token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
     /// The same connection with another token (a renewed one).
     pub fn with_token(&self, token: Option<&str>) -> Result<Self, String> {
         Self::new(self.channel.clone(), token)
@@ -74,13 +80,24 @@ impl RouterClient {
 
     /// Opens a user tunnel and waits until an agent has joined (the router's `paired` frame).
     pub async fn open_user(&self, init: UserInit) -> Result<Tunnel, Status> {
-        let (tx, rx) = self.start(frame::Control::UserInit(init), true).await?;
-        Ok(Tunnel { tx, rx })
+        self.start_user(init).await?.paired().await
+    }
+
+    /// Opens a user tunnel: answers once the router has accepted it, before an agent has
+    /// joined, so that a caller can say it is waiting (see [`Rendezvous`]).
+    pub async fn start_user(&self, init: UserInit) -> Result<Rendezvous, Status> {
+        let (tx, rx, headers) = self.start(frame::Control::UserInit(init)).await?;
+        let timeout = headers
+            .get(RENDEZVOUS_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        Ok(Rendezvous { tx, rx, timeout })
     }
 
     /// Opens an agent tunnel and waits for the user; answers the tunnel and the user's request.
     pub async fn open_agent(&self, init: AgentInit) -> Result<(Tunnel, UserInit), Status> {
-        let (tx, mut rx) = self.start(frame::Control::AgentInit(init), false).await?;
+        let (tx, mut rx, _) = self.start(frame::Control::AgentInit(init)).await?;
         let first = rx
             .message()
             .await?
@@ -98,11 +115,13 @@ impl RouterClient {
         }
     }
 
+    /// Opens a tunnel call with `init` as its first frame; answers its halves and the router's
+    /// response headers.
     async fn start(
         &self,
         init: frame::Control,
-        user: bool,
-    ) -> Result<(mpsc::Sender<Frame>, Streaming<Frame>), Status> {
+    ) -> Result<(mpsc::Sender<Frame>, Streaming<Frame>, MetadataMap), Status> {
+        let user = matches!(init, frame::Control::UserInit(_));
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         tx.send(Frame {
             control: Some(init),
@@ -115,24 +134,13 @@ impl RouterClient {
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let req = self.request(outbound);
-        let mut inbound = if user {
-            grpc.user(req).await?.into_inner()
+        let response = if user {
+            grpc.user(req).await?
         } else {
-            grpc.agent(req).await?.into_inner()
+            grpc.agent(req).await?
         };
-        if user {
-            let first = inbound
-                .message()
-                .await?
-                .ok_or_else(|| Status::unavailable("the router ended the tunnel before pairing"))?;
-            if !matches!(first.control, Some(frame::Control::Paired(_))) {
-                return Err(Status::internal(format!(
-                    "expected a paired frame first, got {:?}",
-                    first.control
-                )));
-            }
-        }
-        Ok((tx, inbound))
+        let (headers, inbound, _) = response.into_parts();
+        Ok((tx, inbound, headers))
     }
 
     /// The agent's stream of sessions opened for `workflow_id`.
@@ -192,6 +200,33 @@ impl RouterClient {
             .await?
             .into_inner()
             .terminated)
+    }
+}
+
+/// A user tunnel the router has accepted, waiting for an agent to join.
+pub struct Rendezvous {
+    tx: mpsc::Sender<Frame>,
+    rx: Streaming<Frame>,
+    /// How long the router waits for the agent (its `router.rendezvous_timeout_ms`), if it said.
+    pub timeout: Option<Duration>,
+}
+
+impl Rendezvous {
+    /// Waits for the agent (the router's `paired` frame); the router ends the wait with
+    /// DEADLINE_EXCEEDED after its rendezvous timeout.
+    pub async fn paired(self) -> Result<Tunnel, Status> {
+        let Rendezvous { tx, mut rx, .. } = self;
+        let first = rx
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("the router ended the tunnel before pairing"))?;
+        if !matches!(first.control, Some(frame::Control::Paired(_))) {
+            return Err(Status::internal(format!(
+                "expected a paired frame first, got {:?}",
+                first.control
+            )));
+        }
+        Ok(Tunnel { tx, rx })
     }
 }
 

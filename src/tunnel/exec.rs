@@ -69,7 +69,7 @@ pub async fn run(conn: TunnelConn, args: ExecArgs) -> i32 {
             },
         })),
     };
-    let (link, io) = match session::open(&conn, init, resizes).await {
+    let (link, io) = match session::open(&conn, init, resizes, "lodge exec").await {
         Ok(opened) => opened,
         Err(e) => return fail(&e),
     };

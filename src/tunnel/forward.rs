@@ -136,9 +136,9 @@ impl SessionOpener {
             workflow_id: self.workflow_id.clone(),
             operation: Some(user_init::Operation::PortForward(self.forward)),
         };
-        match self.client.open_user(init).await {
+        match super::open_user(&self.client, init, "lodge port-forward").await {
             Ok(t) => Ok((key, Link::from(t))),
-            Err(s) => Err(format!("session {key}: {:?}: {}", s.code(), s.message())),
+            Err(e) => Err(format!("session {key}: {e}")),
         }
     }
 }

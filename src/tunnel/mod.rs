@@ -15,14 +15,15 @@ pub mod token;
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use clap::Args;
 use lodge_grpc::client;
-use lodge_grpc::pb::router::Frame;
+use lodge_grpc::pb::router::{Frame, UserInit};
 use lodge_grpc::router_client::{RouterClient, Tunnel};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::ctl::Connection;
 
@@ -67,6 +68,82 @@ impl TunnelConn {
             }
         }
         Err(last)
+    }
+}
+
+/// How long a user's end waits for its agent before saying on stderr that it is waiting. Pairing
+/// with a running agent takes milliseconds; saying so every time would only be noise.
+pub const WAIT_NOTICE: Duration = Duration::from_secs(1);
+
+/// Opens a user tunnel on `client` and waits for an agent. If none has joined within
+/// [`WAIT_NOTICE`], says so on stderr (as `who`), with how long the router will wait; an agent
+/// that never comes ends it with the router's DEADLINE_EXCEEDED, worded with what to check. The
+/// error is one line for people.
+pub async fn open_user(client: &RouterClient, init: UserInit, who: &str) -> Result<Tunnel, String> {
+    let workflow = init.workflow_id.clone();
+    let rendezvous = client
+        .start_user(init)
+        .await
+        .map_err(|s| explain(&s, client.has_token()))?;
+    let limit = rendezvous.timeout;
+    let paired = rendezvous.paired();
+    tokio::pin!(paired);
+    let paired = match tokio::time::timeout(WAIT_NOTICE, &mut paired).await {
+        Ok(result) => result,
+        Err(_) => {
+            eprintln!("{who}: {}", waiting_line(&workflow, limit));
+            paired.await
+        }
+    };
+    paired.map_err(|s| {
+        let why = explain(&s, client.has_token());
+        if s.code() == Code::DeadlineExceeded {
+            format!(
+                "{why} (is `lodge agent --workflow-id {workflow}` running, with a token for \
+                 this workflow?)"
+            )
+        } else {
+            why
+        }
+    })
+}
+
+/// The line a user's end prints while it waits for an agent: how long the router waits if it
+/// said (a node older than this line does not), else where that is set.
+pub fn waiting_line(workflow: &str, limit: Option<Duration>) -> String {
+    match limit {
+        Some(limit) => format!(
+            "waiting for an agent of workflow {workflow} (up to {}, router.rendezvous_timeout_ms)",
+            seconds(limit)
+        ),
+        None => format!(
+            "waiting for an agent of workflow {workflow} (for as long as the node's \
+             router.rendezvous_timeout_ms, 60 s by default)"
+        ),
+    }
+}
+
+/// `d` for people: whole seconds when it is some, else milliseconds.
+fn seconds(d: Duration) -> String {
+    if d.as_millis().is_multiple_of(1000) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// A failed router call as one line for people. A call refused for want of a token (none was
+/// given) says how to give one.
+pub fn explain(status: &Status, token_given: bool) -> String {
+    let what = if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        status.message().to_string()
+    };
+    if status.code() == Code::Unauthenticated && !token_given {
+        format!("{what}; no token was given: pass one with --token-file FILE or LODGE_TOKEN")
+    } else {
+        what
     }
 }
 
@@ -130,4 +207,31 @@ pub fn link_pair() -> (Link, Link) {
             rx: rx(b_in),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waiting_line_says_how_long_when_the_node_said() {
+        assert_eq!(
+            waiting_line("w", Some(Duration::from_secs(60))),
+            "waiting for an agent of workflow w (up to 60 s, router.rendezvous_timeout_ms)"
+        );
+        assert!(waiting_line("w", Some(Duration::from_millis(1500))).contains("up to 1500 ms"));
+        assert!(waiting_line("w", None).contains("60 s by default"));
+    }
+
+    #[test]
+    fn a_refusal_without_a_token_says_how_to_pass_one() {
+        let refused = Status::unauthenticated("authorization: missing");
+        assert!(
+            explain(&refused, false).ends_with("pass one with --token-file FILE or LODGE_TOKEN")
+        );
+        assert_eq!(explain(&refused, true), "authorization: missing");
+        let denied = Status::permission_denied("no role");
+        assert_eq!(explain(&denied, false), "no role");
+        assert_eq!(explain(&Status::unavailable(""), false), "Unavailable");
+    }
 }

@@ -151,7 +151,7 @@ pub async fn run_shell(conn: TunnelConn, args: RsyncShellArgs) -> i32 {
             command: args.command,
         })),
     };
-    match session::open(&conn, init, None).await {
+    match session::open(&conn, init, None, "lodge rsync").await {
         Ok((link, io)) => session::run(link, io).await,
         Err(e) => session::Outcome::Failed(e),
     }

@@ -76,7 +76,7 @@ async fn call(conn: &TunnelConn, cmd: &Sessions) -> Result<Answer, String> {
             match ask(&router, cmd).await {
                 Ok(a) => Ok(Ok(a)),
                 Err(s) if s.code() == Code::Unavailable => Err(s),
-                Err(s) => Ok(Err(explain(cmd, &s))),
+                Err(s) => Ok(Err(explain(cmd, &s, token.is_some()))),
             }
         }
     })
@@ -103,14 +103,14 @@ async fn ask(router: &RouterClient, cmd: &Sessions) -> Result<Answer, Status> {
 }
 
 /// One line for a failed call.
-fn explain(cmd: &Sessions, s: &Status) -> String {
+fn explain(cmd: &Sessions, s: &Status, token_given: bool) -> String {
     match cmd {
         Sessions::Info { session_key } | Sessions::Terminate { session_key, .. }
             if s.code() == Code::NotFound =>
         {
             format!("session {session_key}: unknown session key")
         }
-        _ => format!("{:?}: {}", s.code(), s.message()),
+        _ => format!("{:?}: {}", s.code(), super::explain(s, token_given)),
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! The listen stream is only a source of offers: when it breaks, the agent listens again (with
 //! backoff, trying the endpoints in turn) while the sessions already running carry on over their
-//! own tunnels. SIGINT or SIGTERM stops listening and gives running sessions [`GRACE`] to finish.
+//! own tunnels. A node that refuses the agent's token is the exception: that is not retried, and
+//! the agent exits [`TOKEN_REFUSED_EXIT_CODE`] with the node's reason. SIGINT or SIGTERM stops
+//! listening and gives running sessions [`GRACE`] to finish.
 //!
 //! An operation left out of `--allow` is refused: an exec or rsync user gets a line on stderr and
 //! exit status 126 (the shell's "cannot execute"); a port-forward is simply closed, so the user's
@@ -52,6 +54,12 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(5);
 
 /// Exit status of a refused exec or rsync: the shell's "found but cannot execute".
 pub const REFUSED_EXIT_CODE: i32 = 126;
+
+/// Exit status of `lodge agent` when the node refuses its credentials (UNAUTHENTICATED: a
+/// missing, expired or forged token; PERMISSION_DENIED: no `agent` role, or not for this
+/// workflow): sysexits' EX_NOPERM. Retrying cannot fix a refused token, so the agent stops and
+/// says why instead of retrying in silence for ever.
+pub const TOKEN_REFUSED_EXIT_CODE: i32 = 77;
 
 /// Arguments of `lodge agent`.
 #[derive(clap::Args, Debug)]
@@ -164,10 +172,10 @@ pub async fn run(conn: TunnelConn, args: AgentArgs) -> i32 {
     // Every session holds a clone; `recv` answers `None` once all of them have finished.
     let (running, mut all_finished) = mpsc::channel::<()>(1);
     let mut listening = Box::pin(listen_forever(conn, agent, running.clone()));
-    tokio::select! {
-        () = &mut listening => {}
-        () = shutdown.signalled() => {}
-    }
+    let code = tokio::select! {
+        code = &mut listening => code,
+        () = shutdown.signalled() => 0,
+    };
     drop(listening);
     let sessions = running.strong_count() - 1;
     drop(running);
@@ -182,32 +190,63 @@ pub async fn run(conn: TunnelConn, args: AgentArgs) -> i32 {
         {
             eprintln!("lodge agent: sessions still running after the grace period are cut off");
         }
-    } else {
+    } else if code == 0 {
         eprintln!("lodge agent: stopping");
     }
-    0
+    code
 }
 
-/// Listens for offers, again and again; never returns.
-async fn listen_forever(conn: TunnelConn, agent: Arc<Agent>, running: mpsc::Sender<()>) {
+/// Why a listen stream could not be opened or ended.
+enum ListenError {
+    /// Worth another try (the node is unreachable, restarting, has no leader...).
+    Transient(String),
+    /// The node refused the agent's credentials: another try would be refused too.
+    Refused(String),
+}
+
+impl ListenError {
+    /// The error of a failed listen call or stream.
+    fn of(status: &tonic::Status, token_given: bool) -> Self {
+        let why = format!(
+            "listen: {:?}: {}",
+            status.code(),
+            super::explain(status, token_given)
+        );
+        match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => ListenError::Refused(why),
+            _ => ListenError::Transient(why),
+        }
+    }
+}
+
+/// Listens for offers, again and again, saying on every failed attempt why and when the next
+/// comes; returns (the exit status) only if the node refuses the agent's credentials.
+async fn listen_forever(conn: TunnelConn, agent: Arc<Agent>, running: mpsc::Sender<()>) -> i32 {
     let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_CAP);
     let mut announced = false;
     let mut first_endpoint = 0;
     loop {
         let opened = Instant::now();
-        match listen_once(&conn, first_endpoint, &agent, &running, &mut announced).await {
-            Ok(()) => eprintln!("lodge agent: the listen stream ended"),
-            Err(e) => {
-                eprintln!("lodge agent: {e}");
+        let why = match listen_once(&conn, first_endpoint, &agent, &running, &mut announced).await {
+            Ok(()) => "the listen stream ended".to_string(),
+            Err(ListenError::Refused(why)) => {
+                eprintln!(
+                    "lodge agent: {why}; not retrying, a refused token stays refused: stopping \
+                     (exit {TOKEN_REFUSED_EXIT_CODE})"
+                );
+                return TOKEN_REFUSED_EXIT_CODE;
+            }
+            Err(ListenError::Transient(why)) => {
                 // The next attempt starts with another member: this one may be the broken one.
                 first_endpoint += 1;
+                why
             }
-        }
+        };
         if opened.elapsed() >= STABLE_STREAM {
             backoff.reset();
         }
         let pause = backoff.next_pause();
-        eprintln!("lodge agent: retrying in {}ms", pause.as_millis());
+        eprintln!("lodge agent: {why}; retrying in {} ms", pause.as_millis());
         tokio::time::sleep(pause).await;
     }
 }
@@ -219,12 +258,12 @@ async fn listen_once(
     agent: &Arc<Agent>,
     running: &mpsc::Sender<()>,
     announced: &mut bool,
-) -> Result<(), String> {
-    let router = connect(conn, first_endpoint).await?;
-    let mut offers = router
-        .listen(&agent.workflow_id)
+) -> Result<(), ListenError> {
+    let router = connect(conn, first_endpoint)
         .await
-        .map_err(|s| format!("listen: {:?}: {}", s.code(), s.message()))?;
+        .map_err(ListenError::Transient)?;
+    let failed = |s: tonic::Status| ListenError::of(&s, router.has_token());
+    let mut offers = router.listen(&agent.workflow_id).await.map_err(failed)?;
     if *announced {
         eprintln!("lodge agent: listening again");
     } else {
@@ -232,7 +271,7 @@ async fn listen_once(
         *announced = true;
     }
     while let Some(offer) = offers.next().await {
-        let offer = offer.map_err(|s| format!("listen: {:?}: {}", s.code(), s.message()))?;
+        let offer = offer.map_err(failed)?;
         // The token file is read for every session: a renewed token is used at once, without
         // waiting for the listen stream to reconnect.
         let router = match conn.token().and_then(|t| router.with_token(t.as_deref())) {

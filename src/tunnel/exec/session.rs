@@ -82,8 +82,16 @@ where
         // Dropping `sending` here half-closes our side if input had not ended yet.
     };
     if matches!(outcome, Outcome::Exited(_)) {
-        let _ = tokio::time::timeout(LINGER, async { while let Some(Ok(_)) = rx.next().await {} })
-            .await;
+        // The agent sends nothing after the exit status; should output still come, it is
+        // written, not dropped.
+        let rest = async {
+            while let Some(Ok(frame)) = rx.next().await {
+                if write_frame(&frame, &mut stdout, &mut stderr).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, rest).await;
     }
     outcome
 }
@@ -142,23 +150,39 @@ where
             Some(Err(status)) => return Outcome::Failed(status.message().to_string()),
             Some(Ok(f)) => f,
         };
-        if !frame.data.is_empty() {
-            let written = if frame.channel() == Channel::Stderr {
-                write_out(stderr, &frame.data)
-                    .await
-                    .map_err(|e| ("stderr", e))
-            } else {
-                write_out(stdout, &frame.data)
-                    .await
-                    .map_err(|e| ("stdout", e))
-            };
-            if let Err((name, e)) = written {
-                return Outcome::Failed(format!("writing {name}: {e}"));
-            }
+        if let Err((name, e)) = write_frame(&frame, stdout, stderr).await {
+            return Outcome::Failed(format!("writing {name}: {e}"));
         }
         if let Some(frame::Control::Exit(status)) = frame.control {
             return exit_outcome(status);
         }
+    }
+}
+
+/// Writes a frame's output where its channel says, flushed before the next frame is looked at:
+/// stderr sent ahead of stdout (see the agent's pipes) is on the terminal before the stdout
+/// reaches the reader, which may be a local rsync that ends us as soon as it has read the exit
+/// code. Answers which stream failed.
+async fn write_frame<O, E>(
+    frame: &Frame,
+    stdout: &mut O,
+    stderr: &mut E,
+) -> Result<(), (&'static str, std::io::Error)>
+where
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    if frame.data.is_empty() {
+        return Ok(());
+    }
+    if frame.channel() == Channel::Stderr {
+        write_out(stderr, &frame.data)
+            .await
+            .map_err(|e| ("stderr", e))
+    } else {
+        write_out(stdout, &frame.data)
+            .await
+            .map_err(|e| ("stdout", e))
     }
 }
 
@@ -171,12 +195,10 @@ pub(crate) async fn open(
     conn: &crate::tunnel::TunnelConn,
     init: lodge_grpc::pb::router::UserInit,
     resizes: Option<mpsc::Receiver<TerminalSize>>,
+    who: &str,
 ) -> Result<(crate::tunnel::Link, StdIo), String> {
     let client = conn.connect().await?;
-    let tunnel = client
-        .open_user(init)
-        .await
-        .map_err(|status| status.message().to_string())?;
+    let tunnel = crate::tunnel::open_user(&client, init, who).await?;
     blocking_stdio();
     let io = UserIo {
         input: stdin_chunks()?,

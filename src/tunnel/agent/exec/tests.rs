@@ -4,7 +4,9 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lodge_grpc::pb::router::{exit_status, frame, Exec, ExitStatus, Frame, Rsync, TerminalSize};
+use lodge_grpc::pb::router::{
+    exit_status, frame, Channel, Exec, ExitStatus, Frame, Rsync, TerminalSize,
+};
 use lodge_grpc::router_client::{control, data};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -123,6 +125,44 @@ async fn exec_with_pipes_relays_stdin_stdout_stderr_and_the_exit_code() {
     assert_eq!(outcome, Outcome::Exited(3));
     assert_eq!(stdout, b"hello\nworld\n");
     assert_eq!(stderr, b"err\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_written_before_stdout_is_sent_before_it() {
+    // rsync's server writes its error to stderr, then its exit code to stdout; the user must get
+    // them in that order (issue 14). The two pipes are read apart, so this used to depend on
+    // which one the agent happened to poll first.
+    for run in 0..50 {
+        let (user, agent) = link_pair();
+        let exec = pipes(&["sh", "-c", "echo oops >&2; echo code; exit 11"]);
+        let server = tokio::spawn(serve_exec(agent, exec));
+        let Link { tx, mut rx } = user;
+        let mut order = Vec::new();
+        loop {
+            let f = tokio::time::timeout(LIMIT, rx.next())
+                .await
+                .expect("no exit frame")
+                .expect("the link ended")
+                .expect("the link failed");
+            if !f.data.is_empty() {
+                order.push((f.channel(), f.data.clone()));
+            }
+            if let Some(frame::Control::Exit(status)) = f.control {
+                assert_eq!(status, code(11));
+                break;
+            }
+        }
+        let expected = [
+            (Channel::Stderr, Bytes::from_static(b"oops\n")),
+            (Channel::Stdout, Bytes::from_static(b"code\n")),
+        ];
+        assert_eq!(order, expected, "run {run}");
+        drop(tx);
+        assert_eq!(
+            tokio::time::timeout(LIMIT, server).await.unwrap().unwrap(),
+            Ok(())
+        );
+    }
 }
 
 #[tokio::test]
