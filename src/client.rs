@@ -216,9 +216,40 @@ fn print(doc: &Value, as_json: bool) {
     }
 }
 
+/// What `lodge client run` says the client is: `registering` until the first attempt fails,
+/// `retrying` after that, and only once a registration exists its health (`healthy`, `warning`,
+/// `error`), which measures heartbeats and so means nothing before.
+fn state(s: &ClientStatus) -> String {
+    match (&s.client_id, &s.last_error) {
+        (None, None) => "registering".into(),
+        (None, Some(_)) => "retrying".into(),
+        (Some(_), _) => format!("{:?}", s.health).to_lowercase(),
+    }
+}
+
+/// One status line of `lodge client run`.
+fn status_line(s: &ClientStatus) -> String {
+    let mut line = format!(
+        "{:<11} client_id={} endpoint={} connected={} interval={}ms missed={}",
+        state(s),
+        s.client_id.as_deref().unwrap_or("-"),
+        s.endpoint.as_deref().unwrap_or("-"),
+        s.connected,
+        s.interval.as_millis(),
+        s.missed
+    );
+    if let Some(e) = &s.last_error {
+        line.push_str(&format!(" error={e:?}"));
+    }
+    line
+}
+
 fn status_json(s: &ClientStatus) -> Value {
     json!({
-        "health": format!("{:?}", s.health).to_lowercase(),
+        "state": state(s),
+        // Health measures heartbeats: there is none before the first registration.
+        "health": s.client_id.as_ref().map(|_| format!("{:?}", s.health).to_lowercase()),
+        "error": s.last_error,
         "client_id": s.client_id,
         "endpoint": s.endpoint,
         "connected": s.connected,
@@ -246,15 +277,7 @@ async fn run_client(conn: &Connection, who: Identity) -> i32 {
         if as_json {
             println!("{}", status_json(s));
         } else {
-            println!(
-                "{:<8} client_id={} endpoint={} connected={} interval={}ms missed={}",
-                format!("{:?}", s.health).to_lowercase(),
-                s.client_id.as_deref().unwrap_or("-"),
-                s.endpoint.as_deref().unwrap_or("-"),
-                s.connected,
-                s.interval.as_millis(),
-                s.missed
-            );
+            println!("{}", status_line(s));
         }
     });
     let client = RegistryClient::start(options(conn, &who), Some(on_status));
@@ -275,4 +298,35 @@ async fn run_client(conn: &Connection, who: Identity) -> i32 {
         );
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lodge_grpc::registry_client::Health;
+
+    #[test]
+    fn health_is_claimed_only_once_registered() {
+        let mut s = ClientStatus {
+            endpoint: Some("127.0.0.1:1".into()),
+            ..ClientStatus::default()
+        };
+        assert!(status_line(&s).starts_with("registering client_id=- "));
+        assert_eq!(status_json(&s)["health"], Value::Null);
+        s.last_error = Some("registering: Unavailable: connection refused".into());
+        let line = status_line(&s);
+        assert!(line.starts_with("retrying "), "{line}");
+        assert!(
+            line.ends_with("error=\"registering: Unavailable: connection refused\""),
+            "{line}"
+        );
+        assert_eq!(status_json(&s)["state"], "retrying");
+        s.client_id = Some("c-1".into());
+        s.last_error = None;
+        s.connected = true;
+        assert!(status_line(&s).starts_with("healthy     client_id=c-1 "));
+        assert_eq!(status_json(&s)["health"], "healthy");
+        s.health = Health::Warning;
+        assert_eq!(status_json(&s)["state"], "warning");
+    }
 }

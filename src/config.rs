@@ -510,7 +510,10 @@ impl NodeConfig {
         if !t.backend_url.is_empty() && !t.backend_url.starts_with("http://") {
             return Err(err(
                 "translation.backend_url",
-                format!("{:?} is not an http:// URL", t.backend_url),
+                format!(
+                    "{:?} is not an http:// URL",
+                    lodge_actors::redact::url_credentials(&t.backend_url)
+                ),
             ));
         }
         if !t.backend_url.is_empty() && t.model.trim().is_empty() {
@@ -752,23 +755,34 @@ fn parse_host_port(key: &str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Keys whose values are never shown (NodeInfo, logs). Paths to key files are not secret.
+/// Keys whose values are never shown (NodeInfo, logs). A path to a file holding a secret
+/// (`hs256_secret_file`) is not a secret: showing it tells an operator which file is in use.
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
+    if k.ends_with("_file") || k.ends_with("_path") {
+        return false;
+    }
     ["secret", "password", "token", "api_key"]
         .iter()
         .any(|s| k.contains(s))
 }
 
+/// Replaces secret values, and the passwords of URLs in any string (`backend_url =
+/// "http://user:password@host/v1"`). An empty secret stays empty: it tells that none is set.
 fn redact(v: &mut serde_json::Value) {
-    if let serde_json::Value::Object(map) = v {
-        for (k, val) in map.iter_mut() {
-            if is_secret(k) && !val.is_object() {
-                *val = serde_json::Value::String("<redacted>".into());
-            } else {
-                redact(val);
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if is_secret(k) && !val.is_object() && *val != "" {
+                    *val = serde_json::Value::String(lodge_actors::redact::REDACTED.into());
+                } else {
+                    redact(val);
+                }
             }
         }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        serde_json::Value::String(s) => *s = lodge_actors::redact::url_credentials(s),
+        _ => {}
     }
 }
 
@@ -958,10 +972,23 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_but_file_paths_are_not() {
-        let mut v = serde_json::json!({"a": {"api_key": "k", "key_file": "/x", "jwt_secret": "s"}});
+        let mut v = serde_json::json!({"a": {
+            "api_key": "k", "key_file": "/x", "jwt_secret": "s",
+            "hs256_secret": "", "hs256_secret_file": "/etc/lodge/hs256",
+            "backend_url": "http://bob:hunter2@llm:8000/v1",
+            "endpoints": ["http://tok@h:1", "10.0.0.1:7000"],
+        }});
         redact(&mut v);
         assert_eq!(v["a"]["api_key"], "<redacted>");
         assert_eq!(v["a"]["jwt_secret"], "<redacted>");
+        assert_eq!(
+            v["a"]["hs256_secret"], "",
+            "an empty secret says none is set"
+        );
         assert_eq!(v["a"]["key_file"], "/x");
+        assert_eq!(v["a"]["hs256_secret_file"], "/etc/lodge/hs256");
+        assert_eq!(v["a"]["backend_url"], "http://bob:<redacted>@llm:8000/v1");
+        assert_eq!(v["a"]["endpoints"][0], "http://<redacted>@h:1");
+        assert_eq!(v["a"]["endpoints"][1], "10.0.0.1:7000");
     }
 }

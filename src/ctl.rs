@@ -350,7 +350,7 @@ async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
                 } else {
                     println!(
                         "{} {:<9} {} [{}] restarts={} {}",
-                        e.at_unix_ms,
+                        crate::utc::rfc3339(e.at_unix_ms),
                         event_name(e.r#type),
                         e.path,
                         e.kind,

@@ -15,6 +15,7 @@ mod module;
 mod node;
 mod translate;
 mod tunnel;
+mod utc;
 
 use std::path::PathBuf;
 

@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod envelope;
 pub mod history;
 pub mod introspect;
+pub mod redact;
 pub mod registry;
 pub mod router;
 pub mod runtime;

@@ -22,6 +22,7 @@ pub mod registry_client;
 pub mod router;
 pub mod router_client;
 pub mod router_store;
+pub mod served;
 pub mod server;
 pub mod store;
 pub mod translation;

@@ -138,11 +138,12 @@ impl Methods {
     }
 }
 
-/// Method paths served by a node, from the encoded descriptor sets of its services: anything else
-/// is labelled `unknown`, so a client cannot grow the metrics page with made-up paths.
-pub fn known_methods(descriptor_sets: &[&[u8]], extra: &[&str]) -> HashSet<String> {
+/// The method paths of `services` (full names), from encoded descriptor sets that describe them:
+/// anything else is labelled `unknown`, so a client cannot grow the metrics page with made-up
+/// paths, and a service a set describes but the server does not serve gets no series.
+pub fn known_methods(descriptor_sets: &[&[u8]], services: &[&str]) -> HashSet<String> {
     use prost::Message as _;
-    let mut out: HashSet<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut out = HashSet::new();
     for set in descriptor_sets {
         let Ok(fds) = prost_types::FileDescriptorSet::decode(*set) else {
             continue;
@@ -150,9 +151,12 @@ pub fn known_methods(descriptor_sets: &[&[u8]], extra: &[&str]) -> HashSet<Strin
         for file in fds.file {
             let package = file.package.unwrap_or_default();
             for svc in file.service {
-                let name = svc.name.unwrap_or_default();
+                let full = format!("{package}.{}", svc.name.unwrap_or_default());
+                if !services.contains(&full.as_str()) {
+                    continue;
+                }
                 for m in svc.method {
-                    out.insert(format!("/{package}.{name}/{}", m.name.unwrap_or_default()));
+                    out.insert(format!("/{full}/{}", m.name.unwrap_or_default()));
                 }
             }
         }
@@ -324,7 +328,7 @@ mod tests {
     async fn calls_are_labelled_by_known_method_or_unknown_and_cancelled_calls_are_counted() {
         let mut registry = Registry::default();
         let metrics = ServerMetrics::register(&mut registry);
-        let known = known_methods(&[crate::pb::FILE_DESCRIPTOR_SET], &[]);
+        let known = known_methods(&[crate::pb::FILE_DESCRIPTOR_SET], &["lodge.admin.v1.Admin"]);
         assert!(known.contains("/lodge.admin.v1.Admin/ListActors"));
         let inner = tower::service_fn(|_req: http::Request<()>| async {
             let resp = http::Response::builder()

@@ -135,6 +135,9 @@ pub struct ClientStatus {
     pub missed: u32,
     /// How many times the client registered (re-registrations included).
     pub registrations: u64,
+    /// Why the last attempt to connect, register or heartbeat failed; `None` once one succeeds.
+    /// Before the first registration this tells "still trying" from "trying again".
+    pub last_error: Option<String>,
 }
 
 impl Default for ClientStatus {
@@ -147,11 +150,12 @@ impl Default for ClientStatus {
             interval: Duration::ZERO,
             missed: 0,
             registrations: 0,
+            last_error: None,
         }
     }
 }
 
-/// Called on every change of health, client id, endpoint or connected state. It is called from
+/// Called on every change of health, client id, endpoint, connected state or last error. It is called from
 /// the background task with no lock held, so it may call [`RegistryClient::status`]; it should
 /// not block for long, since heartbeats wait for it.
 pub type StatusCallback = Arc<dyn Fn(&ClientStatus) + Send + Sync>;
@@ -398,6 +402,15 @@ pub(crate) fn member_failed(s: &Status) -> bool {
     )
 }
 
+/// A failed call as the status shows it: what was tried, the code and the server's message.
+fn failure(what: &str, s: &Status) -> String {
+    if s.message().is_empty() {
+        format!("{what}: {:?}", s.code())
+    } else {
+        format!("{what}: {:?}: {}", s.code(), s.message())
+    }
+}
+
 /// The interval an answer asks for, preferring the finer field; `None` when it sets neither.
 fn interval_of(ms: i64, secs: i32) -> Option<Duration> {
     if ms > 0 {
@@ -419,8 +432,8 @@ pub(crate) fn jittered(b: Duration) -> Duration {
 enum Outcome {
     /// Shutdown was asked for (or the client dropped).
     Stop,
-    /// The session failed; `switch` moves on to the next endpoint.
-    Fail { switch: bool },
+    /// The session failed; `switch` moves on to the next endpoint; `why` is for the status.
+    Fail { switch: bool, why: String },
 }
 
 /// What a guarded wait ended with.
@@ -505,7 +518,8 @@ impl Worker {
         let notable = prev.health != c.health
             || prev.client_id != c.client_id
             || prev.endpoint != c.endpoint
-            || prev.connected != c.connected;
+            || prev.connected != c.connected
+            || prev.last_error != c.last_error;
         if notable {
             if let Some(cb) = &self.on_status {
                 cb(&self.cur);
@@ -519,13 +533,15 @@ impl Worker {
         self.last_success = Instant::now();
         self.backoff = self.opts().backoff_initial;
         self.cur.connected = true;
+        self.cur.last_error = None;
         self.watchdog();
     }
 
     /// Waits out the backoff (with jitter, so clients that lost the same member do not return
     /// in lockstep) and picks the next endpoint when asked. `false` means stop.
-    async fn failed(&mut self, switch: bool) -> bool {
+    async fn failed(&mut self, switch: bool, why: String) -> bool {
         self.cur.connected = false;
+        self.cur.last_error = Some(why);
         self.watchdog();
         let b = self.backoff;
         let delay = jittered(b);
@@ -556,8 +572,8 @@ impl Worker {
             let channel = match self.guarded(connect).await {
                 None => break,
                 Some(Ok(ch)) => ch,
-                Some(Err(_)) => {
-                    if !self.failed(true).await {
+                Some(Err(e)) => {
+                    if !self.failed(true, e).await {
                         break;
                     }
                     continue;
@@ -569,8 +585,8 @@ impl Worker {
             });
             match self.session(channel).await {
                 Outcome::Stop => break,
-                Outcome::Fail { switch } => {
-                    if !self.failed(switch).await {
+                Outcome::Fail { switch, why } => {
+                    if !self.failed(switch, why).await {
                         break;
                     }
                 }
@@ -617,10 +633,16 @@ impl Worker {
                     }
                     // Refused: the member answered, so it is not a reason to leave it; back off
                     // and try again (the refusal may be transient, e.g. no quorum yet).
-                    Some(Ok(_)) => return Outcome::Fail { switch: false },
+                    Some(Ok(r)) => {
+                        return Outcome::Fail {
+                            switch: false,
+                            why: format!("registration refused: {}", r.message),
+                        }
+                    }
                     Some(Err(s)) => {
                         return Outcome::Fail {
                             switch: member_failed(&s),
+                            why: failure("registering", &s),
                         }
                     }
                 }
@@ -661,6 +683,7 @@ impl Worker {
                         self.succeeded();
                     } else {
                         self.cur.connected = true;
+                        self.cur.last_error = Some(format!("heartbeat refused: {}", r.message));
                         self.watchdog();
                     }
                 }
@@ -668,9 +691,17 @@ impl Worker {
                     need_register = true;
                     continue;
                 }
-                Some(Err(s)) if member_failed(&s) => return Outcome::Fail { switch: true },
+                Some(Err(s)) if member_failed(&s) => {
+                    return Outcome::Fail {
+                        switch: true,
+                        why: failure("heartbeat", &s),
+                    }
+                }
                 // Any other error counts as a missed beat; the member is up, so stay.
-                Some(Err(_)) => self.watchdog(),
+                Some(Err(s)) => {
+                    self.cur.last_error = Some(failure("heartbeat", &s));
+                    self.watchdog();
+                }
             }
             next_beat = (sent + self.cur.interval).max(Instant::now());
         }

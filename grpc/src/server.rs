@@ -78,19 +78,6 @@ pub struct NodeServices {
     pub health: HealthReporter,
 }
 
-/// Service names reported by grpc.health.v1 besides the node-wide "".
-const SERVICE_NAMES: &[&str] = &[
-    "lodge.admin.v1.Admin",
-    "lodge.cluster.v1.Cluster",
-    "lodge.kv.v1.KV",
-    "lodge.raft.v1.Raft",
-    "lodge.registry.v1.Registry",
-    "lodge.registry.v1.Translation",
-    "lodge.router.v1.Tunnel",
-    "lodge.router.v1.RouterControl",
-    "lodge.balancer.v1.Balancer",
-];
-
 /// What the node's services talk to.
 pub struct Backends {
     pub admin: ActorRef<AdminActor>,
@@ -125,18 +112,28 @@ pub struct RouterBackend {
     pub auth: Arc<crate::auth::Authenticator>,
 }
 
-/// Path of the reflection method (its descriptor is not among the sets we register).
-const REFLECTION_METHOD: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
-
 /// Every method the node serves, for bounded metric labels.
 pub fn served_methods() -> std::collections::HashSet<String> {
-    crate::metrics::known_methods(
-        &[
-            pb::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ],
-        &[REFLECTION_METHOD],
-    )
+    crate::served::node_methods()
+}
+
+/// Server reflection over both protocol versions, listing exactly the services the node serves.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        // The reflection descriptors are among ours, so both versions describe both versions.
+        .include_reflection_service(false);
+    for set in crate::served::DESCRIPTOR_SETS {
+        b = b.register_encoded_file_descriptor_set(set);
+    }
+    for name in crate::served::NODE_SERVICES {
+        b = b.with_service_name(*name);
+    }
+    b
+}
+
+/// The full name a generated server answers under.
+fn name_of<S: tonic::server::NamedService>(_: &S) -> &'static str {
+    S::NAME
 }
 
 /// Builds the routes: admin, health and reflection. Streams that never end by themselves (event
@@ -148,15 +145,16 @@ pub async fn node_services(
 ) -> Result<NodeServices, String> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
-    for name in SERVICE_NAMES {
+    for name in crate::served::NODE_SERVICES {
         health
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     let admin = pb::admin::admin_server::AdminServer::new(AdminService::new(
         b.admin,
@@ -249,17 +247,39 @@ pub async fn node_services(
     let raft =
         pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))
             .max_decoding_message_size(crate::raft::MAX_DECODE);
-    let routes = Routes::new(health_service)
-        .add_service(reflection)
-        .add_service(admin)
-        .add_service(kv)
-        .add_service(cluster)
-        .add_service(registry)
-        .add_service(translation)
-        .add_service(tunnel)
-        .add_service(router_control)
-        .add_service(balancer)
-        .add_service(raft);
+    // Each service goes into the routes with its name beside it, so the check below sees what
+    // is really routed.
+    let mut routed = Vec::new();
+    macro_rules! route {
+        ($routes:expr, $svc:expr) => {{
+            let svc = $svc;
+            routed.push(name_of(&svc));
+            $routes.add_service(svc)
+        }};
+    }
+    let routes = Routes::default();
+    let routes = route!(routes, health_service);
+    let routes = route!(routes, reflection);
+    let routes = route!(routes, reflection_v1alpha);
+    let routes = route!(routes, admin);
+    let routes = route!(routes, kv);
+    let routes = route!(routes, cluster);
+    let routes = route!(routes, registry);
+    let routes = route!(routes, translation);
+    let routes = route!(routes, tunnel);
+    let routes = route!(routes, router_control);
+    let routes = route!(routes, balancer);
+    let routes = route!(routes, raft);
+    // Health, reflection and the metrics go by `NODE_SERVICES`: a service routed but not listed
+    // (or listed but not routed) would be misreported by all three.
+    let mut listed = crate::served::NODE_SERVICES.to_vec();
+    listed.sort_unstable();
+    routed.sort_unstable();
+    if routed != listed {
+        return Err(format!(
+            "internal: the routed services {routed:?} differ from served::NODE_SERVICES {listed:?}"
+        ));
+    }
     Ok(NodeServices { routes, health })
 }
 
@@ -268,7 +288,7 @@ pub async fn set_not_serving(health: &HealthReporter) {
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    for name in SERVICE_NAMES {
+    for name in crate::served::NODE_SERVICES {
         health
             .set_service_status(*name, ServingStatus::NotServing)
             .await;

@@ -9,6 +9,8 @@
 //! https support can come later without changing this interface.
 //!
 //! The API key is sent as a bearer token and kept out of every `Debug` output and error message.
+//! Credentials in the URL (`http://user:password@host/v1`) are sent as HTTP Basic authentication
+//! instead, and the password is hidden wherever the URL is shown.
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -47,7 +49,7 @@ pub struct BackendConfig {
 impl fmt::Debug for BackendConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendConfig")
-            .field("url", &self.url)
+            .field("url", &crate::redact::url_credentials(&self.url))
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
@@ -139,38 +141,55 @@ impl Backend {
     /// Checks the configuration and sets up the connection pool; connects to nothing yet.
     pub fn new(cfg: BackendConfig) -> Result<Self, String> {
         let url = cfg.url.trim();
+        // Every message below shows the URL without its password.
+        let shown = crate::redact::url_credentials(url);
         let lower = url.to_ascii_lowercase();
         if lower.starts_with("https://") {
             return Err(format!(
-                "translation.backend_url {url:?}: https is not supported yet; \
+                "translation.backend_url {shown:?}: https is not supported yet; \
                  use a plain http:// URL (for example through a local TLS-terminating proxy)"
             ));
         }
         if !lower.starts_with("http://") {
             return Err(format!(
-                "translation.backend_url {url:?}: expected an http:// URL such as http://127.0.0.1:8000/v1"
+                "translation.backend_url {shown:?}: expected an http:// URL such as http://127.0.0.1:8000/v1"
             ));
         }
+        let (url, userinfo) = split_userinfo(url);
         let base = url.trim_end_matches('/');
         let parse = |path: &str| -> Result<Uri, String> {
             let uri: Uri = format!("{base}{path}")
                 .parse()
-                .map_err(|e| format!("translation.backend_url {url:?}: {e}"))?;
+                .map_err(|e| format!("translation.backend_url {shown:?}: {e}"))?;
             if uri.host().is_none_or(str::is_empty) {
-                return Err(format!("translation.backend_url {url:?}: no host"));
+                return Err(format!("translation.backend_url {shown:?}: no host"));
             }
             Ok(uri)
         };
         let models_uri = parse("/models")?;
         let completions_uri = parse("/chat/completions")?;
-        let auth = match cfg.api_key.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(key) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                    "translation api key contains characters not allowed in an HTTP header"
+        let header = match (cfg.api_key.as_deref().map(str::trim), userinfo) {
+            (None | Some(""), None) => None,
+            (Some(key), None) => Some(format!("Bearer {key}")),
+            // hyper sends nothing of a URL's user part, so credentials there become HTTP Basic
+            // authentication (a server behind a proxy that asks for it), rather than being
+            // silently dropped.
+            (None | Some(""), Some(userinfo)) => {
+                Some(format!("Basic {}", base64(&percent_decode(userinfo))))
+            }
+            (Some(_), Some(_)) => {
+                let why = "carries credentials and translation.api_key is set; use one of them";
+                return Err(format!("translation.backend_url {shown:?}: {why}"));
+            }
+        };
+        let auth = match header {
+            None => None,
+            Some(h) => {
+                let mut value = HeaderValue::from_str(&h).map_err(|_| {
+                    "translation credentials contain characters not allowed in an HTTP header"
                         .to_string()
                 })?;
-                // Keeps the key out of hyper's own debug output as well.
+                // Keeps the credentials out of hyper's own debug output as well.
                 value.set_sensitive(true);
                 Some(value)
             }
@@ -358,6 +377,62 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `url` without the user part of its authority, and that user part (`user:password`) if any.
+fn split_userinfo(url: &str) -> (String, Option<&str>) {
+    let Some(i) = url.find("://") else {
+        return (url.to_string(), None);
+    };
+    let tail = &url[i + 3..];
+    let end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
+    match tail[..end].rfind('@') {
+        Some(at) => (
+            format!("{}{}", &url[..i + 3], &tail[at + 1..]),
+            Some(&tail[..at]),
+        ),
+        None => (url.to_string(), None),
+    }
+}
+
+/// `%XX` escapes turned back into bytes (a password may hold `@`, `:` or `/` only escaped).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Standard base64 with padding, as HTTP Basic authentication wants it.
+fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -573,6 +648,43 @@ mod tests {
         assert!(Backend::new(config("ftp://x/v1".into())).is_err());
         assert!(Backend::new(config("http:///v1".into())).is_err());
         assert!(Backend::new(config("http://127.0.0.1:8000/v1".into())).is_ok());
+    }
+
+    #[tokio::test]
+    async fn url_credentials_become_basic_auth_and_stay_out_of_messages() {
+        let addr = server(Mode::Ok).await;
+        // p@ss:/ escaped, as a URL must carry it.
+        let b = backend(format!("http://bob:p%40ss%3A%2F@{addr}/v1"), None);
+        assert!(!format!("{b:?}").contains("p%40ss"), "{b:?}");
+        let done = b
+            .complete("s", "hi", Duration::from_secs(60))
+            .await
+            .unwrap();
+        // base64("bob:p@ss:/")
+        assert_eq!(done.text, "HI [Basic Ym9iOnBAc3M6Lw==]");
+        let mut both = config(format!("http://bob:hunter2@{addr}/v1"));
+        let err = Backend::new(both.clone()).unwrap_err();
+        assert!(err.contains("use one of them"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        both.url = "https://bob:hunter2@llm.example/v1".into();
+        let err = Backend::new(both).unwrap_err();
+        assert!(err.contains("bob:<redacted>@llm.example"), "{err}");
+    }
+
+    #[test]
+    fn base64_matches_the_rfc_4648_examples() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded);
+        }
+        assert_eq!(percent_decode("a%40b%zz%4"), b"a@b%zz%4");
     }
 
     #[test]

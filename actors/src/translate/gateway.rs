@@ -212,7 +212,7 @@ impl Managed for TranslationGateway {
 
     fn dump_state(&self) -> serde_json::Value {
         serde_json::json!({
-            "backend": self.settings.backend.as_ref().map(|b| serde_json::json!({"url": b.url, "model": b.model})),
+            "backend": self.settings.backend.as_ref().map(|b| serde_json::json!({"url": crate::redact::url_credentials(&b.url), "model": b.model})),
             "ready": matches!(self.probe, Some(Ok(_))),
             "probe": match &self.probe {
                 None => serde_json::Value::Null,
