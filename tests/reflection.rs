@@ -211,14 +211,13 @@ fn grpcurl() -> Option<PathBuf> {
     found.then(|| PathBuf::from("grpcurl"))
 }
 
+/// Debian has no grpcurl package and no registry here ships a build we can verify, so the suite
+/// cannot install it: the Python client above is the check that always runs. With a grpcurl at
+/// hand: `LODGE_GRPCURL=/path/to/grpcurl cargo test --test reflection -- --ignored`.
 #[test]
-fn grpcurl_when_installed_lists_describes_and_calls() {
-    let Some(grpcurl) = grpcurl() else {
-        // Debian has no grpcurl package, so scripts/test cannot install it; the Python client
-        // above is the check that always runs.
-        eprintln!("grpcurl not installed (nor LODGE_GRPCURL set): this test checked nothing");
-        return;
-    };
+#[ignore = "needs grpcurl (LODGE_GRPCURL or on PATH)"]
+fn grpcurl_lists_describes_and_calls() {
+    let grpcurl = grpcurl().expect("grpcurl: set LODGE_GRPCURL or put grpcurl on PATH");
     let node = node();
     let run = |args: &[&str]| {
         let o = Command::new(&grpcurl)
