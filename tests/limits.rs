@@ -100,17 +100,33 @@ fn a_client_over_a_per_ip_limit_is_told_which_limit() {
     );
 }
 
-#[test]
-fn a_refusal_beyond_the_answered_ones_still_names_the_limits() {
-    // max_connections = 1 and one connection held: the next is refused. Holding 64 more
-    // refusals open (each answered for 2 s) exhausts the answers, so later ones are closed at
-    // accept and the CLI can only guess; it names the limits it may have been.
+/// A connection with a call in flight for as long as it is held (a grpc.health.v1 watch), so
+/// that it is never the one shed to make room.
+async fn busy_connection(
+    endpoint: &str,
+) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let ch = lodge_grpc::client::connect(endpoint, &Default::default())
+        .await
+        .unwrap();
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(ch)
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
+    watch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_a_refusal_names_the_limit_even_past_the_answered_ones() {
+    // max_connections = 1, taken by a connection with a call in flight: the next is refused.
+    // 64 more refusals held open (each answered for 2 s) use up the answers, so later ones are
+    // closed at accept and the CLI can only guess; it names the limits it may have been.
     let node = Node::start_env(&[], &[("LODGE_SERVER__MAX_CONNECTIONS", "1")]);
-    let _held = std::net::TcpStream::connect(&node.grpc).unwrap();
-    common::eventually("the held connection is counted", || {
-        (series(&node.scrape(), "lodge_grpc_connections_active") >= 1.0).then_some(())
-    });
-    let out = kv(&node.grpc, &["get", "k"]);
+    let _busy = busy_connection(&node.grpc).await;
+    let grpc = node.grpc.clone();
+    let refused = move || kv(&grpc, &["get", "k"]);
+    let out = tokio::task::spawn_blocking(refused.clone()).await.unwrap();
     let e = stderr(&out);
     assert!(
         e.contains(
@@ -128,12 +144,44 @@ fn a_refusal_beyond_the_answered_ones_still_names_the_limits() {
     let mut first = [0u8; 9];
     last.read_exact(&mut first).unwrap();
     assert_eq!(first[3], 4, "an HTTP/2 SETTINGS frame");
-    let out = kv(&node.grpc, &["get", "k"]);
+    let out = tokio::task::spawn_blocking(refused).await.unwrap();
     let e = stderr(&out);
     assert!(!out.status.success());
     assert!(
         e.contains("connection limit") && e.contains("server.max_connections"),
         "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_quietest_connection_makes_room() {
+    // Two places: one connection busy with a call, one that has not spoken since it opened.
+    // A newcomer sheds the silent one, not the busy one, and is served.
+    let node = Node::start_env(&[], &[("LODGE_SERVER__MAX_CONNECTIONS", "2")]);
+    let mut busy = busy_connection(&node.grpc).await;
+    let mut silent = std::net::TcpStream::connect(&node.grpc).unwrap();
+    let grpc = node.grpc.clone();
+    let out = tokio::task::spawn_blocking(move || kv(&grpc, &["put", "k", "v"]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    silent.read_to_end(&mut rest).unwrap();
+    assert!(
+        series(
+            &node.scrape(),
+            "lodge_limit_rejections_total{limit=\"connection_shed\"}"
+        ) >= 1.0
+    );
+    // The busy connection was kept: its watch still delivers (the node's NOT_SERVING on SIGTERM).
+    common::signal(node.pid(), "TERM");
+    let update = busy.message().await.unwrap().unwrap();
+    assert_eq!(
+        update.status(),
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
 }
 

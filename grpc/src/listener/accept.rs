@@ -1,10 +1,9 @@
 //! The accept loop: every connection to the gRPC port is admitted here or refused with a reason.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::conn::{LimitedConn, Prefixed};
-use super::lifecycle::{ConnState, Ending, Lifecycle};
+use super::lifecycle::{ConnState, Ending, OpenConnections, Watched};
 use super::per_ip::{IpLimit, IpTable, Networks, PerIpLimits};
 use super::proxy_header;
 use super::refusal::{Answering, Refusal, RefusedConn};
@@ -64,7 +63,7 @@ pub async fn accept_loop(
         active: AtomicUsize::new(0),
         ips: Mutex::new(IpTable::default()),
         answering: Answering::default(),
-        open: Mutex::new(VecDeque::new()),
+        open: OpenConnections::default(),
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -98,8 +97,8 @@ struct Gate {
     active: AtomicUsize,
     ips: Mutex<IpTable>,
     answering: Answering,
-    /// The open connections, oldest first (some may have closed since).
-    open: Mutex<VecDeque<Weak<ConnState>>>,
+    /// The open connections, to shed one at `max_connections`.
+    open: OpenConnections,
 }
 
 impl Gate {
@@ -129,14 +128,14 @@ impl Gate {
                 self.metrics.connections_accepted.inc();
                 self.metrics.connections_active.inc();
                 let state = Arc::new(ConnState::new());
-                self.remember(&state);
+                self.open.track(&state);
                 let a = &self.admission;
-                let life = Lifecycle::new(state, a.handshake_timeout, a.idle_timeout);
+                let io = Watched::new(io, state, a.handshake_timeout, a.idle_timeout);
                 let slot = Slot {
                     gate: self.clone(),
                     ip: (!a.exempt.contains(client)).then_some(client),
                 };
-                let conn = LimitedConn::new(io, life, slot);
+                let conn = LimitedConn { io, slot };
                 let _ = out.admitted.send(Ok(conn)).await;
             }
             // Answered if there is room to answer; otherwise dropped here, closing it.
@@ -148,43 +147,11 @@ impl Gate {
         }
     }
 
-    fn remember(&self, state: &Arc<ConnState>) {
-        let mut open = self.open.lock().unwrap();
-        // Closed connections are dropped from the list now and then, not one by one.
-        if open.len() >= 2 * self.admission.max_connections.max(64) {
-            open.retain(|w| w.strong_count() > 0);
-        }
-        open.push_back(Arc::downgrade(state));
-    }
-
-    /// At `server.max_connections`: closes the connection that has gone longest without a call
-    /// in flight (one that never made a call first), so that a new one can be served. Answers
-    /// whether one was closed. Its place comes back once its reader sees the end, so the count
-    /// may pass the limit by the connections being closed at that moment.
-    fn shed_one(&self) -> bool {
-        let mut open = self.open.lock().unwrap();
-        open.retain(|w| w.strong_count() > 0);
-        let quiet = |silent: bool| {
-            open.iter()
-                .filter_map(Weak::upgrade)
-                .filter(|c| c.spoke() != silent)
-                .filter_map(|c| Some((c.quiet_since()?, c)))
-                .min_by_key(|(since, _)| *since)
-                .map(|(_, c)| c)
-        };
-        match quiet(true).or_else(|| quiet(false)) {
-            Some(c) => {
-                c.close();
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Counts a new connection from `client` against the limits, or says which one refuses it.
     fn take_place(&self, client: IpAddr) -> Result<(), Refusal> {
         let a = &self.admission;
-        if self.active.fetch_add(1, Ordering::Relaxed) >= a.max_connections && !self.shed_one() {
+        if self.active.fetch_add(1, Ordering::Relaxed) >= a.max_connections && !self.open.shed_one()
+        {
             self.active.fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections_rejected.inc();
             return Err(refusal(format!(

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use super::lifecycle::{ConnState, Lifecycle};
+use super::lifecycle::{ConnState, Watched};
 
 /// Forwards writes of a wrapper to its `io` field (reads differ: a refused connection ends them).
 macro_rules! delegate_write {
@@ -127,25 +127,12 @@ impl ConnInfo {
     }
 }
 
-/// An admitted connection: counted against the limits until it is dropped, and ended by its
-/// [`Lifecycle`] when it stays without calls for too long.
+/// An admitted connection: counted against the limits until it is dropped, and ended when it
+/// stays without calls for too long (see [`super::lifecycle`]).
 pub struct LimitedConn {
-    pub(super) io: Prefixed,
-    pub(super) life: Lifecycle,
+    pub(super) io: Watched<Prefixed>,
     /// Gives the connection's places back when dropped; counts how it ended.
     pub(super) slot: super::accept::Slot,
-    ended: bool,
-}
-
-impl LimitedConn {
-    pub(super) fn new(io: Prefixed, life: Lifecycle, slot: super::accept::Slot) -> Self {
-        Self {
-            io,
-            life,
-            slot,
-            ended: false,
-        }
-    }
 }
 
 impl Connected for LimitedConn {
@@ -153,8 +140,8 @@ impl Connected for LimitedConn {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         ConnInfo {
-            tcp: self.io.tcp_info(),
-            state: self.life.state.clone(),
+            tcp: self.io.get_ref().tcp_info(),
+            state: self.io.state().clone(),
         }
     }
 }
@@ -165,17 +152,16 @@ impl AsyncRead for LimitedConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.ended {
-            return Poll::Ready(Ok(()));
-        }
-        if let Poll::Ready(ending) = self.life.poll_end(cx) {
-            self.ended = true;
-            self.slot.ended(ending);
-            // End of stream: the server drops the connection.
-            return Poll::Ready(Ok(()));
-        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 delegate_write!(LimitedConn);
+
+impl Drop for LimitedConn {
+    fn drop(&mut self) {
+        if let Some(how) = self.io.ending() {
+            self.slot.ended(how);
+        }
+    }
+}

@@ -7,11 +7,15 @@
 //! A connection is closed by ending its byte stream (its reads see end of file): the HTTP/2
 //! server then drops it. The calls in flight are what the [calls layer](crate::calls) counts.
 
+use std::collections::VecDeque;
 use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::time::Instant;
 
@@ -83,7 +87,7 @@ impl ConnState {
 
     /// Whether the connection has no call in flight, and since when it has been so (its
     /// opening, if no call ever came).
-    pub(super) fn quiet_since(&self) -> Option<Instant> {
+    fn quiet_since(&self) -> Option<Instant> {
         if self.calls.load(Ordering::SeqCst) > 0 {
             return None;
         }
@@ -92,12 +96,12 @@ impl ConnState {
     }
 
     /// Whether a call ever arrived.
-    pub(super) fn spoke(&self) -> bool {
+    fn spoke(&self) -> bool {
         self.spoke.load(Ordering::Relaxed)
     }
 
     /// Closes the connection at its next read (now, if it is waiting to read).
-    pub(super) fn close(&self) {
+    fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         self.wake_reader();
     }
@@ -116,17 +120,17 @@ impl Default for ConnState {
 }
 
 /// The timer of one connection, checked by its reader.
-pub(super) struct Lifecycle {
-    pub state: std::sync::Arc<ConnState>,
-    pub handshake_timeout: Duration,
+struct Lifecycle {
+    state: Arc<ConnState>,
+    handshake_timeout: Duration,
     /// `None`: idle connections are kept.
-    pub idle_timeout: Option<Duration>,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Option<Duration>,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Lifecycle {
-    pub fn new(
-        state: std::sync::Arc<ConnState>,
+    fn new(
+        state: Arc<ConnState>,
         handshake_timeout: Duration,
         idle_timeout: Option<Duration>,
     ) -> Self {
@@ -141,7 +145,7 @@ impl Lifecycle {
 
     /// Before a read: `Ready(ending)` if the connection must end now; otherwise arranges to be
     /// woken when that may change.
-    pub fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         let s = &self.state;
         {
             let mut reader = s.reader.lock().unwrap();
@@ -172,6 +176,140 @@ impl Lifecycle {
         // Registers the timer's wake-up; it has not fired (checked above).
         let _ = self.timer.as_mut().poll(cx);
         Poll::Pending
+    }
+}
+
+/// A byte stream that ends (reads see end of file) when its connection has been without calls
+/// for too long, or is shed.
+pub struct Watched<IO> {
+    io: IO,
+    life: Lifecycle,
+    ended: Option<Ending>,
+}
+
+impl<IO> Watched<IO> {
+    /// `io`, whose calls are counted in `state`: it must make its first call within
+    /// `handshake_timeout` and, after that, never be without one for `idle_timeout` (`None`:
+    /// no limit).
+    pub fn new(
+        io: IO,
+        state: Arc<ConnState>,
+        handshake_timeout: Duration,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
+        Self {
+            io,
+            life: Lifecycle::new(state, handshake_timeout, idle_timeout),
+            ended: None,
+        }
+    }
+
+    /// The connection's state.
+    pub fn state(&self) -> &Arc<ConnState> {
+        &self.life.state
+    }
+
+    /// The stream inside.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Why the stream was ended, if it was.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ended
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.ended.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        if let Poll::Ready(ending) = self.life.poll_end(cx) {
+            self.ended = Some(ending);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// The open connections of a listener, oldest first, to shed one when the listener is full.
+#[derive(Default)]
+pub struct OpenConnections {
+    list: Mutex<VecDeque<Weak<ConnState>>>,
+    /// The list's length after its last clean-up: it is cleaned again at twice that.
+    cleaned_at: AtomicUsize,
+}
+
+impl OpenConnections {
+    /// Adds a connection just accepted.
+    pub fn track(&self, state: &Arc<ConnState>) {
+        let mut list = self.list.lock().unwrap();
+        // Closed connections leave the list now and then, not one by one.
+        if list.len() >= 2 * self.cleaned_at.load(Ordering::Relaxed).max(64) {
+            list.retain(|w| w.strong_count() > 0);
+            self.cleaned_at.store(list.len(), Ordering::Relaxed);
+        }
+        list.push_back(Arc::downgrade(state));
+    }
+
+    /// Closes the connection that has gone longest without a call in flight (one that never
+    /// made a call first); answers whether there was one. Its place comes back once its reader
+    /// sees the end, so a listener's count may pass its limit by the connections being closed at
+    /// that moment.
+    pub fn shed_one(&self) -> bool {
+        let mut list = self.list.lock().unwrap();
+        list.retain(|w| w.strong_count() > 0);
+        self.cleaned_at.store(list.len(), Ordering::Relaxed);
+        let quietest = |silent: bool| {
+            list.iter()
+                .filter_map(Weak::upgrade)
+                .filter(|c| c.spoke() != silent && !c.closing.load(Ordering::SeqCst))
+                .filter_map(|c| Some((c.quiet_since()?, c)))
+                .min_by_key(|(since, _)| *since)
+                .map(|(_, c)| c)
+        };
+        match quietest(true).or_else(|| quietest(false)) {
+            Some(c) => {
+                c.close();
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -16,6 +16,6 @@ mod refusal;
 
 pub use accept::{accept_loop, Admission, Outlets};
 pub use conn::{ConnInfo, LimitedConn};
-pub use lifecycle::ConnState;
+pub use lifecycle::{ConnState, Ending, OpenConnections, Watched};
 pub use per_ip::{Networks, PerIpLimits};
 pub use refusal::{serve as serve_refusals, RefusedConn};
