@@ -139,6 +139,8 @@ pub struct ClusterSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct MetricsSection {
     pub listen: String,
+    pub max_connections: usize,
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -366,6 +368,14 @@ impl NodeConfig {
             ("server.per_ip_window_ms", s.per_ip_window_ms),
             ("server.handshake_timeout_ms", s.handshake_timeout_ms),
             ("server.max_concurrent_rpcs", s.max_concurrent_rpcs as u64),
+            (
+                "metrics.max_connections",
+                self.metrics.max_connections as u64,
+            ),
+            (
+                "metrics.request_timeout_ms",
+                self.metrics.request_timeout_ms,
+            ),
             (
                 "registry.heartbeat_interval_ms",
                 self.registry.heartbeat_interval_ms,

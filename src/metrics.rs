@@ -242,22 +242,81 @@ impl Collector for ClusterCollector {
     }
 }
 
-/// Serves `GET /metrics` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+/// How the metrics endpoint takes connections (`[metrics]`).
+#[derive(Clone)]
+pub struct Serving {
+    /// Connections open at once; past it the quietest is shed, or the new one closed.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request, the first or the next one.
+    pub request_timeout: std::time::Duration,
+    /// Where connections ended by those limits are counted.
+    pub rejections: lodge_actors::registry::RegistryMetrics,
+}
+
+/// How long to wait after a failed accept (out of file descriptors, say) before trying again,
+/// rather than spinning on the error.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+///
+/// A scraper is one client; what must not happen is that idle or slow sockets keep it out. So
+/// the page is served with the gRPC listener's rules: a connection must send a request within
+/// `request_timeout` (first or next), and when `max_connections` are open the one that has
+/// waited longest for a request is closed to make room.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, serving: Serving) {
+    use lodge_grpc::listener::{ConnState, OpenConnections, Watched};
+    let open = Arc::new(OpenConnections::default());
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
-        let registry = registry.clone();
+        let place = Place(count.clone());
+        if place.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= serving.max_connections
+            && !open.shed_one()
+        {
+            serving.rejections.rejected("metrics_connections");
+            continue;
+        }
+        let state = Arc::new(ConnState::new());
+        open.track(&state);
+        let io = Watched::new(
+            stream,
+            state.clone(),
+            serving.request_timeout,
+            Some(serving.request_timeout),
+        );
+        let (registry, rejections) = (registry.clone(), serving.rejections.clone());
         tokio::spawn(async move {
+            let _place = place;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &registry)) }
+                // The page is built at once: the call ends with the response.
+                state.call_began();
+                let resp = respond(&req, &registry);
+                state.call_ended();
+                async move { Ok::<_, Infallible>(resp) }
             });
+            let ended = io.state().clone();
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection(TokioIo::new(io), svc)
                 .await;
+            if let Some(how) = ended.ending() {
+                rejections.rejected(&format!("metrics_{}", how.label()));
+            }
         });
+    }
+}
+
+/// A connection's place in the count, given back when it closes.
+struct Place(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -72,6 +72,19 @@ fn runtime_config(c: &NodeConfig) -> RuntimeConfig {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit (1,024 is a common soft
+/// default, below `server.max_connections` plus everything else a node opens), and answers the
+/// limit in force.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 fn server_settings(
     c: &NodeConfig,
     tls: Option<server::TlsMaterial>,
@@ -329,6 +342,12 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
 /// Runs a node until SIGTERM/SIGINT (exit 0) or until the actor tree gives up (exit 1).
 pub fn run(cfg: NodeConfig) -> i32 {
     let (log, _log_guard) = crate::logging::build(&cfg.log.level, &cfg.log.format, cfg.node.id);
+    let fds = raise_fd_limit();
+    let wanted = cfg.server.max_connections + cfg.metrics.max_connections + 256;
+    if fds < wanted as u64 {
+        warn!(log, "the open-file limit is below what the connection limits need: connections past it are refused at accept";
+            "limit" => fds, "needed" => wanted);
+    }
     let tls = match cfg.tls_material() {
         Ok(t) => t,
         Err(e) => {
@@ -666,7 +685,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 .await
             })
         };
-        let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom));
+        let metrics_serving = crate::metrics::Serving {
+            max_connections: cfg.metrics.max_connections,
+            request_timeout: NodeConfig::duration(cfg.metrics.request_timeout_ms),
+            rejections: registry_metrics.clone(),
+        };
+        let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom, metrics_serving));
         let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
         io.spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -317,3 +317,76 @@ async fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
     let out = kv(&strict.grpc, &["put", "x", "y"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    ticks / hz
+}
+
+/// Opens `n` connections to `addr` that never send a byte.
+fn idle_sockets(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .filter_map(|_| {
+            let addr = addr.parse().unwrap();
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()
+        })
+        .collect()
+}
+
+#[test]
+fn two_thousand_idle_sockets_on_each_port_do_not_keep_a_client_out() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    // This process holds 4,000 sockets.
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+    let have = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(
+        have >= 4500,
+        "this test needs 4,500 open files; the hard limit is {have}"
+    );
+
+    // The default configuration: 1,024 gRPC and 64 metrics connections at most; loopback is
+    // exempt from the per-IP limits, so nothing but the shedding keeps a place free.
+    let node = Node::start(&[]);
+    let grpc_idle = idle_sockets(&node.grpc, 2000);
+    let metrics_idle = idle_sockets(&node.metrics, 2000);
+    assert!(grpc_idle.len() > 1024 && metrics_idle.len() > 64);
+    let cpu_before = cpu_seconds(node.pid());
+    // A well-behaved client within its own deadline (the CLI gives up after 5 s of retries).
+    let out = kv(&node.grpc, &["put", "k", "v"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kv(&node.grpc, &["get", "k"]);
+    assert!(common::stdout(&out).contains('v'), "{}", stderr(&out));
+    let page = node.scrape();
+    assert!(page.contains("lodge_grpc_connections_active"));
+    // Held sockets cost nothing while nobody speaks: over a second, the node is nearly idle.
+    let cpu_mid = cpu_seconds(node.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_cpu = cpu_seconds(node.pid()) - cpu_mid;
+    assert!(
+        idle_cpu < 0.3,
+        "the node used {idle_cpu:.2} CPU-s in 1 s with idle sockets held"
+    );
+    eprintln!(
+        "node CPU: {:.2} s serving the client and the scrape, {idle_cpu:.2} s in 1 s idle",
+        cpu_mid - cpu_before
+    );
+    let shed = series(
+        &page,
+        "lodge_limit_rejections_total{limit=\"connection_shed\"}",
+    );
+    assert!(shed >= 1.0, "{page}");
+    let shed = series(
+        &page,
+        "lodge_limit_rejections_total{limit=\"metrics_connection_shed\"}",
+    );
+    assert!(shed >= 1.0, "{page}");
+    drop((grpc_idle, metrics_idle));
+}

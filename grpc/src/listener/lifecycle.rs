@@ -31,6 +31,8 @@ pub struct ConnState {
     quiet_since_ms: AtomicU64,
     /// Set to close the connection at its next read.
     closing: AtomicBool,
+    /// How the stream was ended, if it was (an [`Ending`] + 1; 0: not ended).
+    ended: std::sync::atomic::AtomicU8,
     /// The connection's reader, woken when the deadline moves or the connection is closed.
     reader: Mutex<Option<Waker>>,
 }
@@ -66,6 +68,7 @@ impl ConnState {
             spoke: AtomicBool::new(false),
             quiet_since_ms: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            ended: std::sync::atomic::AtomicU8::new(0),
             reader: Mutex::new(None),
         }
     }
@@ -98,6 +101,25 @@ impl ConnState {
     /// Whether a call ever arrived.
     fn spoke(&self) -> bool {
         self.spoke.load(Ordering::Relaxed)
+    }
+
+    /// How the connection's stream was ended by its timers or by shedding, if it was.
+    pub fn ending(&self) -> Option<Ending> {
+        match self.ended.load(Ordering::SeqCst) {
+            1 => Some(Ending::Handshake),
+            2 => Some(Ending::Idle),
+            3 => Some(Ending::Shed),
+            _ => None,
+        }
+    }
+
+    fn set_ending(&self, how: Ending) {
+        let code = match how {
+            Ending::Handshake => 1,
+            Ending::Idle => 2,
+            Ending::Shed => 3,
+        };
+        self.ended.store(code, Ordering::SeqCst);
     }
 
     /// Closes the connection at its next read (now, if it is waiting to read).
@@ -231,6 +253,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
         }
         if let Poll::Ready(ending) = self.life.poll_end(cx) {
             self.ended = Some(ending);
+            self.life.state.set_ending(ending);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
