@@ -11,6 +11,9 @@ use std::time::Duration;
 use config::{Config, File, FileFormat, Value, ValueKind};
 use serde::{Deserialize, Serialize};
 
+/// The longest duration any `*_ms` setting may hold: 365 days.
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3600 * 1000;
+
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../config/node.toml");
 
@@ -298,13 +301,21 @@ impl NodeConfig {
                 expected,
                 ..
             } => err(&key, format!("expected {expected}, got {unexpected}")),
-            other => err("config", other.to_string()),
+            // serde's own messages end "for key `server.listen`": name that key.
+            other => {
+                let text = other.to_string();
+                match text.rsplit_once(" for key `") {
+                    Some((problem, key)) => err(key.trim_end_matches('`'), problem),
+                    None => err("config", text),
+                }
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.durations_in_range()?;
         let (grpc, metrics) = (self.grpc_addr()?, self.metrics_addr()?);
         if grpc == metrics && grpc.port() != 0 {
             return Err(err(
@@ -641,6 +652,31 @@ impl NodeConfig {
         Ok(Some(material))
     }
 
+    /// Every `*_ms` key at most [`MAX_DURATION_MS`]: larger ones would overflow the clock
+    /// arithmetic of timers (a deadline past the end of time).
+    fn durations_in_range(&self) -> Result<(), ConfigError> {
+        fn walk(prefix: &str, t: &toml::Table) -> Result<(), ConfigError> {
+            for (k, v) in t {
+                let key = format!("{prefix}{k}");
+                match v {
+                    toml::Value::Table(inner) => walk(&format!("{key}."), inner)?,
+                    toml::Value::Integer(ms)
+                        if k.ends_with("_ms") && *ms as u64 > MAX_DURATION_MS =>
+                    {
+                        return Err(err(
+                            &key,
+                            format!("{ms} is more than {MAX_DURATION_MS} (365 days)"),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        let table = toml::Table::try_from(self).map_err(|e| err("config", e.to_string()))?;
+        walk("", &table)
+    }
+
     /// `server.per_ip_exempt`, parsed.
     pub fn per_ip_exempt(&self) -> Result<lodge_grpc::listener::Networks, ConfigError> {
         networks("server.per_ip_exempt", &self.server.per_ip_exempt)
@@ -906,6 +942,102 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "server.proxy_protocol_from[1]", "{e:?}");
+    }
+
+    /// Every key of the embedded defaults, dotted, with its default value.
+    fn default_keys() -> Vec<(String, toml::Value)> {
+        fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(inner) => walk(&key, inner, out),
+                    other => out.push((key, other.clone())),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk("", &DEFAULT_TOML.parse::<toml::Table>().unwrap(), &mut out);
+        out
+    }
+
+    /// A value within or far beyond what a key takes: numbers at and past the edges, strings,
+    /// lists, booleans.
+    fn random_value(rng: &mut fastrand::Rng, default: &toml::Value) -> toml::Value {
+        use toml::Value as V;
+        match rng.u8(0..10) {
+            0 => V::Integer(0),
+            1 => V::Integer(-1),
+            2 => V::Integer(i64::MAX),
+            3 => V::Integer(rng.i64(1..100_000)),
+            4 => V::Float(rng.f64() * 1e12),
+            5 => V::Boolean(rng.bool()),
+            6 => V::String(String::new()),
+            7 => V::String((0..rng.usize(1..40)).map(|_| rng.char(' '..'~')).collect()),
+            8 => V::Array(vec![V::String("10.0.0.0/8".into()), V::Integer(7)]),
+            _ => default.clone(),
+        }
+    }
+
+    #[test]
+    fn random_configurations_never_panic_and_every_refusal_names_a_key_set() {
+        let keys = default_keys();
+        assert!(keys.len() > 80, "{}", keys.len());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("random.toml");
+        let mut rng = fastrand::Rng::with_seed(15);
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..500 {
+            let mut root = toml::Table::new();
+            let mut chosen = Vec::new();
+            for _ in 0..rng.usize(1..4) {
+                let (key, default) = &keys[rng.usize(..keys.len())];
+                let value = random_value(&mut rng, default);
+                let mut table = &mut root;
+                let parts: Vec<&str> = key.split('.').collect();
+                for part in &parts[..parts.len() - 1] {
+                    table = table
+                        .entry(part.to_string())
+                        .or_insert_with(|| toml::Value::Table(Default::default()))
+                        .as_table_mut()
+                        .unwrap();
+                }
+                table.insert(parts[parts.len() - 1].to_string(), value);
+                chosen.push(key.clone());
+            }
+            std::fs::write(&file, toml::to_string(&root).unwrap()).unwrap();
+            let loaded = load(
+                Overrides {
+                    config_file: Some(file.clone()),
+                    ..Default::default()
+                },
+                &[],
+            );
+            match loaded {
+                Ok(_) => accepted += 1,
+                Err(e) => {
+                    refused += 1;
+                    // The key named is one that was set, or the section or list entry of one.
+                    let section = |k: &str| k.rsplit_once('.').map_or("", |(s, _)| s).to_string();
+                    let named = chosen.iter().any(|k| {
+                        e.key == *k
+                            || e.key.starts_with(&format!("{k}["))
+                            || e.key == section(k)
+                            || section(&e.key) == section(k)
+                    });
+                    assert!(
+                        named,
+                        "round {round}: {chosen:?} refused as {e:?}\n{}",
+                        std::fs::read_to_string(&file).unwrap()
+                    );
+                    assert!(!e.problem.is_empty());
+                }
+            }
+        }
+        assert!(accepted > 30 && refused > 30, "{accepted} / {refused}");
     }
 
     #[test]

@@ -343,7 +343,9 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
 pub fn run(cfg: NodeConfig) -> i32 {
     let (log, _log_guard) = crate::logging::build(&cfg.log.level, &cfg.log.format, cfg.node.id);
     let fds = raise_fd_limit();
-    let wanted = cfg.server.max_connections + cfg.metrics.max_connections + 256;
+    let wanted = (cfg.server.max_connections)
+        .saturating_add(cfg.metrics.max_connections)
+        .saturating_add(256);
     if fds < wanted as u64 {
         warn!(log, "the open-file limit is below what the connection limits need: connections past it are refused at accept";
             "limit" => fds, "needed" => wanted);
