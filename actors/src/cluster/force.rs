@@ -170,3 +170,95 @@ pub fn apply(
         "raft_id" => id, "changes" => changes.len(), "uncommitted_entries_dropped" => dropped);
     Ok(changes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::eraftpb::{HardState, Snapshot};
+
+    fn quiet() -> Logger {
+        Logger::root(slog::Discard, slog::o!())
+    }
+
+    /// A log of three voters at index 1 (term 2), with two entries past the commit index.
+    fn three_voters(store: &LogStore, disk: &Disk) {
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        let hs = HardState {
+            term: 2,
+            commit: 1,
+            ..Default::default()
+        };
+        let tail: Vec<Entry> = (2..4)
+            .map(|index| Entry {
+                index,
+                term: 2,
+                data: b"uncommitted".to_vec().into(),
+                ..Default::default()
+            })
+            .collect();
+        store.apply_snapshot(snap.clone());
+        store.append(&tail);
+        store.set_hard_state(hs.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        disk.write(
+            WriteBatch {
+                snapshot: Some(snap.clone()),
+                conf_state: Some(snap.get_metadata().get_conf_state().clone()),
+                entries: tail,
+                hard_state: Some(hs),
+                ..Default::default()
+            },
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        rx.recv().unwrap().unwrap();
+    }
+
+    #[test]
+    fn others_are_removed_after_the_commit_index_once_per_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(dir.path()).unwrap();
+        let store = LogStore::default();
+        three_voters(&store, &disk);
+        let force = ForceNewCluster::new("h:1");
+        let changes = apply(&force, 1, &store, &disk, &quiet()).unwrap();
+        let removed: Vec<u64> = changes.iter().map(|c| c.changes[0].node_id).collect();
+        assert_eq!(removed, [2, 3]);
+        // The uncommitted tail is replaced; the changes are committed.
+        assert_eq!(store.last_index().unwrap(), 3);
+        let hs = store.initial_state().unwrap().hard_state;
+        assert_eq!((hs.commit, hs.term), (3, 2));
+        // The clone a restarted raft actor gets does nothing again.
+        assert!(apply(&force.clone(), 1, &store, &disk, &quiet())
+            .unwrap()
+            .is_empty());
+        disk.close();
+        drop(disk);
+        let (_, rec) = Disk::open(dir.path()).unwrap();
+        assert_eq!(rec.hard_state.commit, 3);
+        let on_disk: Vec<u64> = rec.entries.iter().map(|e| e.index).collect();
+        assert_eq!(on_disk, [2, 3]);
+        assert!(rec
+            .entries
+            .iter()
+            .all(|e| e.get_entry_type() == EntryType::EntryConfChangeV2));
+    }
+
+    #[test]
+    fn an_empty_data_directory_is_refused_and_a_lone_member_needs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(dir.path()).unwrap();
+        let store = LogStore::default();
+        let e = apply(&ForceNewCluster::new("h:1"), 1, &store, &disk, &quiet()).unwrap_err();
+        assert!(e.contains("holds no log"), "{e}");
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = vec![1];
+        store.apply_snapshot(snap);
+        let changes = apply(&ForceNewCluster::new("h:1"), 1, &store, &disk, &quiet()).unwrap();
+        assert!(changes.is_empty());
+    }
+}

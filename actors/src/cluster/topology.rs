@@ -231,7 +231,7 @@ impl Topology {
             MemberRequest::Remove { .. } => "bring the members that are not live back first",
         };
         Err(PlanError::Precondition(format!(
-            "{what} would leave {up} of {} voters live, fewer than the quorum of {quorum}: the cluster could commit nothing, not even the change undoing it (not live: {}). {advice}, or pass --force (request field force) to do it anyway; see docs/operations.md for recovering a cluster that lost its quorum",
+            "{what} would leave {up} of {} voters live, fewer than the quorum of {quorum}: the cluster could commit nothing, not even the change undoing it (not live: {}); {advice}, or pass --force (request field force) to do it anyway; see docs/operations.md for recovering a cluster that lost its quorum",
             after.len(),
             down.join(", ")
         )))
