@@ -693,7 +693,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             })
         };
         let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom));
-        let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
+        let (sig_tx, mut sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
         io.spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
@@ -733,14 +733,21 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         });
         // Before "ready", while already serving (a probe of this node's own address must find
         // this process): no other process runs as this member, and a joining node is registered.
-        let checked = io
-            .spawn(async move {
-                crate::identity::check_unique(&unique).await?;
-                let Some(join) = joining else { return Ok(None) };
-                Ok::<_, String>(join.register().await?.map(|r| (join, r)))
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("startup checks failed: {e}")));
+        let mut checks = io.spawn(async move {
+            crate::identity::check_unique(&unique).await?;
+            let Some(join) = joining else { return Ok(None) };
+            Ok::<_, String>(join.register().await?.map(|r| (join, r)))
+        });
+        // A join waits for the cluster as long as it takes: a signal meanwhile stops the node.
+        let mut early_signal = None;
+        let checked = tokio::select! {
+            c = &mut checks => c.unwrap_or_else(|e| Err(format!("startup checks failed: {e}"))),
+            sig = &mut sig_rx => {
+                checks.abort();
+                early_signal = Some(sig.unwrap_or("signal"));
+                Ok(None)
+            }
+        };
         let refused = match checked {
             Ok(Some((join, registered))) => {
                 io.spawn(async move {
@@ -753,7 +760,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             Ok(None) => None,
             Err(e) => Some(e),
         };
-        if refused.is_none() {
+        if refused.is_none() && early_signal.is_none() {
             info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some(), "incarnation" => format!("{incarnation:016x}"));
             // One machine-readable line on stdout: scripts and tests read the bound ports from it.
             println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
@@ -764,8 +771,11 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             error!(log, "refusing to start"; "reason" => reason);
             eprintln!("lodge: {reason}");
             (Some(Exit::Failed(reason.clone())), None, false)
+        } else if let Some(sig) = early_signal {
+            info!(log, "shutting down before ready"; "signal" => sig);
+            (None, None, false)
         } else { tokio::select! {
-            sig = sig_rx => {
+            sig = &mut sig_rx => {
                 info!(log, "shutting down"; "signal" => sig.unwrap_or("signal"));
                 (None, None, false)
             }
