@@ -18,18 +18,34 @@ pub enum Cluster {
         #[arg(long, default_value_t = 0)]
         min_version: u64,
     },
-    /// Add a member (a voter, or a learner with --learner).
+    /// Add a member (a voter, or a learner with --learner). A voter that would leave fewer live
+    /// voters than a quorum (one not running yet, on a cluster with no live voter to spare) is
+    /// refused unless --force.
     Add {
         id: u64,
         /// Its gRPC address, HOST:PORT.
         address: String,
         #[arg(long)]
         learner: bool,
+        /// Skip the quorum guard (see docs/operations.md for undoing a change that lost quorum).
+        #[arg(long)]
+        force: bool,
     },
-    /// Remove a member.
-    Remove { id: u64 },
-    /// Make a learner a voter.
-    Promote { id: u64 },
+    /// Remove a member; refused unless --force when the live voters left would be fewer than a
+    /// quorum.
+    Remove {
+        id: u64,
+        /// Skip the quorum guard.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a learner a voter (the same quorum guard as add).
+    Promote {
+        id: u64,
+        /// Skip the quorum guard.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn role(r: i32) -> &'static str {
@@ -109,6 +125,7 @@ async fn call(
             id,
             address,
             learner,
+            force,
         } => {
             let role = if *learner {
                 pb::Role::Learner
@@ -120,21 +137,28 @@ async fn call(
                     id: *id,
                     address: address.clone(),
                     role: role as i32,
+                    force: *force,
                 })
                 .await?
                 .into_inner();
             topology_json(&r.topology.unwrap_or_default())
         }
-        Cluster::Remove { id } => {
+        Cluster::Remove { id, force } => {
             let r = c
-                .deregister_node(pb::DeregisterNodeRequest { id: *id })
+                .deregister_node(pb::DeregisterNodeRequest {
+                    id: *id,
+                    force: *force,
+                })
                 .await?
                 .into_inner();
             topology_json(&r.topology.unwrap_or_default())
         }
-        Cluster::Promote { id } => {
+        Cluster::Promote { id, force } => {
             let r = c
-                .promote_node(pb::PromoteNodeRequest { id: *id })
+                .promote_node(pb::PromoteNodeRequest {
+                    id: *id,
+                    force: *force,
+                })
                 .await?
                 .into_inner();
             topology_json(&r.topology.unwrap_or_default())

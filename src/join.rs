@@ -9,7 +9,8 @@
 //! Each step is idempotent, so a node restarted in the middle simply runs it again. Transient
 //! failures (no leader yet, another membership change under way, a member unreachable) are
 //! retried with backoff for as long as it takes; refusals (an id or address taken by another
-//! member, bad input) end the node with the reason.
+//! member, bad input) end the node with the reason. Step 1 runs before the node says it is
+//! ready ([`Join::register`]): a node the cluster refuses exits 2 without ever being ready.
 
 use std::time::Duration;
 
@@ -36,9 +37,15 @@ pub struct Join {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
+/// What is left of a join once registered: the commit index to catch up to.
+pub struct Registered {
+    commit_index: u64,
+}
+
 impl Join {
-    /// Runs the join to the end; an error is a refusal the node cannot get past.
-    pub async fn run(self) -> Result<(), String> {
+    /// Step 1: registers this node as a learner (unless it is a member already: `None`); an
+    /// error is a refusal the node cannot get past.
+    pub async fn register(&self) -> Result<Option<Registered>, String> {
         let status = self.raft.send(GetStatus).await.ok().and_then(Result::ok);
         let member = status
             .as_ref()
@@ -49,7 +56,7 @@ impl Join {
                 .is_some_and(|s| s.voters.contains(&self.id) || !self.as_voter)
         {
             info!(self.log, "already a member; nothing to join"; "node" => self.id);
-            return Ok(());
+            return Ok(None);
         }
         let registered = self
             .call("RegisterNode", |mut c| {
@@ -57,6 +64,7 @@ impl Join {
                     id: self.id,
                     address: self.advertise.clone(),
                     role: pb::Role::Learner as i32,
+                    force: false,
                 };
                 async move { c.register_node(req).await.map(|r| r.into_inner()) }
             })
@@ -79,13 +87,24 @@ impl Join {
         self.directory
             .hint(topology.members.iter().map(|m| (m.id, m.address.clone())));
         info!(self.log, "registered as a learner; catching up"; "topology_version" => topology.version, "commit_index" => registered.commit_index);
+        Ok(Some(Registered {
+            commit_index: registered.commit_index,
+        }))
+    }
+
+    /// Steps 2 and 3: catches up, then asks for promotion; an error is a refusal the node cannot
+    /// get past.
+    pub async fn finish(self, registered: Registered) -> Result<(), String> {
         self.catch_up(registered.commit_index).await;
         if !self.as_voter {
             info!(self.log, "joined as a learner");
             return Ok(());
         }
         self.call("PromoteNode", |mut c| {
-            let req = pb::PromoteNodeRequest { id: self.id };
+            let req = pb::PromoteNodeRequest {
+                id: self.id,
+                force: false,
+            };
             async move { c.promote_node(req).await.map(|r| r.into_inner()) }
         })
         .await?;

@@ -6,6 +6,7 @@ mod cluster;
 mod config;
 mod ctl;
 mod failover;
+mod identity;
 mod join;
 mod kv;
 mod lb;
@@ -172,6 +173,11 @@ struct NodeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Recovery from a lost quorum: make this member the only member of its cluster (from its
+    /// own data directory), then run. For one start only; the other members join again with
+    /// fresh data directories (docs/operations.md).
+    #[arg(long)]
+    force_new_cluster: bool,
 }
 
 fn main() {
@@ -199,7 +205,7 @@ fn main() {
                     print!("{}", cfg.to_toml());
                     0
                 }
-                Ok(cfg) => node::run(cfg),
+                Ok(cfg) => node::run(cfg, a.force_new_cluster),
             }
         }
         Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),

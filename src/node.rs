@@ -14,6 +14,7 @@ use lodge_actors::balancer::metrics::BalancerMetrics;
 use lodge_actors::balancer::{BalancerParts, DataPlane};
 use lodge_actors::cluster::disk::Disk;
 use lodge_actors::cluster::fault::Faults;
+use lodge_actors::cluster::force::ForceNewCluster;
 use lodge_actors::cluster::members::{
     HeartbeatSender, Membership, MembershipSettings, ResourceProbe, Resources,
 };
@@ -339,8 +340,10 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
     })
 }
 
-/// Runs a node until SIGTERM/SIGINT (exit 0) or until the actor tree gives up (exit 1).
-pub fn run(cfg: NodeConfig) -> i32 {
+/// Runs a node until SIGTERM/SIGINT (exit 0) or until the actor tree gives up (exit 1); a node
+/// refused at start (configuration, identity) exits 2. `force_new_cluster`: make this member the
+/// only member of its cluster first (`--force-new-cluster`, see `lodge_actors::cluster::force`).
+pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     let (log, _log_guard) = crate::logging::build(&cfg.log.level, &cfg.log.format, cfg.node.id);
     let fds = raise_fd_limit();
     let wanted = (cfg.server.max_connections)
@@ -427,7 +430,23 @@ pub fn run(cfg: NodeConfig) -> i32 {
         .collect();
 
     let disk = match Disk::open(&cfg.node.data_dir.join("raft")) {
-        Ok((disk, _)) => disk,
+        Ok((disk, recovered)) => {
+            if force_new_cluster
+                && recovered
+                    .snapshot
+                    .get_metadata()
+                    .get_conf_state()
+                    .voters
+                    .is_empty()
+            {
+                eprintln!(
+                    "lodge: --force-new-cluster: {} holds no raft log; the flag recovers a member from its own data directory",
+                    cfg.node.data_dir.display()
+                );
+                return 2;
+            }
+            disk
+        }
         Err(e) => {
             eprintln!("lodge: {e}");
             return 1;
@@ -446,6 +465,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
         );
         return 2;
     }
+    if let Err(e) = crate::identity::check_own_entry(&cfg, grpc_local) {
+        eprintln!("lodge: {e}");
+        return 2;
+    }
+    // Tells this process apart from any other that runs (or ran) as the same member.
+    let incarnation = fastrand::u64(1..);
     let join = cfg.join_endpoints().expect("validated");
     let mut members = cfg.members().expect("validated");
     if cfg.cluster.initial_cluster.trim().is_empty() {
@@ -479,10 +504,12 @@ pub fn run(cfg: NodeConfig) -> i32 {
         snapshot_interval: cfg.cluster.snapshot_interval,
         read_timeout: NodeConfig::duration(cfg.server.request_timeout_ms),
         watch_history: cfg.cluster.watch_history,
+        force_new_cluster: force_new_cluster.then(|| ForceNewCluster::new(advertise.clone())),
     };
     let heartbeat_interval = NodeConfig::duration(cfg.cluster.heartbeat_interval_ms);
     let membership_settings = MembershipSettings {
         self_id: cfg.node.id,
+        incarnation,
         heartbeat_interval,
         heartbeat_timeout: NodeConfig::duration(cfg.cluster.heartbeat_timeout_ms),
     };
@@ -595,7 +622,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
             directory: directory.clone(),
             membership: membership_ref.clone(),
             membership_settings,
-            heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_tls.clone(), heartbeat_interval)),
+            heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_tls.clone(), heartbeat_interval, &log)),
             probe,
             registry_settings: Arc::new(registry_settings(&cfg)),
             registry_index: registry_index.clone(),
@@ -644,6 +671,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 admin: admin_ref.clone(),
                 raft: raft_ref.clone(),
                 member_id: cfg.node.id,
+                incarnation,
                 directory: directory.clone(),
                 membership: membership_ref.clone(),
                 heartbeat_interval,
@@ -693,7 +721,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
             rejections: registry_metrics.clone(),
         };
         let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom, metrics_serving));
-        let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
+        let (sig_tx, mut sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
         io.spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT handler");
@@ -712,30 +740,70 @@ pub fn run(cfg: NodeConfig) -> i32 {
             std::process::exit(1);
         });
         let (join_failed_tx, join_failed) = tokio::sync::oneshot::channel::<String>();
-        if !join.is_empty() {
-            let join = crate::join::Join {
-                id: cfg.node.id,
-                advertise: advertise.clone(),
-                endpoints: join.clone(),
-                as_voter: cfg.cluster.join_as == "voter",
-                tls: peer_tls.clone(),
-                raft: raft_ref.clone(),
-                directory: directory.clone(),
-                log: log.clone(),
-            };
-            io.spawn(async move {
-                if let Err(e) = join.run().await {
-                    let _ = join_failed_tx.send(e);
-                }
-            });
+        let unique = crate::identity::Unique {
+            id: cfg.node.id,
+            incarnation,
+            advertise: advertise.clone(),
+            directory: directory.clone(),
+            join: join.clone(),
+            tls: peer_tls.clone(),
+            log: log.clone(),
+        };
+        let joining = (!join.is_empty()).then(|| crate::join::Join {
+            id: cfg.node.id,
+            advertise: advertise.clone(),
+            endpoints: join.clone(),
+            as_voter: cfg.cluster.join_as == "voter",
+            tls: peer_tls.clone(),
+            raft: raft_ref.clone(),
+            directory: directory.clone(),
+            log: log.clone(),
+        });
+        // Before "ready", while already serving (a probe of this node's own address must find
+        // this process): no other process runs as this member, and a joining node is registered.
+        let mut checks = io.spawn(async move {
+            crate::identity::check_unique(&unique).await?;
+            let Some(join) = joining else { return Ok(None) };
+            Ok::<_, String>(join.register().await?.map(|r| (join, r)))
+        });
+        // A join waits for the cluster as long as it takes: a signal meanwhile stops the node.
+        let mut early_signal = None;
+        let checked = tokio::select! {
+            c = &mut checks => c.unwrap_or_else(|e| Err(format!("startup checks failed: {e}"))),
+            sig = &mut sig_rx => {
+                checks.abort();
+                early_signal = Some(sig.unwrap_or("signal"));
+                Ok(None)
+            }
+        };
+        let refused = match checked {
+            Ok(Some((join, registered))) => {
+                io.spawn(async move {
+                    if let Err(e) = join.finish(registered).await {
+                        let _ = join_failed_tx.send(e);
+                    }
+                });
+                None
+            }
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        if refused.is_none() && early_signal.is_none() {
+            info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some(), "incarnation" => format!("{incarnation:016x}"));
+            // One machine-readable line on stdout: scripts and tests read the bound ports from it.
+            println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
         }
-        info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some());
-        // One machine-readable line on stdout: scripts and tests read the bound ports from it.
-        println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
 
         // A node that stops serving must not linger: the server ending on its own is a failure.
-        let (failure, server_ended, tree_done) = tokio::select! {
-            sig = sig_rx => {
+        let (failure, server_ended, tree_done) = if let Some(reason) = &refused {
+            error!(log, "refusing to start"; "reason" => reason);
+            eprintln!("lodge: {reason}");
+            (Some(Exit::Failed(reason.clone())), None, false)
+        } else if let Some(sig) = early_signal {
+            info!(log, "shutting down before ready"; "signal" => sig);
+            (None, None, false)
+        } else { tokio::select! {
+            sig = &mut sig_rx => {
                 info!(log, "shutting down"; "signal" => sig.unwrap_or("signal"));
                 (None, None, false)
             }
@@ -748,7 +816,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 let reason = format!("the gRPC server stopped on its own: {ended:?}");
                 (Some(Exit::Failed(reason)), Some(ended), false)
             }
-        };
+        }};
         // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
         let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
         let _ = shutdown_tx.send(true);
@@ -780,7 +848,11 @@ pub fn run(cfg: NodeConfig) -> i32 {
             }
             Exit::Failed(reason) | Exit::Panicked(reason) => {
                 error!(log, "exiting on a failure"; "reason" => reason);
-                1
+                if refused.is_some() {
+                    2
+                } else {
+                    1
+                }
             }
         }
     });

@@ -390,9 +390,12 @@ fn the_cluster_service_refuses_conflicts_reports_liveness_and_says_not_modified(
             .into_inner();
         let first = watch.message().await.unwrap().unwrap();
         assert_eq!(first.version, v + 1);
-        c.deregister_node(pb::DeregisterNodeRequest { id: 2 })
-            .await
-            .unwrap();
+        c.deregister_node(pb::DeregisterNodeRequest {
+            id: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let next = tokio::time::timeout(Duration::from_secs(30), watch.message())
             .await
             .expect("a topology update")

@@ -8,13 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lodge_actors::cluster::members::{
-    Beat, GetTopologyView, HeartbeatSender, Membership, ReceiveBeat, Resources, TopologyView,
+    Beat, BeatRefused, GetTopologyView, HeartbeatSender, Membership, ReceiveBeat, Resources,
+    TopologyView,
 };
 use lodge_actors::cluster::raft::{ChangeMember, GetStatus, RaftNode};
 use lodge_actors::cluster::topology::{Directory, MemberRequest, Role, Topology};
 use lodge_actors::ActorRef;
+use slog::{info, warn, Logger};
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::client::{self, ClientTls};
 use crate::deadline;
@@ -34,10 +36,18 @@ pub struct ClusterService {
     heartbeat_interval: Duration,
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// This process's incarnation (answered by Status).
+    incarnation: u64,
+    /// How this node reaches other members (the quorum guard's probe of a new member).
+    peer_tls: ClientTls,
 }
+
+/// The longest a probe of a new member's address may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl ClusterService {
     /// A service answering for `raft` and `membership`; streams end when `shutdown` turns true.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         raft: ActorRef<RaftNode>,
         membership: ActorRef<Membership>,
@@ -46,6 +56,8 @@ impl ClusterService {
         heartbeat_interval: Duration,
         timeout: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        incarnation: u64,
+        peer_tls: ClientTls,
     ) -> Self {
         Self {
             raft,
@@ -55,6 +67,8 @@ impl ClusterService {
             heartbeat_interval,
             timeout,
             shutdown,
+            incarnation,
+            peer_tls,
         }
     }
 
@@ -63,14 +77,14 @@ impl ClusterService {
     async fn change<T: Clone + Send + 'static, R>(
         &self,
         req: Request<T>,
-        change: MemberRequest,
+        change: ChangeMember,
         then: impl FnOnce(Client, Request<T>) -> Forwarded<R>,
         answer: impl FnOnce(pb::Topology, u64) -> R,
     ) -> Result<Response<R>, Status> {
         let budget = deadline::of(&req, self.timeout);
         let result = self
             .raft
-            .send_timeout(ChangeMember(change), budget)
+            .send_timeout(change, budget)
             .await
             .map_err(|e| deadline::send_status(e, "raft member"))?;
         match result {
@@ -161,6 +175,20 @@ fn bare(t: &Topology) -> pb::Topology {
     }
 }
 
+/// Asks the node at `addr` for its raft status, within `within`: the member id it runs as and its
+/// process incarnation, or `None` when nothing answered.
+pub async fn probe(addr: &str, tls: &ClientTls, within: Duration) -> Option<(u64, u64)> {
+    let call = async {
+        let channel = client::connect(addr, tls).await.ok()?;
+        let mut req = Request::new(pb::StatusRequest {});
+        req.set_timeout(within);
+        let s = ClusterClient::new(channel).status(req).await.ok()?;
+        let s = s.into_inner();
+        Some((s.id, s.incarnation))
+    };
+    tokio::time::timeout(within, call).await.ok().flatten()
+}
+
 fn require_id(id: u64) -> Result<(), Status> {
     if id == 0 {
         Err(Status::invalid_argument(
@@ -192,10 +220,31 @@ impl cluster_server::Cluster for ClusterService {
                 )))
             }
         };
-        let change = MemberRequest::Add {
-            id: r.id,
-            addr: r.address,
-            role,
+        // A voter that is not a member yet counts as live for the quorum guard if it answers at
+        // its address as that member. Asked only when the guard may need it.
+        let is_new = !self
+            .directory
+            .current()
+            .topology
+            .members
+            .contains_key(&r.id);
+        let answers = if role == Role::Voter && !r.force && is_new {
+            let within = PROBE_TIMEOUT.min(deadline::of(&req, self.timeout) / 3);
+            probe(&r.address, &self.peer_tls, within)
+                .await
+                .map(|(id, _)| id)
+                == Some(r.id)
+        } else {
+            false
+        };
+        let change = ChangeMember {
+            request: MemberRequest::Add {
+                id: r.id,
+                addr: r.address,
+                role,
+            },
+            force: r.force,
+            answers,
         };
         self.change(
             req,
@@ -213,11 +262,15 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::DeregisterNodeRequest>,
     ) -> Result<Response<pb::DeregisterNodeResponse>, Status> {
-        let id = req.get_ref().id;
+        let (id, force) = (req.get_ref().id, req.get_ref().force);
         require_id(id)?;
         self.change(
             req,
-            MemberRequest::Remove { id },
+            ChangeMember {
+                request: MemberRequest::Remove { id },
+                force,
+                answers: false,
+            },
             |mut c, r| Box::pin(async move { c.deregister_node(r).await }),
             |t, _| pb::DeregisterNodeResponse { topology: Some(t) },
         )
@@ -228,11 +281,15 @@ impl cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::PromoteNodeRequest>,
     ) -> Result<Response<pb::PromoteNodeResponse>, Status> {
-        let id = req.get_ref().id;
+        let (id, force) = (req.get_ref().id, req.get_ref().force);
         require_id(id)?;
         self.change(
             req,
-            MemberRequest::Promote { id },
+            ChangeMember {
+                request: MemberRequest::Promote { id },
+                force,
+                answers: false,
+            },
             |mut c, r| Box::pin(async move { c.promote_node(r).await }),
             |t, _| pb::PromoteNodeResponse { topology: Some(t) },
         )
@@ -254,6 +311,7 @@ impl cluster_server::Cluster for ClusterService {
                 actors: res.actors,
                 applied_index: res.applied_index,
             },
+            incarnation: r.incarnation,
         };
         let version = self
             .membership
@@ -266,7 +324,10 @@ impl cluster_server::Cluster for ClusterService {
             )
             .await
             .map_err(|e| deadline::send_status(e, "membership"))?
-            .map_err(Status::not_found)?;
+            .map_err(|e| match e {
+                BeatRefused::NotMember(m) => Status::not_found(m),
+                BeatRefused::Duplicate(m) => Status::already_exists(m),
+            })?;
         Ok(Response::new(pb::HeartbeatResponse {
             topology_version: version,
             interval_ms: self.heartbeat_interval.as_millis() as i64,
@@ -349,6 +410,7 @@ impl cluster_server::Cluster for ClusterService {
             revision: s.revision,
             snapshot_index: s.snapshot_index,
             topology_version: self.directory.current().topology.version,
+            incarnation: self.incarnation,
         }))
     }
 }
@@ -361,17 +423,27 @@ pub struct GrpcHeartbeats {
     timeout: Duration,
     busy: Arc<Mutex<HashSet<String>>>,
     channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+    /// Peers refusing this process's beats as a duplicate's: logged once per refusal spell.
+    refused: Arc<Mutex<HashSet<String>>>,
+    log: Logger,
 }
 
 impl GrpcHeartbeats {
     /// Beats run on `io`, each given up after `timeout`.
-    pub fn new(io: tokio::runtime::Handle, tls: ClientTls, timeout: Duration) -> Self {
+    pub fn new(
+        io: tokio::runtime::Handle,
+        tls: ClientTls,
+        timeout: Duration,
+        log: &Logger,
+    ) -> Self {
         Self {
             io,
             tls,
             timeout,
             busy: Default::default(),
             channels: Default::default(),
+            refused: Default::default(),
+            log: log.new(slog::o!("actor" => "heartbeats")),
         }
     }
 }
@@ -382,6 +454,7 @@ impl HeartbeatSender for GrpcHeartbeats {
             return;
         }
         let (busy, channels, tls) = (self.busy.clone(), self.channels.clone(), self.tls.clone());
+        let (refused, log) = (self.refused.clone(), self.log.clone());
         let addr = addr.to_string();
         let timeout = self.timeout;
         self.io.spawn(async move {
@@ -395,16 +468,30 @@ impl HeartbeatSender for GrpcHeartbeats {
                         c
                     }
                 };
-                ClusterClient::new(channel)
+                let answer = ClusterClient::new(channel)
                     .heartbeat(pb::HeartbeatRequest {
                         node_id: from,
                         status: beat.status,
                         resources: Some(resources(&beat.resources)),
+                        incarnation: beat.incarnation,
                     })
-                    .await
-                    .map_err(|e| e.to_string())
+                    .await;
+                Ok::<_, String>(answer)
             };
-            let _ = tokio::time::timeout(timeout, call).await;
+            let answer = tokio::time::timeout(timeout, call).await;
+            let mut refused = refused.lock().unwrap();
+            match answer {
+                Ok(Ok(Err(s)))
+                    if s.code() == Code::AlreadyExists && refused.insert(addr.clone()) =>
+                {
+                    warn!(log, "a member refuses this process's heartbeats: another process runs as this member, or this one restarted and the previous one was heard from too recently"; "peer" => &addr, "reason" => s.message());
+                }
+                Ok(Ok(Ok(_))) if refused.remove(&addr) => {
+                    info!(log, "heartbeats accepted again"; "peer" => &addr);
+                }
+                _ => {}
+            }
+            drop(refused);
             busy.lock().unwrap().remove(&addr);
         });
     }

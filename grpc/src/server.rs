@@ -83,6 +83,8 @@ pub struct Backends {
     pub admin: ActorRef<AdminActor>,
     pub raft: ActorRef<lodge_actors::cluster::raft::RaftNode>,
     pub member_id: u64,
+    /// This process's incarnation (random per start; tells two processes with one id apart).
+    pub incarnation: u64,
     /// The replicated topology (members' addresses, for forwarding to the leader).
     pub directory: lodge_actors::cluster::topology::Directory,
     /// The membership actor (heartbeats, topology with liveness).
@@ -173,7 +175,7 @@ pub async fn node_services(
     let forward = Arc::new(crate::forward::Forwarder::new(
         b.member_id,
         b.directory.clone(),
-        b.peer_tls,
+        b.peer_tls.clone(),
     ));
     let kv = pb::kv::kv_server::KvServer::new(crate::kv::KvService::new(
         b.raft.clone(),
@@ -192,6 +194,8 @@ pub async fn node_services(
             b.heartbeat_interval,
             s.request_timeout,
             shutdown.clone(),
+            b.incarnation,
+            b.peer_tls.clone(),
         ))
         .max_decoding_message_size(s.max_message_bytes)
         .max_encoding_message_size(s.max_message_bytes);

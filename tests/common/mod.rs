@@ -50,6 +50,12 @@ impl Node {
         )
     }
 
+    /// Like [`try_start`](Self::try_start), listening on `listen` (reused across restarts, or
+    /// an address the test needs to know beforehand).
+    pub fn try_start_at(listen: &str, args: &[&str]) -> Result<Node, StartFailure> {
+        Self::try_start_in(tempfile::tempdir().expect("temp dir"), listen, args, &[])
+    }
+
     /// Like [`start`](Self::start), with `LODGE_*` environment overrides.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Node {
         Self::try_start_in(

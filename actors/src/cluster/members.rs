@@ -6,7 +6,7 @@
 //! Liveness is not replicated: each node judges reachability from the heartbeats that reach it,
 //! which is what a caller asking that node can act on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub struct Resources {
 pub struct Beat {
     pub status: String,
     pub resources: Resources,
+    /// The sending process's incarnation (random per process start).
+    pub incarnation: u64,
 }
 
 /// What this node knows of a member's liveness.
@@ -137,17 +139,38 @@ pub type ResourceProbe = Arc<dyn Fn() -> Resources + Send + Sync>;
 #[derive(Clone)]
 pub struct MembershipSettings {
     pub self_id: u64,
+    /// This process's incarnation, drawn at random when it starts: its heartbeats carry it, so
+    /// that a receiver tells two processes claiming one member id apart.
+    pub incarnation: u64,
     pub heartbeat_interval: Duration,
     /// A member silent this long is shown unreachable.
     pub heartbeat_timeout: Duration,
 }
 
-/// A heartbeat received from member `from`.
+/// A heartbeat received from member `from`; answers the topology version.
 #[derive(Message)]
-#[rtype(result = "Result<u64, String>")]
+#[rtype(result = "Result<u64, BeatRefused>")]
 pub struct ReceiveBeat {
     pub from: u64,
     pub beat: Beat,
+}
+
+/// Why a heartbeat was not recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BeatRefused {
+    /// The sender is not a member.
+    NotMember(String),
+    /// Another process (another incarnation) keeps the member's row live: the sender is a second
+    /// process with the same member id. Its beat leaves the row alone.
+    Duplicate(String),
+}
+
+impl std::fmt::Display for BeatRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotMember(m) | Self::Duplicate(m) => f.write_str(m),
+        }
+    }
 }
 
 /// One member, with the replicated facts and the observed liveness.
@@ -183,6 +206,8 @@ pub struct Membership {
     sender: Arc<dyn HeartbeatSender>,
     probe: ResourceProbe,
     members: BTreeMap<u64, ActorRef<MemberActor>>,
+    /// The incarnation each member's accepted beats come from, and when the last one came.
+    incarnations: HashMap<u64, (u64, Instant)>,
     /// Topology version the member actors were last reconciled with.
     reconciled: Option<u64>,
     log: Logger,
@@ -207,6 +232,7 @@ impl Membership {
             sender,
             probe,
             members: BTreeMap::new(),
+            incarnations: HashMap::new(),
             reconciled: None,
             log: log.new(slog::o!("actor" => "membership")),
         }
@@ -288,6 +314,7 @@ impl Membership {
         let raft = self.raft.clone();
         let probe = self.probe.clone();
         let me = self.settings.self_id;
+        let incarnation = self.settings.incarnation;
         // Not in a topology it has (a joining node has none yet): it was removed.
         let topology = self.directory.current().topology;
         let removed = topology.version > 0 && !topology.members.contains_key(&me);
@@ -307,7 +334,11 @@ impl Membership {
                     }
                     _ => "raft-down".to_string(),
                 };
-                Beat { status, resources }
+                Beat {
+                    status,
+                    resources,
+                    incarnation,
+                }
             }
             .into_actor(self)
             .map(|beat, act, _| {
@@ -357,14 +388,34 @@ impl Managed for Membership {
 }
 
 impl Handler<ReceiveBeat> for Membership {
-    type Result = Result<u64, String>;
+    type Result = Result<u64, BeatRefused>;
 
     fn handle(&mut self, msg: ReceiveBeat, ctx: &mut Context<Self>) -> Self::Result {
         // The topology may have moved on since the last reconcile.
         self.reconcile(ctx);
         let Some(member) = self.members.get(&msg.from) else {
-            return Err(format!("node_id: {} is not a member", msg.from));
+            return Err(BeatRefused::NotMember(format!(
+                "node_id: {} is not a member",
+                msg.from
+            )));
         };
+        let (id, incarnation) = (msg.from, msg.beat.incarnation);
+        if id == self.settings.self_id && incarnation != self.settings.incarnation {
+            return Err(BeatRefused::Duplicate(format!(
+                "node_id: member {id} is the process answering this heartbeat; a second process with the same id is refused"
+            )));
+        }
+        let timeout = self.settings.heartbeat_timeout;
+        if let Some((current, at)) = self.incarnations.get(&id) {
+            if *current != incarnation && at.elapsed() <= timeout {
+                return Err(BeatRefused::Duplicate(format!(
+                    "node_id: member {id} is live as another process (heard from {} ms ago); a second process with the same id is refused (a restarted member's beats are taken once the previous process is silent for {} ms)",
+                    at.elapsed().as_millis(),
+                    timeout.as_millis()
+                )));
+            }
+        }
+        self.incarnations.insert(id, (incarnation, Instant::now()));
         if let Err(e) = member.try_send(msg.beat) {
             warn!(self.log, "heartbeat not recorded"; "member" => msg.from, "error" => %e);
         }

@@ -2,6 +2,7 @@
 
 pub mod disk;
 pub mod fault;
+pub mod force;
 pub mod kv;
 pub mod lease;
 pub mod log;

@@ -8,7 +8,7 @@
 //! calls `on_persist_ready`. Every Ready is finished, whatever the role (see the PreCandidate trap
 //! in the runtime notes), and the loop runs after every step, proposal, read and tick.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use slog::{error, info, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
 
 use super::disk::{Disk, DiskError, WriteBatch};
+use super::force::ForceNewCluster;
 use super::kv::{ApplyResult, Command, KeyValue, KvState};
 use super::lease::LeaseClock;
 use super::log::LogStore;
@@ -51,6 +52,8 @@ pub struct RaftSettings {
     pub read_timeout: Duration,
     /// Revisions of key changes kept in memory for watches that start in the past.
     pub watch_history: usize,
+    /// `--force-new-cluster`: make this member the only one before raft reads the log.
+    pub force_new_cluster: Option<ForceNewCluster>,
 }
 
 impl Default for RaftSettings {
@@ -64,6 +67,7 @@ impl Default for RaftSettings {
             snapshot_interval: 10_000,
             read_timeout: Duration::from_secs(5),
             watch_history: 10_000,
+            force_new_cluster: None,
         }
     }
 }
@@ -116,6 +120,9 @@ impl std::fmt::Display for RaftError {
         }
     }
 }
+
+/// How often a member without a leader says so.
+const LEADERLESS_WARNING: Duration = Duration::from_secs(10);
 
 /// Tags a proposal or read so that its answer finds its caller. `epoch` is drawn at random per
 /// actor instance: a restarted member replays entries proposed by its previous instance, whose
@@ -188,11 +195,31 @@ pub struct Read {
 #[rtype(result = "Result<ConfState, RaftError>")]
 pub struct ChangeMembership(pub ConfChangeV2);
 
-/// Adds, removes or promotes a member, checked against the topology; answers the topology once
-/// the change is applied (at once if it already is as asked).
+/// Adds, removes or promotes a member, checked against the topology and, unless forced, against
+/// the quorum guard ([`Topology::check_quorum`]); answers the topology once the change is applied
+/// (at once if it already is as asked).
 #[derive(Message)]
 #[rtype(result = "Result<Topology, RaftError>")]
-pub struct ChangeMember(pub MemberRequest);
+pub struct ChangeMember {
+    pub request: MemberRequest,
+    /// Skip the quorum guard.
+    pub force: bool,
+    /// A member the request adds answered at its address (a probe made by the caller): it counts
+    /// as live for the guard. Members already in the group count when the leader heard from them
+    /// within an election timeout.
+    pub answers: bool,
+}
+
+impl ChangeMember {
+    /// `request`, guarded, with no probe of a new member.
+    pub fn guarded(request: MemberRequest) -> Self {
+        Self {
+            request,
+            force: false,
+            answers: false,
+        }
+    }
+}
 
 /// Starts a watch; its updates arrive on `tx`. Answers the watch id and the revision it starts
 /// after.
@@ -303,6 +330,11 @@ pub struct RaftNode {
     last_hard_state: HardState,
     /// The log index at start: once applied, the topology knows every member (hints go).
     replayed_at: Option<u64>,
+    /// When a raft message last arrived from each peer: who is live, for the quorum guard and
+    /// the no-leader warning.
+    last_heard: HashMap<u64, Instant>,
+    /// Since when no leader is known, and when that was last logged.
+    leaderless: Option<(Instant, Instant)>,
     directory: Directory,
     leases: LeaseClock,
     watches: WatchHub,
@@ -354,6 +386,9 @@ impl RaftNode {
         if !store.is_initialized() && !settings.initial_members.is_empty() {
             bootstrap(&store, &disk, &settings.initial_members);
         }
+        if let Some(force) = &settings.force_new_cluster {
+            super::force::apply(force, settings.id, &store, &disk, &log)?;
+        }
         let (kv, topology) = decode_state(&store.latest_snapshot().data)?;
         store.release_snapshot_data();
         directory.publish(&topology);
@@ -402,6 +437,8 @@ impl RaftNode {
             watches: WatchHub::new(kv.revision(), watch_history),
             leases: LeaseClock::default(),
             replayed_at: Some(replayed_at),
+            last_heard: HashMap::new(),
+            leaderless: None,
             last_hard_state,
             topology,
             directory,
@@ -921,6 +958,50 @@ impl RaftNode {
         }
     }
 
+    /// A follower left the only voter (`--force-new-cluster`, or every other voter removed while
+    /// it followed) has nobody to wait for: it campaigns now rather than after a timeout.
+    fn campaign_if_alone(&mut self) {
+        if self.node.raft.state != StateRole::Follower {
+            return;
+        }
+        let cs = self.store.conf_state();
+        if cs.voters == [self.settings.id] && cs.voters_outgoing.is_empty() {
+            let _ = self.node.campaign();
+        }
+    }
+
+    /// Says so every [`LEADERLESS_WARNING`] while this member knows no leader, naming the voters
+    /// it has not heard from: a member that cannot reach the others (a wrong address in the
+    /// configuration, a partition) must not stay silent.
+    fn warn_if_leaderless(&mut self) {
+        if self.leader().is_some() {
+            self.leaderless = None;
+            return;
+        }
+        let now = Instant::now();
+        let (since, warned) = *self.leaderless.get_or_insert((now, now));
+        if warned.elapsed() < LEADERLESS_WARNING {
+            return;
+        }
+        self.leaderless = Some((since, now));
+        let secs = since.elapsed().as_secs();
+        // A removed member has its own warning, once.
+        let me = self.settings.id;
+        if self.topology.version > 0 && !self.topology.members.contains_key(&me) {
+            return;
+        }
+        let live = self.live_members();
+        let silent: Vec<String> = self
+            .topology
+            .members
+            .values()
+            .filter(|m| m.id != me && !live.contains(&m.id))
+            .map(|m| format!("{} at {}", m.id, m.addr))
+            .collect();
+        warn!(self.log, "no leader for {secs} s; members not heard from: {}", if silent.is_empty() { "none".to_string() } else { silent.join(", ") };
+            "hint" => "check that the members run, and that the addresses in the topology (cluster.initial_cluster, cluster.advertise) are where they listen");
+    }
+
     /// Repeats the ReadIndex request in flight if unanswered after a heartbeat interval.
     fn ask_reads_again(&mut self) {
         let every = self.settings.tick * self.settings.heartbeat_ticks as u32;
@@ -1016,6 +1097,8 @@ impl Actor for RaftNode {
                 act.expire_leases();
                 act.forget_stale_proposals();
                 act.watches.sweep();
+                act.campaign_if_alone();
+                act.warn_if_leaderless();
                 act.drive(ctx);
                 act.publish_figures();
             }
@@ -1050,7 +1133,9 @@ impl Handler<Step> for RaftNode {
     type Result = ();
 
     fn handle(&mut self, msg: Step, ctx: &mut Context<Self>) {
+        let now = Instant::now();
         for m in msg.0 {
+            self.last_heard.insert(m.from, now);
             if let Err(e) = self.node.step(m) {
                 // Stale or foreign messages are normal around elections and membership changes.
                 slog::debug!(self.log, "message not stepped"; "error" => %e);
@@ -1187,11 +1272,27 @@ impl RaftNode {
         }
     }
 
-    /// Checks a member request against the topology and proposes its change.
+    /// Members live as the quorum guard counts them: this member, and those it heard from within
+    /// an election timeout (a leader hears from every live member each heartbeat interval).
+    fn live_members(&self) -> BTreeSet<u64> {
+        let window = self.settings.tick * self.settings.election_ticks as u32;
+        let mut live: BTreeSet<u64> = self
+            .last_heard
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= window)
+            .map(|(id, _)| *id)
+            .collect();
+        live.insert(self.settings.id);
+        live
+    }
+
+    /// Checks a member request against the topology and the quorum guard, and proposes its
+    /// change.
     fn change_member(
         &mut self,
-        req: &MemberRequest,
+        msg: &ChangeMember,
     ) -> Result<Option<oneshot::Receiver<ConfOutcome>>, RaftError> {
+        let req = &msg.request;
         if self.node.raft.state != StateRole::Leader {
             return Err(self.not_leader());
         }
@@ -1201,15 +1302,24 @@ impl RaftNode {
                 "another membership change is still in progress; retry once it is applied".into(),
             ));
         }
-        let Some(cc) = self.topology.plan(req).map_err(|e| match e {
+        let refused = |e| match e {
             PlanError::Conflict(m) => RaftError::Conflict(m),
             PlanError::NotFound(m) => RaftError::NotFound(m),
             PlanError::Invalid(m) => RaftError::Invalid(m),
             PlanError::Precondition(m) => RaftError::Precondition(m),
-        })?
-        else {
+        };
+        let Some(cc) = self.topology.plan(req).map_err(refused)? else {
             return Ok(None);
         };
+        if !msg.force {
+            let mut live = self.live_members();
+            if let MemberRequest::Add { id, .. } = req {
+                if msg.answers {
+                    live.insert(*id);
+                }
+            }
+            self.topology.check_quorum(req, &live).map_err(refused)?;
+        }
         if let MemberRequest::Remove { id } = req {
             if *id == self.settings.id {
                 // A leader that removes itself stops leading in the middle of the change; hand
@@ -1238,7 +1348,7 @@ impl Handler<ChangeMember> for RaftNode {
     type Result = ResponseFuture<Result<Topology, RaftError>>;
 
     fn handle(&mut self, msg: ChangeMember, ctx: &mut Context<Self>) -> Self::Result {
-        let result = self.change_member(&msg.0);
+        let result = self.change_member(&msg);
         self.drive(ctx);
         let current = self.topology.clone();
         let if_dropped = self.not_leader();

@@ -70,6 +70,7 @@ impl Cluster {
             snapshot_interval: self.snapshot_interval,
             read_timeout: Duration::from_secs(1),
             watch_history: 1000,
+            force_new_cluster: None,
         };
         let member: ActorRef<RaftNode> = ActorRef::default();
         let net = self.net.clone();
@@ -436,7 +437,7 @@ async fn member_requests_follow_the_topology_and_raise_its_version_only_on_chang
     let mut c = Cluster::start(&[1, 2, 3], 10_000).await;
     let leader = c.leader(&[1, 2, 3]).await;
     let leader_ref = c.members[&leader].clone();
-    let ask = |req: MemberRequest| leader_ref.send(ChangeMember(req));
+    let ask = |req: MemberRequest| leader_ref.send(ChangeMember::guarded(req));
     let conflict = ask(MemberRequest::Add {
         id: 2,
         addr: "mem:99".into(),

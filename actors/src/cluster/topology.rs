@@ -10,7 +10,7 @@
 //! transport, forwarding to the leader, topology watches); it is the only shared view, and only
 //! the raft actor writes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState};
@@ -177,6 +177,66 @@ impl Topology {
         }
     }
 
+    /// The quorum guard (etcd's `--strict-reconfig-check`): refuses a request after which the
+    /// live voters would be fewer than a quorum of the voters, since such a group commits
+    /// nothing (not even the change that would undo it) until the missing voters come up.
+    /// `live` holds the members known to be running, the leader itself included; the member a
+    /// request adds or promotes counts only if it is in `live` too. A request that changes no
+    /// voter (a learner, an idempotent repeat) always passes.
+    pub fn check_quorum(&self, req: &MemberRequest, live: &BTreeSet<u64>) -> Result<(), PlanError> {
+        let voters: BTreeSet<u64> = self
+            .members
+            .values()
+            .filter(|m| m.role == Role::Voter)
+            .map(|m| m.id)
+            .collect();
+        let mut after = voters.clone();
+        let what = match req {
+            MemberRequest::Add {
+                id,
+                role: Role::Voter,
+                ..
+            } => {
+                after.insert(*id);
+                format!("adding member {id} as a voter")
+            }
+            MemberRequest::Promote { id } => {
+                after.insert(*id);
+                format!("promoting member {id} to voter")
+            }
+            MemberRequest::Remove { id } => {
+                after.remove(id);
+                format!("removing member {id}")
+            }
+            MemberRequest::Add { .. } => return Ok(()),
+        };
+        if after == voters || after.is_empty() {
+            return Ok(());
+        }
+        let quorum = after.len() / 2 + 1;
+        let up = after.iter().filter(|id| live.contains(id)).count();
+        if up >= quorum {
+            return Ok(());
+        }
+        let down: Vec<String> = after
+            .iter()
+            .filter(|id| !live.contains(id))
+            .map(u64::to_string)
+            .collect();
+        let advice = match req {
+            MemberRequest::Add { .. } => {
+                "start the node first and add it as a learner (`lodge cluster add --learner`, then `promote`; `lodge node --join` does both)"
+            }
+            MemberRequest::Promote { .. } => "wait until it runs and hears from the leader",
+            MemberRequest::Remove { .. } => "bring the members that are not live back first",
+        };
+        Err(PlanError::Precondition(format!(
+            "{what} would leave {up} of {} voters live, fewer than the quorum of {quorum}: the cluster could commit nothing, not even the change undoing it (not live: {}); {advice}, or pass --force (request field force) to do it anyway; see docs/operations.md for recovering a cluster that lost its quorum",
+            after.len(),
+            down.join(", ")
+        )))
+    }
+
     /// Follows a configuration change raft applied, whose result is `cs`: the members are exactly
     /// the configuration's (a member leaving through a joint configuration stays until it is
     /// out), addresses come from the change's context or from before. Raises the version.
@@ -206,6 +266,11 @@ impl Topology {
         }
         self.members = members;
         self.version += 1;
+    }
+
+    /// The context of a configuration change that records member `id`'s address.
+    pub fn address_context(id: u64, addr: &str) -> Vec<u8> {
+        postcard::to_stdvec(&Addresses(vec![(id, addr.to_string())])).expect("addresses encode")
     }
 
     /// Addresses named by a configuration change not applied yet (a restarted member reads them
@@ -465,6 +530,48 @@ mod tests {
         t.apply(&cc, &cs);
         assert_eq!(t.members.keys().copied().collect::<Vec<_>>(), [2, 3, 4]);
         assert_eq!(t.version, 4);
+    }
+
+    #[test]
+    fn the_quorum_guard_counts_live_voters_after_the_change() {
+        let one = Topology::bootstrap(&[(1, "h:1".into())]);
+        let live: BTreeSet<u64> = [1].into();
+        // A second voter that is not running: 1 of 2 live, below the quorum of 2.
+        let refused = one.check_quorum(&add(2, "h:2", Role::Voter), &live);
+        assert!(
+            matches!(&refused, Err(PlanError::Precondition(m)) if m.contains("--force") && m.contains("not live: 2")),
+            "{refused:?}"
+        );
+        // As a learner, or once it answers: allowed.
+        assert_eq!(
+            one.check_quorum(&add(2, "h:2", Role::Learner), &live),
+            Ok(())
+        );
+        assert_eq!(
+            one.check_quorum(&add(2, "h:2", Role::Voter), &[1, 2].into()),
+            Ok(())
+        );
+        // Three voters, all live: a fourth that is down still leaves 3 of 4 (quorum 3).
+        let t = three();
+        assert_eq!(
+            t.check_quorum(&add(4, "h:4", Role::Voter), &[1, 2, 3].into()),
+            Ok(())
+        );
+        // Member 3 down: removing it is fine, removing a live one is not.
+        let live: BTreeSet<u64> = [1, 2].into();
+        assert_eq!(
+            t.check_quorum(&MemberRequest::Remove { id: 3 }, &live),
+            Ok(())
+        );
+        assert!(matches!(
+            t.check_quorum(&MemberRequest::Remove { id: 2 }, &live),
+            Err(PlanError::Precondition(m)) if m.contains("removing member 2")
+        ));
+        // A repeat changes no voter.
+        assert_eq!(
+            t.check_quorum(&add(2, "h:2", Role::Voter), &[1].into()),
+            Ok(())
+        );
     }
 
     #[test]
