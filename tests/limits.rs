@@ -47,11 +47,18 @@ fn a_client_over_a_per_ip_limit_is_told_which_limit() {
             ("LODGE_SERVER__PER_IP_WINDOW_MS", "600000"),
         ],
     );
+    // The node's own start-up checks (it asks its own address who answers there) may have used
+    // some of the window's five.
+    let used = series(&node.scrape(), "lodge_grpc_connections_accepted_total") as usize;
     let outs: Vec<_> = (0..8)
         .map(|i| kv(&node.grpc, &["put", &format!("burst/{i}"), "v"]))
         .collect();
     let ok = outs.iter().filter(|o| o.status.success()).count();
-    assert_eq!(ok, 5, "5 new connections per window from one address");
+    assert_eq!(
+        ok,
+        5 - used,
+        "5 new connections per window from one address"
+    );
     for refused in outs.iter().filter(|o| !o.status.success()) {
         let e = stderr(refused);
         assert!(
@@ -65,7 +72,7 @@ fn a_client_over_a_per_ip_limit_is_told_which_limit() {
             &node.scrape(),
             "lodge_limit_rejections_total{limit=\"ip_rate\"}"
         ),
-        3.0
+        (8 - ok) as f64
     );
 
     let node = Node::start_env(
@@ -281,18 +288,14 @@ async fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
         .await
         .unwrap();
     put(other, "c").await.unwrap();
-    // From the trusted proxy a header is required.
+    // From the trusted proxy a header is required (the node's own start-up check of its address
+    // may have been refused so already).
+    let refused = |page: &str| series(page, "lodge_limit_rejections_total{limit=\"proxy_header\"}");
+    let before = refused(&node.scrape());
     let out = kv(&node.grpc, &["get", "a"]);
     assert!(!out.status.success());
     let page = node.scrape();
-    assert_eq!(
-        series(
-            &page,
-            "lodge_limit_rejections_total{limit=\"proxy_header\"}"
-        ),
-        1.0,
-        "{page}"
-    );
+    assert_eq!(refused(&page) - before, 1.0, "{page}");
     // The first client's connection still works.
     let mut c = KvClient::new(first);
     let r = c
