@@ -503,7 +503,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
-            ),
+            )
+            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
             lease_keeper.clone(),
             raft_ref.clone(),
         ));
@@ -514,7 +515,8 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
-            ),
+            )
+            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
             lease_keeper.clone(),
             raft_ref.clone(),
             NodeConfig::duration(cfg.server.request_timeout_ms),
@@ -628,6 +630,7 @@ pub fn run(cfg: NodeConfig) -> i32 {
                 faults: faults.clone(),
                 registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
                 registry_metrics: registry_metrics.clone(),
+                kv_limits: cfg.kv_limits(),
                 translation: gateway_ref.clone(),
                 router: server::RouterBackend {
                     hub: router_hub.clone(),
