@@ -23,6 +23,7 @@ pub struct NodeConfig {
     pub node: NodeSection,
     pub server: ServerSection,
     pub cluster: ClusterSection,
+    pub kv: KvSection,
     pub metrics: MetricsSection,
     pub log: LogSection,
     pub admin: AdminSection,
@@ -137,6 +138,15 @@ pub struct ClusterSection {
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub snapshot_interval: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct KvSection {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_txn_ops: usize,
+    pub range_page_bytes: usize,
+    pub watch_batch_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -434,6 +444,7 @@ impl NodeConfig {
                 return Err(err(key, "must be greater than 0"));
             }
         }
+        self.check_kv()?;
         self.per_ip_exempt()?;
         self.trusted_proxies()?;
         self.balancer_listeners()?;
@@ -563,6 +574,75 @@ impl NodeConfig {
         }
         self.tls_material()?;
         Ok(())
+    }
+
+    /// The `[kv]` limits fit together and in a message: any value accepted can be read back, in
+    /// a range page and in a watch event with its previous value.
+    fn check_kv(&self) -> Result<(), ConfigError> {
+        let k = &self.kv;
+        let message = self.server.max_message_bytes;
+        // The fields around a key and its value in an answer (see `KV_OVERHEAD`), and around
+        // the values of one answer message.
+        let entry = k
+            .max_key_bytes
+            .saturating_add(k.max_value_bytes)
+            .saturating_add(lodge_actors::cluster::kv::KV_OVERHEAD);
+        let room = message.saturating_sub(1024);
+        for (key, v) in [
+            ("kv.max_key_bytes", k.max_key_bytes),
+            ("kv.max_value_bytes", k.max_value_bytes),
+            ("kv.max_txn_ops", k.max_txn_ops),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be greater than 0"));
+            }
+        }
+        for (key, v, least) in [
+            ("kv.range_page_bytes", k.range_page_bytes, entry),
+            (
+                "kv.watch_batch_bytes",
+                k.watch_batch_bytes,
+                entry.saturating_mul(2),
+            ),
+        ] {
+            if v < least {
+                return Err(err(
+                    key,
+                    format!(
+                        "{v} is too small to hold the largest key and value ({least} bytes with \
+                         kv.max_key_bytes = {}, kv.max_value_bytes = {}{})",
+                        k.max_key_bytes,
+                        k.max_value_bytes,
+                        if least > entry {
+                            ", twice: an event and its previous value"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            if v > room {
+                return Err(err(
+                    key,
+                    format!(
+                        "{v} leaves no room in a message: at most server.max_message_bytes - 1024 = {room}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The KV service's limits.
+    pub fn kv_limits(&self) -> lodge_grpc::kv::KvLimits {
+        let k = &self.kv;
+        lodge_grpc::kv::KvLimits {
+            max_key_bytes: k.max_key_bytes,
+            max_value_bytes: k.max_value_bytes,
+            max_txn_ops: k.max_txn_ops,
+            range_page_bytes: k.range_page_bytes,
+            watch_batch_bytes: k.watch_batch_bytes,
+        }
     }
 
     /// The first members, id → gRPC address; this node alone when `initial_cluster` is empty.
@@ -1110,6 +1190,55 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(load(same, &[]).unwrap_err().key, "metrics.listen");
+    }
+
+    #[test]
+    fn kv_limits_must_fit_together_and_in_a_message() {
+        let c = load(Overrides::default(), &[]).unwrap();
+        assert_eq!(c.kv_limits(), lodge_grpc::kv::KvLimits::default());
+        for (env, key, says) in [
+            (
+                vec![("LODGE_KV__MAX_VALUE_BYTES", "3200000")],
+                "kv.range_page_bytes",
+                "too small to hold the largest key and value",
+            ),
+            (
+                vec![("LODGE_KV__RANGE_PAGE_BYTES", "4194304")],
+                "kv.range_page_bytes",
+                "leaves no room in a message",
+            ),
+            (
+                vec![("LODGE_KV__MAX_VALUE_BYTES", "1600000")],
+                "kv.watch_batch_bytes",
+                "an event and its previous value",
+            ),
+            (
+                vec![("LODGE_KV__WATCH_BATCH_BYTES", "4194304")],
+                "kv.watch_batch_bytes",
+                "leaves no room in a message",
+            ),
+            (
+                vec![("LODGE_KV__MAX_TXN_OPS", "0")],
+                "kv.max_txn_ops",
+                "greater than 0",
+            ),
+        ] {
+            let e = load(Overrides::default(), &env).unwrap_err();
+            assert_eq!(e.key, key, "{env:?}");
+            assert!(e.problem.contains(says), "{env:?}: {}", e.problem);
+        }
+        // Larger values with a larger message limit.
+        let c = load(
+            Overrides::default(),
+            &[
+                ("LODGE_SERVER__MAX_MESSAGE_BYTES", "16777216"),
+                ("LODGE_KV__MAX_VALUE_BYTES", "4194304"),
+                ("LODGE_KV__RANGE_PAGE_BYTES", "8388608"),
+                ("LODGE_KV__WATCH_BATCH_BYTES", "12582912"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kv_limits().max_value_bytes, 4 << 20);
     }
 
     #[test]

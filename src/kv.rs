@@ -20,7 +20,7 @@ pub enum Kv {
         #[arg(long, default_value_t = 0)]
         lease: i64,
     },
-    /// Read a key (or every key with a prefix).
+    /// Read a key (or every key with a prefix, page by page to the end).
     Get {
         key: String,
         #[arg(long)]
@@ -32,7 +32,8 @@ pub enum Kv {
         #[arg(long)]
         serializable: bool,
     },
-    /// Every key starting with PREFIX, in key order (`get --prefix`).
+    /// Every key starting with PREFIX, in key order (`get --prefix`). The node answers a page
+    /// at a time (`kv.range_page_bytes`); every page is read, each at its own revision.
     Range {
         prefix: String,
         /// Rows at most (0 = all).
@@ -128,6 +129,41 @@ fn revision(h: &Option<pb::ResponseHeader>) -> Option<i64> {
     h.as_ref().map(|h| h.revision)
 }
 
+/// A KV client that takes answers of any size: the node keeps them within its own limits
+/// (`server.max_message_bytes`), which may be above the client library's 4 MiB default.
+fn client(ch: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+    KvClient::new(ch)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Every page of a range, up to `limit` keys in all (0: every one): the first page's revision
+/// and count, and the keys.
+async fn range_pages(
+    c: &mut KvClient<tonic::transport::Channel>,
+    mut req: pb::RangeRequest,
+) -> Result<(Option<i64>, i64, Vec<pb::KeyValue>), tonic::Status> {
+    let limit = req.limit;
+    let mut first = None;
+    let mut kvs = Vec::new();
+    loop {
+        let page = c.range(req.clone()).await?.into_inner();
+        let (rev, count) = *first.get_or_insert((revision(&page.header), page.count));
+        let more = page.more && !page.kvs.is_empty();
+        if let Some(last) = page.kvs.last() {
+            req.after = last.key.clone();
+        }
+        kvs.extend(page.kvs);
+        let left = limit - kvs.len() as i64;
+        if !more || (limit > 0 && left <= 0) {
+            return Ok((rev, count, kvs));
+        }
+        if limit > 0 {
+            req.limit = left;
+        }
+    }
+}
+
 /// Runs a kv subcommand; returns the exit code.
 pub async fn run(conn: Connection, cmd: Kv) -> i32 {
     let result = match &cmd {
@@ -149,7 +185,7 @@ pub async fn run(conn: Connection, cmd: Kv) -> i32 {
         Kv::Lease {
             cmd: Lease::KeepAlive { id, once },
         } => keep_alive(&conn, *id, *once).await,
-        _ => failover::call(&conn, |ch| unary(KvClient::new(ch), &cmd))
+        _ => failover::call(&conn, |ch| unary(client(ch), &cmd))
             .await
             .map(|doc| print(&doc, conn.json)),
     };
@@ -193,16 +229,15 @@ async fn unary(
         } => {
             let prefix =
                 matches!(cmd, Kv::Range { .. }) || matches!(cmd, Kv::Get { prefix: true, .. });
-            let r = c
-                .range(pb::RangeRequest {
-                    key: key.clone().into_bytes(),
-                    prefix,
-                    limit: *limit,
-                    serializable: *serializable,
-                })
-                .await?
-                .into_inner();
-            json!({"revision": revision(&r.header), "count": r.count, "kvs": r.kvs.iter().map(kv_json).collect::<Vec<_>>()})
+            let req = pb::RangeRequest {
+                key: key.clone().into_bytes(),
+                prefix,
+                limit: *limit,
+                serializable: *serializable,
+                after: Vec::new(),
+            };
+            let (rev, count, kvs) = range_pages(&mut c, req).await?;
+            json!({"revision": rev, "count": count, "kvs": kvs.iter().map(kv_json).collect::<Vec<_>>()})
         }
         Kv::Del { key, prefix } => {
             let r = c
@@ -281,7 +316,8 @@ async fn unary(
                     .await?
                     .into_inner();
                 json!({"lease": r.id, "ttl": r.ttl, "granted_ttl": r.granted_ttl,
-                       "keys": r.keys.iter().map(|k| text(k)).collect::<Vec<_>>()})
+                       "keys": r.keys.iter().map(|k| text(k)).collect::<Vec<_>>(),
+                       "keys_truncated": r.keys_truncated})
             }
             Lease::KeepAlive { .. } => unreachable!("streamed, not unary"),
         },
@@ -336,7 +372,8 @@ fn parse_op(s: &str) -> Result<pb::RequestOp, String> {
         ["put", key, value] => R::Put(pb::PutRequest {
             key: key.as_bytes().to_vec(),
             value: value.as_bytes().to_vec(),
-            ..Default::default()
+            prev_kv: true,
+            lease: 0,
         }),
         ["del", key] | ["delprefix", key] => R::Delete(pb::DeleteRangeRequest {
             key: key.as_bytes().to_vec(),
@@ -361,7 +398,7 @@ fn parse_op(s: &str) -> Result<pb::RequestOp, String> {
 async fn watch(conn: &Connection, req: pb::WatchRequest, count: usize) -> Result<(), String> {
     let start = req.start_revision;
     let (ep, channel) = failover::first_channel(conn).await?;
-    let mut stream = KvClient::new(channel)
+    let mut stream = client(channel)
         .watch(req)
         .await
         .map_err(|s| format!("{ep}: {:?}: {}", s.code(), s.message()))?
@@ -393,7 +430,7 @@ async fn watch(conn: &Connection, req: pb::WatchRequest, count: usize) -> Result
             if conn.json {
                 println!(
                     "{}",
-                    json!({"type": kind, "kv": kv_json(&kv), "prev": e.prev_kv.as_ref().map(kv_json)})
+                    json!({"type": kind, "kv": kv_json(&kv), "prev": e.prev_kv.as_ref().map(kv_json), "prev_omitted": e.prev_kv_omitted})
                 );
             } else {
                 println!(
@@ -414,9 +451,8 @@ async fn watch(conn: &Connection, req: pb::WatchRequest, count: usize) -> Result
 
 async fn keep_alive(conn: &Connection, id: i64, once: bool) -> Result<(), String> {
     let (ep, channel) = failover::first_channel(conn).await?;
-    let mut client = KvClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut answers = client
+    let mut answers = client(channel)
         .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|s| format!("{ep}: {:?}: {}", s.code(), s.message()))?
@@ -483,6 +519,9 @@ fn print(doc: &Value, as_json: bool) {
             );
             for k in doc["keys"].as_array().into_iter().flatten() {
                 println!("{}", k.as_str().unwrap_or(""));
+            }
+            if doc["keys_truncated"] == true {
+                println!("(more keys: the answer stops at the node's kv.range_page_bytes)");
             }
         } else {
             println!("lease {id} granted, ttl {} s", doc["ttl"]);

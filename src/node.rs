@@ -553,7 +553,8 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
-            ),
+            )
+            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
             lease_keeper.clone(),
             raft_ref.clone(),
         ));
@@ -564,7 +565,8 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
-            ),
+            )
+            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
             lease_keeper.clone(),
             raft_ref.clone(),
             NodeConfig::duration(cfg.server.request_timeout_ms),
@@ -679,6 +681,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 faults: faults.clone(),
                 registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
                 registry_metrics: registry_metrics.clone(),
+                kv_limits: cfg.kv_limits(),
                 translation: gateway_ref.clone(),
                 router: server::RouterBackend {
                     hub: router_hub.clone(),

@@ -14,6 +14,7 @@ pub mod deadline;
 pub mod forward;
 pub mod kv;
 pub mod listener;
+pub mod message_limit;
 pub mod metrics;
 pub mod module;
 pub mod raft;

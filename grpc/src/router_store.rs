@@ -221,11 +221,10 @@ impl OwnerStore for KvOwnerStore {
                 ..Default::default()
             };
             Ok(kv
-                .range(Request::new(req))
+                .range_to_end(req, None)
                 .await
                 .map_err(unavailable)?
-                .into_inner()
-                .kvs
+                .1
                 .into_iter()
                 .filter_map(|kv| OwnerRecord::decode(&kv.value))
                 .collect())

@@ -98,6 +98,8 @@ pub struct Backends {
     /// The client registry.
     pub registry: lodge_actors::registry::RegistryHandle,
     pub registry_metrics: lodge_actors::registry::RegistryMetrics,
+    /// The KV service's limits (the `[kv]` section).
+    pub kv_limits: crate::kv::KvLimits,
     /// The translation gateway.
     pub translation: ActorRef<lodge_actors::translate::gateway::TranslationGateway>,
     /// The session router.
@@ -177,14 +179,19 @@ pub async fn node_services(
         b.directory.clone(),
         b.peer_tls.clone(),
     ));
-    let kv = pb::kv::kv_server::KvServer::new(crate::kv::KvService::new(
-        b.raft.clone(),
-        forward.clone(),
-        s.request_timeout,
-        shutdown.clone(),
-    ))
+    let kv = pb::kv::kv_server::KvServer::new(
+        crate::kv::KvService::new(
+            b.raft.clone(),
+            forward.clone(),
+            s.request_timeout,
+            shutdown.clone(),
+        )
+        .with_limits(b.kv_limits, s.max_message_bytes, b.registry_metrics.clone()),
+    )
     .max_decoding_message_size(s.max_message_bytes)
-    .max_encoding_message_size(s.max_message_bytes);
+    // Answers keep well under the limit (pages, watch batches); the headroom is for one value
+    // stored before today's limits, which a page always carries whole.
+    .max_encoding_message_size(s.max_message_bytes + crate::kv::ANSWER_HEADROOM);
     let cluster =
         pb::cluster::cluster_server::ClusterServer::new(crate::cluster::ClusterService::new(
             b.raft.clone(),
@@ -351,6 +358,10 @@ pub async fn serve(
         .max_frame_size(crate::client::MAX_FRAME)
         .layer(MetricsLayer::new(metrics, served_methods()))
         .layer(CallsLayer(calls.clone()))
+        .layer(crate::message_limit::MessageLimitLayer {
+            max_message_bytes: settings.max_message_bytes,
+            metrics: settings.admission.per_ip.metrics.clone(),
+        })
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

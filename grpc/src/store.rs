@@ -119,19 +119,25 @@ fn kv_from_pb(kv: crate::pb::kv::KeyValue) -> KeyValue {
 }
 
 impl KvStore {
+    /// Every page of a prefix; the revision is the first page's, so that a watch from the one
+    /// after it misses nothing that changed while the later pages were read.
     fn listing(&self, prefix: Vec<u8>, serializable: bool) -> StoreFuture<Listing> {
         let kv = self.kv.clone();
-        let req = self.timed(RangeRequest {
+        let req = RangeRequest {
             key: prefix,
             prefix: true,
             serializable,
             ..Default::default()
-        });
+        };
+        let timeout = self.timeout;
         Box::pin(async move {
-            let answer = kv.range(req).await.map_err(store_error)?.into_inner();
+            let (revision, kvs) = kv
+                .range_to_end(req, Some(timeout))
+                .await
+                .map_err(store_error)?;
             Ok(Listing {
-                revision: answer.header.map(|h| h.revision).unwrap_or_default(),
-                kvs: answer.kvs.into_iter().map(kv_from_pb).collect(),
+                revision,
+                kvs: kvs.into_iter().map(kv_from_pb).collect(),
             })
         })
     }
@@ -164,12 +170,16 @@ impl Store for KvStore {
                 .responses
                 .into_iter()
                 .filter_map(|r| match r.response {
+                    // A value left out of the answer (its budget) is not an absent key.
+                    Some(response_op::Response::Get(g)) if g.more => Some(Err(StoreError::Unavailable(
+                        "store: a transaction's read was left out of its answer (kv.range_page_bytes)".into(),
+                    ))),
                     Some(response_op::Response::Get(g)) => {
-                        Some(g.kvs.into_iter().next().map(kv_from_pb))
+                        Some(Ok(g.kvs.into_iter().next().map(kv_from_pb)))
                     }
                     _ => None,
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             Ok(TxnOutcome {
                 succeeded: answer.succeeded,
                 revision: answer.header.map(|h| h.revision).unwrap_or_default(),

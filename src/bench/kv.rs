@@ -233,6 +233,7 @@ impl Conn {
                     prefix: false,
                     limit: 0,
                     serializable: false,
+                    after: Vec::new(),
                 })
                 .await
                 .map(drop),

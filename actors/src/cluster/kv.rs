@@ -34,6 +34,13 @@ pub enum Command {
     LeaseGrant { id: i64, ttl_secs: i64 },
     /// Ends a lease and deletes its keys; `expired` when the leader found it timed out.
     LeaseRevoke { id: i64, expired: bool },
+    /// Creates a lease of `ttl_secs` under the lowest id no lease holds. Proposed instead of a
+    /// grant of id 0 once the ids after the highest granted are used up (see
+    /// [`KvState::lease_ids_exhausted`]). A command of its own, last in the enum: entries written
+    /// before it existed keep their encoding, and a grant of id 0 that was refused then is
+    /// refused again on every replay, so members that replay different stretches of the log
+    /// still agree.
+    LeaseGrantLowestFree { ttl_secs: i64 },
 }
 
 /// One operation inside a transaction.
@@ -140,6 +147,24 @@ pub struct Lease {
     pub keys: KeySet,
 }
 
+impl KeyValue {
+    /// At most the bytes it takes in an answer (see [`KV_OVERHEAD`]).
+    pub fn answer_bytes(&self) -> usize {
+        self.key.len() + self.value.len() + KV_OVERHEAD
+    }
+}
+
+/// One page of a range: the keys it holds, how many matched, and whether some were left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// Keys matching (after the cursor), whether in the page or not.
+    pub count: usize,
+    /// Matching keys were left out (by the limit or the byte budget): the next page starts after
+    /// the last key of this one.
+    pub more: bool,
+}
+
 /// A change to one key, as watchers see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -166,6 +191,17 @@ pub enum KvError {
 
 /// The longest lease, in seconds (etcd's limit too): deadlines stay far from clock overflow.
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+/// The largest lease id a client may ask for (2^62). The ids above it are left to the store's
+/// own picks: however high a client goes, more than 2^62 grants are left before the ids run out
+/// (see [`Command::LeaseGrantLowestFree`]). The KV service refuses larger ids; the state machine
+/// itself applies whatever its log holds, as it always did.
+pub const MAX_CLIENT_LEASE_ID: i64 = 1 << 62;
+
+/// What a stored key costs in an answer besides its key and value bytes, at most: the field
+/// tags, lengths and the four revision and lease numbers (53 bytes), and the repeated field's own
+/// tag and length. Used to cut answers to a byte budget before they are built.
+pub const KV_OVERHEAD: usize = 64;
 
 impl std::fmt::Display for KvError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -218,8 +254,9 @@ pub struct KvState {
     data: BTreeMap<Vec<u8>, KeyValue>,
     revision: i64,
     leases: BTreeMap<i64, Lease>,
-    /// The highest lease id ever granted: ids are never reused, so a client holding a revoked
-    /// lease's id can never keep someone else's lease alive.
+    /// The highest lease id ever granted: ids are not reused (unless they run out, see
+    /// [`Command::LeaseGrantLowestFree`]), so a client holding a revoked lease's id can never
+    /// keep someone else's lease alive.
     last_lease: i64,
 }
 
@@ -246,19 +283,52 @@ impl KvState {
 
     /// Keys starting with `prefix`, in key order, at most `limit` (0 = all); and how many matched.
     pub fn range(&self, prefix: &[u8], limit: usize) -> (Vec<KeyValue>, usize) {
-        let matching = self
+        let page = self.page(prefix, None, limit, 0);
+        (page.kvs, page.count)
+    }
+
+    /// One page of the keys starting with `prefix` and, when `after` is given, coming after it;
+    /// in key order. It ends before `limit` keys (0: no limit) or before its keys' answer bytes
+    /// would pass `max_bytes` (0: no budget), whichever comes first, but always holds at least
+    /// one key when one matches, so that paging goes forward even past a key larger than the
+    /// budget. Only the keys of the page are copied.
+    pub fn page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Page {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let mut page = Page::default();
+        let mut bytes = 0;
+        let mut full = false;
+        for kv in self
             .data
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix));
-        let mut out = Vec::new();
-        let mut count = 0;
-        for (_, kv) in matching {
-            if limit == 0 || out.len() < limit {
-                out.push(kv.clone());
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, kv)| kv)
+        {
+            page.count += 1;
+            if full {
+                continue;
             }
-            count += 1;
+            let size = kv.answer_bytes();
+            let over_limit = limit > 0 && page.kvs.len() >= limit;
+            let over_budget = max_bytes > 0 && !page.kvs.is_empty() && bytes + size > max_bytes;
+            if over_limit || over_budget {
+                full = true;
+                continue;
+            }
+            bytes += size;
+            page.kvs.push(kv.clone());
         }
-        (out, count)
+        page.more = page.count > page.kvs.len();
+        page
     }
 
     /// Applies a command; it takes a new revision if it changed anything.
@@ -306,8 +376,15 @@ impl KvState {
                 }
                 changed
             }
-            Command::LeaseGrant { id, ttl_secs } => {
-                let id = if *id == 0 { self.last_lease + 1 } else { *id };
+            Command::LeaseGrant { .. } | Command::LeaseGrantLowestFree { .. } => {
+                let (id, ttl_secs) = match cmd {
+                    Command::LeaseGrant { id: 0, ttl_secs } => (self.last_lease + 1, ttl_secs),
+                    Command::LeaseGrant { id, ttl_secs } => (*id, ttl_secs),
+                    Command::LeaseGrantLowestFree { ttl_secs } => {
+                        (self.lowest_free_lease(), ttl_secs)
+                    }
+                    _ => unreachable!("matched above"),
+                };
                 self.last_lease = self.last_lease.max(id);
                 self.leases.insert(
                     id,
@@ -363,7 +440,9 @@ impl KvState {
                     _ => None,
                 })
             }
-            Command::LeaseGrant { ttl_secs, .. } if !(1..=MAX_LEASE_TTL).contains(ttl_secs) => {
+            Command::LeaseGrant { ttl_secs, .. } | Command::LeaseGrantLowestFree { ttl_secs }
+                if !(1..=MAX_LEASE_TTL).contains(ttl_secs) =>
+            {
                 Some(KvError::BadTtl(*ttl_secs))
             }
             // Ids only grow: an explicit id at or below the highest granted could be one that a
@@ -371,7 +450,7 @@ impl KvState {
             Command::LeaseGrant { id, .. } if *id < 0 || (*id != 0 && *id <= self.last_lease) => {
                 Some(KvError::LeaseExists(*id))
             }
-            Command::LeaseGrant { id: 0, .. } if self.last_lease == i64::MAX => {
+            Command::LeaseGrant { id: 0, .. } if self.lease_ids_exhausted() => {
                 Some(KvError::LeaseExists(i64::MAX))
             }
             Command::LeaseRevoke { id, expired: false } if !self.leases.contains_key(id) => {
@@ -379,6 +458,26 @@ impl KvState {
             }
             _ => None,
         }
+    }
+
+    /// Whether a grant of id 0 has no id left after the highest granted: an id at the very top
+    /// was granted (only an explicit id can get there, and clients may no longer ask for one
+    /// above [`MAX_CLIENT_LEASE_ID`]). The raft member then proposes
+    /// [`Command::LeaseGrantLowestFree`] instead.
+    pub fn lease_ids_exhausted(&self) -> bool {
+        self.last_lease == i64::MAX
+    }
+
+    /// The lowest lease id no lease holds now (it may be a revoked lease's).
+    fn lowest_free_lease(&self) -> i64 {
+        let mut free = 1;
+        for id in self.leases.range(1..).map(|(id, _)| *id) {
+            if id != free {
+                break;
+            }
+            free += 1;
+        }
+        free
     }
 
     fn put(
@@ -640,6 +739,88 @@ mod tests {
             s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 0 }).error,
             Some(KvError::BadTtl(0))
         );
+    }
+
+    #[test]
+    fn a_page_ends_at_its_limit_or_budget_and_the_next_starts_after_its_last_key() {
+        let mut s = KvState::default();
+        for (k, n) in [
+            ("a/1", 10),
+            ("a/2", 500),
+            ("a/3", 10),
+            ("a/4", 10),
+            ("b/1", 10),
+        ] {
+            s.apply(&Command::Put {
+                key: k.into(),
+                value: vec![b'v'; n],
+                lease: 0,
+            });
+        }
+        let keys = |p: &Page| p.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+        let p = s.page(b"a/", None, 2, 0);
+        assert_eq!(
+            (keys(&p), p.count, p.more),
+            (vec![b"a/1".to_vec(), b"a/2".to_vec()], 4, true)
+        );
+        let p = s.page(b"a/", Some(b"a/2"), 0, 0);
+        assert_eq!(
+            (keys(&p), p.count, p.more),
+            (vec![b"a/3".to_vec(), b"a/4".to_vec()], 2, false)
+        );
+        // The budget: a/1 (10 + 3 + 64 bytes) fits, a/2 (567) does not join it.
+        let p = s.page(b"a/", None, 0, 300);
+        assert_eq!((keys(&p), p.more), (vec![b"a/1".to_vec()], true));
+        // A key larger than the budget still makes a page of its own: paging goes on.
+        let p = s.page(b"a/", Some(b"a/1"), 0, 300);
+        assert_eq!((keys(&p), p.more), (vec![b"a/2".to_vec()], true));
+        // A cursor before the prefix reads it from the start; past it, nothing.
+        assert_eq!(s.page(b"a/", Some(b"0"), 0, 0).count, 4);
+        let p = s.page(b"a/", Some(b"a/9"), 0, 0);
+        assert_eq!((p.kvs.len(), p.count, p.more), (0, 0, false));
+        assert_eq!(s.range(b"", 0).1, 5);
+    }
+
+    #[test]
+    fn a_lease_granted_at_the_top_of_the_id_space_does_not_stop_the_store_picking_ids() {
+        let mut s = KvState::default();
+        let grant = |s: &mut KvState, id| s.apply(&Command::LeaseGrant { id, ttl_secs: 5 });
+        assert_eq!(grant(&mut s, 0).lease, 1);
+        assert_eq!(grant(&mut s, 0).lease, 2);
+        // The state machine applies what its log holds (an entry written before the service
+        // refused such ids): the highest id there is.
+        assert_eq!(grant(&mut s, i64::MAX).lease, i64::MAX);
+        assert!(s.lease_ids_exhausted());
+        s.apply(&Command::LeaseRevoke {
+            id: 1,
+            expired: false,
+        });
+        // A grant of id 0 is refused as it always was (replays agree with what was applied)...
+        assert_eq!(grant(&mut s, 0).error, Some(KvError::LeaseExists(i64::MAX)));
+        // ...and the command proposed in its place takes the lowest id no lease holds.
+        let lowest = |s: &mut KvState| s.apply(&Command::LeaseGrantLowestFree { ttl_secs: 5 });
+        let r = lowest(&mut s);
+        assert_eq!((r.error, r.lease), (None, 1));
+        assert_eq!(lowest(&mut s).lease, 3);
+        assert_eq!(lowest(&mut s).lease, 4);
+        assert_eq!(
+            s.apply(&Command::LeaseGrantLowestFree { ttl_secs: 0 })
+                .error,
+            Some(KvError::BadTtl(0))
+        );
+        // Explicit ids still only grow.
+        assert_eq!(grant(&mut s, 7).error, Some(KvError::LeaseExists(7)));
+        // Below the top, ids follow the highest granted, never reused.
+        let mut s = KvState::default();
+        assert_eq!(
+            grant(&mut s, MAX_CLIENT_LEASE_ID).lease,
+            MAX_CLIENT_LEASE_ID
+        );
+        s.apply(&Command::LeaseRevoke {
+            id: MAX_CLIENT_LEASE_ID,
+            expired: false,
+        });
+        assert_eq!(grant(&mut s, 0).lease, MAX_CLIENT_LEASE_ID + 1);
     }
 
     #[test]

@@ -148,10 +148,13 @@ pub struct Propose(pub Command);
 #[derive(Clone, Debug)]
 pub enum Query {
     Get(Vec<u8>),
-    /// Keys with a prefix, at most `limit` (0 = all).
+    /// One page of the keys with a prefix (see [`KvState::page`]): those after `after` if set,
+    /// at most `limit` of them (0 = all), within `max_bytes` of answer (0 = no budget).
     Range {
         prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
         limit: usize,
+        max_bytes: usize,
     },
     /// Renews a lease (leader only, once its leadership is confirmed).
     KeepAlive(i64),
@@ -174,8 +177,10 @@ pub struct LeaseInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadAnswer {
     pub kvs: Vec<KeyValue>,
-    /// Keys matching before the limit.
+    /// Keys matching, whether in `kvs` or not.
     pub count: usize,
+    /// Matching keys were left out of `kvs` (a range cut by its limit or byte budget).
+    pub more: bool,
     /// Revision the answer reflects.
     pub revision: i64,
     /// For lease queries.
@@ -831,13 +836,23 @@ impl RaftNode {
     /// Answers a read whose index is applied. Lease queries need this member to lead still.
     fn answer(&mut self, query: &Query) -> Result<ReadAnswer, RaftError> {
         let mut lease = None;
+        let mut more = false;
         let (kvs, count) = match query {
             Query::Get(k) => {
                 let kvs: Vec<KeyValue> = self.kv.get(k).cloned().into_iter().collect();
                 let n = kvs.len();
                 (kvs, n)
             }
-            Query::Range { prefix, limit } => self.kv.range(prefix, *limit),
+            Query::Range {
+                prefix,
+                after,
+                limit,
+                max_bytes,
+            } => {
+                let page = self.kv.page(prefix, after.as_deref(), *limit, *max_bytes);
+                more = page.more;
+                (page.kvs, page.count)
+            }
             Query::KeepAlive(id) | Query::TimeToLive(id) => {
                 if self.node.raft.state != StateRole::Leader {
                     return Err(self.not_leader());
@@ -867,6 +882,7 @@ impl RaftNode {
         Ok(ReadAnswer {
             kvs,
             count,
+            more,
             revision: self.kv.revision(),
             lease,
         })
@@ -878,7 +894,10 @@ impl RaftNode {
         if res.error.is_none() {
             let leading = self.node.raft.state == StateRole::Leader;
             match cmd {
-                Command::LeaseGrant { ttl_secs, .. } if leading => {
+                Command::LeaseGrant { ttl_secs, .. }
+                | Command::LeaseGrantLowestFree { ttl_secs }
+                    if leading =>
+                {
                     self.leases.refresh(res.lease, *ttl_secs, Instant::now());
                 }
                 Command::LeaseRevoke { id, expired } => {
@@ -1175,8 +1194,16 @@ impl Handler<Propose> for RaftNode {
         // leader over the member streams already open (as etcd does), and this member answers
         // when it applies the entry, which carries its tag. Cheaper than a gRPC hop to the
         // leader and back. Without a known leader raft drops the proposal at once.
+        let cmd = match msg.0 {
+            // The ids after the highest granted are used up (a client took the very top before
+            // client ids were bounded): the lowest free id rather than a refusal, forever.
+            Command::LeaseGrant { id: 0, ttl_secs } if self.kv.lease_ids_exhausted() => {
+                Command::LeaseGrantLowestFree { ttl_secs }
+            }
+            cmd => cmd,
+        };
         let (id, tag) = self.tag();
-        let data = postcard::to_stdvec(&msg.0).expect("commands encode");
+        let data = postcard::to_stdvec(&cmd).expect("commands encode");
         let result = match self.node.propose(tag, data) {
             Ok(()) => {
                 let (tx, rx) = oneshot::channel();

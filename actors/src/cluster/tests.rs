@@ -518,3 +518,69 @@ async fn a_follower_forwards_a_write_through_raft_and_answers_once_it_applied_it
     .await;
     assert_eq!(refused, RaftError::NotLeader { leader: None });
 }
+
+#[actix_rt::test]
+async fn a_store_whose_lease_ids_ran_out_still_grants_leases_and_expires_them() {
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    let propose = |id: u64, cmd: Command| c.members[&id].send(Propose(cmd));
+    // As an entry written before client ids were bounded: the very top id.
+    let top = propose(
+        leader,
+        Command::LeaseGrant {
+            id: i64::MAX,
+            ttl_secs: 600,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((top.error, top.lease), (None, i64::MAX));
+    // Grants of id 0 through either member get the lowest free ids, the same on every member.
+    let first = propose(follower, Command::LeaseGrant { id: 0, ttl_secs: 1 })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.error, first.lease), (None, 1));
+    let second = propose(
+        leader,
+        Command::LeaseGrant {
+            id: 0,
+            ttl_secs: 600,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((second.error, second.lease), (None, 2));
+    let put = Command::Put {
+        key: "short".into(),
+        value: "x".into(),
+        lease: first.lease,
+    };
+    let put = propose(leader, put).await.unwrap().unwrap();
+    assert_eq!(put.error, None, "the lease exists");
+    // The leader keeps the deadline of a lease granted that way: it expires, everywhere.
+    eventually(|| async {
+        let ttl = c.members[&leader]
+            .send(Read {
+                query: Query::TimeToLive(first.lease),
+                linearizable: true,
+            })
+            .await
+            .ok()?;
+        matches!(ttl, Err(RaftError::NotFound(_))).then_some(())
+    })
+    .await;
+    for id in [1, 2, 3] {
+        eventually(|| async {
+            c.read(id, "short", false)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+}

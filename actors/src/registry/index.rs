@@ -169,7 +169,10 @@ impl RegistryIndex {
             raft.send(Read {
                 query: Query::Range {
                     prefix: CLIENTS_PREFIX.as_bytes().to_vec(),
+                    after: None,
                     limit: 0,
+                    // In process: nothing is encoded, so no page budget.
+                    max_bytes: 0,
                 },
                 linearizable: false,
             })

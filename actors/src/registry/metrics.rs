@@ -45,7 +45,8 @@ pub struct RegistryMetrics {
     pub job_seconds: Histogram,
     /// Tokens the backend reported.
     pub tokens: Counter,
-    /// Requests refused by a limit (client_concurrency, client_rate, ip_rate, ip_concurrency).
+    /// Requests refused by a limit (client_concurrency, client_rate, ip_rate, ip_concurrency,
+    /// message_bytes, kv_key_bytes, kv_value_bytes, kv_txn_ops, ...).
     pub rejections: Family<LimitLabels, Counter>,
 }
 

@@ -3,19 +3,23 @@
 //! Writes, linearizable reads and lease calls that reach a follower are forwarded once to the
 //! leader (see [`crate::forward`]). Watches are served by the member the caller reached: every
 //! member applies the same changes in the same order.
+//!
+//! Requests are checked against the node's limits before anything is proposed ([`check`]);
+//! answers that carry many values keep to a byte budget ([`answer`]).
+
+pub mod answer;
+pub mod check;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lodge_actors::cluster::kv::{
-    ApplyResult, Cmp, Command, Compare, Event, KeyValue, KvError, Op, OpResult, Target,
-    MAX_LEASE_TTL,
-};
+use lodge_actors::cluster::kv::{ApplyResult, Command, KvError};
 use lodge_actors::cluster::raft::{
     CancelWatch, Propose, Query, RaftError, RaftNode, Read, ReadAnswer, Watch,
 };
-use lodge_actors::cluster::watch::{lagged, WatchSpec, WatchUpdate};
+use lodge_actors::cluster::watch::{lagged, WatchUpdate};
+use lodge_actors::registry::RegistryMetrics;
 use lodge_actors::{ActorRef, SendError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,9 +29,17 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::deadline;
 use crate::forward::{self, forwarded, Forwarder};
 use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
+use answer::kv;
+pub use check::KvLimits;
+use check::Refusal;
 
 /// Updates a watch may have queued before the member drops it as too slow.
 const WATCH_BUFFER: usize = 1024;
+
+/// How far a KV answer may go past `server.max_message_bytes`: the fields around one stored
+/// value that was accepted in a request of up to that size (before the `[kv]` limits, or under
+/// larger ones), which a range page or a watch message always carries whole.
+pub const ANSWER_HEADROOM: usize = 64 << 10;
 
 /// The KV adapter.
 #[derive(Clone)]
@@ -36,10 +48,16 @@ pub struct KvService {
     forward: Arc<Forwarder>,
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    limits: Arc<KvLimits>,
+    /// Where refusals by a limit are counted (`lodge_limit_rejections_total`).
+    metrics: RegistryMetrics,
+    /// `server.max_message_bytes`, to name it when a keep-alive message is over it.
+    max_message_bytes: usize,
 }
 
 impl KvService {
-    /// Streams (watches, keep-alives) end when `shutdown` turns true.
+    /// Streams (watches, keep-alives) end when `shutdown` turns true. The limits are the
+    /// defaults until [`with_limits`](Self::with_limits).
     pub fn new(
         raft: ActorRef<RaftNode>,
         forward: Arc<Forwarder>,
@@ -51,6 +69,60 @@ impl KvService {
             forward,
             timeout,
             shutdown,
+            limits: Arc::default(),
+            metrics: RegistryMetrics::default(),
+            max_message_bytes: 4 << 20,
+        }
+    }
+
+    /// The node's limits, and where refusals are counted.
+    pub fn with_limits(
+        mut self,
+        limits: KvLimits,
+        max_message_bytes: usize,
+        metrics: RegistryMetrics,
+    ) -> Self {
+        self.limits = Arc::new(limits);
+        self.max_message_bytes = max_message_bytes;
+        self.metrics = metrics;
+        self
+    }
+
+    /// The status of a refused request, counted if a limit refused it.
+    fn refuse(&self, r: Refusal) -> Status {
+        if let Some(limit) = r.limit {
+            self.metrics.rejected(limit);
+        }
+        r.status
+    }
+
+    /// Every key of a prefix, read page by page (see `RangeRequest.after`), and the revision of
+    /// the first page. Pages are read one after the other, not as one snapshot: a caller that
+    /// watches from the revision after the one answered sees again whatever changed while it
+    /// read, and misses nothing.
+    pub async fn range_to_end(
+        &self,
+        mut req: pb::RangeRequest,
+        timeout: Option<Duration>,
+    ) -> Result<(i64, Vec<pb::KeyValue>), Status> {
+        use kv_server::Kv;
+        let mut revision = None;
+        let mut kvs = Vec::new();
+        loop {
+            let mut r = Request::new(req.clone());
+            if let Some(t) = timeout {
+                r.set_timeout(t);
+            }
+            let page = self.range(r).await?.into_inner();
+            revision.get_or_insert(page.header.map_or(0, |h| h.revision));
+            let more = page.more && !page.kvs.is_empty();
+            if let Some(last) = page.kvs.last() {
+                req.after = last.key.clone();
+            }
+            kvs.extend(page.kvs);
+            if !more {
+                return Ok((revision.unwrap_or_default(), kvs));
+            }
         }
     }
 
@@ -107,7 +179,10 @@ impl KvService {
         req: &Request<T>,
         err: &RaftError,
     ) -> Result<KvClient<tonic::transport::Channel>, Status> {
-        Ok(KvClient::new(self.forward.leader(req, err).await?))
+        // The leader keeps its answers within its own limits; ours need not match them.
+        Ok(KvClient::new(self.forward.leader(req, err).await?)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
     }
 
     /// One keep-alive: here if this member leads, else on the leader (once: `forwarded` says
@@ -183,120 +258,21 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
-fn kv(k: KeyValue) -> pb::KeyValue {
-    pb::KeyValue {
-        key: k.key,
-        value: k.value,
-        create_revision: k.create_revision,
-        mod_revision: k.mod_revision,
-        version: k.version,
-        lease: k.lease,
-    }
-}
-
-fn event(e: Event) -> pb::Event {
-    let kind = if e.deleted {
-        pb::event::EventType::Delete
-    } else {
-        pb::event::EventType::Put
-    };
-    pb::Event {
-        r#type: kind as i32,
-        kv: Some(kv(e.kv)),
-        prev_kv: e.prev.map(kv),
-    }
-}
-
-fn require_key(key: &[u8], field: &str) -> Result<(), Status> {
-    if key.is_empty() {
-        Err(Status::invalid_argument(format!("{field} is required")))
-    } else {
-        Ok(())
-    }
-}
-
-fn compare(c: pb::Compare, i: usize) -> Result<Compare, Status> {
-    require_key(&c.key, &format!("compare[{i}].key"))?;
-    let cmp = match pb::compare::Result::try_from(c.result) {
-        Ok(pb::compare::Result::Equal) => Cmp::Equal,
-        Ok(pb::compare::Result::Greater) => Cmp::Greater,
-        Ok(pb::compare::Result::Less) => Cmp::Less,
-        Ok(pb::compare::Result::NotEqual) => Cmp::NotEqual,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "compare[{i}].result: unknown value {}",
-                c.result
-            )))
-        }
-    };
-    let target = match c.target {
-        Some(pb::compare::Target::Value(v)) => Target::Value(v),
-        Some(pb::compare::Target::Version(v)) => Target::Version(v),
-        Some(pb::compare::Target::CreateRevision(v)) => Target::CreateRevision(v),
-        Some(pb::compare::Target::ModRevision(v)) => Target::ModRevision(v),
-        None => {
-            return Err(Status::invalid_argument(format!(
-                "compare[{i}].target is required"
-            )))
-        }
-    };
-    Ok(Compare {
-        key: c.key,
-        cmp,
-        target,
-    })
-}
-
-fn op(o: pb::RequestOp, field: &str) -> Result<Op, Status> {
-    match o.request {
-        Some(pb::request_op::Request::Put(p)) => {
-            require_key(&p.key, &format!("{field}.put.key"))?;
-            Ok(Op::Put {
-                key: p.key,
-                value: p.value,
-                lease: p.lease,
-            })
-        }
-        Some(pb::request_op::Request::Delete(d)) => {
-            require_key(&d.key, &format!("{field}.delete.key"))?;
-            Ok(Op::Delete {
-                key: d.key,
-                prefix: d.prefix,
-            })
-        }
-        Some(pb::request_op::Request::Get(g)) => {
-            require_key(&g.key, &format!("{field}.get.key"))?;
-            if g.prefix {
-                return Err(Status::invalid_argument(format!(
-                    "{field}.get.prefix: only single-key reads are allowed in a transaction"
-                )));
-            }
-            Ok(Op::Get { key: g.key })
-        }
-        None => Err(Status::invalid_argument(format!(
-            "{field}.request is required"
-        ))),
-    }
-}
-
 #[tonic::async_trait]
 impl kv_server::Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let r = req.get_ref();
-        require_key(&r.key, "key")?;
-        let cmd = Command::Put {
-            key: r.key.clone(),
-            value: r.value.clone(),
-            lease: r.lease,
-        };
+        let cmd = check::put(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::PutResponse {
                 header: self.header(a.revision),
+                // One value: it fits whatever the page size (see `check`).
                 prev_kv: if r.prev_kv {
                     a.prev.into_iter().next().map(kv)
                 } else {
                     None
                 },
+                prev_kv_omitted: false,
             })),
             Err(Failure::Status(s)) => Err(s),
             Err(Failure::Raft(e)) => self
@@ -313,24 +289,12 @@ impl kv_server::Kv for KvService {
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let r = req.get_ref();
-        if r.limit < 0 {
-            return Err(Status::invalid_argument("limit must not be negative"));
-        }
-        if !r.prefix {
-            require_key(&r.key, "key")?;
-        }
-        let query = if r.prefix {
-            Query::Range {
-                prefix: r.key.clone(),
-                limit: r.limit as usize,
-            }
-        } else {
-            Query::Get(r.key.clone())
-        };
+        let query = check::range(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.read(&req, query, !r.serializable).await {
             Ok(a) => Ok(Response::new(pb::RangeResponse {
                 header: self.header(a.revision),
                 count: a.count as i64,
+                more: a.more,
                 kvs: a.kvs.into_iter().map(kv).collect(),
             })),
             Err(Failure::Status(s)) => Err(s),
@@ -348,21 +312,18 @@ impl kv_server::Kv for KvService {
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let r = req.get_ref();
-        require_key(&r.key, "key")?;
-        let cmd = Command::Delete {
-            key: r.key.clone(),
-            prefix: r.prefix,
-        };
+        let cmd = check::delete(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
-            Ok(a) => Ok(Response::new(pb::DeleteRangeResponse {
-                header: self.header(a.revision),
-                deleted: a.deleted as i64,
-                prev_kvs: if r.prev_kv {
-                    a.prev.into_iter().map(kv).collect()
-                } else {
-                    Vec::new()
-                },
-            })),
+            Ok(a) => {
+                let (prev_kvs, truncated) =
+                    answer::delete_prevs(a.prev, r.prev_kv, self.limits.range_page_bytes);
+                Ok(Response::new(pb::DeleteRangeResponse {
+                    header: self.header(a.revision),
+                    deleted: a.deleted as i64,
+                    prev_kvs,
+                    prev_kvs_truncated: truncated,
+                }))
+            }
             Err(Failure::Status(s)) => Err(s),
             Err(Failure::Raft(e)) => self
                 .leader_client(&req, &e)
@@ -374,77 +335,28 @@ impl kv_server::Kv for KvService {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let r = req.get_ref().clone();
-        let compares = r
-            .compare
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| compare(c, i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let success = r
-            .success
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, o)| op(o, &format!("success[{i}]")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let failure = r
-            .failure
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, o)| op(o, &format!("failure[{i}]")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let cmd = Command::Txn {
-            compares,
-            success,
-            failure,
-        };
+        let r = req.get_ref();
+        let cmd = check::txn(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => {
-                let responses = a
-                    .ops
-                    .into_iter()
-                    .map(|o| pb::ResponseOp {
-                        response: Some(match o {
-                            OpResult::Put { prev } => {
-                                pb::response_op::Response::Put(pb::PutResponse {
-                                    header: self.header(a.revision),
-                                    prev_kv: prev.map(kv),
-                                })
-                            }
-                            OpResult::Delete { deleted, prev } => {
-                                pb::response_op::Response::Delete(pb::DeleteRangeResponse {
-                                    header: self.header(a.revision),
-                                    deleted: deleted as i64,
-                                    prev_kvs: prev.into_iter().map(kv).collect(),
-                                })
-                            }
-                            OpResult::Get(found) => {
-                                pb::response_op::Response::Get(pb::RangeResponse {
-                                    header: self.header(a.revision),
-                                    count: found.is_some() as i64,
-                                    kvs: found.into_iter().map(kv).collect(),
-                                })
-                            }
-                        }),
-                    })
-                    .collect();
+                let header = self.header(a.revision);
+                let succeeded = a.succeeded;
+                let branch = if succeeded { &r.success } else { &r.failure };
+                let responses =
+                    answer::txn_results(a, branch, header, self.limits.range_page_bytes);
                 Ok(Response::new(pb::TxnResponse {
-                    header: self.header(a.revision),
-                    succeeded: a.succeeded,
+                    header,
+                    succeeded,
                     responses,
                 }))
             }
             Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                let original = req.get_ref().clone();
-                self.leader_client(&req, &e)
-                    .await?
-                    .txn(forwarded(original, deadline::of(&req, self.timeout)))
-                    .await
-                    .map_err(forward::write_error)
-            }
+            Err(Failure::Raft(e)) => self
+                .leader_client(&req, &e)
+                .await?
+                .txn(forwarded(r.clone(), deadline::of(&req, self.timeout)))
+                .await
+                .map_err(forward::write_error),
         }
     }
 
@@ -453,19 +365,7 @@ impl kv_server::Kv for KvService {
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = req.get_ref();
-        if !(1..=MAX_LEASE_TTL).contains(&r.ttl) {
-            return Err(Status::invalid_argument(format!(
-                "ttl: {} s; a lease lives at least 1 s and at most {MAX_LEASE_TTL} s",
-                r.ttl
-            )));
-        }
-        if r.id < 0 {
-            return Err(Status::invalid_argument("id must not be negative"));
-        }
-        let cmd = Command::LeaseGrant {
-            id: r.id,
-            ttl_secs: r.ttl,
-        };
+        let cmd = check::lease_grant(r).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::LeaseGrantResponse {
                 header: self.header(a.revision),
@@ -487,15 +387,8 @@ impl kv_server::Kv for KvService {
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let r = req.get_ref();
-        if r.id <= 0 {
-            return Err(Status::invalid_argument(
-                "id is required (a positive lease id)",
-            ));
-        }
-        let cmd = Command::LeaseRevoke {
-            id: r.id,
-            expired: false,
-        };
+        let id = check::lease_id(r.id).map_err(|e| self.refuse(e))?;
+        let cmd = Command::LeaseRevoke { id, expired: false };
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::LeaseRevokeResponse {
                 header: self.header(a.revision),
@@ -523,12 +416,19 @@ impl kv_server::Kv for KvService {
         let this = self.clone();
         let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| async move {
             while let Some(next) = incoming.next().await {
-                let answer = match next {
-                    Ok(r) if r.id <= 0 => Err(Status::invalid_argument(
-                        "id is required (a positive lease id)",
-                    )),
-                    Ok(r) => this.keep_alive_once(r.id, forwarded_here).await,
-                    Err(e) => Err(e),
+                let answer = match next.map(|r| check::lease_id(r.id)) {
+                    Ok(Ok(id)) => this.keep_alive_once(id, forwarded_here).await,
+                    Ok(Err(e)) => Err(this.refuse(e)),
+                    // A message over the limit mid-stream reaches here, not the server's layer.
+                    Err(e) => Err(
+                        match crate::message_limit::rewrite(&e, this.max_message_bytes) {
+                            Some(s) => {
+                                this.metrics.rejected(crate::message_limit::LABEL);
+                                s
+                            }
+                            None => e,
+                        },
+                    ),
                 };
                 let end = answer.is_err();
                 if tx.send(answer).await.is_err() || end {
@@ -544,21 +444,23 @@ impl kv_server::Kv for KvService {
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = req.get_ref();
-        if r.id <= 0 {
-            return Err(Status::invalid_argument(
-                "id is required (a positive lease id)",
-            ));
-        }
-        match self.read(&req, Query::TimeToLive(r.id), true).await {
+        let id = check::lease_id(r.id).map_err(|e| self.refuse(e))?;
+        match self.read(&req, Query::TimeToLive(id), true).await {
             Ok(a) => {
                 let l = a.lease.expect("lease queries answer a lease");
+                let (keys, keys_truncated) = if r.keys {
+                    answer::lease_keys(l.keys, self.limits.range_page_bytes)
+                } else {
+                    (Vec::new(), false)
+                };
                 Ok(Response::new(pb::LeaseTimeToLiveResponse {
                     header: self.header(a.revision),
                     id: l.id,
                     // Rounded up: a lease with 300 ms left still has "1 s", not 0.
                     ttl: l.remaining.as_millis().div_ceil(1000) as i64,
                     granted_ttl: l.ttl_secs,
-                    keys: if r.keys { l.keys } else { Vec::new() },
+                    keys,
+                    keys_truncated,
                 }))
             }
             Err(Failure::Status(s)) => Err(s),
@@ -577,22 +479,8 @@ impl kv_server::Kv for KvService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let r = req.get_ref().clone();
-        if !r.prefix {
-            require_key(&r.key, "key")?;
-        }
-        if r.start_revision < 0 {
-            return Err(Status::invalid_argument(
-                "start_revision must not be negative",
-            ));
-        }
+        let spec = check::watch(req.get_ref(), &self.limits).map_err(|e| self.refuse(e))?;
         let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
-        let spec = WatchSpec {
-            key: r.key,
-            prefix: r.prefix,
-            start_revision: r.start_revision,
-            prev_kv: r.prev_kv,
-        };
         let (id, revision) = self
             .raft
             .send_timeout(Watch { spec, tx }, deadline::of(&req, self.timeout))
@@ -607,6 +495,7 @@ impl kv_server::Kv for KvService {
             })
         };
         let raft = self.raft.clone();
+        let batch_bytes = self.limits.watch_batch_bytes;
         let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
             let created = pb::WatchResponse {
                 header: header(revision),
@@ -617,17 +506,19 @@ impl kv_server::Kv for KvService {
                 let _ = raft.send(CancelWatch(id)).await;
                 return;
             }
+            // The last revision whose events were all sent: a watch that ends resumes after it.
             let mut last = revision;
             loop {
                 let update = rx.recv().await.unwrap_or_else(|| lagged(last));
-                let msg = match update {
+                match update {
                     WatchUpdate::Events { revision, events } => {
-                        last = revision;
-                        pb::WatchResponse {
-                            header: header(revision),
-                            events: events.into_iter().map(event).collect(),
-                            ..Default::default()
+                        for msg in answer::watch_messages(events, header(revision), batch_bytes) {
+                            if out.send(Ok(msg)).await.is_err() {
+                                let _ = raft.send(CancelWatch(id)).await;
+                                return;
+                            }
                         }
+                        last = revision;
                     }
                     WatchUpdate::Cancelled {
                         reason,
@@ -644,10 +535,6 @@ impl kv_server::Kv for KvService {
                             .await;
                         return;
                     }
-                };
-                if out.send(Ok(msg)).await.is_err() {
-                    let _ = raft.send(CancelWatch(id)).await;
-                    return;
                 }
             }
         });
