@@ -44,6 +44,10 @@ enum Command {
         cmd: ctl::Ctl,
     },
     /// Read and write the replicated key-value store.
+    ///
+    /// Keys and values are bytes. With --json, one that is not UTF-8 is given in standard base64
+    /// under `key_base64` / `value_base64` instead of `key` / `value` (in a list of keys, as
+    /// `{"key_base64": ...}`); as text, its bytes outside printable ASCII are escaped (`\xff`).
     Kv {
         #[command(flatten)]
         conn: ctl::Connection,
@@ -174,8 +178,50 @@ struct NodeArgs {
     print_config: bool,
 }
 
+impl Command {
+    /// Whether the command prints an answer and exits: such a command dies quietly of SIGPIPE
+    /// when its reader goes away (`lodge ctl info | head -1`), as `ls` does. Commands that run
+    /// until stopped, or that must clean up before exiting, keep Rust's default (SIGPIPE
+    /// ignored, a write fails with EPIPE): the node and `lodge module` write to sockets, the
+    /// tunnel commands end their sessions, `client run` unregisters, and `bench` stops the
+    /// clusters it started.
+    fn prints_and_exits(&self) -> bool {
+        match self {
+            Command::Node(a) => a.print_config,
+            Command::Client { cmd, .. } => !matches!(cmd, client::Client::Run { .. }),
+            Command::Ctl { .. }
+            | Command::Kv { .. }
+            | Command::Cluster { .. }
+            | Command::Lb { .. }
+            | Command::Translate { .. }
+            | Command::Sessions { .. }
+            | Command::Token(_) => true,
+            Command::Agent { .. }
+            | Command::Exec { .. }
+            | Command::PortForward { .. }
+            | Command::Rsync { .. }
+            | Command::RsyncShell { .. }
+            | Command::Module { .. }
+            | Command::Bench { .. } => false,
+        }
+    }
+}
+
+/// Restores SIGPIPE's default action (end the process, without a word), which Rust's runtime
+/// replaced with "ignore" before `main`: `println!` to a closed pipe would otherwise panic.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: called first thing in `main`, before any thread exists, and only sets a signal's
+    // disposition to a constant.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    if cli.cmd.prints_and_exits() {
+        die_quietly_on_a_closed_pipe();
+    }
     let code = match cli.cmd {
         Command::Node(a) => {
             let overrides = config::Overrides {
