@@ -274,8 +274,8 @@ pub fn options(conn: &Connection, who: &Identity) -> ClientOptions {
 
 async fn run_client(conn: &Connection, who: Identity) -> i32 {
     let as_json = conn.json;
-    // This command runs until stopped and must unregister before it exits, so it neither dies
-    // of SIGPIPE (see `main`) nor panics when its reader has gone: its lines are just lost.
+    // This command runs until stopped and must unregister before it exits, so it neither exits
+    // (see `main`) nor panics when its reader has gone: its lines are just lost.
     let on_status = Arc::new(move |s: &ClientStatus| {
         let line = if as_json {
             status_json(s).to_string()
