@@ -2,6 +2,7 @@
 //! the registry client library (registers, heartbeats, fails over, unregisters on Ctrl-C).
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -273,12 +274,15 @@ pub fn options(conn: &Connection, who: &Identity) -> ClientOptions {
 
 async fn run_client(conn: &Connection, who: Identity) -> i32 {
     let as_json = conn.json;
+    // This command runs until stopped and must unregister before it exits, so it neither exits
+    // (see `main`) nor panics when its reader has gone: its lines are just lost.
     let on_status = Arc::new(move |s: &ClientStatus| {
-        if as_json {
-            println!("{}", status_json(s));
+        let line = if as_json {
+            status_json(s).to_string()
         } else {
-            println!("{}", status_line(s));
-        }
+            status_line(s)
+        };
+        let _ = writeln!(std::io::stdout(), "{line}");
     });
     let client = RegistryClient::start(options(conn, &who), Some(on_status));
     let mut term =
@@ -292,7 +296,8 @@ async fn run_client(conn: &Connection, who: Identity) -> i32 {
         .await
         .ok();
     if !as_json {
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "stopped; unregistered {}",
             id.as_deref().unwrap_or("nothing")
         );

@@ -3,6 +3,7 @@
 //! first endpoint that answers.
 
 use clap::Subcommand;
+use lodge_actors::base64;
 use lodge_grpc::pb::kv::{self as pb, kv_client::KvClient};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
@@ -110,19 +111,54 @@ pub enum Lease {
     },
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// Sets `doc[field]` to `b` without losing a byte: the text when `b` is UTF-8, otherwise
+/// `doc["<field>_base64"]` to its standard base64 (so a script tells the two apart by the name).
+fn bytes_field(doc: &mut Value, field: &str, b: &[u8]) {
+    match std::str::from_utf8(b) {
+        Ok(s) => doc[field] = s.into(),
+        Err(_) => doc[format!("{field}_base64")] = base64::encode(b).into(),
+    }
+}
+
+/// A key in a list (`lease ttl --keys`): a string when it is UTF-8, else `{"key_base64": ...}`.
+fn key_json(b: &[u8]) -> Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.into(),
+        Err(_) => json!({ "key_base64": base64::encode(b) }),
+    }
 }
 
 fn kv_json(k: &pb::KeyValue) -> Value {
-    json!({
-        "key": text(&k.key),
-        "value": text(&k.value),
+    let mut doc = json!({
         "create_revision": k.create_revision,
         "mod_revision": k.mod_revision,
         "version": k.version,
         "lease": k.lease,
-    })
+    });
+    bytes_field(&mut doc, "key", &k.key);
+    bytes_field(&mut doc, "value", &k.value);
+    doc
+}
+
+/// Bytes for a person: as they are when UTF-8, else with every byte outside printable ASCII
+/// escaped (`\xff`), so that two different keys never print alike.
+fn human(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_string(),
+        Err(_) => b.escape_ascii().to_string(),
+    }
+}
+
+/// `doc[field]` as written by [`bytes_field`] (or a bare string), for a person.
+fn shown(doc: &Value, field: &str) -> String {
+    if let Some(s) = doc.as_str().or_else(|| doc[field].as_str()) {
+        return s.to_string();
+    }
+    doc[format!("{field}_base64")]
+        .as_str()
+        .and_then(base64::decode)
+        .map(|b| human(&b))
+        .unwrap_or_default()
 }
 
 fn revision(h: &Option<pb::ResponseHeader>) -> Option<i64> {
@@ -316,7 +352,7 @@ async fn unary(
                     .await?
                     .into_inner();
                 json!({"lease": r.id, "ttl": r.ttl, "granted_ttl": r.granted_ttl,
-                       "keys": r.keys.iter().map(|k| text(k)).collect::<Vec<_>>(),
+                       "keys": r.keys.iter().map(|k| key_json(k)).collect::<Vec<_>>(),
                        "keys_truncated": r.keys_truncated})
             }
             Lease::KeepAlive { .. } => unreachable!("streamed, not unary"),
@@ -435,8 +471,8 @@ async fn watch(conn: &Connection, req: pb::WatchRequest, count: usize) -> Result
             } else {
                 println!(
                     "{kind}\t{}\t{}\t(revision {})",
-                    text(&kv.key),
-                    text(&kv.value),
+                    human(&kv.key),
+                    human(&kv.value),
                     kv.mod_revision
                 );
             }
@@ -488,11 +524,7 @@ fn print(doc: &Value, as_json: bool) {
     }
     if let Some(kvs) = doc["kvs"].as_array() {
         for kv in kvs {
-            println!(
-                "{}\t{}",
-                kv["key"].as_str().unwrap_or(""),
-                kv["value"].as_str().unwrap_or("")
-            );
+            println!("{}\t{}", shown(kv, "key"), shown(kv, "value"));
         }
     } else if let Some(ok) = doc["succeeded"].as_bool() {
         println!(
@@ -503,11 +535,7 @@ fn print(doc: &Value, as_json: bool) {
         for r in doc["responses"].as_array().into_iter().flatten() {
             if let Some(kvs) = r["get"].as_array() {
                 for kv in kvs {
-                    println!(
-                        "{}\t{}",
-                        kv["key"].as_str().unwrap_or(""),
-                        kv["value"].as_str().unwrap_or("")
-                    );
+                    println!("{}\t{}", shown(kv, "key"), shown(kv, "value"));
                 }
             }
         }
@@ -518,7 +546,7 @@ fn print(doc: &Value, as_json: bool) {
                 doc["ttl"], doc["granted_ttl"]
             );
             for k in doc["keys"].as_array().into_iter().flatten() {
-                println!("{}", k.as_str().unwrap_or(""));
+                println!("{}", shown(k, "key"));
             }
             if doc["keys_truncated"] == true {
                 println!("(more keys: the answer stops at the node's kv.range_page_bytes)");

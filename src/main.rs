@@ -45,6 +45,10 @@ enum Command {
         cmd: ctl::Ctl,
     },
     /// Read and write the replicated key-value store.
+    ///
+    /// Keys and values are bytes. With --json, one that is not UTF-8 is given in standard base64
+    /// under `key_base64` / `value_base64` instead of `key` / `value` (in a list of keys, as
+    /// `{"key_base64": ...}`); as text, its bytes outside printable ASCII are escaped (`\xff`).
     Kv {
         #[command(flatten)]
         conn: ctl::Connection,
@@ -180,8 +184,63 @@ struct NodeArgs {
     force_new_cluster: bool,
 }
 
+impl Command {
+    /// Whether the command prints an answer and exits: such a command ends quietly when its
+    /// reader goes away (`lodge ctl info | head -1`). Commands that run until stopped, or that
+    /// must clean up before exiting, keep a closed stdout an error: the node and `lodge module`,
+    /// the tunnel commands (they end their sessions), `client run` (it unregisters; its status
+    /// lines are written without `println!`), and `bench` (it stops the clusters it started).
+    fn prints_and_exits(&self) -> bool {
+        match self {
+            Command::Node(a) => a.print_config,
+            Command::Client { cmd, .. } => !matches!(cmd, client::Client::Run { .. }),
+            Command::Ctl { .. }
+            | Command::Kv { .. }
+            | Command::Cluster { .. }
+            | Command::Lb { .. }
+            | Command::Translate { .. }
+            | Command::Sessions { .. }
+            | Command::Token(_) => true,
+            Command::Agent { .. }
+            | Command::Exec { .. }
+            | Command::PortForward { .. }
+            | Command::Rsync { .. }
+            | Command::RsyncShell { .. }
+            | Command::Module { .. }
+            | Command::Bench { .. } => false,
+        }
+    }
+}
+
+/// The exit status of a command whose stdout was closed: what a shell shows for a process killed
+/// by SIGPIPE (128 + 13), as `ls | head` leaves it.
+const CLOSED_STDOUT_EXIT: i32 = 141;
+
+/// Makes `println!` to a closed stdout end the process quietly with [`CLOSED_STDOUT_EXIT`]
+/// instead of panicking with a backtrace.
+///
+/// Restoring SIGPIPE's default action would do it too, but the signal does not say which
+/// descriptor was closed: std writes vectored socket data with `writev`, which raises SIGPIPE
+/// when a node resets a connection, and the command would die silently instead of trying the
+/// next `--endpoint`. So SIGPIPE stays ignored and the one panic `println!` makes on EPIPE
+/// (std's own wording, with the OS's text for EPIPE) ends the process.
+fn exit_quietly_on_a_closed_stdout() {
+    let epipe = std::io::Error::from_raw_os_error(rustix::io::Errno::PIPE.raw_os_error());
+    let closed = format!("failed printing to stdout: {epipe}");
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload_as_str() == Some(closed.as_str()) {
+            std::process::exit(CLOSED_STDOUT_EXIT);
+        }
+        previous(info);
+    }));
+}
+
 fn main() {
     let cli = Cli::parse();
+    if cli.cmd.prints_and_exits() {
+        exit_quietly_on_a_closed_stdout();
+    }
     let code = match cli.cmd {
         Command::Node(a) => {
             let overrides = config::Overrides {

@@ -358,6 +358,7 @@ async fn start(conn: Connection, args: ModuleArgs, signals: &mut Shutdown) -> Re
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(lodge_grpc::status_limit::StatusLimitLayer)
             .add_service(module.service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_l), async {
                 let _ = server_stopped.await;

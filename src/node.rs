@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use lodge_actors::admin::{AdminActor, NodeFacts};
 use lodge_actors::balancer::autoscale::Leads;
-use lodge_actors::balancer::dataplane::{DataPlaneSettings, ListenerSpec};
+use lodge_actors::balancer::dataplane::{cannot_listen, DataPlaneSettings, ListenerSpec};
 use lodge_actors::balancer::hook::DeployHook;
 use lodge_actors::balancer::metrics::BalancerMetrics;
 use lodge_actors::balancer::{BalancerParts, DataPlane};
@@ -395,38 +395,38 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     let grpc_addr = cfg.grpc_addr().expect("validated");
     let metrics_addr = cfg.metrics_addr().expect("validated");
     let listeners = tokio_rt.block_on(async {
-        Ok::<_, std::io::Error>((
-            server::bind(grpc_addr).await?,
-            server::bind(metrics_addr).await?,
-        ))
+        let grpc = server::bind(grpc_addr)
+            .await
+            .map_err(|e| cannot_listen(grpc_addr, "server.listen", &e))?;
+        let metrics = server::bind(metrics_addr)
+            .await
+            .map_err(|e| cannot_listen(metrics_addr, "metrics.listen", &e))?;
+        Ok::<_, String>((grpc, metrics))
     });
     let (grpc_listener, metrics_listener) = match listeners {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("lodge: cannot listen on {grpc_addr} / {metrics_addr}: {e}");
+            eprintln!("lodge: {e}");
             return 1;
         }
     };
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
-    // The data plane's sockets are bound here, once: a restarted listener actor reuses its socket.
+    // The data plane's sockets are bound here, so that a taken port fails the start; a listener
+    // actor's later incarnations bind their address again (see `dataplane`).
     let mut data_listeners = Vec::new();
     for (addr, protocol) in cfg.balancer_listeners().expect("validated") {
-        match std::net::TcpListener::bind(addr) {
-            Ok(socket) => data_listeners.push(ListenerSpec {
-                socket: Arc::new(socket),
-                protocol,
-            }),
+        match std::net::TcpListener::bind(addr).and_then(|s| ListenerSpec::new(s, protocol)) {
+            Ok(spec) => data_listeners.push(spec),
             Err(e) => {
-                eprintln!("lodge: cannot listen on {addr} (balancer.listen): {e}");
+                eprintln!("lodge: {}", cannot_listen(addr, "balancer.listen", &e));
                 return 1;
             }
         }
     }
     let data_addresses: Vec<String> = data_listeners
         .iter()
-        .filter_map(|l| l.socket.local_addr().ok())
-        .map(|a| a.to_string())
+        .map(|l| l.address().to_string())
         .collect();
 
     let disk = match Disk::open(&cfg.node.data_dir.join("raft")) {

@@ -335,7 +335,7 @@ async fn bad_routes_and_settings_are_refused_naming_the_field() {
     let mut bad = route("db", pb::Protocol::Redis, pb::ModuleType::Dblb, 1);
     bad.source_pattern = "10.0.0.0/33".into();
     let cases = [
-        (bad, "routes[1].source_pattern: '10.0.0.0/33'"),
+        (bad, "routes[1].source_pattern: \"10.0.0.0/33\""),
         (
             pb::Route {
                 path_pattern: "api/*".into(),

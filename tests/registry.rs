@@ -162,7 +162,7 @@ fn registry_refuses_bad_input_naming_the_field() {
     );
     let out = client(ep, &["get", "c-nothere"]);
     assert!(
-        stderr(&out).contains("NotFound: client_id: c-nothere"),
+        stderr(&out).contains("NotFound: client_id: \"c-nothere\" is not registered"),
         "{}",
         stderr(&out)
     );

@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::envelope::ActorRef;
 use crate::introspect::{ActorEvent, ActorSnapshot, ListQuery, Registry, TreeNode};
+use crate::quote::echo;
 use crate::supervision::{ChildError, Managed, RestartChild, StopChild, Supervisor};
 
 impl From<ChildError> for AdminError {
@@ -115,7 +116,7 @@ impl AdminActor {
         let cell = self
             .registry
             .get(path)
-            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {path:?}")))?;
+            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {}", echo(path))))?;
         let parent = cell.parent().ok_or_else(|| {
             AdminError::FailedPrecondition(format!(
                 "{path} is the root supervisor; restart or stop the node process instead"
@@ -245,8 +246,9 @@ impl Handler<GetActor> for AdminActor {
             (snapshot, children, dump)
         });
         Box::pin(async move {
-            let (snapshot, children, dump) = found
-                .ok_or_else(|| AdminError::NotFound(format!("no actor at path {:?}", msg.path)))?;
+            let (snapshot, children, dump) = found.ok_or_else(|| {
+                AdminError::NotFound(format!("no actor at path {}", echo(&msg.path)))
+            })?;
             // The dump comes from the actor's own thread; it never blocks this one.
             let state = match dump {
                 Some(rx) => tokio::time::timeout(DUMP_TIMEOUT, rx)
@@ -275,7 +277,7 @@ impl Handler<Tree> for AdminActor {
         };
         self.registry
             .tree(root, msg.depth)
-            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {root:?}")))
+            .ok_or_else(|| AdminError::NotFound(format!("no actor at path {}", echo(root))))
     }
 }
 

@@ -16,11 +16,13 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod base64;
 pub mod clock;
 pub mod cluster;
 pub mod envelope;
 pub mod history;
 pub mod introspect;
+pub mod quote;
 pub mod redact;
 pub mod registry;
 pub mod router;

@@ -117,7 +117,8 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
         Err(Status::invalid_argument(format!("{field} is required")))
     } else if !value.starts_with('/') {
         Err(Status::invalid_argument(format!(
-            "{field} must be an absolute actor path such as /node/admin, got {value:?}"
+            "{field} must be an absolute actor path such as /node/admin, got {}",
+            lodge_actors::quote::echo(value)
         )))
     } else {
         Ok(value)

@@ -163,7 +163,8 @@ impl Caller {
         if let (Some(allowed), Some(w)) = (&self.workflows, workflow) {
             if !allowed.iter().any(|a| a == w) {
                 return Err(Status::permission_denied(format!(
-                    "workflow_id: the token is not valid for workflow {w:?}"
+                    "workflow_id: the token is not valid for workflow {}",
+                    lodge_actors::quote::echo(w)
                 )));
             }
         }

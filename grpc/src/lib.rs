@@ -25,6 +25,7 @@ pub mod router_client;
 pub mod router_store;
 pub mod served;
 pub mod server;
+pub mod status_limit;
 pub mod store;
 pub mod translation;
 

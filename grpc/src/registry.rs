@@ -220,7 +220,10 @@ impl pb::registry_server::Registry for RegistryService {
             message: if existed {
                 "unregistered".into()
             } else {
-                format!("client_id: {} was not registered", m.client_id)
+                format!(
+                    "client_id: {} was not registered",
+                    lodge_actors::quote::echo(&m.client_id)
+                )
             },
         }))
     }

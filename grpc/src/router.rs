@@ -592,7 +592,10 @@ impl ControlService {
 }
 
 fn not_found(key: &str) -> Status {
-    Status::not_found(format!("session_key: no session {key:?}"))
+    Status::not_found(format!(
+        "session_key: no session {}",
+        lodge_actors::quote::echo(key)
+    ))
 }
 
 fn info_of(v: SessionView, owner: u64) -> SessionInfo {

@@ -356,6 +356,8 @@ pub async fn serve(
         .initial_connection_window_size(settings.connection_window)
         .tcp_nodelay(true)
         .max_frame_size(crate::client::MAX_FRAME)
+        // Outermost: caps the status message of every answer, the layers' own included.
+        .layer(crate::status_limit::StatusLimitLayer)
         .layer(MetricsLayer::new(metrics, served_methods()))
         .layer(CallsLayer(calls.clone()))
         .layer(crate::message_limit::MessageLimitLayer {

@@ -50,6 +50,13 @@ impl TranslationService {
 
 use crate::registry::present;
 
+/// A job id the caller chose: bounded and free of control characters, as it names the job in
+/// every error message and log line.
+fn given_job_id(id: String) -> Result<String, Status> {
+    lodge_actors::registry::record::required("job_id", &id).map_err(Status::invalid_argument)?;
+    Ok(id)
+}
+
 fn new_job_id() -> String {
     format!("j-{:016x}", fastrand::u64(..))
 }
@@ -188,7 +195,7 @@ impl pb::translation_server::Translation for TranslationService {
         let job_id = if m.job_id.is_empty() {
             new_job_id()
         } else {
-            m.job_id
+            given_job_id(m.job_id)?
         };
         let started = Instant::now();
         let permit = slot(
@@ -243,7 +250,7 @@ impl pb::translation_server::Translation for TranslationService {
         let job_id = if first.job_id.is_empty() {
             new_job_id()
         } else {
-            first.job_id.clone()
+            given_job_id(first.job_id.clone())?
         };
         let started = Instant::now();
         // One slot for the whole stream (it is one job, however many chunks it has), held by

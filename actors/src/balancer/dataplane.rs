@@ -4,19 +4,24 @@
 //! address.
 //!
 //! The bytes never pass through a mailbox: each connection is a task on the node's I/O runtime.
-//! The listener actor owns the accept loop (a restarted actor starts a new loop on the same
-//! socket, bound once by the node before it serves anything).
+//! The listener actor owns the accept loop, and the loop owns the listening socket: when the
+//! actor stops (shutdown, an operator's `StopActor`, a failure) the loop ends and the port is
+//! released, so clients are refused rather than left waiting in a backlog nobody accepts from.
+//! The node binds every socket once before anything starts (a taken port fails the start, exit
+//! 1); an incarnation after the first binds the same address again, once the loop before it has
+//! ended.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::{Actor, ActorContext, Context};
+use actix::{Actor, ActorFutureExt, AsyncContext, Context};
 use serde::Serialize;
 use slog::{debug, warn, Logger};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use super::flow::{Flow, Protocol};
 use super::handle::BalancerHandle;
@@ -43,14 +48,89 @@ pub struct DataPlaneSettings {
     pub idle_timeout: Option<Duration>,
 }
 
-/// One listening address.
+/// One listening address. Every incarnation of its actor gets a clone; the clones share the
+/// socket's hand-over.
 #[derive(Clone)]
 pub struct ListenerSpec {
-    /// Bound by the node before the actors start.
-    pub socket: Arc<std::net::TcpListener>,
+    /// The address bound (a configured port 0 resolved), which later incarnations bind again.
+    address: SocketAddr,
     /// The protocol to assume when a client sends nothing first (MySQL's clients wait for the
     /// server) or sends what the sniffer does not know.
     pub protocol: Option<Protocol>,
+    slot: Arc<Mutex<SocketSlot>>,
+}
+
+/// What passes from one incarnation of a listener to the next.
+#[derive(Default)]
+struct SocketSlot {
+    /// Bound by the node at start-up, until the first incarnation takes it.
+    bound: Option<std::net::TcpListener>,
+    /// The accept loop of the incarnation before, which holds the socket until it has ended.
+    previous: Option<JoinHandle<()>>,
+}
+
+impl ListenerSpec {
+    /// A listener on `socket`, which the node bound before starting anything.
+    pub fn new(socket: std::net::TcpListener, protocol: Option<Protocol>) -> std::io::Result<Self> {
+        Ok(Self {
+            address: socket.local_addr()?,
+            protocol,
+            slot: Arc::new(Mutex::new(SocketSlot {
+                bound: Some(socket),
+                previous: None,
+            })),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, SocketSlot> {
+        // Plain data that a panic cannot leave half-written.
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The socket for a new incarnation: the node's for the first, a new one on the same
+    /// address after that.
+    fn socket(&self) -> std::io::Result<std::net::TcpListener> {
+        let socket = match self.slot().bound.take() {
+            Some(s) => s,
+            None => std::net::TcpListener::bind(self.address)?,
+        };
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    }
+}
+
+/// How a listener that cannot be bound is reported, by the node for each of its listeners
+/// (`cannot listen on 127.0.0.1:7400 (server.listen): address in use`) and by a listener actor
+/// that cannot bind its address again: the address, and the configuration key that set it.
+pub fn cannot_listen(address: SocketAddr, key: &str, e: &std::io::Error) -> String {
+    let why = match e.kind() {
+        std::io::ErrorKind::AddrInUse => "address in use".to_string(),
+        std::io::ErrorKind::AddrNotAvailable => "no such address on this machine".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    };
+    format!("cannot listen on {address} ({key}): {why}")
+}
+
+/// A running accept loop. Dropping it (the actor stopped, or was dropped) ends the loop, which
+/// closes the socket; the next incarnation waits for that before binding the address again.
+struct AcceptLoop {
+    task: Option<JoinHandle<()>>,
+    spec: ListenerSpec,
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            self.spec.slot().previous = Some(task);
+        }
+    }
 }
 
 /// The actor of one listener.
@@ -60,7 +140,7 @@ pub struct ListenerActor {
     settings: Arc<DataPlaneSettings>,
     io: tokio::runtime::Handle,
     log: Logger,
-    accept: Option<tokio::task::JoinHandle<()>>,
+    accept: Option<AcceptLoop>,
     address: String,
     /// Shared by every listener of the node: each proxied connection holds a permit.
     slots: Arc<tokio::sync::Semaphore>,
@@ -76,10 +156,7 @@ impl ListenerActor {
         io: tokio::runtime::Handle,
         log: &Logger,
     ) -> Self {
-        let address = spec
-            .socket
-            .local_addr()
-            .map_or_else(|_| "?".into(), |a| a.to_string());
+        let address = spec.address().to_string();
         Self {
             log: log.new(slog::o!("listener" => address.clone())),
             spec,
@@ -91,22 +168,17 @@ impl ListenerActor {
             slots,
         }
     }
-}
 
-impl Actor for ListenerActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        let socket = match self.spec.socket.try_clone().and_then(|s| {
-            s.set_nonblocking(true)?;
-            Ok(s)
-        }) {
+    /// Takes or binds the socket and starts the accept loop. A socket that cannot be had is the
+    /// incarnation's failure: its supervisor restarts it with backoff, and escalates if the
+    /// address stays taken.
+    fn listen(&mut self) {
+        let socket = match self.spec.socket() {
             Ok(s) => s,
-            Err(e) => {
-                warn!(self.log, "cannot use the listening socket"; "error" => %e);
-                ctx.stop();
-                return;
-            }
+            Err(e) => panic!(
+                "{}",
+                cannot_listen(self.spec.address, "balancer.listen", &e)
+            ),
         };
         let (handle, settings, hint, log) = (
             self.handle.clone(),
@@ -116,7 +188,8 @@ impl Actor for ListenerActor {
         );
         let io = self.io.clone();
         let slots = self.slots.clone();
-        self.accept = Some(self.io.spawn(async move {
+        let task = self.io.spawn(async move {
+            // Registered with the I/O runtime's reactor, so made inside it.
             let listener = match TcpListener::from_std(socket) {
                 Ok(l) => l,
                 Err(e) => {
@@ -149,14 +222,33 @@ impl Actor for ListenerActor {
                     }
                 }
             }
-        }));
+        });
+        self.accept = Some(AcceptLoop {
+            task: Some(task),
+            spec: self.spec.clone(),
+        });
+    }
+}
+
+impl Actor for ListenerActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // The incarnation before may still be closing its socket (an aborted task is dropped on
+        // its runtime's next turn); binding before that would find the port taken. `wait` holds
+        // the actor's start until then, so the supervisor counts it as started once it listens.
+        let previous = self.spec.slot().previous.take();
+        let closed = async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+        };
+        ctx.wait(actix::fut::wrap_future::<_, Self>(closed).map(|(), act, _| act.listen()));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        // Open connections keep running; only new ones stop being accepted.
-        if let Some(a) = self.accept.take() {
-            a.abort();
-        }
+        // Open connections keep running; only the socket goes, so new ones are refused.
+        self.accept = None;
     }
 }
 
@@ -174,7 +266,11 @@ impl Managed for ListenerActor {
         serde_json::to_value(Dump {
             address: self.address.clone(),
             protocol: self.spec.protocol,
-            accepting: self.accept.as_ref().is_some_and(|a| !a.is_finished()),
+            accepting: self
+                .accept
+                .as_ref()
+                .and_then(|a| a.task.as_ref())
+                .is_some_and(|t| !t.is_finished()),
         })
         .unwrap_or_default()
     }
@@ -374,5 +470,30 @@ impl Drop for Open<'_> {
     fn drop(&mut self) {
         self.inst.live.connections.fetch_sub(1, Ordering::Relaxed);
         self.active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_incarnation_takes_the_nodes_socket_and_later_ones_bind_the_address_again() {
+        let spec =
+            ListenerSpec::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), None).unwrap();
+        let first = spec.socket().unwrap();
+        assert_eq!(first.local_addr().unwrap(), spec.address());
+        // While the first socket is open the address is taken, and the error says where and why.
+        let e = spec.socket().unwrap_err();
+        assert_eq!(
+            cannot_listen(spec.address(), "balancer.listen", &e),
+            format!(
+                "cannot listen on {} (balancer.listen): address in use",
+                spec.address()
+            )
+        );
+        drop(first);
+        let again = spec.socket().unwrap();
+        assert_eq!(again.local_addr().unwrap(), spec.address());
     }
 }

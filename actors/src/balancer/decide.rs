@@ -23,6 +23,7 @@ use super::route::{protocol_matches, CompiledRoute};
 use super::traffic::Split;
 use super::view::View;
 use super::BalancerError;
+use crate::quote::echo;
 
 /// How long a decision waits for instances to answer CanHandle.
 pub const CAN_HANDLE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -237,17 +238,18 @@ impl Decider {
             });
         }
         if reasons.is_empty() {
+            // The flow's strings are the caller's (RouteRequest): shown cut short.
             return Err(BalancerError::NotFound(format!(
-                "no route matches {} from {}:{} to {}:{}{}",
+                "no route matches {} from {} port {} to {} port {}{}",
                 flow.protocol,
-                flow.source,
+                echo(&flow.source),
                 flow.source_port,
-                flow.destination,
+                echo(&flow.destination),
                 flow.destination_port,
                 if flow.path.is_empty() {
                     String::new()
                 } else {
-                    format!(" path {}", flow.path)
+                    format!(" path {}", echo(&flow.path))
                 }
             )));
         }

@@ -31,6 +31,7 @@ use super::{now_ms, BalancerError};
 use crate::cluster::kv::{Cmp, Compare, KeyValue, Op, Target};
 use crate::cluster::store::Store;
 use crate::envelope::{ActorRef, SendError};
+use crate::quote::echo;
 
 /// Times a compare-and-swap is retried against concurrent writers before giving up.
 const CAS_ATTEMPTS: usize = 8;
@@ -132,15 +133,19 @@ pub fn check_id(field: &str, id: &str) -> Result<(), BalancerError> {
 fn check_address(field: &str, addr: &str) -> Result<(), BalancerError> {
     let (host, port) = addr
         .rsplit_once(':')
-        .ok_or_else(|| invalid(format!("{field}: '{addr}' is not host:port")))?;
+        .ok_or_else(|| invalid(format!("{field}: {} is not host:port", echo(addr))))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(format!("{field}: '{addr}' has no valid host")));
+        return Err(invalid(format!(
+            "{field}: {} has no valid host",
+            echo(addr)
+        )));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(invalid(format!(
-            "{field}: '{port}' is not a port (1 to 65535)"
+            "{field}: {} is not a port (1 to 65535)",
+            echo(port)
         ))),
     }
 }
@@ -151,7 +156,8 @@ fn check_version(field: &str, v: &str) -> Result<(), BalancerError> {
     }
     if v.len() > 128 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(format!(
-            "{field}: '{v}' must be 1 to 128 characters without spaces"
+            "{field}: {} must be 1 to 128 characters without spaces",
+            echo(v)
         )));
     }
     Ok(())
@@ -473,9 +479,9 @@ impl BalancerHandle {
 
     /// The instance `id`, or NOT_FOUND naming it.
     pub async fn registered(&self, id: &str) -> Result<Instance, BalancerError> {
-        self.instance(id)
-            .await?
-            .ok_or_else(|| BalancerError::NotFound(format!("instance_id: {id} is not registered")))
+        self.instance(id).await?.ok_or_else(|| {
+            BalancerError::NotFound(format!("instance_id: {} is not registered", echo(id)))
+        })
     }
 
     /// A heartbeat: renews the instance's lease (at most every half interval per node), records
@@ -623,7 +629,8 @@ impl BalancerHandle {
             .await
             .map_err(|e| match e {
                 BalancerError::NotFound(_) => BalancerError::NotFound(format!(
-                    "instance_id: {id} was evicted or replaced meanwhile"
+                    "instance_id: {} was evicted or replaced meanwhile",
+                    echo(id)
                 )),
                 e => e,
             })?;
@@ -730,7 +737,8 @@ impl BalancerHandle {
                     routes.retain(|r| &r.route_id != id);
                     if before == routes.len() && !u.replace_all {
                         return Err(BalancerError::NotFound(format!(
-                            "delete_route_ids[{n}]: no route '{id}'"
+                            "delete_route_ids[{n}]: no route {}",
+                            echo(id)
                         )));
                     }
                 }

@@ -303,10 +303,14 @@ impl LimitTarget {
                 Ok(Self::Route(id.into()))
             }
             Some(("module", t)) => ModuleType::parse(t).map(Self::Module).ok_or_else(|| {
-                format!("{field}: unknown module type '{t}' (alb, dblb, ailb, rtmp, nlb)")
+                format!(
+                    "{field}: unknown module type {} (alb, dblb, ailb, rtmp, nlb)",
+                    crate::quote::echo(t)
+                )
             }),
             _ => Err(format!(
-                "{field}: '{s}' is not route:<route_id> or module:<type>"
+                "{field}: {} is not route:<route_id> or module:<type>",
+                crate::quote::echo(s)
             )),
         }
     }
@@ -466,7 +470,7 @@ mod tests {
         assert!(bad_target
             .validate("limit")
             .unwrap_err()
-            .starts_with("limit.target: 'web' is not"));
+            .starts_with("limit.target: \"web\" is not"));
         let no_window = RateLimitSpec {
             per_second: 0,
             burst: 0,

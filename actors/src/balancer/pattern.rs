@@ -11,6 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use wildmatch::WildMatch;
 
+use crate::quote::echo;
+
 /// The longest domain glob (the DNS limit for a name).
 pub const MAX_DOMAIN_LEN: usize = 253;
 /// The longest label of a domain glob (the DNS limit for a label).
@@ -19,22 +21,6 @@ pub const MAX_LABEL_LEN: usize = 63;
 pub const MAX_PATH_LEN: usize = 1024;
 /// The longest header value glob, in characters.
 pub const MAX_HEADER_VALUE_LEN: usize = 1024;
-
-/// `s` for an error message: single-quoted, control characters and quotes escaped, cut after 64
-/// characters (with `…`) so a huge value does not make a huge message.
-pub fn quote(s: &str) -> String {
-    const SHOWN: usize = 64;
-    let mut out = String::from("'");
-    for (i, c) in s.chars().enumerate() {
-        if i == SHOWN {
-            out.push('…');
-            break;
-        }
-        out.extend(c.escape_debug());
-    }
-    out.push('\'');
-    out
-}
 
 /// `path` without its query string (from the first `?` on).
 pub fn path_without_query(path: &str) -> &str {
@@ -110,7 +96,7 @@ impl DomainGlob {
             if label.len() > MAX_LABEL_LEN {
                 return Err(format!(
                     "label {} is longer than {MAX_LABEL_LEN} characters",
-                    quote(label)
+                    echo(label)
                 ));
             }
         }
@@ -199,13 +185,13 @@ impl AddrPattern {
 
     fn parse_cidr(addr: &str, prefix: &str) -> Result<Self, String> {
         let Some(net) = parse_ip(addr) else {
-            return Err(format!("invalid network address {}", quote(addr)));
+            return Err(format!("invalid network address {}", echo(addr)));
         };
         if prefix.is_empty() {
             return Err("missing prefix length after '/'".into());
         }
         if !prefix.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("invalid prefix length {}", quote(prefix)));
+            return Err(format!("invalid prefix length {}", echo(prefix)));
         }
         let (family, max) = match net {
             IpAddr::V4(_) => ("IPv4", 32),
@@ -215,9 +201,9 @@ impl AddrPattern {
         let n = prefix.parse::<u32>().unwrap_or(u32::MAX);
         if n > max {
             let shown = if n == u32::MAX {
-                prefix
+                echo(prefix)
             } else {
-                &n.to_string()
+                n.to_string()
             };
             return Err(format!("prefix length {shown} exceeds {max} for {family}"));
         }
@@ -589,14 +575,14 @@ mod tests {
             ("::/129", "prefix length 129 exceeds 128 for IPv6"),
             (
                 "10.0.0.0/99999999999",
-                "prefix length 99999999999 exceeds 32 for IPv4",
+                "prefix length \"99999999999\" exceeds 32 for IPv4",
             ),
             ("10.0.0.0/", "missing prefix length after '/'"),
-            ("10.0.0.0/+8", "invalid prefix length '+8'"),
-            ("10.0.0.0/8/8", "invalid prefix length '8/8'"),
-            ("10.0.0/8", "invalid network address '10.0.0'"),
-            ("example.com/8", "invalid network address 'example.com'"),
-            ("/8", "invalid network address ''"),
+            ("10.0.0.0/+8", "invalid prefix length \"+8\""),
+            ("10.0.0.0/8/8", "invalid prefix length \"8/8\""),
+            ("10.0.0/8", "invalid network address \"10.0.0\""),
+            ("example.com/8", "invalid network address \"example.com\""),
+            ("/8", "invalid network address \"\""),
             ("[1.2.3.4]", "invalid IPv6 address in brackets"),
             ("[::1", "invalid IPv6 address in brackets"),
             ("2001:db8::g", "invalid IPv6 address"),
@@ -635,7 +621,7 @@ mod tests {
         assert_eq!(
             AddrPattern::parse(&long_label),
             Err(format!(
-                "label '{}' is longer than 63 characters",
+                "label \"{}\" is longer than 63 characters",
                 "a".repeat(64)
             ))
         );
@@ -779,12 +765,5 @@ mod tests {
         }
         assert!(HeaderPattern::parse("!#$%&'*+-.^_`|~09azAZ", "a\tb").is_ok());
         assert!(HeaderPattern::parse("x", &long[1..]).is_ok());
-    }
-
-    #[test]
-    fn quote_escapes_and_cuts() {
-        assert_eq!(quote("a'b\n"), "'a\\'b\\n'");
-        assert_eq!(quote(&"x".repeat(64)), format!("'{}'", "x".repeat(64)));
-        assert_eq!(quote(&"x".repeat(65)), format!("'{}…'", "x".repeat(64)));
     }
 }

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::flow::{Flow, ModuleType, Protocol};
-use super::pattern::{path_without_query, quote, AddrPattern, HeaderPattern, PathPattern};
+use super::pattern::{path_without_query, AddrPattern, HeaderPattern, PathPattern};
+use crate::quote::echo;
 
 /// A route as stored (JSON) and as the RPCs carry it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,16 +43,6 @@ pub struct Route {
 
 /// The longest `route_id`.
 pub const MAX_ROUTE_ID_LEN: usize = 128;
-
-/// A header name for an error message: double-quoted and escaped like a Rust string, cut after
-/// 64 characters.
-fn quote_name(s: &str) -> String {
-    let mut cut: String = s.chars().take(64).collect();
-    if cut.len() < s.len() {
-        cut.push('…');
-    }
-    format!("{cut:?}")
-}
 
 /// Whether `path` (its query ignored) ends in one of `exts` (ASCII case ignored).
 fn path_has_extension(path: &str, exts: &[&str]) -> bool {
@@ -102,7 +93,7 @@ pub fn validate_route_id(id: &str) -> Result<(), String> {
     {
         return Err(format!(
             "{} has invalid character {c:?}; use only A-Z, a-z, 0-9, '.', '_', '-'",
-            quote(id)
+            echo(id)
         ));
     }
     // ASCII only from here on.
@@ -129,7 +120,7 @@ pub struct CompiledRoute {
 impl CompiledRoute {
     /// Validates `route`; errors name the field as `{field}.<name>` (e.g. `routes[2].path_pattern`).
     ///
-    /// Errors look like `{field}.source_pattern: '10.0.0.0/33' is not an IP, CIDR or domain glob:
+    /// Errors look like `{field}.source_pattern: "10.0.0.0/33" is not an IP, CIDR or domain glob:
     /// prefix length 33 exceeds 32 for IPv4` or `{field}.headers["X Bad"]: invalid character ' '
     /// in the name (names are RFC 7230 tokens)`. Header names given twice in different case
     /// (`X-A` and `x-a`) are an error. Whether `target` serves `protocol` is not checked (a
@@ -140,7 +131,7 @@ impl CompiledRoute {
             AddrPattern::parse(s).map_err(|e| {
                 format!(
                     "{field}.{name}: {} is not an IP, CIDR or domain glob: {e}",
-                    quote(s)
+                    echo(s)
                 )
             })
         };
@@ -149,19 +140,19 @@ impl CompiledRoute {
         let path = PathPattern::parse(&route.path_pattern).map_err(|e| {
             format!(
                 "{field}.path_pattern: {} is not a path glob: {e}",
-                quote(&route.path_pattern)
+                echo(&route.path_pattern)
             )
         })?;
         let mut headers: Vec<HeaderPattern> = Vec::with_capacity(route.headers.len());
         let mut given: HashMap<String, &str> = HashMap::new();
         for (name, value) in &route.headers {
-            let shown = quote_name(name);
+            let shown = echo(name);
             let h = HeaderPattern::parse(name, value)
                 .map_err(|e| format!("{field}.headers[{shown}]: {e}"))?;
             if let Some(other) = given.insert(h.name().to_owned(), name) {
                 return Err(format!(
                     "{field}.headers[{shown}]: the same header as {} (names ignore case)",
-                    quote_name(other)
+                    echo(other)
                 ));
             }
             headers.push(h);
@@ -221,7 +212,7 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Validates and orders `routes`; errors name the field (`routes[i].<name>`), and a
-    /// `route_id` used twice (`routes[3].route_id: 'web' is used by routes[0]`; ids are
+    /// `route_id` used twice (`routes[3].route_id: "web" is used by routes[0]`; ids are
     /// case-sensitive). The first error in input order is returned.
     pub fn compile(routes: Vec<Route>) -> Result<Self, String> {
         let mut compiled = Vec::with_capacity(routes.len());
@@ -232,7 +223,7 @@ impl RoutingTable {
             if let Some(first) = seen.insert(c.route.route_id.clone(), i) {
                 return Err(format!(
                     "{field}.route_id: {} is used by routes[{first}]",
-                    quote(&c.route.route_id)
+                    echo(&c.route.route_id)
                 ));
             }
             compiled.push(c);
@@ -314,11 +305,11 @@ mod tests {
             ),
             (
                 |r| r.route_id = "web app".into(),
-                "r.route_id: 'web app' has invalid character ' '; use only A-Z, a-z, 0-9, '.', '_', '-'",
+                "r.route_id: \"web app\" has invalid character ' '; use only A-Z, a-z, 0-9, '.', '_', '-'",
             ),
             (
                 |r| r.route_id = "wéb".into(),
-                "r.route_id: 'wéb' has invalid character 'é'; use only A-Z, a-z, 0-9, '.', '_', '-'",
+                "r.route_id: \"wéb\" has invalid character 'é'; use only A-Z, a-z, 0-9, '.', '_', '-'",
             ),
             (
                 |r| r.route_id = "a".repeat(129),
@@ -326,23 +317,23 @@ mod tests {
             ),
             (
                 |r| r.source_pattern = "10.0.0.0/33".into(),
-                "r.source_pattern: '10.0.0.0/33' is not an IP, CIDR or domain glob: prefix length 33 exceeds 32 for IPv4",
+                "r.source_pattern: \"10.0.0.0/33\" is not an IP, CIDR or domain glob: prefix length 33 exceeds 32 for IPv4",
             ),
             (
                 |r| r.destination_pattern = "a..example.com".into(),
-                "r.destination_pattern: 'a..example.com' is not an IP, CIDR or domain glob: empty label (leading, trailing or double dot)",
+                "r.destination_pattern: \"a..example.com\" is not an IP, CIDR or domain glob: empty label (leading, trailing or double dot)",
             ),
             (
                 |r| r.destination_pattern = "example.com:443".into(),
-                "r.destination_pattern: 'example.com:443' is not an IP, CIDR or domain glob: ':' is not allowed (ports are set separately)",
+                "r.destination_pattern: \"example.com:443\" is not an IP, CIDR or domain glob: ':' is not allowed (ports are set separately)",
             ),
             (
                 |r| r.path_pattern = "api/*".into(),
-                "r.path_pattern: 'api/*' is not a path glob: must start with '/' or '*'",
+                "r.path_pattern: \"api/*\" is not a path glob: must start with '/' or '*'",
             ),
             (
                 |r| r.path_pattern = "/a b".into(),
-                "r.path_pattern: '/a b' is not a path glob: invalid character ' '",
+                "r.path_pattern: \"/a b\" is not a path glob: invalid character ' '",
             ),
             (
                 |r| r.headers = headers(&[("X Bad", "1")]),
@@ -391,7 +382,8 @@ mod tests {
         assert_eq!(
             RoutingTable::compile(vec![route("a", Protocol::Http), bad]).map(|_| ()),
             Err(
-                "routes[1].path_pattern: 'x' is not a path glob: must start with '/' or '*'".into()
+                "routes[1].path_pattern: \"x\" is not a path glob: must start with '/' or '*'"
+                    .into()
             )
         );
         let dup = vec![
@@ -403,7 +395,7 @@ mod tests {
         ];
         assert_eq!(
             RoutingTable::compile(dup).map(|_| ()),
-            Err("routes[3].route_id: 'web' is used by routes[0]".into())
+            Err("routes[3].route_id: \"web\" is used by routes[0]".into())
         );
     }
 
@@ -624,18 +616,5 @@ mod tests {
                 "route {route}, flow {f} {path:?}"
             );
         }
-    }
-
-    #[test]
-    fn quote_name_escapes_and_cuts() {
-        assert_eq!(quote_name("a\"b"), "\"a\\\"b\"");
-        assert_eq!(
-            quote_name(&"x".repeat(65)),
-            format!("\"{}…\"", "x".repeat(64))
-        );
-        assert_eq!(
-            quote_name(&"x".repeat(64)),
-            format!("\"{}\"", "x".repeat(64))
-        );
     }
 }

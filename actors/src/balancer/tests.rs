@@ -640,7 +640,7 @@ async fn routing_updates_are_validated_and_guarded() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, BalancerError::Invalid(m) if m.starts_with("routes[1].source_pattern: '10.0.0.0/33'")),
+        matches!(&e, BalancerError::Invalid(m) if m.starts_with("routes[1].source_pattern: \"10.0.0.0/33\"")),
         "{e:?}"
     );
     let (routes, _, applied) = b

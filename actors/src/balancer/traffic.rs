@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::pattern::quote;
+use crate::quote::echo;
 
 /// The longest version name.
 pub const MAX_VERSION_LEN: usize = 128;
@@ -145,7 +145,7 @@ fn validate_version(version: &str) -> Result<(), TrafficError> {
     {
         return Err(TrafficError::Invalid(format!(
             "version: {} contains {c:?}; whitespace and control characters are not allowed",
-            quote(version)
+            echo(version)
         )));
     }
     Ok(())
@@ -255,7 +255,7 @@ impl TrafficRecord {
                     return Err(TrafficError::Precondition(format!(
                         "set_weight: {} is the active version and there is no candidate to take \
                          the other {}%",
-                        quote(version),
+                        echo(version),
                         100 - weight
                     )));
                 }
@@ -494,7 +494,7 @@ mod tests {
         assert_eq!(
             active("v1").set_weight("v1", 40, 0),
             Err(TrafficError::Precondition(
-                "set_weight: 'v1' is the active version and there is no candidate to take the \
+                "set_weight: \"v1\" is the active version and there is no candidate to take the \
                  other 60%"
                     .into()
             ))
@@ -551,11 +551,11 @@ mod tests {
         );
         assert_eq!(
             invalid(r.set_weight("v 2", 10, 0)),
-            "version: 'v 2' contains ' '; whitespace and control characters are not allowed"
+            "version: \"v 2\" contains ' '; whitespace and control characters are not allowed"
         );
         assert_eq!(
             invalid(r.set_weight("v\u{1}", 10, 0)),
-            "version: 'v\\u{1}' contains '\\u{1}'; whitespace and control characters are not \
+            "version: \"v\\u{1}\" contains '\\u{1}'; whitespace and control characters are not \
              allowed"
         );
         // 128 characters and a weight of exactly 100 are fine.

@@ -122,7 +122,8 @@ impl Topology {
                     .find(|m| m.addr == *addr && m.id != *id)
                 {
                     return Err(PlanError::Conflict(format!(
-                        "address: {addr} is already member {}'s",
+                        "address: {} is already member {}'s",
+                        crate::quote::echo(addr),
                         other.id
                     )));
                 }
@@ -285,13 +286,15 @@ impl Topology {
 fn check_address(addr: &str) -> Result<(), PlanError> {
     let bad = || {
         PlanError::Invalid(format!(
-            "address: {addr:?} is not HOST:PORT with a port in 1..65535"
+            "address: {} is not HOST:PORT with a port in 1..65535",
+            crate::quote::echo(addr)
         ))
     };
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     if is_unspecified(host) {
         return Err(PlanError::Invalid(format!(
-            "address: {addr:?} is a wildcard; members need an address others can dial"
+            "address: {} is a wildcard; members need an address others can dial",
+            crate::quote::echo(addr)
         )));
     }
     match port.parse::<u16>() {

@@ -348,8 +348,9 @@ impl Handler<Beat> for ClientActor {
     fn handle(&mut self, msg: Beat, ctx: &mut Context<Self>) -> Self::Result {
         if !msg.client_name.is_empty() && msg.client_name != self.record.client_name {
             let why = format!(
-                "client_name: {:?} does not match the registration ({:?}); register again",
-                msg.client_name, self.record.client_name
+                "client_name: {} does not match the registration ({}); register again",
+                crate::quote::echo(&msg.client_name),
+                crate::quote::echo(&self.record.client_name)
             );
             return Box::pin(async move { Ok(BeatAnswer::ReRegister(why)) });
         }

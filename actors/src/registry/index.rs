@@ -34,6 +34,7 @@ use crate::cluster::kv::{ApplyResult, Cmp, Command, Compare, KeyValue, Op, Targe
 use crate::cluster::raft::{Propose, Query, RaftNode, Read, Watch};
 use crate::cluster::watch::{WatchSpec, WatchUpdate};
 use crate::envelope::ActorRef;
+use crate::quote::echo;
 use crate::supervision::{AddChild, ChildSpec, Managed, StopChild, Supervisor};
 
 /// The client actors by id, read by callers without going through the index.
@@ -774,7 +775,8 @@ impl RegistryHandle {
     ) -> Result<BeatAnswer, RegistryError> {
         let unknown = || {
             BeatAnswer::ReRegister(format!(
-                "client_id: {client_id} is not registered (unknown, expired or replaced); register again"
+                "client_id: {} is not registered (unknown, expired or replaced); register again",
+                echo(client_id)
             ))
         };
         let Some(client) = self.client(client_id, timeout).await? else {
@@ -813,7 +815,7 @@ impl RegistryHandle {
         timeout: Duration,
     ) -> Result<ClientView, RegistryError> {
         let not_found =
-            || RegistryError::NotFound(format!("client_id: {client_id} is not registered"));
+            || RegistryError::NotFound(format!("client_id: {} is not registered", echo(client_id)));
         let client = self
             .client(client_id, timeout)
             .await?
@@ -872,7 +874,8 @@ impl RegistryHandle {
     ) -> Result<JobPermit, RegistryError> {
         let not_found = || {
             RegistryError::NotFound(format!(
-                "client_id: {client_id} is not registered; register before translating"
+                "client_id: {} is not registered; register before translating",
+                echo(client_id)
             ))
         };
         let client = self
@@ -882,7 +885,8 @@ impl RegistryHandle {
         let started = std::time::Instant::now();
         let no_slot = || {
             RegistryError::Exhausted(format!(
-                "client {client_id}: no translation slot freed up before the deadline"
+                "client {}: no translation slot freed up before the deadline",
+                echo(client_id)
             ))
         };
         let (queued, slot) = oneshot::channel();

@@ -124,12 +124,14 @@ impl RegisterRequest {
         for (k, v) in &self.metadata {
             if k.is_empty() || k.len() > MAX_FIELD {
                 return Err(format!(
-                    "metadata: key {k:?} must be 1 to {MAX_FIELD} bytes"
+                    "metadata: key {} must be 1 to {MAX_FIELD} bytes",
+                    crate::quote::echo(k)
                 ));
             }
             if v.len() > MAX_METADATA_VALUE {
                 return Err(format!(
-                    "metadata[{k}]: {} bytes; at most {MAX_METADATA_VALUE}",
+                    "metadata[{}]: {} bytes; at most {MAX_METADATA_VALUE}",
+                    crate::quote::echo(k),
                     v.len()
                 ));
             }

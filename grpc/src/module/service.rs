@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use lodge_actors::balancer::route::{protocol_matches, CompiledRoute};
 use lodge_actors::balancer::{Flow, ModuleType, Protocol, Route, RoutingTable};
+use lodge_actors::quote::echo;
 use tokio::time::Instant;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::{Stream, StreamExt};
@@ -144,8 +145,8 @@ pub fn can_handle(
             false,
             0,
             format!(
-                "route {:?} is not one of this module's {} routes",
-                route.route_id,
+                "route {} is not one of this module's {} routes",
+                echo(&route.route_id),
                 local.routes().len()
             ),
         ),
@@ -318,7 +319,8 @@ impl Module for ModuleService {
         routes.retain(|r| r.route_id != id);
         if routes.len() == before {
             return Err(Status::not_found(format!(
-                "route_id: no route {id:?} on this module"
+                "route_id: no route {} on this module",
+                echo(&id)
             )));
         }
         // Every remaining route compiled before, so this cannot fail.
@@ -545,7 +547,8 @@ impl Module for ModuleService {
             if !merged.contains_key(&key) {
                 let known: Vec<&str> = merged.keys().map(String::as_str).collect();
                 return Err(Status::invalid_argument(format!(
-                    "settings[{key:?}]: unknown setting (known: {})",
+                    "settings[{}]: unknown setting (known: {})",
+                    echo(&key),
                     if known.is_empty() {
                         "none".to_string()
                     } else {
@@ -554,8 +557,9 @@ impl Module for ModuleService {
                 )));
             }
             if let Some(h) = hooks {
-                (h.validate)(&key, &value)
-                    .map_err(|e| Status::invalid_argument(format!("settings[{key:?}]: {e}")))?;
+                (h.validate)(&key, &value).map_err(|e| {
+                    Status::invalid_argument(format!("settings[{}]: {e}", echo(&key)))
+                })?;
             }
             merged.insert(key, value);
         }
