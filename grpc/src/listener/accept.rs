@@ -150,38 +150,41 @@ impl Gate {
     /// Counts a new connection from `client` against the limits, or says which one refuses it.
     fn take_place(&self, client: IpAddr) -> Result<(), Refusal> {
         let a = &self.admission;
+        // The client's own limits first: a connection they refuse must not shed another.
+        let per_ip = !a.exempt.contains(client);
+        if per_ip {
+            let admitted = self
+                .ips
+                .lock()
+                .unwrap()
+                .admit(client, &a.per_ip, Instant::now());
+            if let Err(limit) = admitted {
+                a.per_ip.metrics.rejected(limit.label());
+                let detail = match limit {
+                    IpLimit::Rate => format!(
+                        "server.per_ip_connection_rate: {} new connections per {} ms from {client}",
+                        a.per_ip.rate,
+                        a.per_ip.window.as_millis()
+                    ),
+                    IpLimit::Concurrency => format!(
+                        "server.per_ip_max_connections: {} open connections from {client}",
+                        a.per_ip.max_open
+                    ),
+                };
+                return Err(refusal(detail));
+            }
+        }
         if self.active.fetch_add(1, Ordering::Relaxed) >= a.max_connections && !self.open.shed_one()
         {
             self.active.fetch_sub(1, Ordering::Relaxed);
+            if per_ip {
+                self.ips.lock().unwrap().release(client);
+            }
             self.metrics.connections_rejected.inc();
             return Err(refusal(format!(
                 "server.max_connections: {} open connections",
                 a.max_connections
             )));
-        }
-        if a.exempt.contains(client) {
-            return Ok(());
-        }
-        let admitted = self
-            .ips
-            .lock()
-            .unwrap()
-            .admit(client, &a.per_ip, Instant::now());
-        if let Err(limit) = admitted {
-            self.active.fetch_sub(1, Ordering::Relaxed);
-            a.per_ip.metrics.rejected(limit.label());
-            let detail = match limit {
-                IpLimit::Rate => format!(
-                    "server.per_ip_connection_rate: {} new connections per {} ms from {client}",
-                    a.per_ip.rate,
-                    a.per_ip.window.as_millis()
-                ),
-                IpLimit::Concurrency => format!(
-                    "server.per_ip_max_connections: {} open connections from {client}",
-                    a.per_ip.max_open
-                ),
-            };
-            return Err(refusal(detail));
         }
         Ok(())
     }
