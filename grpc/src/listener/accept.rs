@@ -85,7 +85,7 @@ pub async fn accept_loop(
             tokio::spawn(async move { gate.admit_proxied(stream, peer, &out).await });
         } else {
             let io = Prefixed::new(stream, peer, BytesMut::new());
-            gate.admit(io, &out).await;
+            gate.admit(io, tokio::time::Instant::now(), &out).await;
         }
     }
 }
@@ -108,26 +108,28 @@ impl Gate {
         proxy: SocketAddr,
         out: &Outlets,
     ) {
+        let accepted = tokio::time::Instant::now();
         let read = proxy_header::read(&mut stream);
         match tokio::time::timeout(self.admission.handshake_timeout, read).await {
             Ok(Ok(header)) => {
                 let client = header.source.unwrap_or(proxy);
-                self.admit(Prefixed::new(stream, client, header.rest), out)
-                    .await;
+                let io = Prefixed::new(stream, client, header.rest);
+                self.admit(io, accepted, out).await;
             }
             Ok(Err(_)) => self.admission.per_ip.metrics.rejected("proxy_header"),
             Err(_) => self.admission.per_ip.metrics.rejected("handshake_timeout"),
         }
     }
 
-    /// Hands `io` to the server, or to the refusal server with the limit that refused it.
-    async fn admit(self: &Arc<Self>, io: Prefixed, out: &Outlets) {
+    /// Hands `io`, accepted at `accepted`, to the server, or to the refusal server with the limit
+    /// that refused it.
+    async fn admit(self: &Arc<Self>, io: Prefixed, accepted: tokio::time::Instant, out: &Outlets) {
         let client = io.client().ip();
         match self.take_place(client) {
             Ok(()) => {
                 self.metrics.connections_accepted.inc();
                 self.metrics.connections_active.inc();
-                let state = Arc::new(ConnState::new());
+                let state = Arc::new(ConnState::opened_at(accepted));
                 self.open.track(&state);
                 let a = &self.admission;
                 let io = Watched::new(io, state, a.handshake_timeout, a.idle_timeout);

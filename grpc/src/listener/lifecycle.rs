@@ -10,13 +10,12 @@
 use std::collections::VecDeque;
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
 use tokio::time::Instant;
 
 /// What the listener and the calls layer share about one connection.
@@ -32,7 +31,7 @@ pub struct ConnState {
     /// Set to close the connection at its next read.
     closing: AtomicBool,
     /// How the stream was ended, if it was (an [`Ending`] + 1; 0: not ended).
-    ended: std::sync::atomic::AtomicU8,
+    ended: AtomicU8,
     /// The connection's reader, woken when the deadline moves or the connection is closed.
     reader: Mutex<Option<Waker>>,
 }
@@ -62,13 +61,18 @@ impl Ending {
 impl ConnState {
     /// A connection accepted now.
     pub fn new() -> Self {
+        Self::opened_at(Instant::now())
+    }
+
+    /// A connection accepted at `opened` (its handshake time counts from there).
+    pub fn opened_at(opened: Instant) -> Self {
         Self {
-            opened: Instant::now(),
+            opened,
             calls: AtomicUsize::new(0),
             spoke: AtomicBool::new(false),
             quiet_since_ms: AtomicU64::new(0),
             closing: AtomicBool::new(false),
-            ended: std::sync::atomic::AtomicU8::new(0),
+            ended: AtomicU8::new(0),
             reader: Mutex::new(None),
         }
     }
