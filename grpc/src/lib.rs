@@ -29,6 +29,11 @@ pub mod status_limit;
 pub mod store;
 pub mod translation;
 
+/// The future of the server's tower layers (metrics, call counts, status rewrites): boxed, since
+/// each wraps whatever the routes answer.
+pub(crate) type BoxFuture<T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
+
 /// Generated protobuf and gRPC code.
 pub mod pb {
     /// `lodge.admin.v1`.

@@ -11,8 +11,6 @@
 //! message too large in the middle of a client stream reaches the handler as an error item
 //! instead; [`rewrite`] serves those.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use lodge_actors::registry::RegistryMetrics;
@@ -76,8 +74,6 @@ pub struct MessageLimitService<S> {
     limits: MessageLimitLayer,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for MessageLimitService<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
@@ -85,7 +81,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = crate::BoxFuture<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -11,7 +11,6 @@
 //! on a character boundary, and encoded again the same way, so that the client decodes valid
 //! UTF-8 (cutting the encoded form could split a character and turn the status into UNKNOWN).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -42,8 +41,6 @@ pub struct StatusLimit<S> {
     inner: S,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for StatusLimit<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
@@ -52,7 +49,7 @@ where
 {
     type Response = http::Response<LimitedBody<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = crate::BoxFuture<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
