@@ -82,6 +82,11 @@ fn a_client_over_a_per_ip_limit_is_told_which_limit() {
             ("LODGE_SERVER__PER_IP_MAX_CONNECTIONS", "3"),
         ],
     );
+    // The node's own start-up probe of its address is a loopback connection too: wait for it
+    // to close, or it would hold one of the three places.
+    common::eventually("the node's own connections are closed", || {
+        (series(&node.scrape(), "lodge_grpc_connections_active") == 0.0).then_some(())
+    });
     let held: Vec<std::net::TcpStream> = (0..3)
         .map(|_| std::net::TcpStream::connect(&node.grpc).unwrap())
         .collect();
