@@ -115,7 +115,7 @@ pub async fn run(conn: Connection, cmd: Client) -> i32 {
 }
 
 async fn call(
-    mut c: Stub<tonic::transport::Channel>,
+    mut c: Stub<lodge_grpc::client::Channel>,
     cmd: &Client,
 ) -> Result<Value, tonic::Status> {
     Ok(match cmd {
@@ -261,15 +261,15 @@ fn status_json(s: &ClientStatus) -> Value {
 }
 
 /// Options for the registry client library from the CLI's connection flags and identity.
-pub fn options(conn: &Connection, who: &Identity) -> ClientOptions {
+pub fn options(conn: &Connection, who: &Identity) -> Result<ClientOptions, String> {
     let mut opts = ClientOptions::new(failover::endpoints(conn), &who.name, &who.namespace);
-    opts.tls = failover::tls(conn);
+    opts.tls = failover::tls(conn)?;
     opts.client_version = who.version.clone();
     if let Some(i) = &who.instance {
         opts.instance_id = i.clone();
     }
     opts.metadata = who.metadata.iter().cloned().collect();
-    opts
+    Ok(opts)
 }
 
 async fn run_client(conn: &Connection, who: Identity) -> i32 {
@@ -284,7 +284,14 @@ async fn run_client(conn: &Connection, who: Identity) -> i32 {
         };
         let _ = writeln!(std::io::stdout(), "{line}");
     });
-    let client = RegistryClient::start(options(conn, &who), Some(on_status));
+    let opts = match options(conn, &who) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+    };
+    let client = RegistryClient::start(opts, Some(on_status));
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
     tokio::select! {

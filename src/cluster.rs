@@ -94,7 +94,7 @@ pub async fn run(conn: Connection, cmd: Cluster) -> i32 {
 }
 
 async fn call(
-    mut c: ClusterClient<tonic::transport::Channel>,
+    mut c: ClusterClient<lodge_grpc::client::Channel>,
     cmd: &Cluster,
 ) -> Result<Value, tonic::Status> {
     Ok(match cmd {

@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub translation: TranslationSection,
     pub router: RouterSection,
     pub balancer: BalancerSection,
+    pub auth: AuthSection,
+    pub audit: AuditSection,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -56,11 +58,10 @@ pub struct RouterSection {
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
     pub owner_lease_ttl_ms: u64,
-    pub auth: RouterAuthSection,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct RouterAuthSection {
+pub struct AuthSection {
     pub enabled: bool,
     pub hs256_secret: String,
     pub hs256_secret_file: String,
@@ -68,6 +69,14 @@ pub struct RouterAuthSection {
     pub audience: String,
     pub issuer: String,
     pub leeway_secs: u64,
+    pub certificate_roles: Vec<String>,
+    pub certificate_prefixes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AuditSection {
+    pub enabled: bool,
+    pub path: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -525,8 +534,9 @@ impl NodeConfig {
                 ));
             }
         }
-        lodge_grpc::auth::Authenticator::new(&self.router_auth()?).map_err(|e| {
-            let key = e.split(':').next().unwrap_or("router.auth").to_string();
+        self.certificate_roles()?;
+        lodge_grpc::auth::Authenticator::new(&self.auth_settings()?).map_err(|e| {
+            let key = e.split(':').next().unwrap_or("auth").to_string();
             err(
                 &key,
                 e.split_once(": ").map_or(e.clone(), |(_, m)| m.to_string()),
@@ -804,21 +814,34 @@ impl NodeConfig {
     }
 
     /// The router's auth settings, with key files read.
-    pub fn router_auth(&self) -> Result<lodge_grpc::auth::AuthSettings, ConfigError> {
-        let a = &self.router.auth;
+    /// Roles of client certificates (`auth.certificate_roles`, `auth.certificate_prefixes`).
+    pub fn certificate_roles(
+        &self,
+    ) -> Result<lodge_grpc::auth::certs::CertificateRoles, ConfigError> {
+        let a = &self.auth;
+        lodge_grpc::auth::certs::CertificateRoles::parse(
+            &a.certificate_roles,
+            &a.certificate_prefixes,
+        )
+        .map_err(|(key, why)| err(&key, why))
+    }
+
+    /// How bearer tokens are checked (the `[auth]` section, secrets read from their files).
+    pub fn auth_settings(&self) -> Result<lodge_grpc::auth::AuthSettings, ConfigError> {
+        let a = &self.auth;
         let read = |key: &str, path: &str| {
             std::fs::read(path).map_err(|e| err(key, format!("cannot read {path}: {e}")))
         };
         let secret = match (a.hs256_secret.is_empty(), a.hs256_secret_file.is_empty()) {
             (false, false) => {
                 return Err(err(
-                    "router.auth.hs256_secret_file",
+                    "auth.hs256_secret_file",
                     "set hs256_secret or hs256_secret_file, not both",
                 ))
             }
             (false, true) => Some(a.hs256_secret.as_bytes().to_vec()),
             (true, false) => {
-                let mut s = read("router.auth.hs256_secret_file", &a.hs256_secret_file)?;
+                let mut s = read("auth.hs256_secret_file", &a.hs256_secret_file)?;
                 // A trailing newline from `echo secret > file` is not part of the secret.
                 while s.last().is_some_and(|b| b.is_ascii_whitespace()) {
                     s.pop();
@@ -830,7 +853,7 @@ impl NodeConfig {
         let public_key_pem = if a.public_key_file.is_empty() {
             None
         } else {
-            Some(read("router.auth.public_key_file", &a.public_key_file)?)
+            Some(read("auth.public_key_file", &a.public_key_file)?)
         };
         Ok(lodge_grpc::auth::AuthSettings {
             enabled: a.enabled,

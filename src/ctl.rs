@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
-use lodge_grpc::client::{self, ClientTls};
+use lodge_grpc::client;
 use lodge_grpc::pb::admin::{self as pb, admin_client::AdminClient};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
@@ -34,6 +34,30 @@ pub struct Connection {
     /// Print JSON (one document; one per line for `events`).
     #[arg(long, global = true)]
     pub json: bool,
+    /// File holding the bearer token (JWT) every call presents (its first line); or set
+    /// LODGE_TOKEN. Never a plain argument, which `ps` would show.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Connection {
+    /// The token from `--token-file` or `LODGE_TOKEN`; `None` when neither is set (a node with
+    /// auth off).
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(p) = &self.token_file {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("--token-file {}: {e}", p.display()))?;
+            let t = text.lines().next().unwrap_or("").trim().to_string();
+            if t.is_empty() {
+                return Err(format!("--token-file {}: empty", p.display()));
+            }
+            return Ok(Some(t));
+        }
+        Ok(std::env::var("LODGE_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -214,12 +238,7 @@ fn rpc_error(s: tonic::Status) -> String {
 }
 
 async fn run_inner(conn: &Connection, cmd: Ctl) -> Result<(), String> {
-    let tls = ClientTls {
-        ca: conn.tls_ca.clone(),
-        cert: conn.tls_cert.clone(),
-        key: conn.tls_key.clone(),
-        domain: conn.tls_domain.clone(),
-    };
+    let tls = crate::failover::tls(conn)?;
     let channel = client::connect(&conn.endpoint, &tls).await?;
     let mut c = AdminClient::new(channel);
     match cmd {

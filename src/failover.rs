@@ -9,9 +9,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::forward;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::ctl::Connection;
@@ -20,14 +20,15 @@ use crate::ctl::Connection;
 /// election or two.
 pub const RETRY_FOR: Duration = Duration::from_secs(5);
 
-/// The client TLS settings of `conn`.
-pub fn tls(conn: &Connection) -> ClientTls {
-    ClientTls {
+/// How `conn` reaches a node: its TLS settings and its token.
+pub fn tls(conn: &Connection) -> Result<ClientTls, String> {
+    Ok(ClientTls {
+        bearer: conn.token()?,
         ca: conn.tls_ca.clone(),
         cert: conn.tls_cert.clone(),
         key: conn.tls_key.clone(),
         domain: conn.tls_domain.clone(),
-    }
+    })
 }
 
 /// The endpoints of `conn`, in order.
@@ -46,7 +47,7 @@ where
     F: Fn(Channel) -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let tls = tls(conn);
+    let tls = tls(conn)?;
     let mut endpoints = endpoints(conn);
     let mut last = String::from("no endpoint given");
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
@@ -104,7 +105,7 @@ fn leader_hint(s: &Status) -> Option<String> {
 /// A channel to the first endpoint that accepts a connection (for streams, which are not
 /// retried once open).
 pub async fn first_channel(conn: &Connection) -> Result<(String, Channel), String> {
-    let tls = tls(conn);
+    let tls = tls(conn)?;
     let mut last = String::from("no endpoint given");
     for ep in endpoints(conn) {
         match client::connect(&ep, &tls).await {

@@ -129,7 +129,7 @@ impl Join {
     /// transient, gives up on a refusal.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
     where
-        F: Fn(ClusterClient<tonic::transport::Channel>) -> Fut,
+        F: Fn(ClusterClient<lodge_grpc::client::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut backoff = BACKOFF_MIN;

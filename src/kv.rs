@@ -167,7 +167,7 @@ fn revision(h: &Option<pb::ResponseHeader>) -> Option<i64> {
 
 /// A KV client that takes answers of any size: the node keeps them within its own limits
 /// (`server.max_message_bytes`), which may be above the client library's 4 MiB default.
-fn client(ch: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+fn client(ch: lodge_grpc::client::Channel) -> KvClient<lodge_grpc::client::Channel> {
     KvClient::new(ch)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX)
@@ -176,7 +176,7 @@ fn client(ch: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> 
 /// Every page of a range, up to `limit` keys in all (0: every one): the first page's revision
 /// and count, and the keys.
 async fn range_pages(
-    c: &mut KvClient<tonic::transport::Channel>,
+    c: &mut KvClient<lodge_grpc::client::Channel>,
     mut req: pb::RangeRequest,
 ) -> Result<(Option<i64>, i64, Vec<pb::KeyValue>), tonic::Status> {
     let limit = req.limit;
@@ -235,7 +235,7 @@ pub async fn run(conn: Connection, cmd: Kv) -> i32 {
 }
 
 async fn unary(
-    mut c: KvClient<tonic::transport::Channel>,
+    mut c: KvClient<lodge_grpc::client::Channel>,
     cmd: &Kv,
 ) -> Result<Value, tonic::Status> {
     Ok(match cmd {

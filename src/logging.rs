@@ -33,3 +33,24 @@ where
     let drain = drain.filter_level(level).fuse();
     (Logger::root(drain, values), guard)
 }
+
+/// The audit log (`[audit]`): JSON lines, to the file at `path` (appended to) or to stdout when
+/// `path` is empty. Every record is kept: the drain blocks rather than dropping one.
+pub fn audit(path: &str, node_id: u64) -> Result<(Logger, Guard), String> {
+    let out: Box<dyn std::io::Write + Send> = if path.is_empty() {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("audit.path: cannot open {path}: {e}"))?,
+        )
+    };
+    let json = slog_json::Json::new(out).add_default_keys().build().fuse();
+    let (drain, guard) = slog_async::Async::new(json)
+        .overflow_strategy(slog_async::OverflowStrategy::Block)
+        .build_with_guard();
+    Ok((Logger::root(drain.fuse(), o!("node" => node_id)), guard))
+}

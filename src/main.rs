@@ -14,6 +14,7 @@ mod logging;
 mod metrics;
 mod module;
 mod node;
+mod token;
 mod translate;
 mod tunnel;
 mod utc;
@@ -134,7 +135,7 @@ enum Command {
         args: module::ModuleArgs,
     },
     /// Mint a token signed with an HS256 secret (development and tests).
-    Token(tunnel::token::TokenArgs),
+    Token(token::TokenArgs),
     /// Benchmarks (results go to docs/benchmarks.md).
     Bench {
         #[command(subcommand)]
@@ -286,7 +287,7 @@ fn main() {
             client_runtime().block_on(tunnel::sessions::run(conn, cmd))
         }
         Command::Module { conn, args } => server_runtime().block_on(module::run(conn, args)),
-        Command::Token(args) => tunnel::token::run(args),
+        Command::Token(args) => token::run(args),
         Command::Bench { cmd } => bench::run(cmd),
     };
     std::process::exit(code);

@@ -343,7 +343,7 @@ async fn start(conn: Connection, args: ModuleArgs, signals: &mut Shutdown) -> Re
         }
         opts.instance_id = id.clone();
     }
-    opts.tls = failover::tls(&conn);
+    opts.tls = failover::tls(&conn)?;
     opts.version = args.module_version.clone();
     opts.max_connections = args.max_connections;
     opts.log = root.clone();

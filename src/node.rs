@@ -86,10 +86,41 @@ fn raise_fd_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// Who may call what, from `[auth]`, and the audit log from `[audit]` (with the guard that
+/// flushes it at exit).
+fn gatekeeper(
+    cfg: &NodeConfig,
+    rejections: &RegistryMetrics,
+) -> Result<
+    (
+        Arc<lodge_grpc::auth::Gatekeeper>,
+        Option<crate::logging::Guard>,
+    ),
+    String,
+> {
+    let settings = cfg.auth_settings().map_err(|e| e.to_string())?;
+    let tokens = lodge_grpc::auth::Authenticator::new(&settings)?;
+    let certificates = cfg.certificate_roles().map_err(|e| e.to_string())?;
+    let (audit, guard) = if cfg.audit.enabled {
+        let (log, guard) = crate::logging::audit(&cfg.audit.path, cfg.node.id)?;
+        (lodge_grpc::auth::audit::Audit::to(log), Some(guard))
+    } else {
+        (lodge_grpc::auth::audit::Audit::off(), None)
+    };
+    let gate = lodge_grpc::auth::Gatekeeper {
+        tokens,
+        certificates,
+        audit,
+        rejections: rejections.clone(),
+    };
+    Ok((Arc::new(gate), guard))
+}
+
 fn server_settings(
     c: &NodeConfig,
     tls: Option<server::TlsMaterial>,
     registry_metrics: RegistryMetrics,
+    gate: Arc<lodge_grpc::auth::Gatekeeper>,
 ) -> ServerSettings {
     let s = &c.server;
     ServerSettings {
@@ -116,6 +147,7 @@ fn server_settings(
         drain_timeout: NodeConfig::duration(s.drain_timeout_ms),
         stream_window: c.router.stream_window_bytes,
         connection_window: c.router.connection_window_bytes,
+        gate,
     }
 }
 
@@ -362,12 +394,8 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     };
     let registry_metrics = RegistryMetrics::default();
     let router_metrics = RouterMetrics::default();
-    let auth = match cfg
-        .router_auth()
-        .map_err(|e| e.to_string())
-        .and_then(|a| lodge_grpc::auth::Authenticator::new(&a))
-    {
-        Ok(a) => Arc::new(a),
+    let (gate, _audit_guard) = match gatekeeper(&cfg, &registry_metrics) {
+        Ok(g) => g,
         Err(e) => {
             eprintln!("lodge: {e}");
             return 2;
@@ -378,7 +406,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         eprintln!("lodge: configuration error: {e}");
         return 2;
     }
-    let settings = server_settings(&cfg, tls, registry_metrics.clone());
+    let settings = server_settings(&cfg, tls, registry_metrics.clone(), gate);
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lodge-io")
@@ -479,6 +507,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     }
     let peer_tls = if cfg.server.tls.enabled {
         ClientTls {
+            bearer: None,
             ca: Some(cfg.server.tls.client_ca_file.clone().into()),
             cert: Some(cfg.server.tls.cert_file.clone().into()),
             key: Some(cfg.server.tls.key_file.clone().into()),
@@ -687,7 +716,6 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                     hub: router_hub.clone(),
                     table: router_table.clone(),
                     settings: router_settings.clone(),
-                    auth: auth.clone(),
                 },
                 balancer: BalancerBackend {
                     handle: balancer.handle.clone(),

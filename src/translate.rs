@@ -63,7 +63,13 @@ pub fn pieces(doc: &str, max: usize) -> Vec<String> {
 /// Runs `lodge translate`; returns the exit code.
 pub async fn run(conn: Connection, a: TranslateArgs) -> i32 {
     let mut opts = ClientOptions::new(failover::endpoints(&conn), "lodge-cli", "cli");
-    opts.tls = failover::tls(&conn);
+    opts.tls = match failover::tls(&conn) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+    };
     let client = RegistryClient::start(opts, None);
     let result = work(&client, &a, conn.json).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), client.shutdown()).await;

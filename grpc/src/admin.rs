@@ -271,6 +271,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RestartActorRequest>,
     ) -> Result<Response<pb::RestartActorResponse>, Status> {
         let path = required("path", &req.get_ref().path)?.to_string();
+        crate::auth::audit::note_target(&req, || path.clone());
         let restarts = self
             .call(&req, actor::RestartActor { path })
             .await?
@@ -283,6 +284,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::StopActorRequest>,
     ) -> Result<Response<pb::StopActorResponse>, Status> {
         let path = required("path", &req.get_ref().path)?.to_string();
+        crate::auth::audit::note_target(&req, || path.clone());
         self.call(&req, actor::StopActor { path })
             .await?
             .map_err(status)?;

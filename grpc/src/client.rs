@@ -1,9 +1,11 @@
-//! Connecting to a node: plaintext or TLS, with an optional client certificate.
+//! Connecting to a node: plaintext or TLS, with an optional client certificate and an optional
+//! bearer token that every call on the channel presents.
 
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// HTTP/2 receive window of one stream (2 MiB).
 pub const STREAM_WINDOW: u32 = 2 << 20;
@@ -16,9 +18,12 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// message, which is less than the socket's send buffer already queues ahead of them.
 pub const MAX_FRAME: u32 = 256 << 10;
 
-/// TLS settings of a client; all empty means plaintext.
+/// How a client reaches a node: TLS settings (all empty means plaintext) and the bearer token
+/// its calls present.
 #[derive(Clone, Debug, Default)]
 pub struct ClientTls {
+    /// A JWT sent as `authorization: Bearer` on every call (`--token-file`, `LODGE_TOKEN`).
+    pub bearer: Option<String>,
     /// CA certificate to verify the server with; setting it turns TLS on.
     pub ca: Option<PathBuf>,
     /// Client certificate, for mutual TLS.
@@ -33,8 +38,64 @@ fn read(what: &str, p: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
 }
 
+/// A connection to a node whose calls carry the client's bearer token, if it has one. Clients
+/// of every service are built on it (`KvClient::new(channel)`), like on tonic's channel.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    inner: tonic::transport::Channel,
+    bearer: Option<http::HeaderValue>,
+}
+
+impl Channel {
+    /// `inner`, its calls presenting no token.
+    pub fn plain(inner: tonic::transport::Channel) -> Self {
+        Self {
+            inner,
+            bearer: None,
+        }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Channel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(b) = &self.bearer {
+            // A call that names its own credentials (a relayed call) keeps them.
+            req.headers_mut()
+                .entry(http::header::AUTHORIZATION)
+                .or_insert_with(|| b.clone());
+        }
+        tower::Service::call(&mut self.inner, req)
+    }
+}
+
+/// The header value presenting `token`; an error names the flag a token comes from.
+fn bearer_header(token: &str) -> Result<http::HeaderValue, String> {
+    let mut v = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+        "the token (--token-file or LODGE_TOKEN) holds characters a header cannot carry".to_string()
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 /// Opens a channel to `endpoint` (`HOST:PORT`).
 pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String> {
+    let bearer = tls.bearer.as_deref().map(bearer_header).transpose()?;
+    let inner = connect_transport(endpoint, tls).await?;
+    Ok(Channel { inner, bearer })
+}
+
+async fn connect_transport(
+    endpoint: &str,
+    tls: &ClientTls,
+) -> Result<tonic::transport::Channel, String> {
     let scheme = if tls.ca.is_some() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
         .map_err(|e| format!("endpoint {endpoint:?}: {e}"))?

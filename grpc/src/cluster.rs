@@ -24,7 +24,7 @@ use crate::forward::{forwarded, Forwarder};
 use crate::kv::stream_until_shutdown;
 use crate::pb::cluster::{self as pb, cluster_client::ClusterClient, cluster_server};
 
-type Client = ClusterClient<tonic::transport::Channel>;
+type Client = ClusterClient<crate::client::Channel>;
 type Forwarded<R> = Pin<Box<dyn std::future::Future<Output = Result<Response<R>, Status>> + Send>>;
 
 /// The cluster adapter.
@@ -207,6 +207,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let r = req.get_ref().clone();
         require_id(r.id)?;
+        crate::auth::audit::note_target(&req, || format!("member {}", r.id));
         if r.address.is_empty() {
             return Err(Status::invalid_argument("address is required (HOST:PORT)"));
         }
@@ -264,6 +265,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::DeregisterNodeResponse>, Status> {
         let (id, force) = (req.get_ref().id, req.get_ref().force);
         require_id(id)?;
+        crate::auth::audit::note_target(&req, || format!("member {id}"));
         self.change(
             req,
             ChangeMember {
@@ -283,6 +285,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::PromoteNodeResponse>, Status> {
         let (id, force) = (req.get_ref().id, req.get_ref().force);
         require_id(id)?;
+        crate::auth::audit::note_target(&req, || format!("member {id}"));
         self.change(
             req,
             ChangeMember {
@@ -422,7 +425,7 @@ pub struct GrpcHeartbeats {
     tls: ClientTls,
     timeout: Duration,
     busy: Arc<Mutex<HashSet<String>>>,
-    channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+    channels: Arc<Mutex<HashMap<String, crate::client::Channel>>>,
     /// Peers refusing this process's beats as a duplicate's: logged once per refusal spell.
     refused: Arc<Mutex<HashSet<String>>>,
     log: Logger,

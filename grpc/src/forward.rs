@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::client::Channel;
 use lodge_actors::cluster::raft::RaftError;
 use lodge_actors::cluster::topology::Directory;
-use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::client::{self, ClientTls};

@@ -25,7 +25,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Authenticator, Caller, Role};
+use crate::auth::{Caller, Role};
 use crate::forward::Forwarder;
 use crate::pb::router::router_control_client::RouterControlClient;
 use crate::pb::router::tunnel_client::TunnelClient;
@@ -152,7 +152,6 @@ pub struct RouterContext {
     pub hub: ActorRef<RouterHub<Frame>>,
     pub table: SessionTable<Frame>,
     pub settings: Arc<RouterSettings>,
-    pub auth: Arc<Authenticator>,
     pub peers: Arc<Forwarder>,
     /// Bound on a control call and on the set-up steps of a tunnel.
     pub request_timeout: Duration,
@@ -160,8 +159,9 @@ pub struct RouterContext {
 }
 
 impl RouterContext {
-    fn caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
-        self.auth.authenticate(md)
+    /// The caller the authentication layer found.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        Ok(Caller::of(req.extensions()))
     }
 
     fn me(&self) -> u64 {
@@ -402,7 +402,7 @@ impl Opening {
 impl TunnelService {
     /// Authenticates a tunnel call and reads its first frame.
     async fn open(&self, req: Request<Streaming<Frame>>) -> Result<Opening, Status> {
-        let caller = self.cx.caller(req.metadata())?;
+        let caller = self.cx.caller(&req)?;
         let relayed = req.metadata().contains_key(RELAYED);
         let authorization = authorization(req.metadata());
         let mut inbound = req.into_inner();
@@ -480,7 +480,7 @@ impl crate::pb::router::tunnel_server::Tunnel for TunnelService {
         &self,
         req: Request<ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
+        let caller = self.cx.caller(&req)?;
         let workflow_id = req.into_inner().workflow_id;
         check_id("workflow_id", &workflow_id).map_err(status)?;
         caller.require(Role::Agent, Some(&workflow_id))?;
@@ -536,13 +536,14 @@ impl ControlService {
 
     /// A control call for a session owned elsewhere, sent to its owner once.
     /// Authenticates an admin call about session `key` and finds the session.
-    async fn admin_lookup(
+    async fn admin_lookup<T>(
         &self,
-        md: &MetadataMap,
+        req: &Request<T>,
+        role: Role,
         key: &str,
     ) -> Result<(Caller, Found<Frame>), Status> {
-        let caller = self.cx.caller(md)?;
-        caller.require(Role::Admin, None)?;
+        let caller = self.cx.caller(req)?;
+        caller.require(role, None)?;
         check_id("session_key", key).map_err(status)?;
         Ok((caller, self.lookup(key).await?))
     }
@@ -553,7 +554,7 @@ impl ControlService {
         owner: u64,
         md: &MetadataMap,
         msg: T,
-    ) -> Result<(RouterControlClient<tonic::transport::Channel>, Request<T>), Status> {
+    ) -> Result<(RouterControlClient<crate::client::Channel>, Request<T>), Status> {
         let onward = self.onward(md, msg)?;
         let channel = self.cx.peers.member(owner).await?;
         Ok((RouterControlClient::new(channel), onward))
@@ -649,7 +650,7 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         req: Request<GetSessionInfoRequest>,
     ) -> Result<Response<SessionInfo>, Status> {
         let key = req.get_ref().session_key.clone();
-        let (caller, found) = self.admin_lookup(req.metadata(), &key).await?;
+        let (caller, found) = self.admin_lookup(&req, Role::Observer, &key).await?;
         match found {
             Found::Local(s) => {
                 let v = self.inspect(&s, &key).await?;
@@ -674,8 +675,8 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         &self,
         req: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
-        let caller = self.cx.caller(req.metadata())?;
-        caller.require(Role::Admin, None)?;
+        let caller = self.cx.caller(&req)?;
+        caller.require(Role::Observer, None)?;
         let listing = self
             .cx
             .hub
@@ -706,7 +707,7 @@ impl crate::pb::router::router_control_server::RouterControl for ControlService 
         req: Request<TerminateSessionRequest>,
     ) -> Result<Response<TerminateSessionResponse>, Status> {
         let key = req.get_ref().session_key.clone();
-        let (caller, found) = self.admin_lookup(req.metadata(), &key).await?;
+        let (caller, found) = self.admin_lookup(&req, Role::Admin, &key).await?;
         match found {
             Found::Local(s) => {
                 if !caller.may_use(&self.inspect(&s, &key).await?.workflow_id) {

@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
+use crate::client::Channel;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
-use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
 use crate::pb::router::router_control_client::RouterControlClient;

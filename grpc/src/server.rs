@@ -48,6 +48,8 @@ pub struct ServerSettings {
     /// HTTP/2 receive window of one stream and of a connection.
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Who may call what (every call passes it; see [`crate::auth`]).
+    pub gate: Arc<crate::auth::Gatekeeper>,
 }
 
 /// Builds the rustls configuration; an error here is a fatal configuration error, never a reason
@@ -113,7 +115,6 @@ pub struct RouterBackend {
     pub hub: ActorRef<lodge_actors::router::RouterHub<pb::router::Frame>>,
     pub table: lodge_actors::router::hub::SessionTable<pb::router::Frame>,
     pub settings: Arc<lodge_actors::router::RouterSettings>,
-    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 /// Every method the node serves, for bounded metric labels.
@@ -230,7 +231,6 @@ pub async fn node_services(
         hub: b.router.hub,
         table: b.router.table,
         settings: b.router.settings,
-        auth: b.router.auth,
         peers: relay_peers,
         request_timeout: s.request_timeout,
         shutdown: shutdown.clone(),
@@ -364,6 +364,11 @@ pub async fn serve(
             max_message_bytes: settings.max_message_bytes,
             metrics: settings.admission.per_ip.metrics.clone(),
         })
+        // Innermost: the caller is identified and checked just before its handler.
+        .layer(crate::auth::AuthLayer::new(
+            settings.gate.clone(),
+            crate::auth::Port::Client,
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

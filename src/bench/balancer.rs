@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::balancer as pb;
 use lodge_grpc::pb::balancer::balancer_client::BalancerClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use super::kv::{start_lodge_args, Proc};
 use super::net::{

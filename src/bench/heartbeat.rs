@@ -13,9 +13,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
-use tonic::transport::Channel;
 
 use super::kv::{free_port, launch, start_lodge_with, Proc};
 use super::{median, rss_of, Failures, Outcome};

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::etcd::{self as epb, kv_client::KvClient as EtcdClient};
 use lodge_grpc::pb::kv::{self as lpb, kv_client::KvClient as LodgeClient};
-use tonic::transport::Channel;
 
 use super::{Failures, Outcome};
 

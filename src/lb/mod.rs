@@ -13,9 +13,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use lodge_actors::balancer::{ModuleType, Protocol};
+use lodge_grpc::client::Channel;
 use lodge_grpc::pb::balancer::{self as pb, balancer_client::BalancerClient};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::ctl::Connection;

@@ -11,9 +11,7 @@ pub mod forward;
 pub mod rsync;
 pub mod sessions;
 pub mod shutdown;
-pub mod token;
 
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -32,34 +30,19 @@ use crate::ctl::Connection;
 pub struct TunnelConn {
     #[command(flatten)]
     pub conn: Connection,
-    /// File holding the JWT to present (the first line is used).
-    #[arg(long, global = true)]
-    pub token_file: Option<PathBuf>,
 }
 
 impl TunnelConn {
     /// The token from `--token-file` or `LODGE_TOKEN`; `None` when neither is set (a node with
     /// auth disabled).
     pub fn token(&self) -> Result<Option<String>, String> {
-        if let Some(p) = &self.token_file {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("--token-file {}: {e}", p.display()))?;
-            let t = text.lines().next().unwrap_or("").trim().to_string();
-            if t.is_empty() {
-                return Err(format!("--token-file {}: empty", p.display()));
-            }
-            return Ok(Some(t));
-        }
-        Ok(std::env::var("LODGE_TOKEN")
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty()))
+        self.conn.token()
     }
 
     /// Connects to the first endpoint that answers.
     pub async fn connect(&self) -> Result<RouterClient, String> {
         let token = self.token()?;
-        let tls = crate::failover::tls(&self.conn);
+        let tls = crate::failover::tls(&self.conn)?;
         let mut last = String::from("--endpoint: no endpoint given");
         for ep in crate::failover::endpoints(&self.conn) {
             match client::connect(&ep, &tls).await {

@@ -83,7 +83,7 @@ fn remote_shell(conn: &TunnelConn) -> Result<String, String> {
         ("--tls-ca", &conn.conn.tls_ca),
         ("--tls-cert", &conn.conn.tls_cert),
         ("--tls-key", &conn.conn.tls_key),
-        ("--token-file", &conn.token_file),
+        ("--token-file", &conn.conn.token_file),
     ];
     for (flag, path) in files {
         if let Some(path) = path {

@@ -124,12 +124,45 @@ pub fn nlb_metrics(h: &BalancerHandle) -> pb::NlbMetrics {
     }
 }
 
+/// Requests that name the module instance they act for.
+trait ForInstance {
+    fn instance_id(&self) -> &str;
+}
+
+macro_rules! for_instance {
+    ($($t:ty),*) => {$(
+        impl ForInstance for $t {
+            fn instance_id(&self) -> &str {
+                &self.instance_id
+            }
+        }
+    )*};
+}
+
+for_instance!(
+    pb::RegisterModuleRequest,
+    pb::UnregisterModuleRequest,
+    pb::HeartbeatRequest,
+    pb::ReportMetricsRequest
+);
+
+/// A module may act only as its own instance (see `Caller::require_instance`); the audit log
+/// names the instance.
+fn own_instance<T: ForInstance>(req: &Request<T>) -> Result<(), Status> {
+    let id = req.get_ref().instance_id();
+    crate::auth::audit::note_target(req, || {
+        format!("instance {}", lodge_actors::quote::echo(id))
+    });
+    crate::auth::Caller::of(req.extensions()).require_instance(id, "instance_id")
+}
+
 #[tonic::async_trait]
 impl pb::balancer_server::Balancer for BalancerService {
     async fn register_module(
         &self,
         req: Request<pb::RegisterModuleRequest>,
     ) -> Result<Response<pb::RegisterModuleResponse>, Status> {
+        own_instance(&req)?;
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
         let mut protocols = Vec::new();
@@ -162,6 +195,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         &self,
         req: Request<pb::UnregisterModuleRequest>,
     ) -> Result<Response<pb::UnregisterModuleResponse>, Status> {
+        own_instance(&req)?;
         let m = req.get_ref();
         id("instance_id", &m.instance_id)?;
         let drain = if m.drain_timeout_ms > 0 {
@@ -194,6 +228,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        own_instance(&req)?;
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
         id("instance_id", &m.instance_id)?;
@@ -380,6 +415,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         &self,
         req: Request<pb::ReportMetricsRequest>,
     ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        own_instance(&req)?;
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
         id("instance_id", &m.instance_id)?;

@@ -9,6 +9,7 @@
 
 pub mod answer;
 pub mod check;
+pub mod scope;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,12 +21,13 @@ use lodge_actors::cluster::raft::{
 };
 use lodge_actors::cluster::watch::{lagged, WatchUpdate};
 use lodge_actors::registry::RegistryMetrics;
-use lodge_actors::{ActorRef, SendError};
+use lodge_actors::{quote, ActorRef, SendError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{audit, Caller};
 use crate::deadline;
 use crate::forward::{self, forwarded, Forwarder};
 use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
@@ -178,7 +180,7 @@ impl KvService {
         &self,
         req: &Request<T>,
         err: &RaftError,
-    ) -> Result<KvClient<tonic::transport::Channel>, Status> {
+    ) -> Result<KvClient<crate::client::Channel>, Status> {
         // The leader keeps its answers within its own limits; ours need not match them.
         Ok(KvClient::new(self.forward.leader(req, err).await?)
             .max_decoding_message_size(usize::MAX)
@@ -187,6 +189,30 @@ impl KvService {
 
     /// One keep-alive: here if this member leads, else on the leader (once: `forwarded` says
     /// the stream itself came from a member).
+    /// Refuses a client's revoke of a lease the node's own records hang on (the router's owner
+    /// lease, a registration's): revoking it would delete them. Read from this member's state:
+    /// a lease is known as the node's from the moment a /lodge/ key is put under it.
+    async fn not_the_nodes_lease<T>(&self, req: &Request<T>, id: i64) -> Result<(), Status> {
+        if Caller::of(req.extensions()).is_unrestricted() {
+            return Ok(());
+        }
+        let Ok(a) = self.read(req, Query::TimeToLive(id), false).await else {
+            // Unknown here (not found, or this member cannot read): the revoke itself answers.
+            return Ok(());
+        };
+        let internal = a.lease.is_some_and(|l| {
+            l.keys
+                .iter()
+                .any(|k| k.starts_with(crate::auth::INTERNAL_PREFIX))
+        });
+        if internal {
+            return Err(Status::permission_denied(format!(
+                "id: lease {id} holds keys under /lodge/: it is the node's own"
+            )));
+        }
+        Ok(())
+    }
+
     async fn keep_alive_once(
         &self,
         id: i64,
@@ -262,6 +288,8 @@ where
 impl kv_server::Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let r = req.get_ref();
+        scope::put(&Caller::of(req.extensions()), r)?;
+        audit::note_target(&req, || quote::echo(&String::from_utf8_lossy(&r.key)));
         let cmd = check::put(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::PutResponse {
@@ -289,6 +317,7 @@ impl kv_server::Kv for KvService {
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
         let r = req.get_ref();
+        scope::range(&Caller::of(req.extensions()), r)?;
         let query = check::range(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.read(&req, query, !r.serializable).await {
             Ok(a) => Ok(Response::new(pb::RangeResponse {
@@ -312,6 +341,15 @@ impl kv_server::Kv for KvService {
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let r = req.get_ref();
+        scope::delete(&Caller::of(req.extensions()), r)?;
+        audit::note_target(&req, || {
+            let key = quote::echo(&String::from_utf8_lossy(&r.key));
+            if r.prefix {
+                format!("{key} (prefix)")
+            } else {
+                key
+            }
+        });
         let cmd = check::delete(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => {
@@ -336,6 +374,7 @@ impl kv_server::Kv for KvService {
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let r = req.get_ref();
+        scope::txn(&Caller::of(req.extensions()), r)?;
         let cmd = check::txn(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => {
@@ -388,6 +427,8 @@ impl kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
         let r = req.get_ref();
         let id = check::lease_id(r.id).map_err(|e| self.refuse(e))?;
+        audit::note_target(&req, || format!("lease {id}"));
+        self.not_the_nodes_lease(&req, id).await?;
         let cmd = Command::LeaseRevoke { id, expired: false };
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::LeaseRevokeResponse {
@@ -479,6 +520,7 @@ impl kv_server::Kv for KvService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        scope::watch(&Caller::of(req.extensions()), req.get_ref())?;
         let spec = check::watch(req.get_ref(), &self.limits).map_err(|e| self.refuse(e))?;
         let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
         let (id, revision) = self

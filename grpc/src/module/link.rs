@@ -13,10 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::Channel;
 use slog::{info, warn};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::state::{lock, Conn, Sampler, Shared, Snapshot};

@@ -8,13 +8,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::Channel;
 use lodge_actors::balancer::route::{protocol_matches, CompiledRoute};
 use lodge_actors::balancer::{Flow, ModuleType, Protocol, Route, RoutingTable};
 use lodge_actors::quote::echo;
 use tokio::time::Instant;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::link::call_balancer;

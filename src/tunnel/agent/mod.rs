@@ -294,7 +294,7 @@ async fn listen_once(
 /// is read again each time, so a renewed token file is picked up when the agent reconnects.
 async fn connect(conn: &TunnelConn, first: usize) -> Result<RouterClient, String> {
     let token = conn.token()?;
-    let tls = failover::tls(&conn.conn);
+    let tls = failover::tls(&conn.conn)?;
     let endpoints = failover::endpoints(&conn.conn);
     let mut last = String::from("--endpoint: no endpoint given");
     for i in 0..endpoints.len() {

@@ -155,8 +155,8 @@ pub(crate) async fn router_and_agent(allow: Vec<OperationKind>) -> RouterClient 
             tls_key: None,
             tls_domain: None,
             json: false,
+            token_file: None,
         },
-        token_file: None,
     };
     let agent = Arc::new(Agent {
         workflow_id: "w".into(),

@@ -1,59 +1,24 @@
-//! Bearer tokens for the router's services: a JWT on every call, checked for signature, expiry
-//! and audience, carrying the roles the caller may use.
+//! Bearer tokens: a JWT on every call, checked for signature, expiry and audience, carrying the
+//! roles the caller may use.
 //!
 //! - HS256 with a shared secret, or RS256 / ES256 with a public key (PEM); the key decides the
 //!   algorithm, and a token signed with any other algorithm is refused (no algorithm confusion).
-//! - Claims: `exp` and `aud` required; `roles` (a list, or one space-separated string) among
-//!   `exec`, `port-forward`, `rsync`, `agent`, `admin`; optional `workflows`, a list that limits
-//!   the workflow ids the token may use.
+//! - Claims: `exp` and `aud` required; `roles` (a list, or one space-separated string) from
+//!   [`Role`]; optional `prefixes` (the keys the KV roles are limited to), `workflows` (the router
+//!   workflows the token may use) and `instances` (the balancer instances a module token may
+//!   register).
 //! - No token or a bad one: UNAUTHENTICATED; a valid token without the role: PERMISSION_DENIED.
 //!   Neither the token nor its claims are logged; messages name what is wrong, not the token.
-
-use std::collections::HashSet;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-/// What a role allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    Exec,
-    PortForward,
-    Rsync,
-    /// Listening for sessions and joining them as the agent.
-    Agent,
-    /// The control service (list, inspect, terminate).
-    Admin,
-}
+use super::caller::{Caller, Via};
+use super::roles::{Role, Roles};
 
-impl Role {
-    /// The role's name in tokens.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Exec => "exec",
-            Self::PortForward => "port-forward",
-            Self::Rsync => "rsync",
-            Self::Agent => "agent",
-            Self::Admin => "admin",
-        }
-    }
-
-    /// The role named `s`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "exec" => Self::Exec,
-            "port-forward" => Self::PortForward,
-            "rsync" => Self::Rsync,
-            "agent" => Self::Agent,
-            "admin" => Self::Admin,
-            _ => return None,
-        })
-    }
-}
-
-/// How the router authenticates (the `[router.auth]` section).
+/// How bearer tokens are checked (the `[auth]` section).
 #[derive(Clone, Debug, Default)]
 pub struct AuthSettings {
     /// False only for local development: every call is then allowed.
@@ -85,6 +50,12 @@ pub struct Claims {
     pub roles: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflows: Option<Vec<String>>,
+    /// Key prefixes the KV roles are limited to (absent: every key but the node's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<Vec<String>>,
+    /// Balancer instances a module token may register (absent: the one named by `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<String>>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -129,49 +100,6 @@ pub struct Authenticator {
     mode: Mode,
 }
 
-/// Who is calling, once authenticated.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// `sub`, for logs and audit ("-" when absent; "anonymous" with auth disabled).
-    pub subject: String,
-    roles: HashSet<Role>,
-    workflows: Option<Vec<String>>,
-    unrestricted: bool,
-}
-
-impl Caller {
-    /// Whether the token may see `workflow` (no `workflows` claim: any).
-    pub fn may_use(&self, workflow: &str) -> bool {
-        self.unrestricted
-            || self
-                .workflows
-                .as_ref()
-                .is_none_or(|allowed| allowed.iter().any(|a| a == workflow))
-    }
-
-    /// Allows the call if the caller has `role` and, when `workflow` is given, may use it.
-    pub fn require(&self, role: Role, workflow: Option<&str>) -> Result<(), Status> {
-        if self.unrestricted {
-            return Ok(());
-        }
-        if !self.roles.contains(&role) {
-            return Err(Status::permission_denied(format!(
-                "the token lacks the {:?} role",
-                role.as_str()
-            )));
-        }
-        if let (Some(allowed), Some(w)) = (&self.workflows, workflow) {
-            if !allowed.iter().any(|a| a == w) {
-                return Err(Status::permission_denied(format!(
-                    "workflow_id: the token is not valid for workflow {}",
-                    lodge_actors::quote::echo(w)
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Authenticator {
     /// An authenticator for `s`; an error names the setting that is wrong.
     pub fn new(s: &AuthSettings) -> Result<Self, String> {
@@ -183,8 +111,7 @@ impl Authenticator {
         let (key, alg) = match (&s.hs256_secret, &s.public_key_pem) {
             (Some(_), Some(_)) => {
                 return Err(
-                    "router.auth: set either hs256_secret(_file) or public_key_file, not both"
-                        .into(),
+                    "auth: set either hs256_secret(_file) or public_key_file, not both".into(),
                 )
             }
             (None, None) => {
@@ -195,7 +122,7 @@ impl Authenticator {
             (Some(secret), None) => {
                 if secret.len() < 32 {
                     return Err(format!(
-                        "router.auth.hs256_secret: {} bytes; use at least 32",
+                        "auth.hs256_secret: {} bytes; use at least 32",
                         secret.len()
                     ));
                 }
@@ -207,14 +134,14 @@ impl Authenticator {
                     Ok(k) => (k, Algorithm::ES256),
                     Err(e) => {
                         return Err(format!(
-                        "router.auth.public_key_file: not an RSA or P-256 public key in PEM: {e}"
-                    ))
+                            "auth.public_key_file: not an RSA or P-256 public key in PEM: {e}"
+                        ))
                     }
                 },
             },
         };
         if s.audience.is_empty() {
-            return Err("router.auth.audience: required when auth is enabled".into());
+            return Err("auth.audience: required when auth is enabled".into());
         }
         let mut v = Validation::new(alg);
         v.set_audience(&[&s.audience]);
@@ -236,31 +163,37 @@ impl Authenticator {
         !matches!(self.mode, Mode::Disabled)
     }
 
+    /// Whether a key is configured to check tokens with.
+    pub fn has_key(&self) -> bool {
+        matches!(self.mode, Mode::Jwt { .. })
+    }
+
     /// The caller of a request, from its `authorization: Bearer` header.
     pub fn authenticate(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        self.check(md.get("authorization").map(|v| v.as_bytes()))
+    }
+
+    /// The caller presenting the `authorization` header `header`.
+    pub fn authenticate_header(&self, header: &http::HeaderValue) -> Result<Caller, Status> {
+        self.check(Some(header.as_bytes()))
+    }
+
+    fn check(&self, header: Option<&[u8]>) -> Result<Caller, Status> {
         let (key, validation) = match &self.mode {
-            Mode::Disabled => {
-                return Ok(Caller {
-                    subject: "anonymous".into(),
-                    roles: HashSet::new(),
-                    workflows: None,
-                    unrestricted: true,
-                })
-            }
+            Mode::Disabled => return Ok(Caller::open()),
             Mode::Unconfigured => {
                 return Err(Status::unauthenticated(
-                    "this node has no router.auth key configured (hs256_secret or public_key_file), so it accepts no token",
+                    "this node has no auth key configured (auth.hs256_secret or auth.public_key_file), so it accepts no token",
                 ))
             }
             Mode::Jwt { key, validation } => (key, validation),
         };
-        let header = md.get("authorization").ok_or_else(|| {
+        let header = header.ok_or_else(|| {
             Status::unauthenticated(
                 "authorization: missing: send the header \"authorization: Bearer <JWT>\"",
             )
         })?;
-        let token = header
-            .to_str()
+        let token = std::str::from_utf8(header)
             .ok()
             .and_then(|h| {
                 h.strip_prefix("Bearer ")
@@ -286,19 +219,16 @@ impl Authenticator {
             Status::unauthenticated(format!("authorization: token {why}"))
         })?;
         let c = data.claims;
-        let mut roles = HashSet::new();
-        for r in &c.roles {
-            // Unknown roles are ignored: a token may carry roles for other services.
-            if let Some(role) = Role::parse(r) {
-                roles.insert(role);
-            }
-        }
-        Ok(Caller {
-            subject: if c.sub.is_empty() { "-".into() } else { c.sub },
-            roles,
-            workflows: c.workflows,
-            unrestricted: false,
-        })
+        // Unknown roles are ignored: a token may carry roles for other services.
+        let roles: Roles = c.roles.iter().filter_map(|r| Role::parse(r)).collect();
+        let prefixes = c
+            .prefixes
+            .map(|l| l.into_iter().map(String::into_bytes).collect());
+        let subject = if c.sub.is_empty() { "-".into() } else { c.sub };
+        Ok(
+            Caller::user(subject, Via::Token, roles, prefixes, c.workflows)
+                .with_instances(c.instances),
+        )
     }
 }
 
@@ -333,6 +263,8 @@ mod tests {
             iss: None,
             roles: roles.iter().map(|r| r.to_string()).collect(),
             workflows: None,
+            prefixes: None,
+            instances: None,
         }
     }
 
@@ -486,7 +418,7 @@ mod tests {
             audience: "lodge".into(),
             ..Default::default()
         });
-        assert!(short.err().unwrap().contains("router.auth.hs256_secret"));
+        assert!(short.err().unwrap().contains("auth.hs256_secret"));
         let unconfigured = Authenticator::new(&AuthSettings {
             enabled: true,
             ..Default::default()
@@ -494,7 +426,7 @@ mod tests {
         .unwrap();
         let e = unconfigured.authenticate(&MetadataMap::new()).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        assert!(e.message().contains("router.auth"));
+        assert!(e.message().contains("auth.hs256_secret"));
         let off = Authenticator::new(&AuthSettings::default()).unwrap();
         assert!(off
             .authenticate(&MetadataMap::new())
