@@ -106,7 +106,7 @@ fn ctl_info_and_the_translation_actor_show_secret_paths_but_no_secrets() {
     let node = Node::start_env(
         &[],
         &[
-            ("LODGE_ROUTER__AUTH__HS256_SECRET_FILE", &secret_path),
+            ("LODGE_AUTH__HS256_SECRET_FILE", &secret_path),
             ("LODGE_TRANSLATION__BACKEND_URL", &url),
             ("LODGE_TRANSLATION__MODEL", "m"),
         ],
@@ -118,9 +118,9 @@ fn ctl_info_and_the_translation_actor_show_secret_paths_but_no_secrets() {
     let text = stdout(&out);
     let info: Value = serde_json::from_str(&text).unwrap();
     let cfg = &info["config"];
-    assert_eq!(cfg["router"]["auth"]["hs256_secret_file"], secret_path);
+    assert_eq!(cfg["auth"]["hs256_secret_file"], secret_path);
     // None set: shown as empty rather than as a hidden value.
-    assert_eq!(cfg["router"]["auth"]["hs256_secret"], "");
+    assert_eq!(cfg["auth"]["hs256_secret"], "");
     assert_eq!(cfg["translation"]["api_key"], "");
     assert_eq!(cfg["translation"]["backend_url"], shown_url.as_str());
     assert!(!text.contains("hunter2") && !text.contains("the-hs256-secret"));

@@ -280,8 +280,7 @@ fn a_second_signal_cuts_the_drain_short() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_file(
         dir.path(),
-        "[server]\ndrain_timeout_ms = 120000\n[router]\nrendezvous_timeout_ms = 120000\n\
-         [router.auth]\nenabled = false\n",
+        "[server]\ndrain_timeout_ms = 120000\n[router]\nrendezvous_timeout_ms = 120000\n",
     );
     let mut node = Node::start(&["--config", &cfg]);
     // A user waiting for an agent is a call in flight, so the first SIGTERM's drain would wait

@@ -16,7 +16,10 @@ use tonic::Code;
 const SECRET: &str = "router-tests-secret-0123456789abcdef";
 
 fn env() -> Vec<(&'static str, &'static str)> {
-    vec![("LODGE_ROUTER__AUTH__HS256_SECRET", SECRET)]
+    vec![
+        ("LODGE_AUTH__ENABLED", "true"),
+        ("LODGE_AUTH__HS256_SECRET", SECRET),
+    ]
 }
 
 fn token(roles: &[&str]) -> String {

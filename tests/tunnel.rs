@@ -92,10 +92,8 @@ fn node_and_token(
     let secret = dir.path().join("secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     let mut env = env.to_vec();
-    env.push((
-        "LODGE_ROUTER__AUTH__HS256_SECRET_FILE",
-        secret.to_str().unwrap(),
-    ));
+    env.push(("LODGE_AUTH__ENABLED", "true"));
+    env.push(("LODGE_AUTH__HS256_SECRET_FILE", secret.to_str().unwrap()));
     let node = Node::start_env(&[], &env);
     let minted = Command::new(LODGE)
         .args(["token", "--secret-file", secret.to_str().unwrap()])

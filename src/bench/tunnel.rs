@@ -47,9 +47,8 @@ struct Tunnel {
 
 impl Tunnel {
     fn start(target: u16, node_env: &[(&str, &str)]) -> Outcome<Self> {
-        let mut env = vec![("LODGE_ROUTER__AUTH__ENABLED", "false")];
-        env.extend_from_slice(node_env);
-        let node = start_lodge_with(1, &env)?.remove(0);
+        // The default configuration: auth off, loopback only.
+        let node = start_lodge_with(1, node_env)?.remove(0);
         let logs = tempfile::tempdir().map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut agent = Command::new(&exe);

@@ -288,8 +288,8 @@ where
 impl kv_server::Kv for KvService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let r = req.get_ref();
-        scope::put(&Caller::of(req.extensions()), r)?;
         audit::note_target(&req, || quote::echo(&String::from_utf8_lossy(&r.key)));
+        scope::put(&Caller::of(req.extensions()), r)?;
         let cmd = check::put(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::PutResponse {
@@ -341,7 +341,6 @@ impl kv_server::Kv for KvService {
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
         let r = req.get_ref();
-        scope::delete(&Caller::of(req.extensions()), r)?;
         audit::note_target(&req, || {
             let key = quote::echo(&String::from_utf8_lossy(&r.key));
             if r.prefix {
@@ -350,6 +349,7 @@ impl kv_server::Kv for KvService {
                 key
             }
         });
+        scope::delete(&Caller::of(req.extensions()), r)?;
         let cmd = check::delete(r, &self.limits).map_err(|e| self.refuse(e))?;
         match self.propose(&req, cmd).await {
             Ok(a) => {

@@ -1,0 +1,263 @@
+//! End-to-end: authentication and roles on every call of the client port (docs/security.md).
+//! A real node with auth on; every method of the role table is called with no credential, with a
+//! valid token lacking the role, and with the role; KV key scopes, client certificates, the CLI's
+//! token flags and the audit log are checked on the same ground.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{make_pki, stderr, stdout, Node, LODGE};
+use lodge_grpc::auth::roles::{Access, Role, TABLE};
+use lodge_grpc::auth::{mint_hs256, Claims};
+use lodge_grpc::client::{connect, ClientTls};
+use tonic::Code;
+
+const SECRET: &str = "auth-tests-secret-0123456789abcdef0123";
+
+fn auth_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("LODGE_AUTH__ENABLED", "true"),
+        ("LODGE_AUTH__HS256_SECRET", SECRET),
+    ]
+}
+
+fn token(roles: &[Role], prefixes: Option<&[&str]>) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    mint_hs256(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: "tester".into(),
+            exp,
+            aud: vec!["lodge".into()],
+            iss: None,
+            roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
+            workflows: None,
+            prefixes: prefixes.map(|p| p.iter().map(|s| s.to_string()).collect()),
+            instances: None,
+        },
+    )
+    .unwrap()
+}
+
+/// Calls `method` with one empty message (every message type accepts it) and returns the
+/// status the call ended with, or OK when the node began answering (its handler ran).
+async fn call(endpoint: &str, method: &'static str, bearer: Option<String>) -> Code {
+    call_with_message(endpoint, method, bearer).await.0
+}
+
+/// Like [`call`], with the status message.
+async fn call_with_message(
+    endpoint: &str,
+    method: &'static str,
+    bearer: Option<String>,
+) -> (Code, String) {
+    let tls = ClientTls {
+        bearer,
+        ..Default::default()
+    };
+    let channel = connect(endpoint, &tls).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    let req = tonic::Request::new(tokio_stream::iter(vec![()]));
+    let answer = tokio::time::timeout(Duration::from_secs(10), grpc.streaming(req, path, codec));
+    match answer.await {
+        Err(_) => (Code::DeadlineExceeded, String::new()),
+        Ok(Ok(_)) => (Code::Ok, String::new()),
+        Ok(Err(s)) => (s.code(), s.message().to_string()),
+    }
+}
+
+/// A role none of `roles` is (and not admin, which grants all).
+fn another_role(roles: &[Role]) -> Role {
+    Role::ALL
+        .into_iter()
+        .find(|r| *r != Role::Admin && !roles.contains(r))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_refuses_the_anonymous_and_the_wrong_role_and_takes_the_right_one() {
+    let node = Node::start_env(&[], &auth_env());
+    let mut failures = Vec::new();
+    for rule in TABLE {
+        let m = rule.method;
+        let anonymous = call(&node.grpc, m, None).await;
+        let (wrong, right) = match rule.access {
+            Access::Public => (Some(Role::Exec), Some(Role::Exec)),
+            Access::Members => (Some(Role::Admin), None),
+            Access::AnyOf(roles) => (Some(another_role(roles)), Some(roles[0])),
+        };
+        let wrong = call(&node.grpc, m, Some(token(&[wrong.unwrap()], None))).await;
+        // With the role, the handler runs: it may still refuse the empty message on its own
+        // grounds (an instance that is not the caller's, admin.allow_mutations off), but never
+        // for want of a role or a credential.
+        let right = match right {
+            Some(r) => {
+                let (code, msg) = call_with_message(&node.grpc, m, Some(token(&[r], None))).await;
+                let handler_refusal = code == Code::PermissionDenied && !msg.contains(" role");
+                Some(if handler_refusal { Code::Ok } else { code })
+            }
+            None => None,
+        };
+        let refused = |c: Code| matches!(c, Code::Unauthenticated | Code::PermissionDenied);
+        let ok = match rule.access {
+            Access::Public => !refused(anonymous) && !refused(wrong),
+            Access::Members => {
+                anonymous == Code::Unauthenticated && wrong == Code::PermissionDenied
+            }
+            Access::AnyOf(_) => {
+                anonymous == Code::Unauthenticated
+                    && wrong == Code::PermissionDenied
+                    && right.is_some_and(|c| !refused(c))
+            }
+        };
+        if !ok {
+            failures.push(format!(
+                "{m}: anonymous {anonymous:?}, wrong role {wrong:?}, right role {right:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Runs `lodge ARGS` against `node` with the token `token` (through LODGE_TOKEN).
+fn lodge(node: &Node, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(LODGE);
+    cmd.args(args).args(["--endpoint", &node.grpc]);
+    cmd.env_remove("LODGE_TOKEN").env_remove("LODGE_ENDPOINT");
+    if let Some(t) = token {
+        cmd.env("LODGE_TOKEN", t);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_scoped_writer_stays_in_its_prefix_and_nobody_writes_the_nodes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let audit_path = audit.display().to_string();
+    let mut env = auth_env();
+    env.push(("LODGE_AUDIT__ENABLED", "true"));
+    env.push(("LODGE_AUDIT__PATH", &audit_path));
+    let node = Node::start_env(&[], &env);
+    let app = token(&[Role::KvWrite, Role::KvRead], Some(&["app/"]));
+    let out = lodge(&node, Some(&app), &["kv", "put", "app/x", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lodge(&node, Some(&app), &["kv", "put", "other/x", "1"]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(e.contains("PermissionDenied") && e.contains("app/"), "{e}");
+    for t in [&app, &token(&[Role::KvWrite, Role::KvRead], None)] {
+        let out = lodge(
+            &node,
+            Some(t),
+            &["kv", "put", "/lodge/registry/forged", "1"],
+        );
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("/lodge/"), "{}", stderr(&out));
+        let out = lodge(&node, Some(t), &["kv", "get", "/lodge/", "--prefix"]);
+        assert!(
+            stderr(&out).contains("PermissionDenied"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // The router's records are there, and an admin may read them.
+    let admin = token(&[Role::Admin], None);
+    let out = lodge(
+        &node,
+        Some(&admin),
+        &["kv", "get", "/lodge/", "--prefix", "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lodge(&node, None, &["kv", "get", "app/x"]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("Unauthenticated") && e.contains("--token-file"),
+        "{e}"
+    );
+    // A token file works as LODGE_TOKEN does.
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{app}\n")).unwrap();
+    let mut cmd = Command::new(LODGE);
+    let out = cmd
+        .args(["kv", "get", "app/x", "--endpoint", &node.grpc])
+        .arg("--token-file")
+        .arg(&file)
+        .env_remove("LODGE_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains('1'));
+
+    // The audit log holds the put, the refused put and who made them; never the token.
+    let lines = common::eventually("the audit records are written", || {
+        let text = std::fs::read_to_string(&audit).ok()?;
+        (text.lines().count() >= 4).then_some(text)
+    });
+    assert!(!lines.contains(&app), "a token in the audit log");
+    let records: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let put = records
+        .iter()
+        .find(|r| r["target"] == "\"app/x\"")
+        .expect("the put is recorded");
+    assert_eq!(put["who"], "tester");
+    assert_eq!(put["via"], "token");
+    assert_eq!(put["method"], "lodge.kv.v1.KV/Put");
+    assert_eq!(put["outcome"], "Ok");
+    assert!(records
+        .iter()
+        .any(|r| r["target"] == "\"other/x\"" && r["outcome"] == "PermissionDenied"));
+}
+
+#[test]
+fn a_client_certificate_is_an_identity_with_the_roles_it_is_mapped_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let (ca, cert, key) = (
+        pki.ca.display().to_string(),
+        pki.server_cert.display().to_string(),
+        pki.server_key.display().to_string(),
+    );
+    let mut env = auth_env();
+    env.extend([
+        ("LODGE_SERVER__TLS__ENABLED", "true"),
+        ("LODGE_SERVER__TLS__CERT_FILE", cert.as_str()),
+        ("LODGE_SERVER__TLS__KEY_FILE", key.as_str()),
+        ("LODGE_SERVER__TLS__CLIENT_CA_FILE", ca.as_str()),
+        ("LODGE_AUTH__CERTIFICATE_ROLES", "client.lodge.test=kv-read"),
+    ]);
+    let node = Node::start_env(&[], &env);
+    let with_cert = |args: &[&str]| {
+        Command::new(LODGE)
+            .args(args)
+            .args(["--endpoint", &node.grpc, "--tls-ca", &ca])
+            .arg("--tls-cert")
+            .arg(&pki.client_cert)
+            .arg("--tls-key")
+            .arg(&pki.client_key)
+            .args(["--tls-domain", "localhost"])
+            .env_remove("LODGE_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = with_cert(&["kv", "get", "k"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_cert(&["kv", "put", "k", "v"]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("kv-write") && e.contains("client.lodge.test"),
+        "{e}"
+    );
+}
