@@ -37,6 +37,8 @@ fn token(roles: &[&str]) -> String {
             iss: None,
             roles: roles.iter().map(|r| r.to_string()).collect(),
             workflows: None,
+            prefixes: None,
+            instances: None,
         },
     )
     .unwrap()
