@@ -334,7 +334,17 @@ fn a_gigabyte_snapshot_stream_is_spooled_not_held_in_memory() {
         })
         .await
         .unwrap();
-        // While it streams, a second stream from the same peer is refused.
+        // Once it holds its place (its spool file exists), a second stream from the same peer
+        // is refused.
+        let spool = node.dir.path().join("data/snapshots-in");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_dir(&spool).unwrap().count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spool file in 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let mut req = Request::new(tokio_stream::iter([SnapshotChunk {
             data: vec![1],
             total_bytes: 1,
