@@ -23,7 +23,7 @@ pub enum Cluster {
     /// refused unless --force.
     Add {
         id: u64,
-        /// Its gRPC address, HOST:PORT.
+        /// Its peer address, HOST:PORT (where members reach it: its peer.advertise).
         address: String,
         #[arg(long)]
         learner: bool,
@@ -65,6 +65,7 @@ fn topology_json(t: &pb::Topology) -> Value {
             json!({
                 "id": m.id,
                 "address": m.address,
+                "client_address": m.client_address,
                 "role": role(m.role),
                 "reachable": m.reachable,
                 "last_heartbeat_ms_ago": m.last_heartbeat_ms_ago,
@@ -179,16 +180,20 @@ fn print(doc: &Value, as_json: bool) {
             doc["version"], doc["leader_id"]
         );
         println!(
-            "{:<4} {:<22} {:<8} {:<10} {:<12} {:>10} {:>10}",
-            "ID", "ADDRESS", "ROLE", "REACHABLE", "STATUS", "HEARD(ms)", "APPLIED"
+            "{:<4} {:<22} {:<8} {:<22} {:<10} {:<12} {:>10} {:>10}",
+            "ID", "ADDRESS", "ROLE", "PEER", "REACHABLE", "STATUS", "HEARD(ms)", "APPLIED"
         );
         for m in members {
             // Values' own Display ignores widths: format them as strings first.
             println!(
-                "{:<4} {:<22} {:<8} {:<10} {:<12} {:>10} {:>10}",
+                "{:<4} {:<22} {:<8} {:<22} {:<10} {:<12} {:>10} {:>10}",
                 m["id"].to_string(),
-                m["address"].as_str().unwrap_or(""),
+                // Where clients reach it ("-" until its first heartbeat reached this member).
+                Some(m["client_address"].as_str().unwrap_or(""))
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or("-"),
                 m["role"].as_str().unwrap_or(""),
+                m["address"].as_str().unwrap_or(""),
                 m["reachable"].to_string(),
                 m["status"].as_str().unwrap_or(""),
                 m["last_heartbeat_ms_ago"].to_string(),

@@ -22,6 +22,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/node.toml");
 pub struct NodeConfig {
     pub node: NodeSection,
     pub server: ServerSection,
+    pub peer: PeerSection,
     pub cluster: ClusterSection,
     pub kv: KvSection,
     pub metrics: MetricsSection,
@@ -123,7 +124,25 @@ pub struct ServerSection {
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_concurrent_rpcs: usize,
+    pub insecure: bool,
     pub tls: TlsSection,
+}
+
+/// The `[peer]` section: the peer listener and its TLS.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct PeerSection {
+    pub listen: String,
+    pub advertise: String,
+    pub max_snapshot_bytes: u64,
+    pub tls: PeerTlsSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct PeerTlsSection {
+    pub enabled: bool,
+    pub cert_file: String,
+    pub key_file: String,
+    pub ca_file: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -137,6 +156,7 @@ pub struct TlsSection {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct ClusterSection {
     pub initial_cluster: String,
+    pub initial_cluster_token: String,
     pub join: String,
     pub join_as: String,
     pub advertise: String,
@@ -205,6 +225,9 @@ pub struct Overrides {
     pub initial_cluster: Option<String>,
     pub join: Option<String>,
     pub advertise: Option<String>,
+    pub peer_listen: Option<String>,
+    pub peer_advertise: Option<String>,
+    pub insecure: Option<bool>,
 }
 
 /// A configuration problem: which key, and what is wrong with it.
@@ -306,6 +329,15 @@ impl NodeConfig {
         if let Some(v) = &o.advertise {
             b = set(b, "cluster.advertise", v.clone().into())?;
         }
+        if let Some(v) = &o.peer_listen {
+            b = set(b, "peer.listen", v.clone().into())?;
+        }
+        if let Some(v) = &o.peer_advertise {
+            b = set(b, "peer.advertise", v.clone().into())?;
+        }
+        if let Some(v) = o.insecure {
+            b = set(b, "server.insecure", v.into())?;
+        }
         let merged = b.build().map_err(|e| {
             err(
                 o.config_file.as_deref().map_or("config", |_| "--config"),
@@ -342,6 +374,7 @@ impl NodeConfig {
                 format!("{metrics} is also server.listen; they need different ports"),
             ));
         }
+        self.check_peer(grpc, metrics)?;
         if self.runtime.worker_arbiters > 256 {
             return Err(err(
                 "runtime.worker_arbiters",
@@ -575,14 +608,9 @@ impl NodeConfig {
             ));
         }
         let members = self.members()?;
-        if members.len() > 1 && self.server.tls.enabled && self.server.tls.client_ca_file.is_empty()
-        {
-            return Err(err(
-                "server.tls.client_ca_file",
-                "is required for a TLS cluster of several members (members verify each other with it)",
-            ));
-        }
+        let _ = members;
         self.tls_material()?;
+        self.peer_tls_material()?;
         Ok(())
     }
 
@@ -655,13 +683,13 @@ impl NodeConfig {
         }
     }
 
-    /// The first members, id → gRPC address; this node alone when `initial_cluster` is empty.
+    /// The first members, id → peer address; this node alone when `initial_cluster` is empty.
     pub fn members(&self) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
         let key = "cluster.initial_cluster";
         let mut out = std::collections::BTreeMap::new();
         let spec = self.cluster.initial_cluster.trim();
         if spec.is_empty() {
-            out.insert(self.node.id, self.server.listen.clone());
+            out.insert(self.node.id, self.peer_addr()?.to_string());
             return Ok(out);
         }
         for part in spec.split(',').map(str::trim) {
@@ -706,6 +734,96 @@ impl NodeConfig {
     /// The metrics listen address.
     pub fn metrics_addr(&self) -> Result<SocketAddr, ConfigError> {
         parse_addr("metrics.listen", &self.metrics.listen)
+    }
+
+    /// The peer listen address: `peer.listen`, else server.listen's host with its port + 2 (port
+    /// 0 stays 0: an ephemeral port, as the tests use).
+    pub fn peer_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if !self.peer.listen.trim().is_empty() {
+            return parse_addr("peer.listen", self.peer.listen.trim());
+        }
+        let mut addr = self.grpc_addr()?;
+        if addr.port() != 0 {
+            let port = addr.port().checked_add(2).ok_or_else(|| {
+                err(
+                    "peer.listen",
+                    format!("server.listen's port + 2 is past 65535 ({addr}); set peer.listen"),
+                )
+            })?;
+            addr.set_port(port);
+        }
+        Ok(addr)
+    }
+
+    /// Checks the peer listener: its own port, an advertised address that parses, and secure
+    /// by default (peer TLS off only on loopback, unless `server.insecure`).
+    fn check_peer(&self, grpc: SocketAddr, metrics: SocketAddr) -> Result<(), ConfigError> {
+        let peer = self.peer_addr()?;
+        for (other, key) in [(grpc, "server.listen"), (metrics, "metrics.listen")] {
+            if peer == other && peer.port() != 0 {
+                return Err(err(
+                    "peer.listen",
+                    format!("{peer} is also {key}; they need different ports"),
+                ));
+            }
+        }
+        if !self.peer.advertise.is_empty() {
+            parse_host_port("peer.advertise", &self.peer.advertise)?;
+        }
+        if self.peer.max_snapshot_bytes == 0 {
+            return Err(err("peer.max_snapshot_bytes", "must be greater than 0"));
+        }
+        if !self.peer.tls.enabled && !peer.ip().is_loopback() && !self.server.insecure {
+            return Err(err(
+                "peer.listen",
+                format!(
+                    "{peer} is not a loopback address and peer.tls.enabled = false: other hosts could speak raft to this node unauthenticated. Turn on peer TLS (peer.tls.enabled with peer certificates), listen on loopback, or pass --insecure (server.insecure = true)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the peer TLS files; `None` when peer TLS is off. The CA is required:
+    /// peer TLS is always mutual.
+    pub fn peer_tls_material(
+        &self,
+    ) -> Result<Option<lodge_grpc::server::TlsMaterial>, ConfigError> {
+        let t = &self.peer.tls;
+        if !t.enabled {
+            if !(t.cert_file.is_empty() && t.key_file.is_empty() && t.ca_file.is_empty()) {
+                return Err(err("peer.tls.enabled", "peer TLS files are set but peer TLS is off; set peer.tls.enabled = true or remove the files"));
+            }
+            return Ok(None);
+        }
+        let read = |key: &str, path: &str| -> Result<Vec<u8>, ConfigError> {
+            if path.is_empty() {
+                return Err(err(key, "is required when peer.tls.enabled = true"));
+            }
+            std::fs::read(Path::new(path)).map_err(|e| err(key, format!("cannot read {path}: {e}")))
+        };
+        let material = lodge_grpc::server::TlsMaterial {
+            cert_pem: read("peer.tls.cert_file", &t.cert_file)?,
+            key_pem: read("peer.tls.key_file", &t.key_file)?,
+            client_ca_pem: Some(read("peer.tls.ca_file", &t.ca_file)?),
+        };
+        lodge_grpc::server::tls_config(&material).map_err(|e| err("peer.tls", e))?;
+        Ok(Some(material))
+    }
+
+    /// How this node connects to other members' peer ports.
+    pub fn peer_client_tls(&self) -> lodge_grpc::client::ClientTls {
+        let t = &self.peer.tls;
+        if !t.enabled {
+            return Default::default();
+        }
+        lodge_grpc::client::ClientTls {
+            bearer: None,
+            ca: Some(t.ca_file.clone().into()),
+            cert: Some(t.cert_file.clone().into()),
+            key: Some(t.key_file.clone().into()),
+            domain: None,
+        }
     }
 
     /// Reads and checks the TLS files; `None` when TLS is off.

@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lodge_actors::cluster::topology::Directory;
-use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::cluster::probe;
 use lodge_grpc::pb::cluster::{self as pb, cluster_client::ClusterClient};
+use lodge_grpc::peer::PeerLink;
 use slog::{warn, Logger};
 
 use crate::config::NodeConfig;
@@ -22,9 +22,9 @@ use crate::config::NodeConfig;
 /// at once (connection refused); this bounds only the silent ones.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// `cluster.initial_cluster`'s entry for this node must be an address it is reached at: the
-/// bound listen address or `cluster.advertise`. Otherwise the others dial somewhere else and it
-/// never hears from a leader.
+/// `cluster.initial_cluster`'s entry for this node must be an address its peer port is reached
+/// at: the bound peer listen address or `peer.advertise`. Otherwise the others dial somewhere
+/// else and it never hears from a leader.
 pub fn check_own_entry(cfg: &NodeConfig, bound: SocketAddr) -> Result<(), String> {
     if cfg.cluster.initial_cluster.trim().is_empty() {
         return Ok(());
@@ -33,7 +33,7 @@ pub fn check_own_entry(cfg: &NodeConfig, bound: SocketAddr) -> Result<(), String
     let Some(entry) = members.get(&cfg.node.id) else {
         return Ok(()); // refused by the configuration's validation already
     };
-    let advertise = cfg.cluster.advertise.trim();
+    let advertise = cfg.peer.advertise.trim();
     let same = |a: &str, b: &str| {
         a == b
             || matches!((a.parse::<SocketAddr>(), b.parse::<SocketAddr>()), (Ok(x), Ok(y)) if x == y)
@@ -42,14 +42,14 @@ pub fn check_own_entry(cfg: &NodeConfig, bound: SocketAddr) -> Result<(), String
         return Ok(());
     }
     let reached = if advertise.is_empty() {
-        format!("it listens on {bound} (server.listen)")
+        format!("its peer port listens on {bound} (peer.listen)")
     } else {
         format!(
-            "it listens on {bound} (server.listen) and advertises {advertise} (cluster.advertise)"
+            "its peer port listens on {bound} (peer.listen) and advertises {advertise} (peer.advertise)"
         )
     };
     Err(format!(
-        "configuration error: cluster.initial_cluster: this node's entry {}={entry} is not where it is reached: {reached}; the other members would never reach it. Make the entry this node's address (or set cluster.advertise to it)",
+        "configuration error: cluster.initial_cluster: this node's entry {}={entry} is not where it is reached: {reached}; the other members would never reach it. Entries are peer addresses: make the entry this node's peer address (or set peer.advertise to it)",
         cfg.node.id
     ))
 }
@@ -58,12 +58,12 @@ pub fn check_own_entry(cfg: &NodeConfig, bound: SocketAddr) -> Result<(), String
 pub struct Unique {
     pub id: u64,
     pub incarnation: u64,
-    /// The address this node advertises.
+    /// The peer address this node advertises.
     pub advertise: String,
     pub directory: Directory,
     /// `cluster.join`'s members, asked too.
     pub join: Vec<String>,
-    pub tls: ClientTls,
+    pub link: PeerLink,
     pub log: Logger,
 }
 
@@ -83,8 +83,8 @@ pub async fn check_unique(u: &Unique) -> Result<(), String> {
     // Asked all at once: the round takes ASK_TIMEOUT at most, however many are silent.
     let mut asked = tokio::task::JoinSet::new();
     for peer in peers {
-        let (id, tls) = (u.id, u.tls.clone());
-        asked.spawn(async move { (where_is(&peer, id, &tls).await, peer) });
+        let (id, link) = (u.id, u.link.clone());
+        asked.spawn(async move { (where_is(&peer, id, &link).await, peer) });
     }
     let mut places: Vec<(String, String)> = Vec::new();
     while let Some(answer) = asked.join_next().await {
@@ -100,7 +100,7 @@ pub async fn check_unique(u: &Unique) -> Result<(), String> {
         if !probed.insert(addr.clone()) {
             continue;
         }
-        match probe(addr, &u.tls, ASK_TIMEOUT).await {
+        match probe(addr, &u.link, ASK_TIMEOUT).await {
             Some((id, incarnation)) if id == u.id && incarnation != u.incarnation => {
                 return Err(format!(
                     "node.id {id}: member {id} already runs at {addr} (another process, incarnation {incarnation:016x}); refusing to start a second process as member {id}. Give this node an unused id (and --join), or stop the other process first"
@@ -118,9 +118,9 @@ pub async fn check_unique(u: &Unique) -> Result<(), String> {
 }
 
 /// Asks the member at `peer` where member `id` is, per its topology.
-async fn where_is(peer: &str, id: u64, tls: &ClientTls) -> Option<String> {
+async fn where_is(peer: &str, id: u64, link: &PeerLink) -> Option<String> {
     let call = async {
-        let channel = client::connect(peer, tls).await.ok()?;
+        let channel = link.connect(peer).await.ok()?;
         let mut req = tonic::Request::new(pb::GetTopologyRequest { min_version: 0 });
         req.set_timeout(ASK_TIMEOUT);
         let t = ClusterClient::new(channel)

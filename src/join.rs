@@ -6,6 +6,9 @@
 //! 2. Wait until this node has applied the leader's commit index as of the registration.
 //! 3. Ask to be promoted to voter (unless `join_as = "learner"`).
 //!
+//! Before step 1, the node learns the cluster's id from the member it joins through (every peer
+//! answer names it) and stores it; a data directory of another cluster is refused, naming both.
+//!
 //! Each step is idempotent, so a node restarted in the middle simply runs it again. Transient
 //! failures (no leader yet, another membership change under way, a member unreachable) are
 //! retried with backoff for as long as it takes; refusals (an id or address taken by another
@@ -17,18 +20,22 @@ use std::time::Duration;
 use lodge_actors::cluster::raft::{GetStatus, RaftNode};
 use lodge_actors::cluster::topology::Directory;
 use lodge_actors::ActorRef;
-use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::cluster::{self as pb, cluster_client::ClusterClient};
+use lodge_grpc::peer::{format_id, id_in, PeerChannel, PeerLink};
 use slog::{info, warn, Logger};
 use tonic::Code;
 
 /// A join in progress.
 pub struct Join {
     pub id: u64,
+    /// This node's peer address.
     pub advertise: String,
+    /// Members' peer addresses.
     pub endpoints: Vec<String>,
     pub as_voter: bool,
-    pub tls: ClientTls,
+    pub link: PeerLink,
+    /// Where the cluster id learned is stored.
+    pub data_dir: std::path::PathBuf,
     pub raft: ActorRef<RaftNode>,
     pub directory: Directory,
     pub log: Logger,
@@ -46,6 +53,7 @@ impl Join {
     /// Step 1: registers this node as a learner (unless it is a member already: `None`); an
     /// error is a refusal the node cannot get past.
     pub async fn register(&self) -> Result<Option<Registered>, String> {
+        self.learn_cluster_id().await?;
         let status = self.raft.send(GetStatus).await.ok().and_then(Result::ok);
         let member = status
             .as_ref()
@@ -59,7 +67,7 @@ impl Join {
             return Ok(None);
         }
         let registered = self
-            .call("RegisterNode", |mut c| {
+            .call("RegisterNode", |mut c, _| {
                 let req = pb::RegisterNodeRequest {
                     id: self.id,
                     address: self.advertise.clone(),
@@ -92,6 +100,36 @@ impl Join {
         }))
     }
 
+    /// Asks the cluster for its id; stores it when this node has none, refuses to go on when it
+    /// has another.
+    async fn learn_cluster_id(&self) -> Result<(), String> {
+        let (theirs, through) = self
+            .call("Status", |mut c, ep| async move {
+                let r = c.status(pb::StatusRequest {}).await?;
+                Ok((id_in(r.metadata()), ep))
+            })
+            .await?;
+        let Some(theirs) = theirs else {
+            warn!(self.log, "the member joined through names no cluster id (an older version?); this node's is left as it is"; "endpoint" => &through);
+            return Ok(());
+        };
+        match self.link.cluster.get() {
+            Some(ours) if ours != theirs => Err(format!(
+                "cluster id mismatch: this node's data directory ({}) belongs to cluster {}, the member at {through} to cluster {}; a node cannot join another cluster with its data. Start it with an empty data directory to join",
+                self.data_dir.display(),
+                format_id(ours),
+                format_id(theirs)
+            )),
+            Some(_) => Ok(()),
+            None => {
+                crate::cluster_id::store(&self.data_dir, theirs)?;
+                let _ = self.link.cluster.set(theirs);
+                info!(self.log, "joining cluster"; "cluster_id" => format_id(theirs), "through" => &through);
+                Ok(())
+            }
+        }
+    }
+
     /// Steps 2 and 3: catches up, then asks for promotion; an error is a refusal the node cannot
     /// get past.
     pub async fn finish(self, registered: Registered) -> Result<(), String> {
@@ -100,7 +138,7 @@ impl Join {
             info!(self.log, "joined as a learner");
             return Ok(());
         }
-        self.call("PromoteNode", |mut c| {
+        self.call("PromoteNode", |mut c, _| {
             let req = pb::PromoteNodeRequest {
                 id: self.id,
                 force: false,
@@ -129,20 +167,20 @@ impl Join {
     /// transient, gives up on a refusal.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
     where
-        F: Fn(ClusterClient<lodge_grpc::client::Channel>) -> Fut,
+        F: Fn(ClusterClient<PeerChannel>, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut backoff = BACKOFF_MIN;
         loop {
             for ep in &self.endpoints {
-                let channel = match client::connect(ep, &self.tls).await {
+                let channel = match self.link.connect(ep).await {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(self.log, "join endpoint unreachable"; "endpoint" => ep, "error" => e);
                         continue;
                     }
                 };
-                match f(ClusterClient::new(channel)).await {
+                match f(ClusterClient::new(channel), ep.clone()).await {
                     Ok(v) => return Ok(v),
                     Err(s)
                         if matches!(

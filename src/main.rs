@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod cluster;
+mod cluster_id;
 mod config;
 mod ctl;
 mod failover;
@@ -166,15 +167,25 @@ struct NodeArgs {
     /// Allow mutating admin calls (restart, stop).
     #[arg(long)]
     allow_mutations: bool,
-    /// First members of the cluster: ID=HOST:PORT,... (must include this node's id).
+    /// First members of the cluster by their peer addresses: ID=HOST:PORT,... (must include
+    /// this node's id).
     #[arg(long)]
     initial_cluster: Option<String>,
-    /// Join an existing cluster through these members: HOST:PORT,...
+    /// Join an existing cluster through these members' peer addresses: HOST:PORT,...
     #[arg(long)]
     join: Option<String>,
-    /// Address other members reach this node at (default: the bound listen address).
+    /// Address clients reach this node at (default: the bound listen address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Peer listen address HOST:PORT: raft and node-to-node calls (default: the listen port + 2).
+    #[arg(long)]
+    peer_listen: Option<String>,
+    /// Peer address other members reach this node at (default: the bound peer listen address).
+    #[arg(long)]
+    peer_advertise: Option<String>,
+    /// Allow what secure-by-default refuses (a non-loopback peer listener without peer TLS).
+    #[arg(long)]
+    insecure: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -255,6 +266,9 @@ fn main() {
                 initial_cluster: a.initial_cluster,
                 join: a.join,
                 advertise: a.advertise,
+                peer_listen: a.peer_listen,
+                peer_advertise: a.peer_advertise,
+                insecure: a.insecure.then_some(true),
             };
             match config::NodeConfig::load(&overrides) {
                 Err(e) => {

@@ -37,11 +37,11 @@ use lodge_actors::{
 };
 use lodge_grpc::balancer::probe::GrpcModuleProbe;
 use lodge_grpc::balancer::service::BalancerBackend;
-use lodge_grpc::client::ClientTls;
 use lodge_grpc::cluster::GrpcHeartbeats;
 use lodge_grpc::forward::Forwarder;
 use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::pb::router::Frame;
+use lodge_grpc::peer::PeerLink;
 use lodge_grpc::raft::GrpcTransport;
 use lodge_grpc::registry::GrpcLeaseKeeper;
 use lodge_grpc::server::{self, ServerSettings};
@@ -372,6 +372,29 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
     })
 }
 
+/// This node's cluster id: the stored one; else, for a founding member, derived from the initial
+/// members (or drawn for a one-member cluster) and stored; a joining node learns it in its join.
+fn cluster_id(
+    cfg: &NodeConfig,
+    join: &[String],
+    members: &std::collections::BTreeMap<u64, String>,
+) -> Result<lodge_grpc::peer::ClusterId, String> {
+    let dir = &cfg.node.data_dir;
+    if let Some(id) = crate::cluster_id::load(dir)? {
+        return Ok(lodge_grpc::peer::ClusterId::known(id));
+    }
+    if !join.is_empty() {
+        return Ok(Default::default());
+    }
+    let id = if cfg.cluster.initial_cluster.trim().is_empty() {
+        crate::cluster_id::random()
+    } else {
+        crate::cluster_id::derive(members, &cfg.cluster.initial_cluster_token)
+    };
+    crate::cluster_id::store(dir, id)?;
+    Ok(lodge_grpc::peer::ClusterId::known(id))
+}
+
 /// Runs a node until SIGTERM/SIGINT (exit 0) or until the actor tree gives up (exit 1); a node
 /// refused at start (configuration, identity) exits 2. `force_new_cluster`: make this member the
 /// only member of its cluster first (`--force-new-cluster`, see `lodge_actors::cluster::force`).
@@ -406,7 +429,19 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         eprintln!("lodge: configuration error: {e}");
         return 2;
     }
+    let peer_tls = match cfg.peer_tls_material() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+    };
     let settings = server_settings(&cfg, tls, registry_metrics.clone(), gate);
+    // The peer port: the same server settings, its own TLS (always mutual).
+    let peer_settings = ServerSettings {
+        tls: peer_tls,
+        ..settings.clone()
+    };
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lodge-io")
@@ -422,6 +457,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     }
     let grpc_addr = cfg.grpc_addr().expect("validated");
     let metrics_addr = cfg.metrics_addr().expect("validated");
+    let peer_addr = cfg.peer_addr().expect("validated");
     let listeners = tokio_rt.block_on(async {
         let grpc = server::bind(grpc_addr)
             .await
@@ -429,9 +465,12 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let metrics = server::bind(metrics_addr)
             .await
             .map_err(|e| cannot_listen(metrics_addr, "metrics.listen", &e))?;
-        Ok::<_, String>((grpc, metrics))
+        let peer = server::bind(peer_addr)
+            .await
+            .map_err(|e| cannot_listen(peer_addr, "peer.listen", &e))?;
+        Ok::<_, String>((grpc, metrics, peer))
     });
-    let (grpc_listener, metrics_listener) = match listeners {
+    let (grpc_listener, metrics_listener, peer_listener) = match listeners {
         Ok(l) => l,
         Err(e) => {
             eprintln!("lodge: {e}");
@@ -440,6 +479,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     };
     let grpc_local = grpc_listener.local_addr().expect("bound socket");
     let metrics_local = metrics_listener.local_addr().expect("bound socket");
+    let peer_local = peer_listener.local_addr().expect("bound socket");
     // The data plane's sockets are bound here, so that a taken port fails the start; a listener
     // actor's later incarnations bind their address again (see `dataplane`).
     let mut data_listeners = Vec::new();
@@ -485,15 +525,20 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     } else {
         cfg.cluster.advertise.clone()
     };
+    let peer_advertise = if cfg.peer.advertise.is_empty() {
+        peer_local.to_string()
+    } else {
+        cfg.peer.advertise.clone()
+    };
     let several =
         !cfg.cluster.initial_cluster.trim().is_empty() || !cfg.cluster.join.trim().is_empty();
-    if several && grpc_local.ip().is_unspecified() && cfg.cluster.advertise.is_empty() {
+    if several && peer_local.ip().is_unspecified() && cfg.peer.advertise.is_empty() {
         eprintln!(
-            "lodge: configuration error: cluster.advertise: required when server.listen is a wildcard ({grpc_local}) in a cluster: other members need an address they can dial"
+            "lodge: configuration error: peer.advertise: required when peer.listen is a wildcard ({peer_local}) in a cluster: other members need an address they can dial"
         );
         return 2;
     }
-    if let Err(e) = crate::identity::check_own_entry(&cfg, grpc_local) {
+    if let Err(e) = crate::identity::check_own_entry(&cfg, peer_local) {
         eprintln!("lodge: {e}");
         return 2;
     }
@@ -502,21 +547,32 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
     let join = cfg.join_endpoints().expect("validated");
     let mut members = cfg.members().expect("validated");
     if cfg.cluster.initial_cluster.trim().is_empty() {
-        // A one-member cluster: this node at the address it really listens on.
-        members.insert(cfg.node.id, advertise.clone());
+        // A one-member cluster: this node at the peer address it really listens on.
+        members.insert(cfg.node.id, peer_advertise.clone());
     }
-    let peer_tls = if cfg.server.tls.enabled {
-        ClientTls {
-            bearer: None,
-            ca: Some(cfg.server.tls.client_ca_file.clone().into()),
-            cert: Some(cfg.server.tls.cert_file.clone().into()),
-            key: Some(cfg.server.tls.key_file.clone().into()),
-            domain: None,
+    let cluster = match cluster_id(&cfg, &join, &members) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lodge: {e}");
+            return 2;
         }
-    } else {
-        ClientTls::default()
     };
+    let peer_link = PeerLink {
+        tls: cfg.peer_client_tls(),
+        cluster: cluster.clone(),
+    };
+    let spool_dir = cfg.node.data_dir.join("snapshots-in");
+    // What a previous process left half received is of no use.
+    let _ = std::fs::remove_dir_all(&spool_dir);
+    if let Err(e) = std::fs::create_dir_all(&spool_dir) {
+        eprintln!(
+            "lodge: node.data_dir: cannot create {}: {e}",
+            spool_dir.display()
+        );
+        return 2;
+    }
     let directory = Directory::default();
+    directory.set_client_address(cfg.node.id, &advertise);
     // Reachable before the raft member publishes the topology from its log.
     directory.hint(members.clone());
     let raft_settings = RaftSettings {
@@ -533,7 +589,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         snapshot_interval: cfg.cluster.snapshot_interval,
         read_timeout: NodeConfig::duration(cfg.server.request_timeout_ms),
         watch_history: cfg.cluster.watch_history,
-        force_new_cluster: force_new_cluster.then(|| ForceNewCluster::new(advertise.clone())),
+        force_new_cluster: force_new_cluster.then(|| ForceNewCluster::new(peer_advertise.clone())),
     };
     let heartbeat_interval = NodeConfig::duration(cfg.cluster.heartbeat_interval_ms);
     let membership_settings = MembershipSettings {
@@ -561,7 +617,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             raft_ref.clone(),
             faults.clone(),
             directory.clone(),
-            peer_tls.clone(),
+            peer_link.clone(),
             log.clone(),
         );
         let membership_ref: ActorRef<Membership> = ActorRef::default();
@@ -570,7 +626,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let client_table: ClientTable = Default::default();
         let lease_keeper: Arc<dyn LeaseKeeper> = GrpcLeaseKeeper::new(
             raft_ref.clone(),
-            Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+            Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
         );
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let router_hub: ActorRef<RouterHub<Frame>> = ActorRef::default();
@@ -579,7 +635,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let owner_store: Arc<dyn OwnerStore> = Arc::new(lodge_grpc::router_store::KvOwnerStore::new(
             lodge_grpc::kv::KvService::new(
                 raft_ref.clone(),
-                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
             )
@@ -591,7 +647,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let balancer_store: Arc<dyn Store> = Arc::new(KvStore::new(
             lodge_grpc::kv::KvService::new(
                 raft_ref.clone(),
-                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_tls.clone())),
+                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
                 NodeConfig::duration(cfg.server.request_timeout_ms),
                 shutdown_rx.clone(),
             )
@@ -653,7 +709,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             directory: directory.clone(),
             membership: membership_ref.clone(),
             membership_settings,
-            heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_tls.clone(), heartbeat_interval, &log)),
+            heartbeats: Arc::new(GrpcHeartbeats::new(io.clone(), peer_link.clone(), advertise.clone(), heartbeat_interval, &log)),
             probe,
             registry_settings: Arc::new(registry_settings(&cfg)),
             registry_index: registry_index.clone(),
@@ -706,7 +762,11 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 directory: directory.clone(),
                 membership: membership_ref.clone(),
                 heartbeat_interval,
-                peer_tls: peer_tls.clone(),
+                peer_link: peer_link.clone(),
+                snapshot_spool: lodge_grpc::raft::SnapshotSpool {
+                    dir: spool_dir.clone(),
+                    max_bytes: cfg.peer.max_snapshot_bytes,
+                },
                 faults: faults.clone(),
                 registry: RegistryHandle::new(registry_index.clone(), client_table.clone()),
                 registry_metrics: registry_metrics.clone(),
@@ -736,12 +796,28 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         };
         let health = services.health.clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut server_task = {
             let settings = settings.clone();
             let metrics = server_metrics.clone();
             io.spawn(async move {
-                server::serve(&settings, grpc_listener, services.routes, metrics, async {
+                server::serve(&settings, grpc_listener, services.routes, metrics, None, async {
                     let _ = stop_rx.await;
+                })
+                .await
+            })
+        };
+        let gate_tls = peer_settings.tls.is_some();
+        let gate = Arc::new(lodge_grpc::peer::PeerGate {
+            cluster: cluster.clone(),
+            tls: gate_tls,
+            rejections: registry_metrics.clone(),
+        });
+        let mut peer_task = {
+            let metrics = server_metrics.clone();
+            io.spawn(async move {
+                server::serve(&peer_settings, peer_listener, services.peer_routes, metrics, Some(gate), async {
+                    let _ = peer_stop_rx.await;
                 })
                 .await
             })
@@ -774,18 +850,20 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let unique = crate::identity::Unique {
             id: cfg.node.id,
             incarnation,
-            advertise: advertise.clone(),
+            advertise: peer_advertise.clone(),
             directory: directory.clone(),
             join: join.clone(),
-            tls: peer_tls.clone(),
+            // Asked of any node, whatever its cluster: a duplicate is refused either way.
+            link: peer_link.anonymous(),
             log: log.clone(),
         };
         let joining = (!join.is_empty()).then(|| crate::join::Join {
             id: cfg.node.id,
-            advertise: advertise.clone(),
+            advertise: peer_advertise.clone(),
             endpoints: join.clone(),
             as_voter: cfg.cluster.join_as == "voter",
-            tls: peer_tls.clone(),
+            link: peer_link.clone(),
+            data_dir: cfg.node.data_dir.clone(),
             raft: raft_ref.clone(),
             directory: directory.clone(),
             log: log.clone(),
@@ -820,9 +898,12 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             Err(e) => Some(e),
         };
         if refused.is_none() && early_signal.is_none() {
-            info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "tls" => settings.tls.is_some(), "incarnation" => format!("{incarnation:016x}"));
+            info!(log, "node ready"; "grpc" => %grpc_local, "metrics" => %metrics_local, "peer" => %peer_local, "tls" => settings.tls.is_some(), "peer_tls" => gate_tls, "cluster_id" => cluster.get().map(lodge_grpc::peer::format_id), "incarnation" => format!("{incarnation:016x}"));
+            if !gate_tls && !peer_local.ip().is_loopback() {
+                warn!(log, "the peer port is not loopback and peer TLS is off (--insecure): anyone who reaches it can speak raft to this node"; "peer" => %peer_local);
+            }
             // One machine-readable line on stdout: scripts and tests read the bound ports from it.
-            println!("lodge node ready grpc={grpc_local} metrics={metrics_local}");
+            println!("lodge node ready grpc={grpc_local} metrics={metrics_local} peer={peer_local}");
         }
 
         // A node that stops serving must not linger: the server ending on its own is a failure.
@@ -847,11 +928,16 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 let reason = format!("the gRPC server stopped on its own: {ended:?}");
                 (Some(Exit::Failed(reason)), Some(ended), false)
             }
+            ended = &mut peer_task => {
+                let reason = format!("the peer server stopped on its own: {ended:?}");
+                (Some(Exit::Failed(reason)), None, false)
+            }
         }};
         // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
         let _ = io.spawn(async move { server::set_not_serving(&health).await }).await;
         let _ = shutdown_tx.send(true);
         let _ = stop_tx.send(());
+        let _ = peer_stop_tx.send(());
         let drained = match server_ended {
             Some(ended) => ended,
             None => server_task.await,
@@ -863,6 +949,11 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             Err(e) => error!(log, "gRPC server task failed"; "error" => %e),
         }
         metrics_task.abort();
+        if !peer_task.is_finished() {
+            // Its streams (raft, relays) are cut with the process; nothing waits on them.
+            let _ = tokio::time::timeout(settings.drain_timeout, &mut peer_task).await;
+            peer_task.abort();
+        }
         let exit = if tree_done {
             failure.expect("tree_done implies a failure")
         } else {

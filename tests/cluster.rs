@@ -235,7 +235,7 @@ fn a_fourth_node_joins_through_a_follower_catches_up_from_a_snapshot_and_a_membe
         "--node-id",
         "4",
         "--join",
-        &trio.addr(follower - 1),
+        &trio.peer(follower - 1),
         "--config",
         &trio.config,
     ]);
@@ -297,7 +297,8 @@ fn the_cluster_service_refuses_conflicts_reports_liveness_and_says_not_modified(
     assert_eq!(roles(&t), [(1, "voter".to_string())]);
     let v = t["version"].as_u64().unwrap();
     let own = &t["members"][0];
-    assert_eq!(own["address"].as_str(), Some(node.grpc.as_str()));
+    assert_eq!(own["address"].as_str(), Some(node.peer.as_str()));
+    assert_eq!(own["client_address"].as_str(), Some(node.grpc.as_str()));
 
     // A learner that never runs: shown, and unreachable.
     let out = cluster(

@@ -186,28 +186,28 @@ fn a_second_process_with_a_members_id_exits_2_before_ready_and_the_member_is_unt
     let all = (0..3).map(|i| trio.addr(i)).collect::<Vec<_>>().join(",");
     serves(&all, "before");
     let real = trio.addr(2);
+    let real_peer = trio.peer(2);
 
-    // Its own configuration consistent (member 3 at the address it listens on), but the cluster
-    // has a live member 3 elsewhere.
+    // Its own configuration consistent (member 3 at the peer address it listens on), but the
+    // cluster has a live member 3 elsewhere.
     let own = format!("127.0.0.1:{}", free_port());
-    let initial = format!("1={},2={},3={own}", trio.addr(0), trio.addr(1));
-    let err = refused(Node::try_start_at(
+    let initial = format!("1={},2={},3={own}", trio.peer(0), trio.peer(1));
+    let err = refused(Node::try_start(&[
+        "--node-id",
+        "3",
+        "--config",
+        &trio.config,
+        "--peer-listen",
         &own,
-        &[
-            "--node-id",
-            "3",
-            "--config",
-            &trio.config,
-            "--initial-cluster",
-            &initial,
-        ],
-    ));
+        "--initial-cluster",
+        &initial,
+    ]));
     assert!(
-        err.contains("member 3 already runs at") && err.contains(&real),
+        err.contains("member 3 already runs at") && err.contains(&real_peer),
         "{err}"
     );
 
-    // Claiming the real member's address as its own.
+    // Claiming the real member's peer address as its own.
     let err = refused(Node::try_start(&[
         "--node-id",
         "3",
@@ -215,11 +215,11 @@ fn a_second_process_with_a_members_id_exits_2_before_ready_and_the_member_is_unt
         &trio.config,
         "--initial-cluster",
         &trio.initial,
-        "--advertise",
-        &real,
+        "--peer-advertise",
+        &real_peer,
     ]));
     assert!(
-        err.contains("member 3 already runs at") && err.contains(&real),
+        err.contains("member 3 already runs at") && err.contains(&real_peer),
         "{err}"
     );
 
@@ -230,10 +230,10 @@ fn a_second_process_with_a_members_id_exits_2_before_ready_and_the_member_is_unt
         "--config",
         &trio.config,
         "--join",
-        &trio.addr(0),
+        &trio.peer(0),
     ]));
     assert!(
-        err.contains("member 2 already runs at") && err.contains(&trio.addr(1)),
+        err.contains("member 2 already runs at") && err.contains(&trio.peer(1)),
         "{err}"
     );
 
@@ -308,22 +308,35 @@ fn a_node_whose_initial_cluster_entry_is_not_its_address_exits_2() {
             && err.contains("listens on 127.0.0.1:"),
         "{err}"
     );
-    // A wildcard listener advertising the entry's address is right.
+    // A wildcard peer listener advertising the entry's address is right (with --insecure: a
+    // non-loopback peer port without peer TLS is refused otherwise, naming both settings).
     let port = free_port();
     let entry = format!("127.0.0.1:{port}");
-    let node = Node::try_start_at(
-        &format!("0.0.0.0:{port}"),
-        &[
-            "--node-id",
-            "1",
-            "--initial-cluster",
-            &format!("1={entry}"),
-            "--advertise",
-            &entry,
-        ],
-    )
-    .unwrap_or_else(|f| panic!("{f:?}"));
-    serves(&entry, "advertised");
+    let wildcard = format!("0.0.0.0:{port}");
+    let args = [
+        "--node-id",
+        "1",
+        "--peer-listen",
+        &wildcard,
+        "--initial-cluster",
+        &format!("1={entry}"),
+        "--peer-advertise",
+        &entry,
+    ];
+    let err = refused(Node::try_start(&args));
+    assert!(
+        err.contains("peer.listen")
+            && err.contains("peer.tls.enabled")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+    let node =
+        Node::try_start(&[&args[..], &["--insecure"]].concat()).unwrap_or_else(|f| panic!("{f:?}"));
+    assert_eq!(node.peer, wildcard);
+    eventually("a warning that the peer port is open", || {
+        node.stderr().contains("peer TLS is off").then_some(())
+    });
+    serves(&node.grpc, "advertised");
     drop(node);
 }
 
@@ -337,8 +350,8 @@ fn a_member_without_a_leader_says_so_naming_the_members_it_does_not_hear_from() 
         e.contains("no leader for").then_some(e)
     });
     assert!(
-        warned.contains(&format!("2 at {}", trio.addr(1)))
-            && warned.contains(&format!("3 at {}", trio.addr(2))),
+        warned.contains(&format!("2 at {}", trio.peer(1)))
+            && warned.contains(&format!("3 at {}", trio.peer(2))),
         "{warned}"
     );
 }

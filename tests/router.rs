@@ -378,9 +378,12 @@ async fn router_relays_a_side_to_the_member_that_owns_the_session() {
     let nodes: Vec<Node> = (0..3)
         .map(|i| {
             let id = (i + 1).to_string();
+            let peer = trio.peer(i);
             let args = [
                 "--node-id",
                 id.as_str(),
+                "--peer-listen",
+                peer.as_str(),
                 "--initial-cluster",
                 trio.initial.as_str(),
             ];

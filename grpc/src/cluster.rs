@@ -18,13 +18,13 @@ use slog::{info, warn, Logger};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::client::{self, ClientTls};
 use crate::deadline;
 use crate::forward::{forwarded, Forwarder};
 use crate::kv::stream_until_shutdown;
 use crate::pb::cluster::{self as pb, cluster_client::ClusterClient, cluster_server};
+use crate::peer::{FromPeer, PeerChannel, PeerLink};
 
-type Client = ClusterClient<crate::client::Channel>;
+type Client = ClusterClient<PeerChannel>;
 type Forwarded<R> = Pin<Box<dyn std::future::Future<Output = Result<Response<R>, Status>> + Send>>;
 
 /// The cluster adapter.
@@ -39,7 +39,7 @@ pub struct ClusterService {
     /// This process's incarnation (answered by Status).
     incarnation: u64,
     /// How this node reaches other members (the quorum guard's probe of a new member).
-    peer_tls: ClientTls,
+    peer: PeerLink,
 }
 
 /// The longest a probe of a new member's address may take.
@@ -57,7 +57,7 @@ impl ClusterService {
         timeout: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
         incarnation: u64,
-        peer_tls: ClientTls,
+        peer: PeerLink,
     ) -> Self {
         Self {
             raft,
@@ -68,7 +68,7 @@ impl ClusterService {
             timeout,
             shutdown,
             incarnation,
-            peer_tls,
+            peer,
         }
     }
 
@@ -96,7 +96,10 @@ impl ClusterService {
                     .ok()
                     .and_then(Result::ok)
                     .map_or(0, |s| s.commit);
-                let view = self.view(budget).await.unwrap_or_else(|_| bare(&topology));
+                let view = self
+                    .view(budget)
+                    .await
+                    .unwrap_or_else(|_| bare(&topology, &self.directory));
                 Ok(Response::new(answer(view, commit)))
             }
             Err(e) => {
@@ -113,7 +116,7 @@ impl ClusterService {
             .send_timeout(GetTopologyView, budget)
             .await
             .map_err(|e| deadline::send_status(e, "membership"))?;
-        Ok(topology(v))
+        Ok(topology(v, &self.directory))
     }
 }
 
@@ -133,7 +136,7 @@ fn resources(r: &Resources) -> pb::Resources {
     }
 }
 
-fn topology(v: TopologyView) -> pb::Topology {
+fn topology(v: TopologyView, directory: &Directory) -> pb::Topology {
     pb::Topology {
         version: v.version,
         leader_id: v.leader.unwrap_or(0),
@@ -151,13 +154,14 @@ fn topology(v: TopologyView) -> pb::Topology {
                     .map_or(-1, |d| d.as_millis() as i64),
                 status: m.liveness.status,
                 resources: Some(resources(&m.liveness.resources)),
+                client_address: directory.client_address(m.id).unwrap_or_default(),
             })
             .collect(),
     }
 }
 
 /// The topology without liveness (when the membership actor cannot be asked).
-fn bare(t: &Topology) -> pb::Topology {
+fn bare(t: &Topology, directory: &Directory) -> pb::Topology {
     pb::Topology {
         version: t.version,
         leader_id: 0,
@@ -169,17 +173,18 @@ fn bare(t: &Topology) -> pb::Topology {
                 address: m.addr.clone(),
                 role: role(m.role),
                 last_heartbeat_ms_ago: -1,
+                client_address: directory.client_address(m.id).unwrap_or_default(),
                 ..Default::default()
             })
             .collect(),
     }
 }
 
-/// Asks the node at `addr` for its raft status, within `within`: the member id it runs as and its
-/// process incarnation, or `None` when nothing answered.
-pub async fn probe(addr: &str, tls: &ClientTls, within: Duration) -> Option<(u64, u64)> {
+/// Asks the node at the peer address `addr` for its raft status, within `within`: the member id
+/// it runs as and its process incarnation, or `None` when nothing answered.
+pub async fn probe(addr: &str, link: &PeerLink, within: Duration) -> Option<(u64, u64)> {
     let call = async {
-        let channel = client::connect(addr, tls).await.ok()?;
+        let channel = link.connect(addr).await.ok()?;
         let mut req = Request::new(pb::StatusRequest {});
         req.set_timeout(within);
         let s = ClusterClient::new(channel).status(req).await.ok()?;
@@ -231,7 +236,7 @@ impl cluster_server::Cluster for ClusterService {
             .contains_key(&r.id);
         let answers = if role == Role::Voter && !r.force && is_new {
             let within = PROBE_TIMEOUT.min(deadline::of(&req, self.timeout) / 3);
-            probe(&r.address, &self.peer_tls, within)
+            probe(&r.address, &self.peer, within)
                 .await
                 .map(|(id, _)| id)
                 == Some(r.id)
@@ -305,6 +310,17 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.get_ref();
         require_id(r.node_id)?;
+        if let Some(FromPeer {
+            member: Some(member),
+        }) = req.extensions().get::<FromPeer>()
+        {
+            if *member != r.node_id {
+                return Err(Status::permission_denied(format!(
+                    "node_id: {} is not the member the peer certificate names ({member})",
+                    r.node_id
+                )));
+            }
+        }
         let res = r.resources.unwrap_or_default();
         let beat = Beat {
             status: r.status.clone(),
@@ -331,6 +347,9 @@ impl cluster_server::Cluster for ClusterService {
                 BeatRefused::NotMember(m) => Status::not_found(m),
                 BeatRefused::Duplicate(m) => Status::already_exists(m),
             })?;
+        // Accepted: this is how members learn where clients reach each other.
+        self.directory
+            .set_client_address(r.node_id, &r.client_address);
         Ok(Response::new(pb::HeartbeatResponse {
             topology_version: version,
             interval_ms: self.heartbeat_interval.as_millis() as i64,
@@ -364,6 +383,7 @@ impl cluster_server::Cluster for ClusterService {
         _: Request<pb::WatchTopologyRequest>,
     ) -> Result<Response<Self::WatchTopologyStream>, Status> {
         let mut changes = self.directory.subscribe();
+        let directory = self.directory.clone();
         let membership = self.membership.clone();
         let timeout = self.timeout;
         let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
@@ -374,7 +394,7 @@ impl cluster_server::Cluster for ClusterService {
                     let view = membership
                         .send_timeout(GetTopologyView, timeout)
                         .await
-                        .map(topology)
+                        .map(|v| topology(v, &directory))
                         .map_err(|e| deadline::send_status(e, "membership"));
                     let failed = view.is_err();
                     if out.send(view).await.is_err() || failed {
@@ -422,26 +442,30 @@ impl cluster_server::Cluster for ClusterService {
 /// busy with the previous one is skipped (the next one carries fresher figures anyway).
 pub struct GrpcHeartbeats {
     io: tokio::runtime::Handle,
-    tls: ClientTls,
+    link: PeerLink,
+    /// Where clients reach this node, published in every beat.
+    client_address: String,
     timeout: Duration,
     busy: Arc<Mutex<HashSet<String>>>,
-    channels: Arc<Mutex<HashMap<String, crate::client::Channel>>>,
+    channels: Arc<Mutex<HashMap<String, PeerChannel>>>,
     /// Peers refusing this process's beats as a duplicate's: logged once per refusal spell.
     refused: Arc<Mutex<HashSet<String>>>,
     log: Logger,
 }
 
 impl GrpcHeartbeats {
-    /// Beats run on `io`, each given up after `timeout`.
+    /// Beats run on `io`, each given up after `timeout`; they tell the others `client_address`.
     pub fn new(
         io: tokio::runtime::Handle,
-        tls: ClientTls,
+        link: PeerLink,
+        client_address: String,
         timeout: Duration,
         log: &Logger,
     ) -> Self {
         Self {
             io,
-            tls,
+            link,
+            client_address,
             timeout,
             busy: Default::default(),
             channels: Default::default(),
@@ -456,7 +480,8 @@ impl HeartbeatSender for GrpcHeartbeats {
         if !self.busy.lock().unwrap().insert(addr.to_string()) {
             return;
         }
-        let (busy, channels, tls) = (self.busy.clone(), self.channels.clone(), self.tls.clone());
+        let (busy, channels, link) = (self.busy.clone(), self.channels.clone(), self.link.clone());
+        let client_address = self.client_address.clone();
         let (refused, log) = (self.refused.clone(), self.log.clone());
         let addr = addr.to_string();
         let timeout = self.timeout;
@@ -466,7 +491,7 @@ impl HeartbeatSender for GrpcHeartbeats {
                 let channel = match cached {
                     Some(c) => c,
                     None => {
-                        let c = client::connect(&addr, &tls).await?;
+                        let c = link.connect(&addr).await?;
                         channels.lock().unwrap().insert(addr.clone(), c.clone());
                         c
                     }
@@ -477,6 +502,7 @@ impl HeartbeatSender for GrpcHeartbeats {
                         status: beat.status,
                         resources: Some(resources(&beat.resources)),
                         incarnation: beat.incarnation,
+                        client_address,
                     })
                     .await;
                 Ok::<_, String>(answer)

@@ -5,17 +5,18 @@
 //! that a second follower does not forward it again (no loops while views of the leader differ);
 //! without a known leader the caller gets UNAVAILABLE naming what is missing. Addresses come from
 //! the replicated topology, so members added at run time are reached like the first ones.
+//! Members are reached on their peer addresses; what clients are told (`lodge-leader`, the
+//! messages) names the leader's client address.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::client::Channel;
 use lodge_actors::cluster::raft::RaftError;
 use lodge_actors::cluster::topology::Directory;
 use tonic::{Request, Status};
 
-use crate::client::{self, ClientTls};
+use crate::peer::{PeerChannel, PeerLink};
 
 /// Metadata key marking a request forwarded by a member.
 pub const FORWARDED: &str = "lodge-forwarded";
@@ -59,18 +60,18 @@ pub fn outcome_unknown(s: &Status) -> bool {
 pub struct Forwarder {
     member_id: u64,
     directory: Directory,
-    tls: ClientTls,
+    link: PeerLink,
     /// Channels by address: tonic channels reconnect by themselves.
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, PeerChannel>>,
 }
 
 impl Forwarder {
     /// Forwards for member `member_id`, finding addresses in `directory`.
-    pub fn new(member_id: u64, directory: Directory, tls: ClientTls) -> Self {
+    pub fn new(member_id: u64, directory: Directory, link: PeerLink) -> Self {
         Self {
             member_id,
             directory,
-            tls,
+            link,
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -82,7 +83,11 @@ impl Forwarder {
 
     /// A channel to the leader named in `err`, if the request may be forwarded; otherwise the
     /// status to answer.
-    pub async fn leader<T>(&self, req: &Request<T>, err: &RaftError) -> Result<Channel, Status> {
+    pub async fn leader<T>(
+        &self,
+        req: &Request<T>,
+        err: &RaftError,
+    ) -> Result<PeerChannel, Status> {
         let RaftError::NotLeader {
             leader: Some(leader),
         } = err
@@ -100,7 +105,7 @@ impl Forwarder {
     }
 
     /// A channel to member `id` (relaying a session to its owner, say).
-    pub async fn member(&self, id: u64) -> Result<Channel, Status> {
+    pub async fn member(&self, id: u64) -> Result<PeerChannel, Status> {
         let addr = self.directory.address(id).ok_or_else(|| {
             Status::unavailable(format!("member {id}'s address is not known here; retry"))
         })?;
@@ -108,12 +113,14 @@ impl Forwarder {
     }
 
     /// The cached channel to `addr`, or a new one (tonic channels reconnect by themselves).
-    async fn channel(&self, addr: String) -> Result<Channel, Status> {
+    async fn channel(&self, addr: String) -> Result<PeerChannel, Status> {
         let cached = self.channels.lock().unwrap().get(&addr).cloned();
         match cached {
             Some(c) => Ok(c),
             None => {
-                let c = client::connect(&addr, &self.tls)
+                let c = self
+                    .link
+                    .connect(&addr)
                     .await
                     .map_err(Status::unavailable)?;
                 self.channels.lock().unwrap().insert(addr, c.clone());
@@ -134,7 +141,7 @@ impl Forwarder {
     fn status_of(&self, e: &RaftError) -> Status {
         match e {
             RaftError::NotLeader { leader: Some(l) } => {
-                let addr = self.directory.address(*l);
+                let addr = self.directory.client_address(*l);
                 let mut s = Status::unavailable(format!(
                     "not the leader; the leader is member {l} at {}",
                     addr.as_deref().unwrap_or("an unknown address")
@@ -150,7 +157,7 @@ impl Forwarder {
             // UNAVAILABLE with the leader, as the issue and etcd do; but this write may have
             // applied, so it is marked: a client must read before retrying it.
             RaftError::Unknown { leader } => {
-                let addr = leader.and_then(|l| self.directory.address(l));
+                let addr = leader.and_then(|l| self.directory.client_address(l));
                 let mut s = outcome_unknown_status(&format!(
                     "leadership changed while the write was in flight; it may or may not have been applied: read before retrying (leader: {})",
                     match (leader, &addr) {

@@ -17,6 +17,7 @@ pub mod listener;
 pub mod message_limit;
 pub mod metrics;
 pub mod module;
+pub mod peer;
 pub mod raft;
 pub mod registry;
 pub mod registry_client;

@@ -5,10 +5,17 @@
 //! connected, or its queue is full, messages to it are dropped and raft is told the peer is
 //! unreachable (raft resends what matters). Snapshots travel on a stream of their own, in 1 MiB
 //! chunks, so a large state is not bound by the message-size limit.
+//!
+//! The server side runs on the peer port only. A message whose `from` is not the member the
+//! peer's certificate names is dropped and counted; a snapshot stream is capped
+//! (`peer.max_snapshot_bytes`), one at a time per peer, and spooled to a file in the data
+//! directory as it arrives: memory holds one chunk until the stream is complete (then raft,
+//! which keeps a snapshot in memory, gets the whole of it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use lodge_actors::cluster::fault::Faults;
@@ -23,10 +30,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::client::{self, ClientTls};
 use crate::pb::raft::{
     raft_client::RaftClient, raft_server, MessageBatch, SendAck, SnapshotAck, SnapshotChunk,
 };
+use crate::peer::{FromPeer, PeerLink};
 
 const QUEUE: usize = 4096;
 const BATCH_MESSAGES: usize = 256;
@@ -34,8 +41,6 @@ const BATCH_BYTES: usize = 2 << 20;
 /// Largest batch or snapshot chunk the server decodes: a batch stops growing at BATCH_BYTES, plus
 /// one message of at most raft's 1 MiB per message (or one entry as large as a client request).
 pub const MAX_DECODE: usize = 64 << 20;
-/// Largest snapshot accepted from a peer.
-const MAX_SNAPSHOT: u64 = 4 << 30;
 const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Longest a snapshot transfer may take.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -55,7 +60,7 @@ pub struct GrpcTransport {
     faults: Faults,
     peers: RwLock<HashMap<u64, Peer>>,
     io: tokio::runtime::Handle,
-    tls: ClientTls,
+    link: PeerLink,
     log: Logger,
 }
 
@@ -68,7 +73,7 @@ impl GrpcTransport {
         raft: ActorRef<RaftNode>,
         faults: Faults,
         directory: Directory,
-        tls: ClientTls,
+        link: PeerLink,
         log: Logger,
     ) -> Arc<Self> {
         let t = Arc::new(Self {
@@ -76,7 +81,7 @@ impl GrpcTransport {
             faults,
             peers: RwLock::new(HashMap::new()),
             io: io.clone(),
-            tls,
+            link,
             log,
         });
         let mut changes = directory.subscribe();
@@ -127,7 +132,7 @@ impl GrpcTransport {
         self.io.spawn(stream_messages(
             id,
             addr.clone(),
-            self.tls.clone(),
+            self.link.clone(),
             mrx,
             connected.clone(),
             self.faults.clone(),
@@ -136,7 +141,7 @@ impl GrpcTransport {
         self.io.spawn(stream_snapshots(
             id,
             addr,
-            self.tls.clone(),
+            self.link.clone(),
             srx,
             self.raft.clone(),
             log,
@@ -201,7 +206,7 @@ impl Transport for GrpcTransport {
 async fn stream_messages(
     peer: u64,
     addr: String,
-    tls: ClientTls,
+    link: PeerLink,
     mut rx: mpsc::Receiver<Vec<u8>>,
     connected: Arc<AtomicBool>,
     faults: Faults,
@@ -209,7 +214,7 @@ async fn stream_messages(
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let channel = match client::connect(&addr, &tls).await {
+        let channel = match link.connect(&addr).await {
             Ok(c) => c,
             Err(e) => {
                 if rx.is_closed() {
@@ -268,7 +273,7 @@ async fn stream_messages(
 async fn stream_snapshots(
     peer: u64,
     addr: String,
-    tls: ClientTls,
+    link: PeerLink,
     mut rx: mpsc::Receiver<Vec<u8>>,
     raft: ActorRef<RaftNode>,
     log: Logger,
@@ -284,9 +289,7 @@ async fn stream_snapshots(
             })
             .collect();
         let result = async {
-            let channel = client::connect(&addr, &tls)
-                .await
-                .map_err(Status::unavailable)?;
+            let channel = link.connect(&addr).await.map_err(Status::unavailable)?;
             // Bounded, so that a peer gone silent mid-transfer does not hold raft's progress for
             // it in snapshot state forever: raft sends a new one when it fails.
             let mut req = Request::new(tokio_stream::iter(chunks));
@@ -309,15 +312,70 @@ async fn stream_snapshots(
     }
 }
 
+/// Where and how large snapshots from peers may be (the `[peer]` section).
+#[derive(Clone, Debug)]
+pub struct SnapshotSpool {
+    /// Directory the streams are spooled in (emptied at start).
+    pub dir: PathBuf,
+    /// `peer.max_snapshot_bytes`.
+    pub max_bytes: u64,
+}
+
 /// Server side: steps incoming messages into this member's raft actor.
 pub struct RaftService {
     raft: ActorRef<RaftNode>,
     faults: Faults,
+    spool: SnapshotSpool,
+    /// Peers with a snapshot stream open (by member, or by address without peer TLS).
+    streaming: Arc<Mutex<HashSet<String>>>,
+    rejections: lodge_actors::registry::RegistryMetrics,
+}
+
+/// A peer's place in [`RaftService::streaming`] and its spool file, given back when dropped.
+struct SpoolPlace {
+    peers: Arc<Mutex<HashSet<String>>>,
+    peer: String,
+    file: PathBuf,
+}
+
+impl Drop for SpoolPlace {
+    fn drop(&mut self) {
+        self.peers.lock().unwrap().remove(&self.peer);
+        let _ = std::fs::remove_file(&self.file);
+    }
 }
 
 impl RaftService {
-    pub fn new(raft: ActorRef<RaftNode>, faults: Faults) -> Self {
-        Self { raft, faults }
+    pub fn new(
+        raft: ActorRef<RaftNode>,
+        faults: Faults,
+        spool: SnapshotSpool,
+        rejections: lodge_actors::registry::RegistryMetrics,
+    ) -> Self {
+        Self {
+            raft,
+            faults,
+            spool,
+            streaming: Arc::default(),
+            rejections,
+        }
+    }
+
+    /// Drops the messages whose `from` is not the authenticated peer (counted).
+    fn authentic(&self, peer: Option<FromPeer>, msgs: &mut Vec<RaftMessage>) {
+        let Some(FromPeer {
+            member: Some(member),
+        }) = peer
+        else {
+            return;
+        };
+        msgs.retain(|m| {
+            let ok = m.from == member;
+            if !ok {
+                self.rejections.rejected("peer_identity");
+            }
+            ok
+        });
     }
 
     async fn step(&self, mut msgs: Vec<RaftMessage>) -> Result<(), Status> {
@@ -330,6 +388,39 @@ impl RaftService {
             .send(Step(msgs))
             .await
             .map_err(|e| Status::unavailable(format!("raft member: {e}")))
+    }
+
+    /// Takes the peer's one snapshot place, or says who holds it.
+    fn begin_snapshot<T>(&self, req: &Request<T>) -> Result<SpoolPlace, Status> {
+        let peer = match req.extensions().get::<FromPeer>().and_then(|p| p.member) {
+            Some(m) => format!("member {m}"),
+            None => req
+                .remote_addr()
+                .map_or("an unknown address".into(), |a| a.ip().to_string()),
+        };
+        if !self.streaming.lock().unwrap().insert(peer.clone()) {
+            self.rejections.rejected("peer_snapshot_streams");
+            return Err(Status::resource_exhausted(format!(
+                "a snapshot from {peer} is already streaming: one at a time per peer"
+            )));
+        }
+        let file = self
+            .spool
+            .dir
+            .join(format!("snapshot-{:016x}.part", fastrand::u64(..)));
+        Ok(SpoolPlace {
+            peers: self.streaming.clone(),
+            peer,
+            file,
+        })
+    }
+
+    fn too_large(&self, bytes: u64) -> Status {
+        self.rejections.rejected("peer_snapshot_bytes");
+        Status::resource_exhausted(format!(
+            "snapshot of {bytes} bytes or more is larger than peer.max_snapshot_bytes ({})",
+            self.spool.max_bytes
+        ))
     }
 }
 
@@ -344,13 +435,15 @@ impl raft_server::Raft for RaftService {
         &self,
         req: Request<Streaming<MessageBatch>>,
     ) -> Result<Response<SendAck>, Status> {
+        let peer = req.extensions().get::<FromPeer>().copied();
         let mut stream = req.into_inner();
         while let Some(batch) = stream.message().await? {
-            let msgs = batch
+            let mut msgs = batch
                 .messages
                 .iter()
                 .map(|b| decode(b))
                 .collect::<Result<Vec<_>, _>>()?;
+            self.authentic(peer, &mut msgs);
             self.step(msgs).await?;
         }
         Ok(Response::new(SendAck {}))
@@ -360,27 +453,50 @@ impl raft_server::Raft for RaftService {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SnapshotAck>, Status> {
+        let place = self.begin_snapshot(&req)?;
+        let peer = req.extensions().get::<FromPeer>().copied();
         let mut stream = req.into_inner();
-        let mut bytes = Vec::new();
+        let io_error = |e: std::io::Error| Status::internal(format!("spooling the snapshot: {e}"));
+        let mut file = tokio::fs::File::create(&place.file)
+            .await
+            .map_err(io_error)?;
+        let (mut received, mut announced) = (0u64, None);
         while let Some(chunk) = stream.message().await? {
-            if chunk.total_bytes > MAX_SNAPSHOT
-                || bytes.len() as u64 + chunk.data.len() as u64 > MAX_SNAPSHOT
-            {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot larger than {MAX_SNAPSHOT} bytes"
-                )));
+            if announced.is_none() {
+                announced = Some(chunk.total_bytes);
             }
-            if bytes.is_empty() {
-                // Trust the announced size only as far as a modest first allocation.
-                bytes.reserve((chunk.total_bytes as usize).min(64 << 20));
+            received += chunk.data.len() as u64;
+            if chunk.total_bytes > self.spool.max_bytes {
+                return Err(self.too_large(chunk.total_bytes));
             }
-            bytes.extend_from_slice(&chunk.data);
+            if received > self.spool.max_bytes {
+                return Err(self.too_large(received));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk.data)
+                .await
+                .map_err(io_error)?;
         }
+        if let Some(total) = announced.filter(|t| *t != 0 && *t != received) {
+            return Err(Status::invalid_argument(format!(
+                "snapshot ended after {received} of the {total} bytes announced (total_bytes)"
+            )));
+        }
+        drop(file);
+        // Complete: raft keeps a snapshot in memory, so it is read whole from here.
+        let bytes = tokio::fs::read(&place.file).await.map_err(io_error)?;
+        drop(place);
         let msg = decode(&bytes)?;
         if msg.get_msg_type() != MessageType::MsgSnapshot {
             return Err(Status::invalid_argument("data: not a snapshot message"));
         }
-        self.step(vec![msg]).await?;
+        let mut msgs = vec![msg];
+        self.authentic(peer, &mut msgs);
+        if msgs.is_empty() {
+            return Err(Status::permission_denied(
+                "from: a snapshot must come from the member the peer certificate names",
+            ));
+        }
+        self.step(msgs).await?;
         Ok(Response::new(SnapshotAck {}))
     }
 }

@@ -554,7 +554,7 @@ impl ControlService {
         owner: u64,
         md: &MetadataMap,
         msg: T,
-    ) -> Result<(RouterControlClient<crate::client::Channel>, Request<T>), Status> {
+    ) -> Result<(RouterControlClient<crate::peer::PeerChannel>, Request<T>), Status> {
         let onward = self.onward(md, msg)?;
         let channel = self.cx.peers.member(owner).await?;
         Ok((RouterControlClient::new(channel), onward))

@@ -16,12 +16,29 @@ pub const NODE_SERVICES: &[&str] = &[
     "lodge.balancer.v1.Balancer",
     "lodge.cluster.v1.Cluster",
     "lodge.kv.v1.KV",
-    "lodge.raft.v1.Raft",
     "lodge.registry.v1.Registry",
     "lodge.registry.v1.Translation",
     "lodge.router.v1.RouterControl",
     "lodge.router.v1.Tunnel",
 ];
+
+/// The services a node answers on its peer port: the raft transport, and the node's own services
+/// for node-to-node calls (forwarding to the leader, heartbeats, relays). No health or
+/// reflection: nothing but members calls there.
+pub const PEER_SERVICES: &[&str] = &[
+    "lodge.admin.v1.Admin",
+    "lodge.balancer.v1.Balancer",
+    "lodge.cluster.v1.Cluster",
+    "lodge.kv.v1.KV",
+    RAFT,
+    "lodge.registry.v1.Registry",
+    "lodge.registry.v1.Translation",
+    "lodge.router.v1.RouterControl",
+    "lodge.router.v1.Tunnel",
+];
+
+/// Member-to-member raft traffic: on the peer port only.
+pub const RAFT: &str = "lodge.raft.v1.Raft";
 
 /// The standard health service.
 pub const HEALTH: &str = "grpc.health.v1.Health";
@@ -40,9 +57,15 @@ pub const DESCRIPTOR_SETS: &[&[u8]] = &[
     tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
 ];
 
-/// Every method path the node serves (`/package.Service/Method`), for bounded metric labels.
+/// Every method path the node serves on its client port (`/package.Service/Method`), for
+/// bounded metric labels.
 pub fn node_methods() -> HashSet<String> {
     crate::metrics::known_methods(DESCRIPTOR_SETS, NODE_SERVICES)
+}
+
+/// Every method path the node serves on its peer port.
+pub fn peer_methods() -> HashSet<String> {
+    crate::metrics::known_methods(DESCRIPTOR_SETS, PEER_SERVICES)
 }
 
 #[cfg(test)]
@@ -64,6 +87,16 @@ mod tests {
         assert!(methods.contains("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
         assert!(methods.contains("/grpc.health.v1.Health/Check"));
         assert!(methods.contains("/lodge.kv.v1.KV/Put"));
+        assert!(
+            !methods
+                .iter()
+                .any(|m| m.starts_with("/lodge.raft.v1.Raft/")),
+            "raft is served on the peer port only"
+        );
+        let peer = peer_methods();
+        assert!(peer.contains("/lodge.raft.v1.Raft/Send"));
+        assert!(peer.contains("/lodge.kv.v1.KV/Put"));
+        assert!(!peer.iter().any(|m| m.starts_with("/grpc.")));
         assert!(
             !methods
                 .iter()

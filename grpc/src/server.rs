@@ -76,7 +76,10 @@ pub fn tls_config(tls: &TlsMaterial) -> Result<ServerTlsConfig, String> {
 
 /// The node's services, with their health entries.
 pub struct NodeServices {
+    /// The client port's ([`crate::served::NODE_SERVICES`]).
     pub routes: Routes,
+    /// The peer port's ([`crate::served::PEER_SERVICES`]).
+    pub peer_routes: Routes,
     pub health: HealthReporter,
 }
 
@@ -93,8 +96,10 @@ pub struct Backends {
     pub membership: ActorRef<lodge_actors::cluster::members::Membership>,
     /// How often members send heartbeats.
     pub heartbeat_interval: Duration,
-    /// How this node connects to other members.
-    pub peer_tls: crate::client::ClientTls,
+    /// How this node connects to other members (their peer ports).
+    pub peer_link: crate::peer::PeerLink,
+    /// Where snapshots from peers are spooled, and their cap.
+    pub snapshot_spool: crate::raft::SnapshotSpool,
     /// Injected faults (the Raft service drops traffic from cut-off peers).
     pub faults: lodge_actors::cluster::fault::Faults,
     /// The client registry.
@@ -117,7 +122,7 @@ pub struct RouterBackend {
     pub settings: Arc<lodge_actors::router::RouterSettings>,
 }
 
-/// Every method the node serves, for bounded metric labels.
+/// Every method the node serves on its client port, for bounded metric labels.
 pub fn served_methods() -> std::collections::HashSet<String> {
     crate::served::node_methods()
 }
@@ -173,12 +178,12 @@ pub async fn node_services(
     let relay_peers = Arc::new(crate::forward::Forwarder::new(
         b.member_id,
         b.directory.clone(),
-        b.peer_tls.clone(),
+        b.peer_link.clone(),
     ));
     let forward = Arc::new(crate::forward::Forwarder::new(
         b.member_id,
         b.directory.clone(),
-        b.peer_tls.clone(),
+        b.peer_link.clone(),
     ));
     let kv = pb::kv::kv_server::KvServer::new(
         crate::kv::KvService::new(
@@ -203,7 +208,7 @@ pub async fn node_services(
             s.request_timeout,
             shutdown.clone(),
             b.incarnation,
-            b.peer_tls.clone(),
+            b.peer_link.clone(),
         ))
         .max_decoding_message_size(s.max_message_bytes)
         .max_encoding_message_size(s.max_message_bytes);
@@ -222,7 +227,7 @@ pub async fn node_services(
         pb::registry::registry_server::RegistryServer::new(crate::registry::RegistryService::new(
             b.registry,
             forward.clone(),
-            b.registry_metrics,
+            b.registry_metrics.clone(),
             s.request_timeout,
         ))
         .max_decoding_message_size(s.max_message_bytes)
@@ -255,43 +260,71 @@ pub async fn node_services(
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
-    let raft =
-        pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(b.raft, b.faults))
-            .max_decoding_message_size(crate::raft::MAX_DECODE);
+    let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(
+        b.raft,
+        b.faults,
+        b.snapshot_spool,
+        b.registry_metrics.clone(),
+    ))
+    .max_decoding_message_size(crate::raft::MAX_DECODE);
     // Each service goes into the routes with its name beside it, so the check below sees what
-    // is really routed.
-    let mut routed = Vec::new();
+    // is really routed. The peer port takes the node's services (not health or reflection) and
+    // raft; the client port everything else.
+    let (mut routed, mut peer_routed) = (Vec::new(), Vec::new());
+    let (mut routes, mut peer_routes) = (Routes::default(), Routes::default());
     macro_rules! route {
-        ($routes:expr, $svc:expr) => {{
+        (client: $svc:expr) => {{
             let svc = $svc;
             routed.push(name_of(&svc));
-            $routes.add_service(svc)
+            routes = routes.add_service(svc);
+        }};
+        (peer: $svc:expr) => {{
+            let svc = $svc;
+            peer_routed.push(name_of(&svc));
+            peer_routes = peer_routes.add_service(svc);
+        }};
+        (both: $svc:expr) => {{
+            let svc = $svc;
+            route!(peer: svc.clone());
+            route!(client: svc);
         }};
     }
-    let routes = Routes::default();
-    let routes = route!(routes, health_service);
-    let routes = route!(routes, reflection);
-    let routes = route!(routes, reflection_v1alpha);
-    let routes = route!(routes, admin);
-    let routes = route!(routes, kv);
-    let routes = route!(routes, cluster);
-    let routes = route!(routes, registry);
-    let routes = route!(routes, translation);
-    let routes = route!(routes, tunnel);
-    let routes = route!(routes, router_control);
-    let routes = route!(routes, balancer);
-    let routes = route!(routes, raft);
-    // Health, reflection and the metrics go by `NODE_SERVICES`: a service routed but not listed
-    // (or listed but not routed) would be misreported by all three.
-    let mut listed = crate::served::NODE_SERVICES.to_vec();
-    listed.sort_unstable();
-    routed.sort_unstable();
-    if routed != listed {
-        return Err(format!(
-            "internal: the routed services {routed:?} differ from served::NODE_SERVICES {listed:?}"
-        ));
+    route!(client: health_service);
+    route!(client: reflection);
+    route!(client: reflection_v1alpha);
+    route!(both: admin);
+    route!(both: kv);
+    route!(both: cluster);
+    route!(both: registry);
+    route!(both: translation);
+    route!(both: tunnel);
+    route!(both: router_control);
+    route!(both: balancer);
+    route!(peer: raft);
+    // Health, reflection and the metrics go by the lists: a service routed but not listed (or
+    // listed but not routed) would be misreported by all three.
+    for (port, routed, list) in [
+        ("NODE_SERVICES", &mut routed, crate::served::NODE_SERVICES),
+        (
+            "PEER_SERVICES",
+            &mut peer_routed,
+            crate::served::PEER_SERVICES,
+        ),
+    ] {
+        let mut listed = list.to_vec();
+        listed.sort_unstable();
+        routed.sort_unstable();
+        if *routed != listed {
+            return Err(format!(
+                "internal: the routed services {routed:?} differ from served::{port} {listed:?}"
+            ));
+        }
     }
-    Ok(NodeServices { routes, health })
+    Ok(NodeServices {
+        routes,
+        peer_routes,
+        health,
+    })
 }
 
 /// Marks every service NOT_SERVING (the first step of a shutdown).
@@ -308,12 +341,13 @@ pub async fn set_not_serving(health: &HealthReporter) {
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then drains: waits at most
 /// `drain_timeout` for the calls someone is waiting on (see [`crate::calls`]). Returns whether
-/// the drain finished in time.
+/// the drain finished in time. `peer`: this is the peer port, whose calls the gate checks.
 pub async fn serve(
     settings: &ServerSettings,
     listener: TcpListener,
     routes: Routes,
     metrics: Arc<ServerMetrics>,
+    peer: Option<Arc<crate::peer::PeerGate>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<bool, tonic::transport::Error> {
     let tls = settings
@@ -347,6 +381,11 @@ pub async fn serve(
         settings.max_concurrent_rpcs,
         settings.admission.per_ip.metrics.clone(),
     );
+    let port = if peer.is_some() {
+        crate::auth::Port::Peer
+    } else {
+        crate::auth::Port::Client
+    };
     let server = builder
         .timeout(settings.request_timeout)
         .http2_keepalive_interval(Some(settings.keepalive_interval))
@@ -358,17 +397,22 @@ pub async fn serve(
         .max_frame_size(crate::client::MAX_FRAME)
         // Outermost: caps the status message of every answer, the layers' own included.
         .layer(crate::status_limit::StatusLimitLayer)
-        .layer(MetricsLayer::new(metrics, served_methods()))
+        .layer(MetricsLayer::new(
+            metrics,
+            if peer.is_some() {
+                crate::served::peer_methods()
+            } else {
+                served_methods()
+            },
+        ))
         .layer(CallsLayer(calls.clone()))
+        .layer(crate::peer::PeerLayer(peer))
         .layer(crate::message_limit::MessageLimitLayer {
             max_message_bytes: settings.max_message_bytes,
             metrics: settings.admission.per_ip.metrics.clone(),
         })
         // Innermost: the caller is identified and checked just before its handler.
-        .layer(crate::auth::AuthLayer::new(
-            settings.gate.clone(),
-            crate::auth::Port::Client,
-        ))
+        .layer(crate::auth::AuthLayer::new(settings.gate.clone(), port))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

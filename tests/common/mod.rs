@@ -24,6 +24,8 @@ pub struct Node {
     child: Option<Child>,
     pub grpc: String,
     pub metrics: String,
+    /// Its peer address (raft, node-to-node calls).
+    pub peer: String,
     pub dir: tempfile::TempDir,
     stderr: PathBuf,
 }
@@ -84,7 +86,7 @@ impl Node {
             .unwrap_or_else(|f| panic!("node did not start: {f:?}"))
     }
 
-    fn try_start_in(
+    pub fn try_start_in(
         dir: tempfile::TempDir,
         listen: &str,
         args: &[&str],
@@ -134,6 +136,7 @@ impl Node {
                     return Ok(Node {
                         grpc: field("grpc="),
                         metrics: field("metrics="),
+                        peer: field("peer="),
                         child: Some(child),
                         dir,
                         stderr,
@@ -470,7 +473,10 @@ pub fn leader_of(node: &Node) -> Option<u64> {
 
 /// Three members on loopback ports chosen now, sharing one configuration file.
 pub struct Trio {
+    /// Client ports.
     pub ports: Vec<u16>,
+    /// Peer ports (what `initial` names).
+    pub peer_ports: Vec<u16>,
     pub initial: String,
     pub config: String,
     extra: Vec<&'static str>,
@@ -481,8 +487,9 @@ impl Trio {
     /// `toml` configures every member; `extra` flags go to every member too.
     pub fn new(toml: &str, extra: &[&'static str]) -> Self {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let initial = (0..3)
-            .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+            .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_ports[i]))
             .collect::<Vec<_>>()
             .join(",");
         let dir = tempfile::tempdir().unwrap();
@@ -490,6 +497,7 @@ impl Trio {
         std::fs::write(&config, toml).unwrap();
         Self {
             ports,
+            peer_ports,
             initial,
             config: config.display().to_string(),
             extra: extra.to_vec(),
@@ -502,12 +510,32 @@ impl Trio {
         format!("127.0.0.1:{}", self.ports[i])
     }
 
+    /// The peer address of member index `i`.
+    pub fn peer(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.peer_ports[i])
+    }
+
+    /// The flags member index `i` starts with (its id, configuration, peer port and the
+    /// initial cluster), besides `--listen`.
+    pub fn args(&self, i: usize) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--config".into(),
+            self.config.clone(),
+            "--peer-listen".into(),
+            self.peer(i),
+            "--initial-cluster".into(),
+            self.initial.clone(),
+        ];
+        args.extend(self.extra.iter().map(|a| a.to_string()));
+        args
+    }
+
     /// Starts member index `i` keeping its data in `dir` (reused across restarts).
     pub fn start(&self, i: usize, dir: tempfile::TempDir) -> Node {
-        let id = (i + 1).to_string();
-        let mut args = vec!["--node-id", id.as_str(), "--config", self.config.as_str()];
-        args.extend(["--initial-cluster", self.initial.as_str()]);
-        args.extend(self.extra.iter().copied());
+        let args = self.args(i);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Node::start_in(dir, &self.addr(i), &args)
     }
 }

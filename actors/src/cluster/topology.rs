@@ -30,7 +30,8 @@ pub enum Role {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub id: u64,
-    /// Its gRPC address, `HOST:PORT`.
+    /// Its peer address, `HOST:PORT` (`peer.advertise`): raft and node-to-node calls go there.
+    /// Where clients reach it is not replicated (see [`Directory::client_address`]).
     pub addr: String,
     pub role: Role,
 }
@@ -343,6 +344,11 @@ pub struct Directory {
     /// Kept apart from the watched value: figures change every tick, and must not wake the
     /// readers of the topology.
     figures: Arc<std::sync::RwLock<RaftFigures>>,
+    /// Members' client addresses, as each published it in its heartbeats (and this node's own).
+    /// Not replicated: the topology's snapshot encoding stays as it was, and a member learns the
+    /// others' within a heartbeat interval of hearing from them. Kept apart from the watched
+    /// value for the same reason as the figures.
+    clients: Arc<std::sync::RwLock<BTreeMap<u64, String>>>,
 }
 
 impl Default for Directory {
@@ -350,6 +356,7 @@ impl Default for Directory {
         Self {
             tx: Arc::new(watch::channel(Published::default()).0),
             figures: Arc::default(),
+            clients: Arc::default(),
         }
     }
 }
@@ -424,6 +431,19 @@ impl Directory {
             }
             changed
         });
+    }
+
+    /// Where clients reach member `id`, if it said so (in a heartbeat, or this node of itself).
+    pub fn client_address(&self, id: u64) -> Option<String> {
+        self.clients.read().unwrap().get(&id).cloned()
+    }
+
+    /// Records where clients reach member `id`.
+    pub fn set_client_address(&self, id: u64, addr: &str) {
+        if addr.is_empty() || self.client_address(id).as_deref() == Some(addr) {
+            return;
+        }
+        self.clients.write().unwrap().insert(id, addr.to_string());
     }
 
     /// The raft member's latest figures.

@@ -9,11 +9,6 @@ use super::roles::{Role, Roles};
 /// node writes it, and only the node and `admin` read it.
 pub const INTERNAL_PREFIX: &[u8] = b"/lodge/";
 
-/// The member a peer-port connection authenticated as (from its certificate), put in the
-/// request's extensions by the peer port; `None` when peer TLS is off.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerMember(pub Option<u64>);
-
 /// How a caller was identified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {

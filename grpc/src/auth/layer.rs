@@ -12,7 +12,7 @@ use http_body::{Body, Frame};
 use tonic::Status;
 
 use super::audit::{Audit, AuditRecord, Pending};
-use super::caller::{Caller, PeerMember, Via};
+use super::caller::{Caller, Via};
 use super::certs::CertificateRoles;
 use super::jwt::Authenticator;
 use super::roles::{rule_of, Access, Rule};
@@ -22,7 +22,7 @@ use super::roles::{rule_of, Access, Rule};
 pub enum Port {
     /// Clients: tokens and client certificates.
     Client,
-    /// Other members: every caller the peer TLS admitted is a member (its id in [`PeerMember`]).
+    /// Other members: every caller the peer port admitted (`crate::peer::PeerLayer`) is one.
     Peer,
 }
 
@@ -142,7 +142,9 @@ where
         }
         let identified = match self.port {
             Port::Peer => Ok(Caller::peer(
-                req.extensions().get::<PeerMember>().and_then(|p| p.0),
+                req.extensions()
+                    .get::<crate::peer::FromPeer>()
+                    .and_then(|p| p.member),
             )),
             Port::Client => self.gate.identify(&req),
         };

@@ -10,7 +10,7 @@ pub mod jwt;
 pub mod layer;
 pub mod roles;
 
-pub use caller::{Caller, PeerMember, Via, INTERNAL_PREFIX};
+pub use caller::{Caller, Via, INTERNAL_PREFIX};
 pub use jwt::{mint_hs256, AuthSettings, Authenticator, Claims};
 pub use layer::{AuthLayer, Gatekeeper, Port};
 pub use roles::{Role, Roles};

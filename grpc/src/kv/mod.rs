@@ -180,7 +180,7 @@ impl KvService {
         &self,
         req: &Request<T>,
         err: &RaftError,
-    ) -> Result<KvClient<crate::client::Channel>, Status> {
+    ) -> Result<KvClient<crate::peer::PeerChannel>, Status> {
         // The leader keeps its answers within its own limits; ours need not match them.
         Ok(KvClient::new(self.forward.leader(req, err).await?)
             .max_decoding_message_size(usize::MAX)
