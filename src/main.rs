@@ -5,6 +5,7 @@ mod client;
 mod cluster;
 mod config;
 mod ctl;
+mod exposure;
 mod failover;
 mod identity;
 mod join;
@@ -174,6 +175,10 @@ struct NodeArgs {
     /// Address other members reach this node at (default: the bound listen address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Start even when server.listen or metrics.listen is not loopback and lacks TLS or auth
+    /// (server.insecure); a warning names what is open.
+    #[arg(long)]
+    insecure: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -254,6 +259,7 @@ fn main() {
                 initial_cluster: a.initial_cluster,
                 join: a.join,
                 advertise: a.advertise,
+                insecure: a.insecure.then_some(true),
             };
             match config::NodeConfig::load(&overrides) {
                 Err(e) => {

@@ -320,6 +320,8 @@ fn a_node_whose_initial_cluster_entry_is_not_its_address_exits_2() {
             &format!("1={entry}"),
             "--advertise",
             &entry,
+            // Without TLS and auth a wildcard listener needs it (docs/security.md).
+            "--insecure",
         ],
     )
     .unwrap_or_else(|f| panic!("{f:?}"));
