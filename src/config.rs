@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use config::{Config, File, FileFormat, Value, ValueKind};
@@ -124,6 +124,7 @@ pub struct ServerSection {
     pub handshake_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_concurrent_rpcs: usize,
+    /// Serve on a non-loopback address without TLS or auth (`--insecure`).
     pub insecure: bool,
     pub tls: TlsSection,
 }
@@ -183,6 +184,16 @@ pub struct MetricsSection {
     pub listen: String,
     pub max_connections: usize,
     pub request_timeout_ms: u64,
+    /// A file holding the bearer token every scrape must carry; empty: none.
+    pub token_file: String,
+    pub tls: MetricsTlsSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct MetricsTlsSection {
+    pub enabled: bool,
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -227,6 +238,7 @@ pub struct Overrides {
     pub advertise: Option<String>,
     pub peer_listen: Option<String>,
     pub peer_advertise: Option<String>,
+    /// `--insecure`: `Some(true)` sets `server.insecure`.
     pub insecure: Option<bool>,
 }
 
@@ -611,6 +623,7 @@ impl NodeConfig {
         let _ = members;
         self.tls_material()?;
         self.peer_tls_material()?;
+        self.metrics_security()?;
         Ok(())
     }
 
@@ -784,31 +797,14 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// Reads and checks the peer TLS files; `None` when peer TLS is off. The CA is required:
-    /// peer TLS is always mutual.
-    pub fn peer_tls_material(
-        &self,
-    ) -> Result<Option<lodge_grpc::server::TlsMaterial>, ConfigError> {
+    /// The peer listener's TLS files, checked to load; `None` when peer TLS is off. Always
+    /// mutual: the CA is required.
+    pub fn peer_tls_material(&self) -> Result<Option<lodge_grpc::tls::TlsFiles>, ConfigError> {
         let t = &self.peer.tls;
-        if !t.enabled {
-            if !(t.cert_file.is_empty() && t.key_file.is_empty() && t.ca_file.is_empty()) {
-                return Err(err("peer.tls.enabled", "peer TLS files are set but peer TLS is off; set peer.tls.enabled = true or remove the files"));
-            }
-            return Ok(None);
+        if t.enabled && t.ca_file.is_empty() {
+            return Err(err("peer.tls.ca_file", "is required when peer.tls.enabled = true"));
         }
-        let read = |key: &str, path: &str| -> Result<Vec<u8>, ConfigError> {
-            if path.is_empty() {
-                return Err(err(key, "is required when peer.tls.enabled = true"));
-            }
-            std::fs::read(Path::new(path)).map_err(|e| err(key, format!("cannot read {path}: {e}")))
-        };
-        let material = lodge_grpc::server::TlsMaterial {
-            cert_pem: read("peer.tls.cert_file", &t.cert_file)?,
-            key_pem: read("peer.tls.key_file", &t.key_file)?,
-            client_ca_pem: Some(read("peer.tls.ca_file", &t.ca_file)?),
-        };
-        lodge_grpc::server::tls_config(&material).map_err(|e| err("peer.tls", e))?;
-        Ok(Some(material))
+        tls_files("peer.tls", t.enabled, &t.cert_file, &t.key_file, Some(t.ca_file.as_str()))
     }
 
     /// How this node connects to other members' peer ports.
@@ -826,38 +822,11 @@ impl NodeConfig {
         }
     }
 
-    /// Reads and checks the TLS files; `None` when TLS is off.
-    pub fn tls_material(&self) -> Result<Option<lodge_grpc::server::TlsMaterial>, ConfigError> {
+    /// The gRPC listener's TLS files, checked to load; `None` when TLS is off.
+    pub fn tls_material(&self) -> Result<Option<lodge_grpc::tls::TlsFiles>, ConfigError> {
         let t = &self.server.tls;
-        if !t.enabled {
-            if !(t.cert_file.is_empty() && t.key_file.is_empty() && t.client_ca_file.is_empty()) {
-                // Serving plaintext while certificates are configured would be a silent downgrade.
-                return Err(err("server.tls.enabled", "TLS files are set but TLS is off; set server.tls.enabled = true or remove the files"));
-            }
-            return Ok(None);
-        }
-        let read = |key: &str, path: &str| -> Result<Vec<u8>, ConfigError> {
-            if path.is_empty() {
-                return Err(err(key, "is required when server.tls.enabled = true"));
-            }
-            std::fs::read(Path::new(path)).map_err(|e| err(key, format!("cannot read {path}: {e}")))
-        };
-        let material = lodge_grpc::server::TlsMaterial {
-            cert_pem: read("server.tls.cert_file", &t.cert_file)?,
-            key_pem: read("server.tls.key_file", &t.key_file)?,
-            client_ca_pem: if t.client_ca_file.is_empty() {
-                None
-            } else {
-                Some(read("server.tls.client_ca_file", &t.client_ca_file)?)
-            },
-        };
-        lodge_grpc::server::tls_config(&material).map_err(|e| {
-            err(
-                "server.tls",
-                format!("certificate or key does not load: {e}"),
-            )
-        })?;
-        Ok(Some(material))
+        let ca = (!t.client_ca_file.is_empty()).then_some(t.client_ca_file.as_str());
+        tls_files("server.tls", t.enabled, &t.cert_file, &t.key_file, ca)
     }
 
     /// Every `*_ms` key at most [`MAX_DURATION_MS`]: larger ones would overflow the clock
@@ -1022,35 +991,54 @@ fn parse_host_port(key: &str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Keys whose values are never shown (NodeInfo, logs). A path to a file holding a secret
-/// (`hs256_secret_file`) is not a secret: showing it tells an operator which file is in use.
-fn is_secret(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    if k.ends_with("_file") || k.ends_with("_path") {
-        return false;
-    }
-    ["secret", "password", "token", "api_key"]
-        .iter()
-        .any(|s| k.contains(s))
+/// Replaces secret values (by key name), and the passwords of URLs in any string
+/// (`backend_url = "http://user:password@host/v1"`); see [`lodge_actors::redact::json`].
+fn redact(v: &mut serde_json::Value) {
+    lodge_actors::redact::json(v);
 }
 
-/// Replaces secret values, and the passwords of URLs in any string (`backend_url =
-/// "http://user:password@host/v1"`). An empty secret stays empty: it tells that none is set.
-fn redact(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, val) in map.iter_mut() {
-                if is_secret(k) && !val.is_object() && *val != "" {
-                    *val = serde_json::Value::String(lodge_actors::redact::REDACTED.into());
-                } else {
-                    redact(val);
-                }
-            }
+/// The TLS files of `section`, checked to load; `None` when it is off.
+pub fn tls_files(
+    section: &str,
+    enabled: bool,
+    cert_file: &str,
+    key_file: &str,
+    client_ca_file: Option<&str>,
+) -> Result<Option<lodge_grpc::tls::TlsFiles>, ConfigError> {
+    let all = [cert_file, key_file, client_ca_file.unwrap_or("")];
+    if !enabled {
+        if all.iter().any(|f| !f.is_empty()) {
+            // Serving plaintext while certificates are configured would be a silent downgrade.
+            return Err(err(
+                &format!("{section}.enabled"),
+                format!("TLS files are set but TLS is off; set {section}.enabled = true or remove the files"),
+            ));
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
-        serde_json::Value::String(s) => *s = lodge_actors::redact::url_credentials(s),
-        _ => {}
+        return Ok(None);
     }
+    for (key, path) in [("cert_file", cert_file), ("key_file", key_file)] {
+        if path.is_empty() {
+            return Err(err(
+                &format!("{section}.{key}"),
+                format!("is required when {section}.enabled = true"),
+            ));
+        }
+    }
+    let files = lodge_grpc::tls::TlsFiles {
+        section: section.to_string(),
+        cert_file: cert_file.into(),
+        key_file: key_file.into(),
+        client_ca_file: client_ca_file.map(PathBuf::from),
+    };
+    lodge_grpc::tls::ReloadingTls::check(&files).map_err(|e| match e.split_once(": ") {
+        // "server.tls.key_file /path: ..." names its key first.
+        Some((what, why)) => match what.split_once(' ') {
+            Some((key, path)) => err(key, format!("{path}: {why}")),
+            None => err(what, why),
+        },
+        None => err(section, e),
+    })?;
+    Ok(Some(files))
 }
 
 /// Every key of `given` must exist in `known` (tables recursively).
@@ -1248,6 +1236,8 @@ mod tests {
                             || e.key.starts_with(&format!("{k}["))
                             || e.key == section(k)
                             || section(&e.key) == section(k)
+                            // A limit refused for another key's sake names that key in its problem.
+                            || e.problem.contains(k.as_str())
                     });
                     assert!(
                         named,

@@ -6,6 +6,7 @@ mod cluster;
 mod cluster_id;
 mod config;
 mod ctl;
+mod exposure;
 mod failover;
 mod identity;
 mod join;
@@ -183,7 +184,8 @@ struct NodeArgs {
     /// Peer address other members reach this node at (default: the bound peer listen address).
     #[arg(long)]
     peer_advertise: Option<String>,
-    /// Allow what secure-by-default refuses (a non-loopback peer listener without peer TLS).
+    /// Start even when server.listen, peer.listen or metrics.listen is not loopback and lacks
+    /// TLS or auth (server.insecure); a warning names what is open.
     #[arg(long)]
     insecure: bool,
     /// Print the effective configuration as TOML and exit.

@@ -251,6 +251,10 @@ pub struct Serving {
     pub request_timeout: std::time::Duration,
     /// Where connections ended by those limits are counted.
     pub rejections: lodge_actors::registry::RegistryMetrics,
+    /// HTTPS (`[metrics.tls]`), with the certificate current at each handshake.
+    pub tls: Option<Arc<lodge_grpc::tls::ReloadingTls>>,
+    /// The bearer token every scrape must carry (`metrics.token_file`).
+    pub token: Option<crate::exposure::MetricsToken>,
 }
 
 /// How long to wait after a failed accept (out of file descriptors, say) before trying again,
@@ -291,16 +295,37 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, serving: Serv
             Some(serving.request_timeout),
         );
         let (registry, rejections) = (registry.clone(), serving.rejections.clone());
+        let token = serving.token.clone();
+        // The certificate current now serves this connection to its end.
+        let tls = serving.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _place = place;
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 // The page is built at once: the call ends with the response.
                 state.call_began();
-                let resp = respond(&req, &registry);
+                let resp = match &token {
+                    Some(t)
+                        if !t.admits(req.headers().get("authorization").map(|v| v.as_bytes())) =>
+                    {
+                        unauthorized()
+                    }
+                    _ => respond(&req, &registry),
+                };
                 state.call_ended();
                 async move { Ok::<_, Infallible>(resp) }
             });
             let ended = io.state().clone();
+            // The handshake is bounded by the connection's request timeout (a silent client).
+            let io = match tls {
+                None => lodge_grpc::tls::Secured::Plain(io),
+                Some(acceptor) => match acceptor.accept(io).await {
+                    Ok(s) => lodge_grpc::tls::Secured::Tls(Box::new(s)),
+                    Err(_) => {
+                        rejections.rejected("metrics_tls_handshake");
+                        return;
+                    }
+                },
+            };
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(io), svc)
                 .await;
@@ -318,6 +343,18 @@ impl Drop for Place {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// The answer to a scrape without the token: what to fix, never the token.
+fn unauthorized() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(401)
+        .header("www-authenticate", "Bearer realm=\"lodge metrics\"")
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(
+            b"401 unauthorized: this metrics endpoint needs \"Authorization: Bearer <token>\" with the token in the node's metrics.token_file (Prometheus: authorization.credentials_file)\n",
+        )))
+        .expect("static response")
 }
 
 fn respond(req: &Request<hyper::body::Incoming>, registry: &Registry) -> Response<Full<Bytes>> {

@@ -115,10 +115,12 @@ fn gatekeeper(
     };
     Ok((Arc::new(gate), guard))
 }
+/// How often the TLS files are checked for a change (SIGHUP checks at once).
+const TLS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn server_settings(
     c: &NodeConfig,
-    tls: Option<server::TlsMaterial>,
+    tls: Option<Arc<lodge_grpc::tls::ReloadingTls>>,
     registry_metrics: RegistryMetrics,
     gate: Arc<lodge_grpc::auth::Gatekeeper>,
 ) -> ServerSettings {
@@ -408,9 +410,51 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         warn!(log, "the open-file limit is below what the connection limits need: connections past it are refused at accept";
             "limit" => fds, "needed" => wanted);
     }
-    let tls = match cfg.tls_material() {
-        Ok(t) => t,
-        Err(e) => {
+    // Secure by default: nothing beyond loopback without TLS and authentication, unless the
+    // operator says so (docs/security.md, "Secure by default").
+    let open = cfg.unprotected_listeners();
+    if !open.is_empty() {
+        if !cfg.server.insecure {
+            eprintln!(
+                "lodge: refusing to start: {}. Anyone who reaches it could use it: turn those on, \
+                 listen on loopback, or start with --insecure (server.insecure = true) on a \
+                 network you trust",
+                open.join("; ")
+            );
+            return 2;
+        }
+        warn!(log, "starting insecure (--insecure): open beyond loopback without TLS or authentication";
+            "open" => open.join("; "));
+    }
+    // TLS files are followed (re-read on change and on SIGHUP) for the node's whole life.
+    let tls_reloads = lodge_grpc::tls::ReloadMetrics::default();
+    let load_tls =
+        |files: Result<Option<lodge_grpc::tls::TlsFiles>, crate::config::ConfigError>,
+         alpn: &[u8]| {
+            let files = files.map_err(|e| e.to_string())?;
+            files
+                .map(|f| {
+                    lodge_grpc::tls::ReloadingTls::load(
+                        f,
+                        vec![alpn.to_vec()],
+                        tls_reloads.clone(),
+                        log.clone(),
+                    )
+                    .map_err(|e| format!("configuration error: {e}"))
+                })
+                .transpose()
+        };
+    let (tls, metrics_tls, metrics_token) = match (
+        load_tls(cfg.tls_material(), b"h2"),
+        load_tls(cfg.metrics_tls(), b"http/1.1"),
+        cfg.metrics_token(),
+    ) {
+        (Ok(t), Ok(m), Ok(token)) => (t, m, token),
+        (Err(e), _, _) | (_, Err(e), _) => {
+            eprintln!("lodge: {e}");
+            return 2;
+        }
+        (_, _, Err(e)) => {
             eprintln!("lodge: {e}");
             return 2;
         }
@@ -429,17 +473,17 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         eprintln!("lodge: configuration error: {e}");
         return 2;
     }
-    let peer_tls = match cfg.peer_tls_material() {
+    let peer_tls = match load_tls(cfg.peer_tls_material(), b"h2") {
         Ok(t) => t,
         Err(e) => {
             eprintln!("lodge: {e}");
             return 2;
         }
     };
-    let settings = server_settings(&cfg, tls, registry_metrics.clone(), gate);
+    let settings = server_settings(&cfg, tls.clone(), registry_metrics.clone(), gate);
     // The peer port: the same server settings, its own TLS (always mutual).
     let peer_settings = ServerSettings {
-        tls: peer_tls,
+        tls: peer_tls.clone(),
         ..settings.clone()
     };
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
@@ -448,6 +492,20 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         .enable_all()
         .build()
         .expect("building the I/O runtime");
+    // SIGHUP re-reads the TLS files (and no longer ends the process). Installed before the node
+    // says it is ready, so a SIGHUP after that is never fatal.
+    let (hup_tx, hup_rx) = tokio::sync::watch::channel(0u64);
+    let mut hup = tokio_rt
+        .block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) })
+        .expect("SIGHUP handler");
+    tokio_rt.spawn(async move {
+        while hup.recv().await.is_some() {
+            hup_tx.send_modify(|n| *n += 1);
+        }
+    });
+    for followed in [&tls, &peer_tls, &metrics_tls].into_iter().flatten() {
+        tokio_rt.spawn(followed.clone().follow(TLS_POLL, hup_rx.clone()));
+    }
     if let Err(e) = std::fs::create_dir_all(&cfg.node.data_dir) {
         eprintln!(
             "lodge: configuration error: node.data_dir: cannot create {}: {e}",
@@ -751,6 +809,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         registry_metrics.register(&mut prom);
         router_metrics.register(&mut prom);
         balancer_metrics.register(&mut prom);
+        tls_reloads.register(&mut prom);
         let prom = Arc::new(prom);
 
         let built = {
@@ -826,6 +885,8 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             max_connections: cfg.metrics.max_connections,
             request_timeout: NodeConfig::duration(cfg.metrics.request_timeout_ms),
             rejections: registry_metrics.clone(),
+            tls: metrics_tls.clone(),
+            token: metrics_token.clone(),
         };
         let metrics_task = io.spawn(crate::metrics::serve(metrics_listener, prom, metrics_serving));
         let (sig_tx, mut sig_rx) = tokio::sync::oneshot::channel::<&'static str>();

@@ -130,14 +130,31 @@ fn module_settings_health_and_shutdown_over_grpc() {
     let second = echo_backend(b"B2:");
     let mut m = start_module(&stub, &first, &["--max-connections", "5"]);
     let (data, control) = (m.field("data"), m.field("control"));
-    rt.block_on(stub.next(WAIT, |e| matches!(e, Seen::Register(_))))
-        .expect("registration");
-    let mut client = rt.block_on(async {
-        let ch = lodge_grpc::client::connect(&control, &Default::default())
+    let Some(Seen::Register(registered)) =
+        rt.block_on(stub.next(WAIT, |e| matches!(e, Seen::Register(_))))
+    else {
+        panic!("no registration")
+    };
+    let ch = rt.block_on(async {
+        lodge_grpc::client::connect(&control, &Default::default())
             .await
-            .unwrap();
-        ModuleClient::new(ch)
+            .unwrap()
     });
+    // Anyone else who reaches the control port is refused, and the module keeps running.
+    let mut anonymous = ModuleClient::new(ch.clone());
+    let e = rt
+        .block_on(anonymous.shutdown(pb::ShutdownRequest {
+            graceful: false,
+            drain_timeout_ms: 1,
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(!m.exited(), "an anonymous Shutdown stopped the module");
+    // The balancer (this stub) calls with the token the module registered with.
+    let mut client = ModuleClient::with_interceptor(
+        ch,
+        lodge_grpc::module::control::Bearer::new(&registered.control_token),
+    );
 
     let cfg = rt
         .block_on(client.get_config(pb::GetConfigRequest {}))

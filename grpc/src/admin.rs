@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use lodge_actors::admin::{self as actor, AdminActor, AdminError};
 use lodge_actors::introspect::{ActorSnapshot, ListQuery, SortKey, TreeNode};
+use lodge_actors::redact::url_credentials;
 use lodge_actors::{clock, ActorRef, EventKind, Lifecycle};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
@@ -83,7 +84,7 @@ fn summary(s: ActorSnapshot) -> pb::ActorSummary {
         message_rate: s.message_rate,
         restarts: s.restarts,
         last_failure: s.last_failure.map(|f| pb::Failure {
-            reason: f.reason,
+            reason: url_credentials(&f.reason),
             at_unix_ms: f.at_ms as i64,
         }),
         started_at_unix_ms: s.started_at_ms as i64,
@@ -194,7 +195,15 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::GetActorResponse {
             actor: Some(summary(d.snapshot)),
             children: d.children.iter().map(|c| c.to_string()).collect(),
-            state_json: d.state.map(|s| s.to_string()).unwrap_or_default(),
+            // An actor's state may hold configuration (a backend URL with its password): what
+            // leaves the node is redacted here, whatever each actor remembered to hide.
+            state_json: d
+                .state
+                .map(|mut s| {
+                    lodge_actors::redact::json(&mut s);
+                    s.to_string()
+                })
+                .unwrap_or_default(),
         }))
     }
 
@@ -231,7 +240,7 @@ impl pb::admin_server::Admin for AdminService {
                 path: e.path.to_string(),
                 kind: e.kind.to_string(),
                 r#type: event_type(e.event),
-                reason: e.reason.unwrap_or_default(),
+                reason: e.reason.as_deref().map(url_credentials).unwrap_or_default(),
                 restarts: e.restarts,
                 missed: 0,
             })),

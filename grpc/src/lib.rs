@@ -24,10 +24,12 @@ pub mod registry_client;
 pub mod router;
 pub mod router_client;
 pub mod router_store;
+pub mod secret;
 pub mod served;
 pub mod server;
 pub mod status_limit;
 pub mod store;
+pub mod tls;
 pub mod translation;
 
 /// The future of the server's tower layers (metrics, call counts, status rewrites): boxed, since

@@ -187,11 +187,7 @@ impl PeerGate {
         ext: &http::Extensions,
     ) -> Result<FromPeer, tonic::Status> {
         let member = if self.tls {
-            let certs = ext
-                .get::<tonic::transport::server::TlsConnectInfo<crate::listener::ConnInfo>>()
-                .and_then(|t| t.peer_certs());
-            let leaf = certs
-                .as_ref()
+            let leaf = crate::listener::ConnInfo::peer_certs_of(ext)
                 .and_then(|c| c.first().map(|d| d.as_ref().to_vec()));
             let named = leaf.as_deref().map(member_of_cert).transpose();
             match named {

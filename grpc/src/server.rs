@@ -11,7 +11,7 @@ use lodge_actors::admin::AdminActor;
 use lodge_actors::ActorRef;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -20,21 +20,11 @@ use crate::calls::{Calls, CallsLayer};
 use crate::metrics::{MetricsLayer, ServerMetrics};
 use crate::pb;
 
-/// PEM material for the listener.
-#[derive(Clone)]
-pub struct TlsMaterial {
-    /// Server certificate chain.
-    pub cert_pem: Vec<u8>,
-    /// Server private key.
-    pub key_pem: Vec<u8>,
-    /// CA that client certificates must chain to; `Some` turns on mutual TLS.
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
 /// How the server runs (the `[server]` configuration section).
 #[derive(Clone)]
 pub struct ServerSettings {
-    pub tls: Option<TlsMaterial>,
+    /// TLS the listener terminates, following its files (see [`crate::tls::reload`]).
+    pub tls: Option<Arc<crate::tls::ReloadingTls>>,
     /// Which connections are taken: limits, exempt clients, trusted proxies.
     pub admission: crate::listener::Admission,
     pub max_concurrent_streams: u32,
@@ -50,28 +40,6 @@ pub struct ServerSettings {
     pub connection_window: u32,
     /// Who may call what (every call passes it; see [`crate::auth`]).
     pub gate: Arc<crate::auth::Gatekeeper>,
-}
-
-/// Builds the rustls configuration; an error here is a fatal configuration error, never a reason
-/// to fall back to plaintext.
-pub fn tls_config(tls: &TlsMaterial) -> Result<ServerTlsConfig, String> {
-    let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-    if let Some(ca) = &tls.client_ca_pem {
-        cfg = cfg
-            .client_ca_root(Certificate::from_pem(ca))
-            .client_auth_optional(false);
-    }
-    // tonic parses the PEM when the config is applied; do it now to surface errors early.
-    Server::builder().tls_config(cfg.clone()).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
-    Ok(cfg)
 }
 
 /// The node's services, with their health entries.
@@ -350,14 +318,9 @@ pub async fn serve(
     peer: Option<Arc<crate::peer::PeerGate>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<bool, tonic::transport::Error> {
-    let tls = settings
-        .tls
-        .as_ref()
-        .map(|tls| tls_config(tls).expect("TLS material is validated at start-up"));
-    let mut builder = Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder.tls_config(tls.clone())?;
-    }
+    // TLS is terminated by the listener, with the certificate current at each handshake: the
+    // server itself speaks HTTP/2 over whatever stream it is given.
+    let builder = Server::builder();
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
     let (refused_tx, refused_rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(crate::listener::accept_loop(
@@ -367,9 +330,10 @@ pub async fn serve(
         crate::listener::Outlets {
             admitted: conn_tx,
             refused: refused_tx,
+            tls: settings.tls.clone(),
         },
     ));
-    tokio::spawn(crate::listener::serve_refusals(tls, refused_rx));
+    tokio::spawn(crate::listener::serve_refusals(refused_rx));
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_timeout = settings.drain_timeout;

@@ -15,8 +15,8 @@ use super::hook::DeployHook;
 use super::instance::{Capability, Instance};
 use super::metrics::{BalancerMetrics, ScalingLabels};
 use super::model::{
-    decode, encode, BalancerSettings, DecisionRecord, HealthCheckSpec, Instructions, Key,
-    LimitTarget, LimitsRecord, LoadReport, MetricPoint, ModuleRecord, RateLimitSpec,
+    decode, encode, BalancerSettings, ControlToken, DecisionRecord, HealthCheckSpec, Instructions,
+    Key, LimitTarget, LimitsRecord, LoadReport, MetricPoint, ModuleRecord, RateLimitSpec,
     ReportedHealth, RoutesRecord, ScalingRecord, Stats,
 };
 use super::module::{Drain, Drained};
@@ -54,6 +54,8 @@ pub struct RegisterModule {
     pub max_connections: u32,
     pub metadata: BTreeMap<String, String>,
     pub health_check: Option<HealthCheckSpec>,
+    /// The module's control secret (empty: an older module, called without one).
+    pub control_token: ControlToken,
 }
 
 /// A registration written.
@@ -372,6 +374,14 @@ impl BalancerHandle {
         check_version("version", &req.version)?;
         check_address("control_address", &req.control_address)?;
         check_address("data_address", &req.data_address)?;
+        let token = &req.control_token.0;
+        if !token.is_empty()
+            && (!(32..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "control_token: must be 32 to 256 printable ASCII characters without spaces (or empty)",
+            ));
+        }
         if req.metadata.len() > 64 {
             return Err(invalid(format!(
                 "metadata: {} entries; at most 64",
@@ -401,6 +411,7 @@ impl BalancerHandle {
             max_missed: settings.max_missed_heartbeats,
             registered_by: self.member,
             draining: None,
+            control_token: req.control_token,
         };
         // Registering counts as the first heartbeat, so the instance is routable at once; it is
         // told of what exists now, not of everything that happened before it.

@@ -290,6 +290,7 @@ impl Instance {
             instance_id: self.record.instance_id.clone(),
             control: self.record.control_address.clone(),
             data: self.record.data_address.clone(),
+            control_token: self.record.control_token.clone(),
         }
     }
 

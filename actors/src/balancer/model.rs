@@ -181,6 +181,27 @@ pub struct ModuleRecord {
     pub registered_by: u64,
     #[serde(default)]
     pub draining: Option<Drain>,
+    /// The secret the module asks the nodes to call it with (see [`ControlToken`]).
+    #[serde(default)]
+    pub control_token: ControlToken,
+}
+
+/// The bearer secret a module accepts control calls with, made by the module and given at
+/// registration. Replicated in the module's record (`/lodge/balancer/modules/<id>`) so that every
+/// member can call the module; never shown (its `Debug` hides it, and the admin state dumps
+/// redact the `control_token` key).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ControlToken(pub String);
+
+impl std::fmt::Debug for ControlToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("ControlToken(none)")
+        } else {
+            f.write_str("ControlToken(<redacted>)")
+        }
+    }
 }
 
 impl ModuleRecord {

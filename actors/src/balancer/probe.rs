@@ -27,6 +27,8 @@ pub struct Target {
     pub control: String,
     /// Where it takes connections.
     pub data: String,
+    /// Sent as a bearer on every call to its Module service (empty: none).
+    pub control_token: super::model::ControlToken,
 }
 
 /// Questions to module instances.

@@ -56,10 +56,9 @@ impl Gatekeeper {
     }
 }
 
-/// The first certificate the client presented over TLS, if any.
+/// The certificate the client presented over TLS (verified against the client CA), if any.
 fn client_certificate(ext: &http::Extensions) -> Option<Vec<u8>> {
-    let tls = ext.get::<tonic::transport::server::TlsConnectInfo<crate::listener::ConnInfo>>()?;
-    let certs = tls.peer_certs()?;
+    let certs = crate::listener::ConnInfo::peer_certs_of(ext)?;
     certs.first().map(|c| c.as_ref().to_vec())
 }
 

@@ -2,7 +2,8 @@
 //! its data address.
 //!
 //! Control channels are plain gRPC (modules run next to the nodes, on the private network the
-//! data plane forwards over) and are opened lazily and kept per address: a probe never waits for a
+//! data plane forwards over); every call carries the module's control secret (see
+//! [`crate::module::control`]). They are opened lazily and kept per address: a probe never waits for a
 //! connection that an earlier call already made.
 
 use std::collections::HashMap;
@@ -50,9 +51,12 @@ impl GrpcModuleProbe {
     }
 }
 
-fn timed<T>(msg: T, timeout: Duration) -> Request<T> {
+/// A call to `t`'s Module service: bounded by `timeout`, and carrying the module's control
+/// secret, without which the module refuses it.
+fn timed<T>(t: &Target, msg: T, timeout: Duration) -> Request<T> {
     let mut r = Request::new(msg);
     r.set_timeout(timeout);
+    crate::module::control::authorize(&mut r, &t.control_token.0);
     r
 }
 
@@ -70,12 +74,16 @@ async fn bounded<T>(
 impl ModuleProbe for GrpcModuleProbe {
     fn can_handle(&self, t: &Target, route: &Route, timeout: Duration) -> ProbeFuture<CanHandle> {
         let client = self.client(t);
-        let req = pb::CanHandleRequest {
-            route: Some(route_to_pb(route)),
-        };
+        let req = timed(
+            t,
+            pb::CanHandleRequest {
+                route: Some(route_to_pb(route)),
+            },
+            timeout,
+        );
         Box::pin(async move {
             let mut client = client?;
-            let a = bounded(timeout, client.can_handle(timed(req, timeout))).await?;
+            let a = bounded(timeout, client.can_handle(req)).await?;
             Ok(CanHandle {
                 can_handle: a.can_handle,
                 priority: a.priority,
@@ -108,9 +116,9 @@ impl ModuleProbe for GrpcModuleProbe {
             }
             CheckKind::Grpc => {
                 let client = self.client(t);
+                let req = timed(t, pb::HealthCheckRequest { deep }, timeout);
                 Box::pin(async move {
                     let mut client = client?;
-                    let req = timed(pb::HealthCheckRequest { deep }, timeout);
                     let a = bounded(timeout, client.health_check(req)).await?;
                     match pb::HealthStatus::try_from(a.health) {
                         Ok(pb::HealthStatus::Healthy | pb::HealthStatus::Degraded) => Ok(()),
@@ -131,9 +139,9 @@ impl ModuleProbe for GrpcModuleProbe {
 
     fn active_connections(&self, t: &Target, timeout: Duration) -> ProbeFuture<u64> {
         let client = self.client(t);
+        let req = timed(t, pb::GetStatsRequest {}, timeout);
         Box::pin(async move {
             let mut client = client?;
-            let req = timed(pb::GetStatsRequest {}, timeout);
             Ok(bounded(timeout, client.get_stats(req))
                 .await?
                 .active_connections)

@@ -181,6 +181,7 @@ impl pb::balancer_server::Balancer for BalancerService {
             max_connections: m.max_connections,
             metadata: m.metadata.into_iter().collect(),
             health_check: m.health_check.map(health_check_from_pb).transpose()?,
+            control_token: lodge_actors::balancer::model::ControlToken(m.control_token),
         };
         let done = within(budget, self.h().register(r)).await?;
         Ok(Response::new(pb::RegisterModuleResponse {

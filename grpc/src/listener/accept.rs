@@ -16,6 +16,7 @@ use super::per_ip::{IpLimit, IpTable, Networks, PerIpLimits};
 use super::proxy_header;
 use super::refusal::{Answering, Refusal, RefusedConn};
 use crate::metrics::ServerMetrics;
+use crate::tls::{ReloadingTls, Secured};
 
 /// How the listener admits connections (the `[server]` settings it enforces).
 #[derive(Clone)]
@@ -41,9 +42,40 @@ pub struct Admission {
 #[derive(Clone)]
 pub struct Outlets {
     /// Admitted: to the node's gRPC server.
-    pub admitted: mpsc::Sender<io::Result<LimitedConn>>,
+    pub admitted: mpsc::Sender<io::Result<Secured<LimitedConn>>>,
     /// Refused with a reason: to the [refusal server](super::refusal::serve).
-    pub refused: mpsc::Sender<io::Result<RefusedConn>>,
+    pub refused: mpsc::Sender<io::Result<Secured<RefusedConn>>>,
+    /// TLS the listener terminates (with the certificate current at each handshake); `None`:
+    /// plaintext.
+    pub tls: Option<Arc<ReloadingTls>>,
+}
+
+impl Outlets {
+    /// Sends `conn` on `to` as it is, or after a TLS handshake (off the accept loop: a slow
+    /// client must not hold up the others). A failed handshake closes the connection.
+    async fn send<T>(&self, conn: T, to: &mpsc::Sender<io::Result<Secured<T>>>, wait: bool)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match &self.tls {
+            None if wait => {
+                let _ = to.send(Ok(Secured::Plain(conn))).await;
+            }
+            None => {
+                let _ = to.try_send(Ok(Secured::Plain(conn)));
+            }
+            Some(tls) => {
+                let (acceptor, to) = (tls.acceptor(), to.clone());
+                // The handshake is bounded by the connection's own timers (a refused
+                // connection's linger, an admitted one's handshake timeout).
+                tokio::spawn(async move {
+                    if let Ok(s) = acceptor.accept(conn).await {
+                        let _ = to.send(Ok(Secured::Tls(Box::new(s)))).await;
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// How long to wait after a failed accept (out of file descriptors, say) before trying again,
@@ -138,12 +170,12 @@ impl Gate {
                     ip: (!a.exempt.contains(client)).then_some(client),
                 };
                 let conn = LimitedConn { io, slot };
-                let _ = out.admitted.send(Ok(conn)).await;
+                out.send(conn, &out.admitted, true).await;
             }
             // Answered if there is room to answer; otherwise dropped here, closing it.
             Err(why) => {
                 if let Some(conn) = self.answering.take(io, why) {
-                    let _ = out.refused.try_send(Ok(conn));
+                    out.send(conn, &out.refused, false).await;
                 }
             }
         }

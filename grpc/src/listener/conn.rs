@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use super::lifecycle::{ConnState, Watched};
+use crate::tls::stream::{PeerCerts, WithPeerCerts};
 
 /// Forwards writes of a wrapper to its `io` field (reads differ: a refused connection ends them).
 macro_rules! delegate_write {
@@ -107,23 +108,40 @@ impl AsyncRead for Prefixed {
 
 delegate_write!(Prefixed);
 
-/// What every call on an admitted connection finds in its request's extensions (plain, or inside
-/// TLS's `TlsConnectInfo`): the client as the limits saw it, and the connection's state.
+/// What every call on an admitted connection finds in its request's extensions: the client as
+/// the limits saw it, the connection's state, and the client's certificates (mutual TLS).
+///
+/// TLS is terminated by the listener (see [`crate::tls`]), so this is the connection information
+/// of plaintext and TLS connections alike: `request.extensions().get::<ConnInfo>()`, or
+/// [`ConnInfo::of`].
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     /// Addresses; `remote_addr` is the client named by a PROXY header, if there was one.
     pub tcp: TcpConnectInfo,
     /// Calls in flight and timers of the connection.
     pub state: Arc<ConnState>,
+    /// The client's certificate chain, its own certificate first, as verified against the
+    /// client CA (`server.tls.client_ca_file`); `None` without TLS or without mutual TLS.
+    pub peer_certs: Option<PeerCerts>,
 }
 
 impl ConnInfo {
-    /// The connection of a request, plain or TLS.
+    /// The connection of a request.
     pub fn of(ext: &http::Extensions) -> Option<&ConnInfo> {
-        ext.get::<ConnInfo>().or_else(|| {
-            ext.get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()
-                .map(|t| t.get_ref())
-        })
+        ext.get::<ConnInfo>()
+    }
+
+    /// The verified client certificate chain of a request's connection (mutual TLS), its own
+    /// certificate first.
+    pub fn peer_certs_of(ext: &http::Extensions) -> Option<&PeerCerts> {
+        Self::of(ext)?.peer_certs.as_ref()
+    }
+}
+
+impl WithPeerCerts for ConnInfo {
+    fn with_peer_certs(mut self, certs: Option<PeerCerts>) -> Self {
+        self.peer_certs = certs;
+        self
     }
 }
 
@@ -142,6 +160,7 @@ impl Connected for LimitedConn {
         ConnInfo {
             tcp: self.io.get_ref().tcp_info(),
             state: self.io.state().clone(),
+            peer_certs: None,
         }
     }
 }

@@ -17,9 +17,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tonic::service::Routes;
 use tonic::transport::server::Connected;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use super::conn::{delegate_write, Prefixed};
+use crate::tls::stream::{PeerCerts, WithPeerCerts};
+use crate::tls::Secured;
 
 /// Refused connections answered at once; more are closed without an answer.
 pub const MAX_ANSWERING: usize = 64;
@@ -86,16 +88,18 @@ impl AsyncRead for RefusedConn {
 
 delegate_write!(RefusedConn);
 
-/// Serves `refused` connections (with TLS if the node uses it) until the channel closes.
-pub async fn serve(
-    tls: Option<ServerTlsConfig>,
-    refused: mpsc::Receiver<io::Result<RefusedConn>>,
-) -> Result<(), tonic::transport::Error> {
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
+impl WithPeerCerts for Refusal {
+    fn with_peer_certs(self, _: Option<PeerCerts>) -> Self {
+        self
     }
-    builder
+}
+
+/// Serves `refused` connections (their TLS, if any, terminated by the listener) until the
+/// channel closes.
+pub async fn serve(
+    refused: mpsc::Receiver<io::Result<Secured<RefusedConn>>>,
+) -> Result<(), tonic::transport::Error> {
+    Server::builder()
         .layer(tower::layer::layer_fn(|_inner| Refuse))
         .add_routes(Routes::default())
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(refused))
@@ -119,10 +123,6 @@ impl<B> tower::Service<http::Request<B>> for Refuse {
         let ext = req.extensions();
         let why = ext
             .get::<Refusal>()
-            .or_else(|| {
-                ext.get::<tonic::transport::server::TlsConnectInfo<Refusal>>()
-                    .map(|t| t.get_ref())
-            })
             .map_or("refused by the node's connection limit", |r| &r.0);
         std::future::ready(Ok(tonic::Status::resource_exhausted(why).into_http()))
     }

@@ -225,6 +225,7 @@ impl Worker {
             max_connections: self.shared.tracker.max_connections(),
             metadata: o.metadata.clone(),
             health_check: o.health_check,
+            control_token: self.shared.control_token.clone(),
         }
     }
 

@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod control;
 pub mod forward;
 pub mod limits;
 pub mod link;
@@ -62,6 +63,7 @@ use crate::pb::balancer::{
     UnregisterModuleResponse,
 };
 use crate::registry_client::timed;
+use tonic::service::interceptor::InterceptedService;
 
 pub use limits::{RateLimits, ALL_CONNECTIONS};
 pub use link::{Instruction, LinkStatus, DEFAULT_HEARTBEAT_INTERVAL};
@@ -232,6 +234,7 @@ impl ModuleHandle {
             tracker,
             limits,
             started: Instant::now(),
+            control_token: crate::secret::random_token(),
             health: Mutex::new((HealthStatus::Healthy, String::new())),
             draining: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
@@ -254,9 +257,19 @@ impl ModuleHandle {
         ModuleHandle { shared }
     }
 
-    /// The Module service, to add to a tonic server.
-    pub fn service(&self) -> ModuleServer<ModuleService> {
-        ModuleServer::new(ModuleService::new(self.shared.clone()))
+    /// The Module service, to add to a tonic server. It answers only calls carrying this
+    /// module's control token (see [`control`]), which the balancer got at registration.
+    pub fn service(&self) -> InterceptedService<ModuleServer<ModuleService>, control::ControlAuth> {
+        InterceptedService::new(
+            ModuleServer::new(ModuleService::new(self.shared.clone())),
+            control::ControlAuth::new(&self.shared.control_token),
+        )
+    }
+
+    /// The secret the Module service takes calls with (given to the balancer at registration);
+    /// for a process that calls its own Module service.
+    pub fn control_token(&self) -> &str {
+        &self.shared.control_token
     }
 
     /// The options the module started with.

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub tracker: ConnectionTracker,
     pub limits: Arc<RateLimits>,
     pub started: Instant,
+    /// The secret control calls must carry (made at start, given at registration).
+    pub control_token: String,
     /// What the module says of itself, with a reason.
     pub health: Mutex<(HealthStatus, String)>,
     pub draining: AtomicBool,

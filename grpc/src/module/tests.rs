@@ -52,7 +52,7 @@ async fn dead_addr() -> String {
 struct Fixture {
     module: ModuleHandle,
     data: String,
-    client: ModuleClient<Channel>,
+    client: ModuleClient<InterceptedService<Channel, control::Bearer>>,
     stop_server: Option<oneshot::Sender<()>>,
 }
 
@@ -106,10 +106,11 @@ async fn module_with(
     let ch = crate::client::connect(&control, &Default::default())
         .await
         .unwrap();
+    let bearer = control::Bearer::new(module.control_token());
     Fixture {
         module,
         data,
-        client: ModuleClient::new(ch),
+        client: ModuleClient::with_interceptor(ch, bearer),
         stop_server: Some(stop_server),
     }
 }
@@ -800,4 +801,47 @@ async fn module_shutdown_drains_then_asks_the_process_to_exit() {
     };
     assert!(u.graceful);
     assert_eq!(u.drain_timeout_ms, 5000);
+}
+
+#[tokio::test]
+async fn control_calls_without_the_registered_token_are_refused_and_change_nothing() {
+    let mut stub = StubBalancer::start(50).await.unwrap();
+    let f = module(&stub).await;
+    let Some(Seen::Register(r)) = stub.next(WAIT, is_register).await else {
+        panic!("no registration")
+    };
+    assert_eq!(r.control_token, f.module.control_token());
+    assert_eq!(r.control_token.len(), 64);
+    let mut conn = connect(&f).await;
+
+    let ch = crate::client::connect(&f.module.options().control_address, &Default::default())
+        .await
+        .unwrap();
+    let mut anonymous = ModuleClient::new(ch.clone());
+    let mut forged = ModuleClient::with_interceptor(ch, control::Bearer::new(&"0".repeat(64)));
+    let shutdown = || pb::ShutdownRequest {
+        graceful: false,
+        drain_timeout_ms: 1,
+    };
+    let e = anonymous.shutdown(shutdown()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("authorization: Bearer"), "{e:?}");
+    let e = forged.shutdown(shutdown()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("not the one it registered with"),
+        "{e:?}"
+    );
+    let e = anonymous
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Nothing happened: the module still serves, and its balancer's calls still work.
+    assert!(still_echoes(&mut conn).await);
+    let mut own = f.client.clone();
+    let stats = own.get_stats(pb::GetStatsRequest {}).await.unwrap();
+    assert_eq!(stats.into_inner().active_connections, 1);
+    assert!(!f.module.shared.draining.load(Ordering::SeqCst));
 }
