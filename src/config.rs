@@ -802,9 +802,18 @@ impl NodeConfig {
     pub fn peer_tls_material(&self) -> Result<Option<lodge_grpc::tls::TlsFiles>, ConfigError> {
         let t = &self.peer.tls;
         if t.enabled && t.ca_file.is_empty() {
-            return Err(err("peer.tls.ca_file", "is required when peer.tls.enabled = true"));
+            return Err(err(
+                "peer.tls.ca_file",
+                "is required when peer.tls.enabled = true",
+            ));
         }
-        tls_files("peer.tls", t.enabled, &t.cert_file, &t.key_file, Some(t.ca_file.as_str()))
+        tls_files(
+            "peer.tls",
+            t.enabled,
+            &t.cert_file,
+            &t.key_file,
+            Some(t.ca_file.as_str()),
+        )
     }
 
     /// How this node connects to other members' peer ports.

@@ -12,8 +12,8 @@
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use http_body::Body;
 use crate::client::Channel;
+use http_body::Body;
 
 use crate::client::{self, ClientTls};
 
