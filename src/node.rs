@@ -459,6 +459,10 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             return 2;
         }
     };
+    if cfg.auth.enabled && !cfg.peer.tls.enabled {
+        warn!(log, "auth is on but peer TLS is off: every caller of the peer port is taken for a member, so local processes could go around auth there; turn on [peer.tls]";
+            "peer.listen" => &cfg.peer.listen);
+    }
     let registry_metrics = RegistryMetrics::default();
     let router_metrics = RouterMetrics::default();
     let (gate, _audit_guard) = match gatekeeper(&cfg, &registry_metrics) {

@@ -46,14 +46,14 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn raft_client(addr: &str, tls: &ClientTls) -> RaftClient<tonic::transport::Channel> {
+async fn raft_client(addr: &str, tls: &ClientTls) -> RaftClient<lodge_grpc::client::Channel> {
     let channel = lodge_grpc::client::connect(addr, tls).await.unwrap();
     RaftClient::new(channel).max_encoding_message_size(usize::MAX)
 }
 
 /// Sends one batch as a peer of cluster `id` (none: no id); the call's outcome.
 async fn send(
-    client: &mut RaftClient<tonic::transport::Channel>,
+    client: &mut RaftClient<lodge_grpc::client::Channel>,
     id: Option<&str>,
     msg: Vec<u8>,
 ) -> Result<(), tonic::Status> {
@@ -138,6 +138,7 @@ impl PeerPki {
 
     fn client(&self, (cert, key): (PathBuf, PathBuf)) -> ClientTls {
         ClientTls {
+            bearer: None,
             ca: Some(self.ca.clone()),
             cert: Some(cert),
             key: Some(key),

@@ -139,8 +139,12 @@ pub fn serve_echo() -> i32 {
     0
 }
 
-async fn connect(addr: &str) -> Outcome<RegistryClient<Channel>> {
-    let ch = client::connect(addr, &ClientTls::default())
+async fn connect(addr: &str, token: Option<&str>) -> Outcome<RegistryClient<Channel>> {
+    let tls = ClientTls {
+        bearer: token.map(String::from),
+        ..Default::default()
+    };
+    let ch = client::connect(addr, &tls)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     Ok(RegistryClient::new(ch))
@@ -160,12 +164,17 @@ async fn register(c: &mut RegistryClient<Channel>, name: String) -> Outcome<Stri
 
 /// Heartbeats per second from `ids.len()` clients, each on its own connection, for `duration`
 /// after a warm-up.
-async fn beats(addr: &str, ids: &[String], duration: Duration) -> Outcome<(f64, Failures)> {
+async fn beats(
+    addr: &str,
+    token: Option<&str>,
+    ids: &[String],
+    duration: Duration,
+) -> Outcome<(f64, Failures)> {
     let start_at = Instant::now() + Duration::from_millis(500);
     let end_at = start_at + duration;
     let mut tasks = Vec::new();
     for id in ids {
-        let mut c = connect(addr).await?;
+        let mut c = connect(addr, token).await?;
         let id = id.clone();
         tasks.push(tokio::spawn(async move {
             let mut ok = 0u64;
@@ -240,9 +249,13 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
         ("LODGE_REGISTRY__HEARTBEAT_INTERVAL_MS", "1"),
         ("LODGE_REGISTRY__MAX_MISSED_HEARTBEATS", "60000"),
     ])?;
-    let register_all = |addr: String| -> Outcome<Vec<String>> {
+    // Auth's cost, beside the default configuration in the same run.
+    let auth = super::auth::BenchAuth::new()?;
+    let token = auth.token(&[lodge_grpc::auth::Role::RegistryClient], None)?;
+    let authed = node(&auth.env())?;
+    let register_all = |addr: String, token: Option<String>| -> Outcome<Vec<String>> {
         io.block_on(async move {
-            let mut c = connect(&addr).await?;
+            let mut c = connect(&addr, token.as_deref()).await?;
             let mut ids = Vec::new();
             for i in 0..clients {
                 ids.push(register(&mut c, format!("bench-{i}")).await?);
@@ -250,26 +263,28 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
             Ok(ids)
         })
     };
-    let usual_ids = register_all(usual.client.clone())?;
-    let renewing_ids = register_all(renewing.client.clone())?;
+    let usual_ids = register_all(usual.client.clone(), None)?;
+    let renewing_ids = register_all(renewing.client.clone(), None)?;
+    let authed_ids = register_all(authed.client.clone(), Some(token.clone()))?;
     let echo_ids = vec!["c-echo".to_string(); clients];
-    let (mut e, mut u, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e, mut u, mut r, mut a) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut failures = Failures::default();
     for round in 0..rounds {
         // Alternate the order, so that neither side always runs on a warmer machine.
-        let mut order = [0, 1, 2];
-        order.rotate_left(round % 3);
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(round % 4);
         for which in order {
             let (rate, failed) = match which {
-                0 => io.block_on(beats(&echo.addr, &echo_ids, duration))?,
-                1 => io.block_on(beats(&usual.client, &usual_ids, duration))?,
-                _ => io.block_on(beats(&renewing.client, &renewing_ids, duration))?,
+                0 => io.block_on(beats(&echo.addr, None, &echo_ids, duration))?,
+                1 => io.block_on(beats(&usual.client, None, &usual_ids, duration))?,
+                2 => io.block_on(beats(&renewing.client, None, &renewing_ids, duration))?,
+                _ => io.block_on(beats(&authed.client, Some(&token), &authed_ids, duration))?,
             };
             failures.merge(failed);
-            [&mut e, &mut u, &mut r][which].push(rate);
+            [&mut e, &mut u, &mut r, &mut a][which].push(rate);
         }
     }
-    let (e, u, r) = (median(e), median(u), median(r));
+    let (e, u, r, a) = (median(e), median(u), median(r), median(a));
     println!();
     println!("| server | heartbeats/s (median) | ÷ bare tonic |");
     println!("|---|---|---|");
@@ -279,9 +294,15 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
         "| Lodge Heartbeat, lease renewed through raft on every beat | {r:.0} | {:.2} |",
         r / e
     );
+    println!(
+        "| Lodge Heartbeat, auth on (a JWT checked on every beat) | {a:.0} | {:.2} |",
+        a / e
+    );
+    println!("auth on / auth off (Lodge Heartbeat): {:.2}", a / u);
     println!("failed heartbeats: {}", failures.count);
     drop(usual);
     drop(renewing);
+    drop(authed);
     drop(echo);
     failures.check("heartbeats")?;
 
@@ -305,7 +326,7 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
         for w in 0..64 {
             let addr = target.clone();
             tasks.push(tokio::spawn(async move {
-                let mut c = connect(&addr).await?;
+                let mut c = connect(&addr, None).await?;
                 for i in (w * per)..((w + 1) * per).min(registrations) {
                     register(&mut c, format!("mem-{i}")).await?;
                 }

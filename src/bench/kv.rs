@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use lodge_grpc::auth::Role;
 use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
 use lodge_grpc::pb::etcd::{self as epb, kv_client::KvClient as EtcdClient};
@@ -32,7 +33,20 @@ pub struct Options {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum System {
     Lodge,
+    /// Lodge with `[auth]` on: every call carries a JWT (kv-read and kv-write on the bench's
+    /// prefix), checked by the node.
+    LodgeAuth,
     Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Lodge => "Lodge",
+            Self::LodgeAuth => "Lodge, auth on (JWT)",
+            Self::Etcd => "etcd",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -81,8 +95,9 @@ pub(super) fn start_lodge_args(
     let mut all: Vec<(&str, &str)> = vec![("LODGE_LOG__LEVEL", "warning")];
     all.extend_from_slice(env);
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let initial = (0..n)
-        .map(|i| format!("{}=127.0.0.1:{}", i + 1, ports[i]))
+        .map(|i| format!("{}=127.0.0.1:{}", i + 1, peer_ports[i]))
         .collect::<Vec<_>>()
         .join(",");
     (0..n)
@@ -94,6 +109,8 @@ pub(super) fn start_lodge_args(
                 (i + 1).to_string(),
                 "--listen".to_string(),
                 client.clone(),
+                "--peer-listen".to_string(),
+                format!("127.0.0.1:{}", peer_ports[i]),
                 "--initial-cluster".to_string(),
                 initial.clone(),
             ];
@@ -208,10 +225,14 @@ enum Conn {
 }
 
 impl Conn {
-    async fn open(system: System, endpoint: &str) -> Result<Self, String> {
-        let ch = client::connect(endpoint, &ClientTls::default()).await?;
+    async fn open(system: System, endpoint: &str, token: Option<&str>) -> Result<Self, String> {
+        let tls = ClientTls {
+            bearer: token.map(String::from),
+            ..Default::default()
+        };
+        let ch = client::connect(endpoint, &tls).await?;
         Ok(match system {
-            System::Lodge => Conn::Lodge(LodgeClient::new(ch)),
+            System::Lodge | System::LodgeAuth => Conn::Lodge(LodgeClient::new(ch)),
             System::Etcd => Conn::Etcd(EtcdClient::new(ch)),
         })
     }
@@ -270,6 +291,7 @@ struct Load {
 
 async fn load(
     system: System,
+    token: Option<String>,
     endpoints: &[String],
     clients: usize,
     op: Op,
@@ -282,6 +304,7 @@ async fn load(
     for c in 0..clients {
         let endpoints = endpoints.to_vec();
         let value = value.to_vec();
+        let token = token.clone();
         tasks.push(tokio::spawn(async move {
             // One connection per member, used in turn: every client sends a third of its
             // requests to the leader and two thirds through followers, whichever member leads,
@@ -289,7 +312,7 @@ async fn load(
             let mut conns = Vec::new();
             let mut failures = Failures::default();
             for ep in &endpoints {
-                match Conn::open(system, ep).await {
+                match Conn::open(system, ep, token.as_deref()).await {
                     Ok(c) => conns.push(c),
                     Err(e) => failures.add(format!("connecting to {ep}: {e}")),
                 }
@@ -344,11 +367,11 @@ async fn load(
 }
 
 /// Waits until a put succeeds through `endpoint` (the cluster has a leader).
-async fn ready(system: System, endpoint: &str) -> Outcome {
+async fn ready(system: System, token: Option<&str>, endpoint: &str) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while Instant::now() < deadline {
-        match Conn::open(system, endpoint).await {
+        match Conn::open(system, endpoint, token).await {
             Ok(mut c) => match c.call(Op::Put, b"bench/ready".to_vec(), b"1").await {
                 Ok(()) => return Ok(()),
                 Err(e) => last = format!("{:?}: {}", e.code(), e.message()),
@@ -398,7 +421,10 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
         .into_iter()
         .map(Path::new)
         .find(|p| p.exists());
-    let mut systems = vec![System::Lodge];
+    // Auth's cost is measured beside the default configuration, in the same run.
+    let auth = super::auth::BenchAuth::new()?;
+    let token = auth.token(&[Role::KvRead, Role::KvWrite], Some("bench/"))?;
+    let mut systems = vec![System::Lodge, System::LodgeAuth];
     match (o.etcd, etcd_bin) {
         (true, Some(_)) => systems.push(System::Etcd),
         (true, None) => println!("etcd not found (scripts/bench-deps installs Debian's etcd-server): measuring Lodge alone"),
@@ -417,13 +443,15 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
     let mut results = Vec::new();
     let mut failures = Failures::default();
     for system in &systems {
+        let token = (*system == System::LodgeAuth).then(|| token.clone());
         let nodes = match (system, etcd_bin) {
             (System::Lodge, _) => start_lodge_with(3, &[])?,
+            (System::LodgeAuth, _) => start_lodge_with(3, &auth.env())?,
             (System::Etcd, Some(bin)) => start_etcd(3, bin)?,
             (System::Etcd, None) => unreachable!("etcd is measured only when found"),
         };
         let eps: Vec<String> = nodes.iter().map(|n| n.client.clone()).collect();
-        io.block_on(ready(*system, &eps[0]))?;
+        io.block_on(ready(*system, token.as_deref(), &eps[0]))?;
         let runs: Vec<(Op, usize)> = o
             .clients
             .iter()
@@ -431,15 +459,19 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
             .chain([(Op::Get, get_clients)])
             .collect();
         for (op, c) in runs {
-            let mut r = io.block_on(load(*system, &eps, c, op, o.run_for, &value));
+            let mut r = io.block_on(load(*system, token.clone(), &eps, c, op, o.run_for, &value));
             let name = if op == Op::Put {
                 "put"
             } else {
                 "linearizable get"
             };
             println!(
-                "| {system:?} | {name} | {c} | {:.0} | {:.2} | {:.2} | {} |",
-                r.ops_per_s, r.p50_ms, r.p99_ms, r.failures.count
+                "| {} | {name} | {c} | {:.0} | {:.2} | {:.2} | {} |",
+                system.name(),
+                r.ops_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.failures.count
             );
             failures.merge(std::mem::take(&mut r.failures));
             results.push((*system, op, c, r));
@@ -457,7 +489,31 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
             );
         }
     }
-    if systems.len() == 2 {
+    println!();
+    println!("| load | clients | auth on / auth off ops/s | auth on p99 / auth off p99 |");
+    println!("|---|---|---|---|");
+    for (op, c, on) in results
+        .iter()
+        .filter(|r| r.0 == System::LodgeAuth)
+        .map(|r| (r.1, r.2, &r.3))
+    {
+        if let Some((_, _, _, off)) = results
+            .iter()
+            .find(|r| r.0 == System::Lodge && r.1 == op && r.2 == c)
+        {
+            let name = if op == Op::Put {
+                "put"
+            } else {
+                "linearizable get"
+            };
+            println!(
+                "| {name} | {c} | {:.2} | {:.2} |",
+                on.ops_per_s / off.ops_per_s,
+                on.p99_ms / off.p99_ms
+            );
+        }
+    }
+    if systems.contains(&System::Etcd) {
         println!();
         println!("| load | clients | Lodge / etcd ops/s | Lodge p99 / etcd p99 |");
         println!("|---|---|---|---|");
@@ -492,7 +548,7 @@ async fn first_write(alive: &[String]) -> Outcome<Duration> {
     let mut last = String::new();
     while t.elapsed() < Duration::from_secs(30) {
         for ep in alive {
-            match Conn::open(System::Lodge, ep).await {
+            match Conn::open(System::Lodge, ep, None).await {
                 Ok(mut c) => {
                     let put = c.call(Op::Put, b"bench/after-kill".to_vec(), b"1");
                     match tokio::time::timeout(Duration::from_millis(500), put).await {

@@ -2,6 +2,7 @@
 //! reported as a median (these machines are shared and noisy). Results go to docs/benchmarks.md.
 
 mod actors;
+mod auth;
 mod balancer;
 mod disk;
 mod heartbeat;

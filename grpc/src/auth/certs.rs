@@ -15,14 +15,17 @@ use super::roles::{Role, Roles};
 /// `auth.certificate_prefixes`).
 #[derive(Clone, Debug, Default)]
 pub struct CertificateRoles {
-    by_name: HashMap<String, (Roles, Option<Vec<Vec<u8>>>)>,
+    by_name: HashMap<String, Grant>,
 }
+
+/// What a name is given: roles, and the key prefixes its KV roles are limited to.
+type Grant = (Roles, Option<Vec<Vec<u8>>>);
 
 impl CertificateRoles {
     /// Parses `NAME=ROLE ROLE ...` entries and `NAME=PREFIX PREFIX ...` entries; an error is
     /// `(key[i], why)`.
     pub fn parse(roles: &[String], prefixes: &[String]) -> Result<Self, (String, String)> {
-        let mut by_name: HashMap<String, (Roles, Option<Vec<Vec<u8>>>)> = HashMap::new();
+        let mut by_name: HashMap<String, Grant> = HashMap::new();
         for (i, entry) in roles.iter().enumerate() {
             let key = format!("auth.certificate_roles[{i}]");
             let (name, list) = split(entry)
