@@ -24,6 +24,10 @@ fn auth_env() -> Vec<(&'static str, &'static str)> {
 }
 
 fn token(roles: &[Role], prefixes: Option<&[&str]>) -> String {
+    token_for("tester", roles, prefixes)
+}
+
+fn token_for(subject: &str, roles: &[Role], prefixes: Option<&[&str]>) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -32,7 +36,7 @@ fn token(roles: &[Role], prefixes: Option<&[&str]>) -> String {
     mint_hs256(
         SECRET.as_bytes(),
         &Claims {
-            sub: "tester".into(),
+            sub: subject.into(),
             exp,
             aud: vec!["lodge".into()],
             iss: None,
@@ -260,4 +264,67 @@ fn a_client_certificate_is_an_identity_with_the_roles_it_is_mapped_to() {
         e.contains("PermissionDenied") && e.contains("kv-write") && e.contains("client.lodge.test"),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_client_acts_only_on_its_own_registrations() {
+    use lodge_grpc::pb::registry::{self as pb, registry_client::RegistryClient};
+    let node = Node::start_env(&[], &auth_env());
+    let as_ = |subject: &str, roles: &[Role]| {
+        let tls = ClientTls {
+            bearer: Some(token_for(subject, roles, None)),
+            ..Default::default()
+        };
+        let grpc = node.grpc.clone();
+        async move { RegistryClient::new(connect(&grpc, &tls).await.unwrap()) }
+    };
+    let mut alice = as_("alice", &[Role::RegistryClient]).await;
+    let mut bob = as_("bob", &[Role::RegistryClient]).await;
+    let identity = || pb::RegisterClientRequest {
+        client_name: "glooscap".into(),
+        namespace: "wiki".into(),
+        instance_id: "a".into(),
+        ..Default::default()
+    };
+    let id = alice
+        .register_client(identity())
+        .await
+        .unwrap()
+        .into_inner()
+        .client_id;
+    let beat = |id: &str| pb::HeartbeatRequest {
+        client_id: id.to_string(),
+        ..Default::default()
+    };
+    assert!(alice.heartbeat(beat(&id)).await.unwrap().get_ref().success);
+    let e = bob.heartbeat(beat(&id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("another identity"), "{}", e.message());
+    let e = bob
+        .unregister_client(pb::UnregisterClientRequest {
+            client_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Registering alice's identity again would replace (end) her registration: not for bob.
+    let e = bob.register_client(identity()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let get = || pb::GetClientRequest {
+        client_id: id.clone(),
+    };
+    assert_eq!(
+        bob.get_client(get()).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let mut observer = as_("ops", &[Role::Observer]).await;
+    assert!(observer.get_client(get()).await.is_ok());
+    // Alice's registration survived all of it, and she may replace it herself.
+    assert!(alice.heartbeat(beat(&id)).await.unwrap().get_ref().success);
+    let again = alice
+        .register_client(identity())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.replaced_client_id, id);
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lodge_actors::cluster::raft::{Query, RaftError, RaftNode, Read};
+use lodge_actors::quote::echo;
 use lodge_actors::registry::metrics::OutcomeLabels;
 use lodge_actors::registry::{
     BeatAnswer, ClientView, LeaseKeeper, RegisterRequest, RegistryError, RegistryHandle,
@@ -19,6 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{audit, Caller, Role};
 use crate::deadline;
 use crate::forward::{forwarded, Forwarder};
 use crate::pb::kv::kv_client::KvClient;
@@ -32,11 +34,17 @@ pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
         RegistryError::NotFound(m) => Status::not_found(m),
         RegistryError::Exhausted(m) => Status::resource_exhausted(m),
         RegistryError::Unavailable(m) => Status::unavailable(m),
+        RegistryError::Denied(m) => Status::permission_denied(m),
         RegistryError::Raft(RaftError::Timeout) => {
             Status::deadline_exceeded("the cluster did not confirm the request before the deadline")
         }
         RegistryError::Raft(e) => forward.status(&e),
     }
+}
+
+/// Whether `caller` is held to its own registrations (not the node, an admin, or auth off).
+fn restricted(caller: &Caller) -> bool {
+    !caller.is_unrestricted() && !caller.has(Role::Admin)
 }
 
 /// A field that must not be empty (INVALID_ARGUMENT naming it), whatever its content.
@@ -127,6 +135,22 @@ impl RegistryService {
     fn status(&self, e: RegistryError) -> Status {
         status(&self.forward, e)
     }
+
+    /// Refuses a registry client acting on a registration another identity made. A registration
+    /// this member does not know passes: the call itself answers that it is not registered.
+    async fn own<T>(&self, req: &Request<T>, id: &str, budget: Duration) -> Result<(), Status> {
+        let caller = Caller::of(req.extensions());
+        if !restricted(&caller) {
+            return Ok(());
+        }
+        match self.registry.owner_of(id, budget).await {
+            Ok(Some(owner)) if owner != caller.subject => Err(Status::permission_denied(format!(
+                "client_id: {} was registered by another identity; a registry client may act only on its own registrations",
+                echo(id)
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -136,8 +160,11 @@ impl pb::registry_server::Registry for RegistryService {
         req: Request<pb::RegisterClientRequest>,
     ) -> Result<Response<pb::RegisterClientResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        let caller = Caller::of(req.extensions());
         let m = req.into_inner();
         let r = RegisterRequest {
+            owner: caller.subject.clone(),
+            replace_any: !restricted(&caller),
             client_name: m.client_name,
             client_version: m.client_version,
             namespace: m.namespace,
@@ -170,6 +197,7 @@ impl pb::registry_server::Registry for RegistryService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        self.own(&req, &req.get_ref().client_id, budget).await?;
         let m = req.into_inner();
         required("client_id", &m.client_id)?;
         let answer = self
@@ -208,6 +236,8 @@ impl pb::registry_server::Registry for RegistryService {
         req: Request<pb::UnregisterClientRequest>,
     ) -> Result<Response<pb::UnregisterClientResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        audit::note_target(&req, || echo(&req.get_ref().client_id));
+        self.own(&req, &req.get_ref().client_id, budget).await?;
         let m = req.into_inner();
         required("client_id", &m.client_id)?;
         let existed = self
@@ -250,6 +280,9 @@ impl pb::registry_server::Registry for RegistryService {
         req: Request<pb::GetClientRequest>,
     ) -> Result<Response<pb::ClientInfo>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        if !Caller::of(req.extensions()).has(Role::Observer) {
+            self.own(&req, &req.get_ref().client_id, budget).await?;
+        }
         let m = req.into_inner();
         required("client_id", &m.client_id)?;
         let view = self

@@ -109,6 +109,8 @@ fn mono_ms() -> u64 {
 #[derive(Debug)]
 pub struct ClientShared {
     client_name: String,
+    /// Who made the registration (see `Registration::owner`).
+    owner: String,
     /// The interval handed out (fixed for the registration's life on this member).
     interval_ms: u64,
     /// When this member last renewed the lease ([`mono_ms`]; 0: not since it knows the client).
@@ -127,12 +129,18 @@ impl ClientShared {
         let interval = settings.interval.min(record.interval());
         Self {
             client_name: record.client_name.clone(),
+            owner: record.owner.clone(),
             interval_ms: (interval.as_millis() as u64).max(1),
             renewed_at: AtomicU64::new(if fresh { mono_ms() } else { 0 }),
             last_beat: AtomicU64::new(0),
             last_beat_unix_ms: AtomicU64::new(0),
             beats: AtomicU64::new(0),
         }
+    }
+
+    /// Who made the registration.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// The interval handed to the client.
@@ -454,6 +462,7 @@ mod tests {
             interval_ms,
             lease: 7,
             registered_by: 1,
+            owner: String::new(),
         }
     }
 

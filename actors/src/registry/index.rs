@@ -480,6 +480,29 @@ async fn propose(raft: &ActorRef<RaftNode>, cmd: Command) -> Result<ApplyResult,
     }
 }
 
+/// Refuses to replace registration `id` unless `owner` made it (a replacement takes over the
+/// identity and ends the old registration: only its owner may do that).
+async fn owned_by(raft: &ActorRef<RaftNode>, id: &str, owner: &str) -> Result<(), RegistryError> {
+    let found = raft
+        .send(Read {
+            query: Query::Get(client_key(id)),
+            linearizable: false,
+        })
+        .await??;
+    let theirs = found
+        .kvs
+        .first()
+        .and_then(|kv| Registration::decode(&kv.value, kv.lease))
+        .map(|r| r.owner);
+    match theirs {
+        Some(theirs) if theirs != owner => Err(RegistryError::Denied(format!(
+            "client_name: this identity (namespace, client_name, instance_id) is registered as {} by another caller; only its owner may replace it",
+            echo(id)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Writes a registration: a lease, then the record and the identity under it in one
 /// transaction that also deletes the registration it replaces; then the replaced one's lease is
 /// revoked. On failure the new lease is revoked, taking with it whatever was written.
@@ -514,6 +537,7 @@ async fn write_registration(
                 interval_ms: interval.as_millis() as u64,
                 lease,
                 registered_by: settings.member_id,
+                owner: req.owner.clone(),
             };
             let identity = record.identity_key();
             // Local first (cheap); the compare below catches a stale answer, and a retry reads
@@ -528,6 +552,9 @@ async fn write_registration(
             let replaced = old
                 .as_ref()
                 .and_then(|o| String::from_utf8(o.value.clone()).ok());
+            if let (Some(old_id), false) = (&replaced, req.replace_any) {
+                owned_by(&raft, old_id, &req.owner).await?;
+            }
             let mut success = vec![
                 Op::Put {
                     key: record.key(),
@@ -795,6 +822,18 @@ impl RegistryHandle {
             Err(crate::SendError::NotRunning | crate::SendError::Closed) => Ok(unknown()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Who made registration `client_id`, as this member knows it (`None`: not known here).
+    pub async fn owner_of(
+        &self,
+        client_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .client(client_id, timeout)
+            .await?
+            .map(|c| c.shared.owner().to_string()))
     }
 
     /// Ends a registration; whether there was one.

@@ -30,6 +30,8 @@ pub enum RegistryError {
     Exhausted(String),
     /// Cannot be served right now; retry.
     Unavailable(String),
+    /// The caller may not touch this registration (another identity made it).
+    Denied(String),
     /// The replicated store failed the request.
     Raft(RaftError),
 }
@@ -37,9 +39,11 @@ pub enum RegistryError {
 impl std::fmt::Display for RegistryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Invalid(m) | Self::NotFound(m) | Self::Exhausted(m) | Self::Unavailable(m) => {
-                f.write_str(m)
-            }
+            Self::Invalid(m)
+            | Self::NotFound(m)
+            | Self::Exhausted(m)
+            | Self::Unavailable(m)
+            | Self::Denied(m) => f.write_str(m),
             Self::Raft(e) => write!(f, "{e}"),
         }
     }

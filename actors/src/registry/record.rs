@@ -40,6 +40,10 @@ pub struct Registration {
     pub lease: i64,
     /// The member that registered it.
     pub registered_by: u64,
+    /// Who registered it (the caller's subject; "" before auth recorded owners). A registry
+    /// client may heartbeat, unregister or replace only its own registrations.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl Registration {
@@ -106,6 +110,11 @@ pub struct RegisterRequest {
     pub metadata: BTreeMap<String, String>,
     /// The client's registration time (ms since the epoch), if it sent one.
     pub registered_at_ms: Option<i64>,
+    /// Who asks (recorded as the registration's owner).
+    pub owner: String,
+    /// Whether it may replace a registration of the same identity that someone else owns (the
+    /// node, an admin, auth off).
+    pub replace_any: bool,
 }
 
 impl RegisterRequest {
@@ -209,10 +218,16 @@ mod tests {
             interval_ms: 1000,
             lease: 0,
             registered_by: 1,
+            owner: "alice".into(),
         };
         let back = Registration::decode(&r.encode(), 42).unwrap();
         assert_eq!(back.lease, 42);
         assert_eq!(Registration { lease: 0, ..back }, r);
         assert_eq!(client_id_of(&r.key()), Some(r.client_id.as_str()));
+        // A record stored before owners were recorded reads as owned by nobody.
+        let mut old: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
+        old.as_object_mut().unwrap().remove("owner");
+        let old = Registration::decode(old.to_string().as_bytes(), 1).unwrap();
+        assert_eq!(old.owner, "");
     }
 }
