@@ -72,6 +72,7 @@ pub struct AuthSection {
     pub leeway_secs: u64,
     pub certificate_roles: Vec<String>,
     pub certificate_prefixes: Vec<String>,
+    pub module_networks: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -580,6 +581,7 @@ impl NodeConfig {
             }
         }
         self.certificate_roles()?;
+        self.module_networks()?;
         lodge_grpc::auth::Authenticator::new(&self.auth_settings()?).map_err(|e| {
             let key = e.split(':').next().unwrap_or("auth").to_string();
             err(
@@ -768,8 +770,8 @@ impl NodeConfig {
         Ok(addr)
     }
 
-    /// Checks the peer listener: its own port, an advertised address that parses, and secure
-    /// by default (peer TLS off only on loopback, unless `server.insecure`).
+    /// Checks the peer listener: its own port and an advertised address that parses (secure by
+    /// default is checked with the other listeners, in `crate::exposure`).
     fn check_peer(&self, grpc: SocketAddr, metrics: SocketAddr) -> Result<(), ConfigError> {
         let peer = self.peer_addr()?;
         for (other, key) in [(grpc, "server.listen"), (metrics, "metrics.listen")] {
@@ -785,14 +787,6 @@ impl NodeConfig {
         }
         if self.peer.max_snapshot_bytes == 0 {
             return Err(err("peer.max_snapshot_bytes", "must be greater than 0"));
-        }
-        if !self.peer.tls.enabled && !peer.ip().is_loopback() && !self.server.insecure {
-            return Err(err(
-                "peer.listen",
-                format!(
-                    "{peer} is not a loopback address and peer.tls.enabled = false: other hosts could speak raft to this node unauthenticated. Turn on peer TLS (peer.tls.enabled with peer certificates), listen on loopback, or pass --insecure (server.insecure = true)"
-                ),
-            ));
         }
         Ok(())
     }
@@ -920,6 +914,14 @@ impl NodeConfig {
             &a.certificate_prefixes,
         )
         .map_err(|(key, why)| err(&key, why))
+    }
+
+    /// `auth.module_networks`, parsed; `None` when empty (modules' data addresses anywhere).
+    pub fn module_networks(&self) -> Result<Option<lodge_grpc::listener::Networks>, ConfigError> {
+        if self.auth.module_networks.is_empty() {
+            return Ok(None);
+        }
+        networks("auth.module_networks", &self.auth.module_networks).map(Some)
     }
 
     /// How bearer tokens are checked (the `[auth]` section, secrets read from their files).

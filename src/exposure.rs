@@ -2,7 +2,8 @@
 //! endpoint's own protection (`[metrics.tls]`, `metrics.token_file`).
 //!
 //! A listener on a non-loopback address must have TLS and authentication (`server.tls.enabled`
-//! and `auth.enabled`; for metrics `metrics.tls.enabled` and `metrics.token_file`); otherwise the
+//! and `auth.enabled`; for the peer port `peer.tls.enabled`, whose certificates are the members'
+//! authentication; for metrics `metrics.tls.enabled` and `metrics.token_file`); otherwise the
 //! node refuses to start (exit 2) unless `--insecure` (`server.insecure`) says the operator means
 //! it, and then it warns at every start.
 
@@ -43,6 +44,13 @@ impl NodeConfig {
                     "server.listen = {addr} is not a loopback address, with server.tls.enabled = {} and auth.enabled = {}",
                     on(tls),
                     on(auth)
+                ));
+            }
+        }
+        if let Ok(addr) = self.peer_addr() {
+            if exposed(addr) && !self.peer.tls.enabled {
+                open.push(format!(
+                    "peer.listen = {addr} is not a loopback address, with peer.tls.enabled = false (peer TLS is off: other hosts could speak raft to this node)"
                 ));
             }
         }

@@ -845,6 +845,10 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                     raft: raft_ref.clone(),
                     listeners: Arc::new(std::sync::RwLock::new(data_addresses.clone())),
                     started: std::time::Instant::now(),
+                    module_networks: cfg
+                        .module_networks()
+                        .expect("validated at load")
+                        .map(Arc::new),
                 },
             };
             let settings = settings.clone();

@@ -328,3 +328,116 @@ async fn a_registry_client_acts_only_on_its_own_registrations() {
         .into_inner();
     assert_eq!(again.replaced_client_id, id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_registers_only_itself_and_only_inside_the_module_networks() {
+    use lodge_grpc::pb::balancer::{self as pb, balancer_client::BalancerClient};
+    let mut env = auth_env();
+    env.push(("LODGE_AUTH__MODULE_NETWORKS", "127.0.0.0/8"));
+    let node = Node::start_env(&[], &env);
+    let tls = ClientTls {
+        bearer: Some(token_for("m1", &[Role::Module], None)),
+        ..Default::default()
+    };
+    let mut m1 = BalancerClient::new(connect(&node.grpc, &tls).await.unwrap());
+    let register = |instance: &str, data: &str| pb::RegisterModuleRequest {
+        instance_id: instance.into(),
+        module_type: pb::ModuleType::Alb as i32,
+        control_address: "127.0.0.1:1".into(),
+        data_address: data.into(),
+        ..Default::default()
+    };
+    let e = m1
+        .register_module(register("m2", "127.0.0.1:2"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("instance_id"), "{}", e.message());
+    let e = m1
+        .register_module(register("m1", "10.9.9.9:80"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("auth.module_networks"),
+        "{}",
+        e.message()
+    );
+    let ok = m1.register_module(register("m1", "127.0.0.1:2")).await;
+    assert!(
+        ok.as_ref()
+            .err()
+            .is_none_or(|e| e.code() != Code::PermissionDenied),
+        "{ok:?}"
+    );
+    let e = m1
+        .heartbeat(pb::HeartbeatRequest {
+            instance_id: "m2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+#[test]
+fn with_auth_on_followers_forward_over_the_peer_port_and_a_leader_kill_loses_no_write() {
+    let trio = common::Trio::new(
+        &format!("[auth]\nenabled = true\nhs256_secret = \"{SECRET}\"\n"),
+        &[],
+    );
+    let mut nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(trio.start(i, tempfile::tempdir().unwrap())))
+        .collect();
+    let app = token(&[Role::KvRead, Role::KvWrite], Some(&["app/"]));
+    let admin = token(&[Role::Admin], None);
+    let run = |node: &Node, t: &str, args: &[&str]| lodge(node, Some(t), args);
+    let leader = || {
+        nodes.iter().flatten().find_map(|n| {
+            let out = run(n, &admin, &["ctl", "actor", "/node/cluster/raft", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+            v["state_dump"]["leader"].as_u64().filter(|l| *l > 0)
+        })
+    };
+    let first = common::eventually("a leader", leader);
+    // Every write goes through a follower, which forwards it to the leader as a member.
+    let follower = |leader: u64| {
+        nodes
+            .iter()
+            .enumerate()
+            .find(|(i, n)| n.is_some() && *i as u64 + 1 != leader)
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+    for k in 0..20 {
+        let f = nodes[follower(first)].as_ref().unwrap();
+        let out = run(f, &app, &["kv", "put", &format!("app/{k}"), "v"]);
+        assert!(out.status.success(), "put {k}: {}", stderr(&out));
+    }
+    // A scoped token is refused on a follower as on the leader: the check is where it arrives.
+    let f = nodes[follower(first)].as_ref().unwrap();
+    let out = run(f, &app, &["kv", "put", "other/x", "v"]);
+    assert!(
+        stderr(&out).contains("PermissionDenied"),
+        "{}",
+        stderr(&out)
+    );
+
+    let killed = nodes[first as usize - 1].take().unwrap();
+    drop(killed.kill9());
+    let alive: Vec<&Node> = nodes.iter().flatten().collect();
+    let endpoints = alive
+        .iter()
+        .map(|n| n.grpc.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new(LODGE)
+        .args(["kv", "put", "app/after", "v", "--endpoint", &endpoints])
+        .env("LODGE_TOKEN", &app)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(alive[0], &app, &["kv", "get", "app/", "--prefix", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(doc["count"], 21, "{doc}");
+}

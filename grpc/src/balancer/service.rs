@@ -40,6 +40,9 @@ pub struct BalancerBackend {
     /// The data plane's listening addresses on this node.
     pub listeners: Arc<RwLock<Vec<String>>>,
     pub started: Instant,
+    /// Where a module may say its data address is (`auth.module_networks`); `None`: anywhere.
+    /// Balancer operators and admins are not held to it.
+    pub module_networks: Option<Arc<crate::listener::Networks>>,
 }
 
 /// The Balancer service.
@@ -156,6 +159,31 @@ fn own_instance<T: ForInstance>(req: &Request<T>) -> Result<(), Status> {
     crate::auth::Caller::of(req.extensions()).require_instance(id, "instance_id")
 }
 
+impl BalancerService {
+    /// Refuses a module's data address outside `auth.module_networks`: the data plane would
+    /// send the public's connections there (an internal service behind the node, say).
+    fn data_address_allowed(&self, req: &Request<pb::RegisterModuleRequest>) -> Result<(), Status> {
+        let Some(allowed) = &self.b.module_networks else {
+            return Ok(());
+        };
+        let caller = crate::auth::Caller::of(req.extensions());
+        if caller.is_unrestricted() || caller.has(crate::auth::Role::BalancerOperator) {
+            return Ok(());
+        }
+        let given = &req.get_ref().data_address;
+        match given.parse::<std::net::SocketAddr>() {
+            Ok(a) if allowed.contains(a.ip()) => Ok(()),
+            Ok(a) => Err(Status::permission_denied(format!(
+                "data_address: {a} is outside auth.module_networks, where modules may receive traffic"
+            ))),
+            Err(_) => Err(Status::permission_denied(format!(
+                "data_address: {} must be an IP address and port within auth.module_networks",
+                lodge_actors::quote::echo(given)
+            ))),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::balancer_server::Balancer for BalancerService {
     async fn register_module(
@@ -163,6 +191,7 @@ impl pb::balancer_server::Balancer for BalancerService {
         req: Request<pb::RegisterModuleRequest>,
     ) -> Result<Response<pb::RegisterModuleResponse>, Status> {
         own_instance(&req)?;
+        self.data_address_allowed(&req)?;
         let budget = deadline::of(&req, self.timeout);
         let m = req.into_inner();
         let mut protocols = Vec::new();
