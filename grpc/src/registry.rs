@@ -42,6 +42,27 @@ pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
     }
 }
 
+/// Refuses a registry client acting on registration `id` when another identity made it. A
+/// registration this member does not know passes: the call itself answers that it is not
+/// registered.
+pub(crate) async fn require_owner(
+    registry: &RegistryHandle,
+    caller: &Caller,
+    id: &str,
+    budget: Duration,
+) -> Result<(), Status> {
+    if !restricted(caller) {
+        return Ok(());
+    }
+    match registry.owner_of(id, budget).await {
+        Ok(Some(owner)) if owner != caller.subject => Err(Status::permission_denied(format!(
+            "client_id: {} was registered by another identity; a registry client may act only on its own registrations",
+            echo(id)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Whether `caller` is held to its own registrations (not the node, an admin, or auth off).
 fn restricted(caller: &Caller) -> bool {
     !caller.is_unrestricted() && !caller.has(Role::Admin)
@@ -136,20 +157,9 @@ impl RegistryService {
         status(&self.forward, e)
     }
 
-    /// Refuses a registry client acting on a registration another identity made. A registration
-    /// this member does not know passes: the call itself answers that it is not registered.
+    /// See [`require_owner`].
     async fn own<T>(&self, req: &Request<T>, id: &str, budget: Duration) -> Result<(), Status> {
-        let caller = Caller::of(req.extensions());
-        if !restricted(&caller) {
-            return Ok(());
-        }
-        match self.registry.owner_of(id, budget).await {
-            Ok(Some(owner)) if owner != caller.subject => Err(Status::permission_denied(format!(
-                "client_id: {} was registered by another identity; a registry client may act only on its own registrations",
-                echo(id)
-            ))),
-            _ => Ok(()),
-        }
+        require_owner(&self.registry, &Caller::of(req.extensions()), id, budget).await
     }
 }
 

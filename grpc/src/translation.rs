@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Caller;
 use crate::deadline;
 use crate::forward::Forwarder;
 use crate::pb::registry as pb;
@@ -82,14 +83,16 @@ fn outcome(r: &Result<Translated, Status>) -> &'static str {
 }
 
 /// A job slot of `client_id` (its concurrency, queue and rate limits), counted as a rejected
-/// job when refused.
+/// job when refused. A registry client spends only its own registrations' slots.
 async fn slot(
     registry: &RegistryHandle,
     forward: &Forwarder,
     metrics: &RegistryMetrics,
+    caller: &Caller,
     client_id: &str,
     budget: Duration,
 ) -> Result<JobPermit, Status> {
+    crate::registry::require_owner(registry, caller, client_id, budget).await?;
     registry.acquire_job(client_id, budget).await.map_err(|e| {
         let s = crate::registry::status(forward, e);
         if s.code() == tonic::Code::ResourceExhausted {
@@ -156,6 +159,7 @@ impl pb::translation_server::Translation for TranslationService {
         req: Request<pb::TranslateRequest>,
     ) -> Result<Response<pb::TranslateResponse>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        let caller = Caller::of(req.extensions());
         let m = req.into_inner();
         present("client_id", &m.client_id)?;
         present("target_language", &m.target_language)?;
@@ -202,6 +206,7 @@ impl pb::translation_server::Translation for TranslationService {
             &self.registry,
             &self.forward,
             &self.metrics,
+            &caller,
             &m.client_id,
             budget,
         )
@@ -237,6 +242,7 @@ impl pb::translation_server::Translation for TranslationService {
         req: Request<Streaming<pb::TranslateChunk>>,
     ) -> Result<Response<ChunkStream>, Status> {
         let budget = deadline::of(&req, self.timeout);
+        let caller = Caller::of(req.extensions());
         let mut input = req.into_inner();
         let first = input
             .message()
@@ -260,6 +266,7 @@ impl pb::translation_server::Translation for TranslationService {
                 &self.registry,
                 &self.forward,
                 &self.metrics,
+                &caller,
                 &client_id,
                 budget,
             )

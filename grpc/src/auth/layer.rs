@@ -133,8 +133,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
-        let path = req.uri().path().to_string();
-        let rule = rule_of(&path);
+        let rule = rule_of(req.uri().path());
         if rule.is_some_and(|r| r.access == Access::Public) {
             let fut = self.inner.call(req);
             return Box::pin(async move { Ok(fut.await?.map(AuditedBody::plain)) });
@@ -147,10 +146,10 @@ where
             )),
             Port::Client => self.gate.identify(&req),
         };
-        let audited = rule.filter(|r| r.mutates).and_then(|_| {
+        let audited = rule.filter(|r| r.mutates).and_then(|r| {
             let peer =
                 crate::listener::ConnInfo::of(req.extensions()).and_then(|c| c.tcp.remote_addr());
-            let pending = self.gate.audit.begin(&path, peer)?;
+            let pending = self.gate.audit.begin(r.method, peer)?;
             Some(match &identified {
                 Ok(caller) => pending.with_caller(caller),
                 Err(_) => pending,

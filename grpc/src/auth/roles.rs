@@ -237,9 +237,14 @@ pub const TABLE: &[Rule] = &[
     rule("/lodge.balancer.v1.Balancer/SetScalingConfig", AnyOf(&[BalancerOperator]), true, ""),
 ];
 
-/// The row of `method`, if the node knows it.
+/// The row of `method`, if the node knows it (looked up on every call: a map, not a scan).
 pub fn rule_of(method: &str) -> Option<&'static Rule> {
-    TABLE.iter().find(|r| r.method == method)
+    static BY_METHOD: std::sync::OnceLock<std::collections::HashMap<&'static str, &'static Rule>> =
+        std::sync::OnceLock::new();
+    BY_METHOD
+        .get_or_init(|| TABLE.iter().map(|r| (r.method, r)).collect())
+        .get(method)
+        .copied()
 }
 
 /// The table as Markdown, as `docs/security.md` prints it.
