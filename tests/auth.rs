@@ -174,6 +174,31 @@ fn a_scoped_writer_stays_in_its_prefix_and_nobody_writes_the_nodes_keys() {
             stderr(&out)
         );
     }
+    // A revoke deletes the lease's keys: it needs kv-write on each of them (etcd's rule).
+    let anywhere = token(&[Role::KvWrite, Role::KvRead], None);
+    let out = lodge(
+        &node,
+        Some(&anywhere),
+        &["kv", "lease", "grant", "600", "--json"],
+    );
+    let lease = serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["lease"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let out = lodge(
+        &node,
+        Some(&anywhere),
+        &["kv", "put", "shared/x", "1", "--lease", &lease],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lodge(&node, Some(&app), &["kv", "lease", "revoke", &lease]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("shared/x"),
+        "{e}"
+    );
+    let out = lodge(&node, Some(&anywhere), &["kv", "lease", "revoke", &lease]);
+    assert!(out.status.success(), "{}", stderr(&out));
     // The router's records are there, and an admin may read them.
     let admin = token(&[Role::Admin], None);
     let out = lodge(

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{audit, Caller};
+use crate::auth::{audit, Caller, Role};
 use crate::deadline;
 use crate::forward::{self, forwarded, Forwarder};
 use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
@@ -189,26 +189,27 @@ impl KvService {
 
     /// One keep-alive: here if this member leads, else on the leader (once: `forwarded` says
     /// the stream itself came from a member).
-    /// Refuses a client's revoke of a lease the node's own records hang on (the router's owner
-    /// lease, a registration's): revoking it would delete them. Read from this member's state:
-    /// a lease is known as the node's from the moment a /lodge/ key is put under it.
-    async fn not_the_nodes_lease<T>(&self, req: &Request<T>, id: i64) -> Result<(), Status> {
-        if Caller::of(req.extensions()).is_unrestricted() {
+    /// A revoke deletes every key attached to the lease, so (as in etcd) it needs kv-write on
+    /// each of them: a client cannot revoke the lease the node's own records hang on (the
+    /// router's owner lease, a registration's), nor one holding keys outside its prefixes. Read
+    /// from this member's state; a lease unknown here is left to the revoke to answer.
+    async fn may_revoke<T>(&self, req: &Request<T>, id: i64) -> Result<(), Status> {
+        let caller = Caller::of(req.extensions());
+        if caller.is_unrestricted() {
             return Ok(());
         }
         let Ok(a) = self.read(req, Query::TimeToLive(id), false).await else {
-            // Unknown here (not found, or this member cannot read): the revoke itself answers.
             return Ok(());
         };
-        let internal = a.lease.is_some_and(|l| {
-            l.keys
-                .iter()
-                .any(|k| k.starts_with(crate::auth::INTERNAL_PREFIX))
-        });
-        if internal {
-            return Err(Status::permission_denied(format!(
-                "id: lease {id} holds keys under /lodge/: it is the node's own"
-            )));
+        for key in a.lease.iter().flat_map(|l| &l.keys) {
+            caller
+                .require_keys(Role::KvWrite, key, false, "id")
+                .map_err(|e| {
+                    Status::permission_denied(format!(
+                        "id: lease {id} holds a key this caller may not delete ({})",
+                        e.message().trim_start_matches("id: ")
+                    ))
+                })?;
         }
         Ok(())
     }
@@ -428,7 +429,7 @@ impl kv_server::Kv for KvService {
         let r = req.get_ref();
         let id = check::lease_id(r.id).map_err(|e| self.refuse(e))?;
         audit::note_target(&req, || format!("lease {id}"));
-        self.not_the_nodes_lease(&req, id).await?;
+        self.may_revoke(&req, id).await?;
         let cmd = Command::LeaseRevoke { id, expired: false };
         match self.propose(&req, cmd).await {
             Ok(a) => Ok(Response::new(pb::LeaseRevokeResponse {
