@@ -489,57 +489,47 @@ fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {
             );
         }
     }
-    println!();
-    println!("| load | clients | auth on / auth off ops/s | auth on p99 / auth off p99 |");
-    println!("|---|---|---|---|");
-    for (op, c, on) in results
-        .iter()
-        .filter(|r| r.0 == System::LodgeAuth)
-        .map(|r| (r.1, r.2, &r.3))
-    {
-        if let Some((_, _, _, off)) = results
-            .iter()
-            .find(|r| r.0 == System::Lodge && r.1 == op && r.2 == c)
-        {
-            let name = if op == Op::Put {
-                "put"
-            } else {
-                "linearizable get"
-            };
-            println!(
-                "| {name} | {c} | {:.2} | {:.2} |",
-                on.ops_per_s / off.ops_per_s,
-                on.p99_ms / off.p99_ms
-            );
-        }
-    }
+    ratios(
+        &results,
+        (System::LodgeAuth, "auth on"),
+        (System::Lodge, "auth off"),
+    );
     if systems.contains(&System::Etcd) {
-        println!();
-        println!("| load | clients | Lodge / etcd ops/s | Lodge p99 / etcd p99 |");
-        println!("|---|---|---|---|");
-        for (op, c, l) in results
-            .iter()
-            .filter(|r| r.0 == System::Lodge)
-            .map(|r| (r.1, r.2, &r.3))
-        {
-            if let Some((_, _, _, e)) = results
-                .iter()
-                .find(|r| r.0 == System::Etcd && r.1 == op && r.2 == c)
-            {
-                let name = if op == Op::Put {
-                    "put"
-                } else {
-                    "linearizable get"
-                };
-                println!(
-                    "| {name} | {c} | {:.2} | {:.2} |",
-                    l.ops_per_s / e.ops_per_s,
-                    l.p99_ms / e.p99_ms
-                );
-            }
-        }
+        ratios(&results, (System::Lodge, "Lodge"), (System::Etcd, "etcd"));
     }
     failures.check("requests")
+}
+
+/// Prints `over ÷ under` (ops/s and p99) for each run both systems made, each system with the
+/// name its column heads use.
+fn ratios(
+    results: &[(System, Op, usize, Load)],
+    (over, over_name): (System, &str),
+    (under, under_name): (System, &str),
+) {
+    println!();
+    println!(
+        "| load | clients | {over_name} / {under_name} ops/s | {over_name} p99 / {under_name} p99 |"
+    );
+    println!("|---|---|---|---|");
+    for (_, op, c, a) in results.iter().filter(|r| r.0 == over) {
+        let Some((_, _, _, b)) = results
+            .iter()
+            .find(|r| r.0 == under && r.1 == *op && r.2 == *c)
+        else {
+            continue;
+        };
+        let name = if *op == Op::Put {
+            "put"
+        } else {
+            "linearizable get"
+        };
+        println!(
+            "| {name} | {c} | {:.2} | {:.2} |",
+            a.ops_per_s / b.ops_per_s,
+            a.p99_ms / b.p99_ms
+        );
+    }
 }
 
 /// The time until a put through one of the survivors is acknowledged (30 s at most).
