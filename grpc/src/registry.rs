@@ -55,7 +55,7 @@ pub(crate) async fn require_owner(
         return Ok(());
     }
     match registry.owner_of(id, budget).await {
-        Ok(Some(owner)) if owner != caller.subject => Err(Status::permission_denied(format!(
+        Ok(Some(owner)) if !owner.is_empty() && owner != caller.subject => Err(Status::permission_denied(format!(
             "client_id: {} was registered by another identity; a registry client may act only on its own registrations",
             echo(id)
         ))),
@@ -173,7 +173,13 @@ impl pb::registry_server::Registry for RegistryService {
         let caller = Caller::of(req.extensions());
         let m = req.into_inner();
         let r = RegisterRequest {
-            owner: caller.subject.clone(),
+            // Made with auth off (or by the node): nobody's, so any client may take it over
+            // once auth is on.
+            owner: if caller.is_unrestricted() {
+                String::new()
+            } else {
+                caller.subject.clone()
+            },
             replace_any: !restricted(&caller),
             client_name: m.client_name,
             client_version: m.client_version,

@@ -481,7 +481,8 @@ async fn propose(raft: &ActorRef<RaftNode>, cmd: Command) -> Result<ApplyResult,
 }
 
 /// Refuses to replace registration `id` unless `owner` made it (a replacement takes over the
-/// identity and ends the old registration: only its owner may do that).
+/// identity and ends the old registration: only its owner may do that). One nobody owns (made
+/// with auth off, or before owners were recorded) may be replaced by anyone.
 async fn owned_by(raft: &ActorRef<RaftNode>, id: &str, owner: &str) -> Result<(), RegistryError> {
     let found = raft
         .send(Read {
@@ -495,7 +496,7 @@ async fn owned_by(raft: &ActorRef<RaftNode>, id: &str, owner: &str) -> Result<()
         .and_then(|kv| Registration::decode(&kv.value, kv.lease))
         .map(|r| r.owner);
     match theirs {
-        Some(theirs) if theirs != owner => Err(RegistryError::Denied(format!(
+        Some(theirs) if !theirs.is_empty() && theirs != owner => Err(RegistryError::Denied(format!(
             "client_name: this identity (namespace, client_name, instance_id) is registered as {} by another caller; only its owner may replace it",
             echo(id)
         ))),

@@ -40,8 +40,9 @@ pub struct Registration {
     pub lease: i64,
     /// The member that registered it.
     pub registered_by: u64,
-    /// Who registered it (the caller's subject; "" before auth recorded owners). A registry
-    /// client may heartbeat, unregister or replace only its own registrations.
+    /// Who registered it (the caller's subject; "": nobody, made with auth off or before owners
+    /// were recorded). A registry client may heartbeat, unregister or replace only its own
+    /// registrations and nobody's.
     #[serde(default)]
     pub owner: String,
 }
