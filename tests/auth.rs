@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::{make_pki, stderr, stdout, Node, LODGE};
 use lodge_grpc::auth::roles::{Access, Role, TABLE};
-use lodge_grpc::auth::{mint_hs256, Claims};
 use lodge_grpc::client::{connect, ClientTls};
 use tonic::Code;
 
@@ -28,25 +27,8 @@ fn token(roles: &[Role], prefixes: Option<&[&str]>) -> String {
 }
 
 fn token_for(subject: &str, roles: &[Role], prefixes: Option<&[&str]>) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    mint_hs256(
-        SECRET.as_bytes(),
-        &Claims {
-            sub: subject.into(),
-            exp,
-            aud: vec!["lodge".into()],
-            iss: None,
-            roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
-            workflows: None,
-            prefixes: prefixes.map(|p| p.iter().map(|s| s.to_string()).collect()),
-            instances: None,
-        },
-    )
-    .unwrap()
+    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    common::jwt(SECRET, subject, &roles, prefixes)
 }
 
 /// Calls `method` with one empty message (every message type accepts it) and returns the

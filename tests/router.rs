@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{eventually, Node, Trio};
-use lodge_grpc::auth::{mint_hs256, Claims};
 use lodge_grpc::client::{connect, ClientTls};
 use lodge_grpc::pb::router::{frame, user_init, AgentInit, Exec, Frame, UserInit};
 use lodge_grpc::router_client::{data, new_session_key, RouterClient, Tunnel};
@@ -23,25 +22,7 @@ fn env() -> Vec<(&'static str, &'static str)> {
 }
 
 fn token(roles: &[&str]) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    mint_hs256(
-        SECRET.as_bytes(),
-        &Claims {
-            sub: "tests".into(),
-            exp,
-            aud: vec!["lodge".into()],
-            iss: None,
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            workflows: None,
-            prefixes: None,
-            instances: None,
-        },
-    )
-    .unwrap()
+    common::jwt(SECRET, "tests", roles, None)
 }
 
 async fn client(endpoint: &str, roles: &[&str]) -> RouterClient {

@@ -407,8 +407,10 @@ fn tunnel_tcp_reset_reaches_the_far_side_as_a_reset_not_an_end() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
+        let _ = accepted_tx.send(());
         let mut buf = [0u8; 1024];
         let seen = loop {
             match c.read(&mut buf) {
@@ -428,7 +430,12 @@ fn tunnel_tcp_reset_reaches_the_far_side_as_a_reset_not_an_end() {
         use tokio::io::AsyncWriteExt;
         let mut c = tokio::net::TcpStream::connect(&local).await.unwrap();
         c.write_all(b"partial upload").await.unwrap();
-        // An abortive close: the user's side breaks off in the middle.
+        // Once the far side is connected (a reset before the session reached the agent would
+        // have nothing to carry to it)...
+        accepted
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent connected to the server");
+        // ...an abortive close: the user's side breaks off in the middle.
         c.set_zero_linger().unwrap();
         drop(c);
     });

@@ -539,3 +539,27 @@ impl Trio {
         Node::start_in(dir, &self.addr(i), &args)
     }
 }
+
+/// A token signed with the HS256 `secret`, for `subject` with `roles`, valid for an hour, its KV
+/// roles limited to `prefixes` when given.
+pub fn jwt(secret: &str, subject: &str, roles: &[&str], prefixes: Option<&[&str]>) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    lodge_grpc::auth::mint_hs256(
+        secret.as_bytes(),
+        &lodge_grpc::auth::Claims {
+            sub: subject.into(),
+            exp,
+            aud: vec!["lodge".into()],
+            iss: None,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            workflows: None,
+            prefixes: prefixes.map(|p| p.iter().map(|s| s.to_string()).collect()),
+            instances: None,
+        },
+    )
+    .unwrap()
+}
