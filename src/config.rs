@@ -621,8 +621,7 @@ impl NodeConfig {
                 "cannot be combined with cluster.initial_cluster: a node either founds the cluster or joins it",
             ));
         }
-        let members = self.members()?;
-        let _ = members;
+        self.members()?;
         self.tls_material()?;
         self.peer_tls_material()?;
         self.metrics_security()?;
