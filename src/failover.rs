@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lodge_grpc::client::Channel;
 use lodge_grpc::client::{self, ClientTls};
-use lodge_grpc::forward;
+use lodge_grpc::outcome;
 use tonic::{Code, Status};
 
 use crate::ctl::Connection;
@@ -65,7 +65,7 @@ where
             };
             match call(channel).await {
                 Ok(v) => return Ok(v),
-                Err(s) if s.code() == Code::Unavailable && !forward::outcome_unknown(&s) => {
+                Err(s) if s.code() == Code::Unavailable && !outcome::outcome_unknown(&s) => {
                     last = format!("{ep}: {:?}: {}", s.code(), s.message());
                     // A member that names the leader is followed at once.
                     hint = leader_hint(&s).filter(|l| l != ep);

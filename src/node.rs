@@ -12,6 +12,7 @@ use lodge_actors::balancer::dataplane::{cannot_listen, DataPlaneSettings, Listen
 use lodge_actors::balancer::hook::DeployHook;
 use lodge_actors::balancer::metrics::BalancerMetrics;
 use lodge_actors::balancer::{BalancerParts, DataPlane};
+use lodge_actors::cluster::client::Client;
 use lodge_actors::cluster::disk::Disk;
 use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::force::ForceNewCluster;
@@ -23,10 +24,9 @@ use lodge_actors::cluster::store::Store;
 use lodge_actors::cluster::topology::Directory;
 use lodge_actors::cluster::transport::Transport;
 use lodge_actors::registry::index::ClientTable;
-use lodge_actors::registry::{
-    LeaseKeeper, RegistryHandle, RegistryIndex, RegistryMetrics, RegistrySettings,
-};
+use lodge_actors::registry::{RegistryHandle, RegistryIndex, RegistryMetrics, RegistrySettings};
 use lodge_actors::router::hub::SessionTable;
+use lodge_actors::router::owner_store::StoredOwners;
 use lodge_actors::router::{OwnerStore, RouterHub, RouterMetrics, RouterSettings};
 use lodge_actors::supervision::Exit;
 use lodge_actors::translate::gateway::{GatewaySettings, TranslationGateway};
@@ -38,14 +38,13 @@ use lodge_actors::{
 use lodge_grpc::balancer::probe::GrpcModuleProbe;
 use lodge_grpc::balancer::service::BalancerBackend;
 use lodge_grpc::cluster::GrpcHeartbeats;
-use lodge_grpc::forward::Forwarder;
+use lodge_grpc::leader_link::PeerLeaderLink;
+use lodge_grpc::members::Members;
 use lodge_grpc::metrics::ServerMetrics;
 use lodge_grpc::pb::router::Frame;
 use lodge_grpc::peer::PeerLink;
 use lodge_grpc::raft::GrpcTransport;
-use lodge_grpc::registry::GrpcLeaseKeeper;
 use lodge_grpc::server::{self, ServerSettings};
-use lodge_grpc::store::KvStore;
 use slog::{error, info, warn};
 
 use crate::config::NodeConfig;
@@ -216,7 +215,8 @@ struct TreeParts {
     registry_settings: Arc<RegistrySettings>,
     registry_index: ActorRef<RegistryIndex>,
     client_table: ClientTable,
-    lease_keeper: Arc<dyn LeaseKeeper>,
+    /// The one way to the replicated store.
+    store: Client,
     registry_metrics: RegistryMetrics,
     gateway: ActorRef<TranslationGateway>,
     gateway_settings: Arc<GatewaySettings>,
@@ -323,10 +323,10 @@ fn root_spec(p: TreeParts) -> SupervisorSpec {
                         p.client_table.write().unwrap().clear();
                         RegistryIndex::new(
                             p.registry_settings.clone(),
-                            p.raft.clone(),
+                            p.store.clone(),
                             clients_ref.clone(),
                             p.client_table.clone(),
-                            p.lease_keeper.clone(),
+                            Arc::new(p.store.clone()),
                             p.registry_metrics.clone(),
                             &p.log,
                         )
@@ -686,38 +686,20 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
         let registry_index: ActorRef<RegistryIndex> = ActorRef::default();
         let gateway_ref: ActorRef<TranslationGateway> = ActorRef::default();
         let client_table: ClientTable = Default::default();
-        let lease_keeper: Arc<dyn LeaseKeeper> = GrpcLeaseKeeper::new(
+        let members = Arc::new(Members::new(cfg.node.id, directory.clone(), peer_link.clone()));
+        let store = Client::new(
+            cfg.node.id,
             raft_ref.clone(),
-            Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
+            PeerLeaderLink::new(members.clone()),
+            NodeConfig::duration(cfg.server.request_timeout_ms),
         );
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let router_hub: ActorRef<RouterHub<Frame>> = ActorRef::default();
         let router_table: SessionTable<Frame> = Default::default();
         let router_settings = Arc::new(router_settings(&cfg));
-        let owner_store: Arc<dyn OwnerStore> = Arc::new(lodge_grpc::router_store::KvOwnerStore::new(
-            lodge_grpc::kv::KvService::new(
-                raft_ref.clone(),
-                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
-                NodeConfig::duration(cfg.server.request_timeout_ms),
-                shutdown_rx.clone(),
-            )
-            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
-            lease_keeper.clone(),
-            raft_ref.clone(),
-        ));
+        let owner_store: Arc<dyn OwnerStore> = Arc::new(StoredOwners::new(store.clone()));
         let balancer_metrics = Arc::new(BalancerMetrics::default());
-        let balancer_store: Arc<dyn Store> = Arc::new(KvStore::new(
-            lodge_grpc::kv::KvService::new(
-                raft_ref.clone(),
-                Arc::new(Forwarder::new(cfg.node.id, directory.clone(), peer_link.clone())),
-                NodeConfig::duration(cfg.server.request_timeout_ms),
-                shutdown_rx.clone(),
-            )
-            .with_limits(cfg.kv_limits(), cfg.server.max_message_bytes, registry_metrics.clone()),
-            lease_keeper.clone(),
-            raft_ref.clone(),
-            NodeConfig::duration(cfg.server.request_timeout_ms),
-        ));
+        let balancer_store: Arc<dyn Store> = Arc::new(store.clone());
         let leads: Leads = {
             let directory = directory.clone();
             Arc::new(move || directory.figures().is_leader)
@@ -776,7 +758,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             registry_settings: Arc::new(registry_settings(&cfg)),
             registry_index: registry_index.clone(),
             client_table: client_table.clone(),
-            lease_keeper,
+            store: store.clone(),
             registry_metrics: registry_metrics.clone(),
             gateway: gateway_ref.clone(),
             gateway_settings,
@@ -820,6 +802,8 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             let backends = server::Backends {
                 admin: admin_ref.clone(),
                 raft: raft_ref.clone(),
+                store: store.clone(),
+                members: members.clone(),
                 member_id: cfg.node.id,
                 incarnation,
                 directory: directory.clone(),

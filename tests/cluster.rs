@@ -606,3 +606,40 @@ fn members_with_watches_and_a_module_stop_without_waiting_out_the_drain() {
             .then_some(())
     });
 }
+
+#[test]
+fn lease_calls_through_a_follower_are_answered_by_the_leader_also_after_a_kill_9_of_it() {
+    let trio = Trio::new("[cluster]\ntick_ms = 20\n", &[]);
+    let mut nodes: Vec<Option<Node>> = (0..3)
+        .map(|i| Some(trio.start(i, tempfile::tempdir().unwrap())))
+        .collect();
+    let leader = eventually("a leader", || leader_of(nodes[0].as_ref().unwrap())) as usize;
+    let follower = trio.addr(if leader == 1 { 1 } else { 0 });
+    // Only the leader keeps lease deadlines: a follower's store client asks it (Raft/Read on the
+    // peer port) for a lease's time to live and keys.
+    let lease_on = |ep: &str| {
+        let grant = eventually("a lease", || {
+            json_of(kv(ep, &["lease", "grant", "30", "--json"]))
+        });
+        let lease = grant["lease"].as_i64().unwrap().to_string();
+        assert!(kv(ep, &["put", "held", "v", "--lease", &lease])
+            .status
+            .success());
+        let ttl = json_of(kv(ep, &["lease", "ttl", &lease, "--keys", "--json"])).expect("ttl");
+        assert_eq!(ttl["granted_ttl"], 30, "{ttl}");
+        assert_eq!(ttl["keys"], serde_json::json!(["held"]), "{ttl}");
+        lease
+    };
+    let lease = lease_on(&follower);
+    assert!(kv(&follower, &["lease", "revoke", &lease]).status.success());
+    assert!(get(&follower, "held", false).is_none());
+
+    // The leader dies: the survivors elect another, and the follower's calls find it.
+    nodes[leader - 1].take().unwrap().kill9();
+    let survivor = (0..3).find(|i| *i != leader - 1).unwrap();
+    let next = eventually("a new leader", || {
+        leader_of(nodes[survivor].as_ref().unwrap()).filter(|l| *l as usize != leader)
+    }) as usize;
+    let follower = trio.addr((0..3).find(|i| *i != leader - 1 && *i != next - 1).unwrap());
+    lease_on(&follower);
+}

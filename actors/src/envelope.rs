@@ -93,7 +93,7 @@ macro_rules! handles {
 }
 
 /// Why a message did not get an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SendError {
     /// The actor is not running (restarting, stopped, or not started yet).
     NotRunning,

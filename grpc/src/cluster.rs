@@ -19,8 +19,8 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::deadline;
-use crate::forward::{forwarded, Forwarder};
 use crate::kv::stream_until_shutdown;
+use crate::members::{forwarded, Members};
 use crate::pb::cluster::{self as pb, cluster_client::ClusterClient, cluster_server};
 use crate::peer::{FromPeer, PeerChannel, PeerLink};
 
@@ -32,7 +32,7 @@ pub struct ClusterService {
     raft: ActorRef<RaftNode>,
     membership: ActorRef<Membership>,
     directory: Directory,
-    forward: Arc<Forwarder>,
+    members: Arc<Members>,
     heartbeat_interval: Duration,
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -52,7 +52,7 @@ impl ClusterService {
         raft: ActorRef<RaftNode>,
         membership: ActorRef<Membership>,
         directory: Directory,
-        forward: Arc<Forwarder>,
+        members: Arc<Members>,
         heartbeat_interval: Duration,
         timeout: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
@@ -63,7 +63,7 @@ impl ClusterService {
             raft,
             membership,
             directory,
-            forward,
+            members,
             heartbeat_interval,
             timeout,
             shutdown,
@@ -103,7 +103,7 @@ impl ClusterService {
                 Ok(Response::new(answer(view, commit)))
             }
             Err(e) => {
-                let channel = self.forward.leader(&req, &e).await?;
+                let channel = self.members.leader(&req, &e).await?;
                 let body = req.get_ref().clone();
                 then(ClusterClient::new(channel), forwarded(body, budget)).await
             }
@@ -419,7 +419,7 @@ impl cluster_server::Cluster for ClusterService {
             .send_timeout(GetStatus, deadline::of(&req, self.timeout))
             .await
             .map_err(|e| deadline::send_status(e, "raft member"))?
-            .map_err(|e| self.forward.status(&e))?;
+            .map_err(|e| self.members.status(&e))?;
         Ok(Response::new(pb::StatusResponse {
             id: s.id,
             role: s.role,

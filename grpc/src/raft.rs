@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use lodge_actors::cluster::client::Client;
 use lodge_actors::cluster::fault::Faults;
 use lodge_actors::cluster::raft::{RaftNode, SnapshotSent, Step};
 use lodge_actors::cluster::topology::Directory;
@@ -31,7 +32,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::pb::raft::{
-    raft_client::RaftClient, raft_server, MessageBatch, SendAck, SnapshotAck, SnapshotChunk,
+    raft_client::RaftClient, raft_server, GroupAnswer, GroupCall, MessageBatch, SendAck,
+    SnapshotAck, SnapshotChunk,
 };
 use crate::peer::{FromPeer, PeerLink};
 
@@ -324,6 +326,8 @@ pub struct SnapshotSpool {
 /// Server side: steps incoming messages into this member's raft actor.
 pub struct RaftService {
     raft: ActorRef<RaftNode>,
+    /// Serves the calls other members' store clients send to this member as their leader.
+    store: Client,
     faults: Faults,
     spool: SnapshotSpool,
     /// Peers with a snapshot stream open (by member, or by address without peer TLS).
@@ -348,12 +352,14 @@ impl Drop for SpoolPlace {
 impl RaftService {
     pub fn new(
         raft: ActorRef<RaftNode>,
+        store: Client,
         faults: Faults,
         spool: SnapshotSpool,
         rejections: lodge_actors::registry::RegistryMetrics,
     ) -> Self {
         Self {
             raft,
+            store,
             faults,
             spool,
             streaming: Arc::default(),
@@ -498,5 +504,15 @@ impl raft_server::Raft for RaftService {
         }
         self.step(msgs).await?;
         Ok(Response::new(SnapshotAck {}))
+    }
+
+    async fn propose(&self, req: Request<GroupCall>) -> Result<Response<GroupAnswer>, Status> {
+        let budget = crate::deadline::of(&req, self.store.timeout());
+        crate::leader_link::serve_propose(&self.store, req.into_inner(), budget).await
+    }
+
+    async fn read(&self, req: Request<GroupCall>) -> Result<Response<GroupAnswer>, Status> {
+        let budget = crate::deadline::of(&req, self.store.timeout());
+        crate::leader_link::serve_read(&self.store, req.into_inner(), budget).await
     }
 }

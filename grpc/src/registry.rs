@@ -1,34 +1,27 @@
 //! `lodge.registry.v1.Registry`: decodes a request, hands it to the registry (the index or the
-//! client's actor) with the caller's deadline, and maps the answer. Also the node's
-//! [`LeaseKeeper`]: lease renewals go to the leader, here or over gRPC.
+//! client's actor) with the caller's deadline, and maps the answer.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use lodge_actors::cluster::raft::{Query, RaftError, RaftNode, Read};
+use lodge_actors::cluster::raft::RaftError;
 use lodge_actors::quote::echo;
 use lodge_actors::registry::metrics::OutcomeLabels;
 use lodge_actors::registry::{
-    BeatAnswer, ClientView, LeaseKeeper, RegisterRequest, RegistryError, RegistryHandle,
-    RegistryMetrics,
+    BeatAnswer, ClientView, RegisterRequest, RegistryError, RegistryHandle, RegistryMetrics,
 };
-use lodge_actors::ActorRef;
 use prometheus_client::metrics::counter::Counter;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{audit, Caller, Role};
 use crate::deadline;
-use crate::forward::{forwarded, Forwarder};
-use crate::pb::kv::kv_client::KvClient;
-use crate::pb::kv::LeaseKeepAliveRequest;
+use crate::members::Members;
 use crate::pb::registry as pb;
 
 /// Maps a registry error to the caller's status.
-pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
+pub fn status(members: &Members, e: RegistryError) -> Status {
     match e {
         RegistryError::Invalid(m) => Status::invalid_argument(m),
         RegistryError::NotFound(m) => Status::not_found(m),
@@ -38,7 +31,7 @@ pub fn status(forward: &Forwarder, e: RegistryError) -> Status {
         RegistryError::Raft(RaftError::Timeout) => {
             Status::deadline_exceeded("the cluster did not confirm the request before the deadline")
         }
-        RegistryError::Raft(e) => forward.status(&e),
+        RegistryError::Raft(e) => members.status(&e),
     }
 }
 
@@ -123,7 +116,7 @@ fn info(v: ClientView, member: u64) -> pb::ClientInfo {
 /// The Registry service.
 pub struct RegistryService {
     registry: RegistryHandle,
-    forward: Arc<Forwarder>,
+    members: Arc<Members>,
     /// Heartbeat outcomes, resolved once: a heartbeat is the hottest call of the service.
     beats: [Counter; 3],
     timeout: Duration,
@@ -133,7 +126,7 @@ impl RegistryService {
     /// Serves `registry`; `timeout` bounds a call without its own deadline.
     pub fn new(
         registry: RegistryHandle,
-        forward: Arc<Forwarder>,
+        members: Arc<Members>,
         metrics: RegistryMetrics,
         timeout: Duration,
     ) -> Self {
@@ -147,14 +140,14 @@ impl RegistryService {
         });
         Self {
             registry,
-            forward,
+            members,
             beats,
             timeout,
         }
     }
 
     fn status(&self, e: RegistryError) -> Status {
-        status(&self.forward, e)
+        status(&self.members, e)
     }
 
     /// See [`require_owner`].
@@ -285,7 +278,7 @@ impl pb::registry_server::Registry for RegistryService {
             .list(&m.namespace, &m.client_name, budget)
             .await
             .map_err(|e| self.status(e))?;
-        let member = self.forward.member_id();
+        let member = self.members.member_id();
         Ok(Response::new(pb::ListClientsResponse {
             clients: views.into_iter().map(|v| info(v, member)).collect(),
         }))
@@ -306,79 +299,6 @@ impl pb::registry_server::Registry for RegistryService {
             .get(&m.client_id, budget)
             .await
             .map_err(|e| self.status(e))?;
-        Ok(Response::new(info(view, self.forward.member_id())))
-    }
-}
-
-/// Renews leases on the leader: through the local raft member when it leads, otherwise with a
-/// keep-alive forwarded to the leader it knows.
-pub struct GrpcLeaseKeeper {
-    raft: ActorRef<RaftNode>,
-    forward: Arc<Forwarder>,
-}
-
-impl GrpcLeaseKeeper {
-    /// A keeper for this member.
-    pub fn new(raft: ActorRef<RaftNode>, forward: Arc<Forwarder>) -> Arc<Self> {
-        Arc::new(Self { raft, forward })
-    }
-}
-
-fn raft_error_of(s: &Status) -> RaftError {
-    match s.code() {
-        tonic::Code::NotFound => RaftError::NotFound(s.message().to_string()),
-        tonic::Code::DeadlineExceeded => RaftError::Timeout,
-        _ => RaftError::Busy(format!(
-            "the leader did not renew the lease: {}",
-            s.message()
-        )),
-    }
-}
-
-impl LeaseKeeper for GrpcLeaseKeeper {
-    fn renew(
-        &self,
-        lease: i64,
-        timeout: Duration,
-    ) -> Pin<Box<dyn Future<Output = Result<(), RaftError>> + Send>> {
-        let raft = self.raft.clone();
-        let forward = self.forward.clone();
-        Box::pin(async move {
-            let local = raft
-                .send_timeout(
-                    Read {
-                        query: Query::KeepAlive(lease),
-                        linearizable: true,
-                    },
-                    timeout,
-                )
-                .await
-                .map_err(|e| match e {
-                    lodge_actors::SendError::Timeout => RaftError::Timeout,
-                    e => RaftError::Busy(format!("raft member: {e}")),
-                })?;
-            let err = match local {
-                Ok(_) => return Ok(()),
-                Err(e @ RaftError::NotLeader { leader: Some(_) }) => e,
-                Err(e) => return Err(e),
-            };
-            let channel = forward
-                .leader(&Request::new(()), &err)
-                .await
-                .map_err(|_| err.clone())?;
-            let one = tokio_stream::iter([LeaseKeepAliveRequest { id: lease }]);
-            let mut answers = KvClient::new(channel)
-                .lease_keep_alive(forwarded(one, timeout))
-                .await
-                .map_err(|s| raft_error_of(&s))?
-                .into_inner();
-            match answers.message().await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(RaftError::Busy(
-                    "the leader ended the keep-alive stream".into(),
-                )),
-                Err(s) => Err(raft_error_of(&s)),
-            }
-        })
+        Ok(Response::new(info(view, self.members.member_id())))
     }
 }

@@ -26,7 +26,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Caller, Role};
-use crate::forward::Forwarder;
+use crate::members::Members;
 use crate::pb::router::router_control_client::RouterControlClient;
 use crate::pb::router::tunnel_client::TunnelClient;
 use crate::pb::router::{
@@ -152,7 +152,7 @@ pub struct RouterContext {
     pub hub: ActorRef<RouterHub<Frame>>,
     pub table: SessionTable<Frame>,
     pub settings: Arc<RouterSettings>,
-    pub peers: Arc<Forwarder>,
+    pub peers: Arc<Members>,
     /// Bound on a control call and on the set-up steps of a tunnel.
     pub request_timeout: Duration,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
@@ -352,7 +352,7 @@ impl TunnelService {
 fn relay_error(owner: u64, s: Status) -> Status {
     match s.code() {
         tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
-            if !s.metadata().contains_key(crate::forward::ANSWERED_BY) =>
+            if !s.metadata().contains_key(crate::members::ANSWERED_BY) =>
         {
             Status::unavailable(format!(
                 "the connection to member {owner}, which owns the session, broke: {}",

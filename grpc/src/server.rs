@@ -55,6 +55,10 @@ pub struct NodeServices {
 pub struct Backends {
     pub admin: ActorRef<AdminActor>,
     pub raft: ActorRef<lodge_actors::cluster::raft::RaftNode>,
+    /// The one way to the replicated store (reaching leaders through `members`).
+    pub store: lodge_actors::cluster::client::Client,
+    /// Channels to the other members, and the statuses naming them.
+    pub members: Arc<crate::members::Members>,
     pub member_id: u64,
     /// This process's incarnation (random per start; tells two processes with one id apart).
     pub incarnation: u64,
@@ -143,20 +147,16 @@ pub async fn node_services(
     .max_encoding_message_size(s.max_message_bytes);
     // The router's relays get their own connections: relayed bulk streams must not take the
     // HTTP/2 window (or the stream slots) that forwarded KV writes and lease renewals need.
-    let relay_peers = Arc::new(crate::forward::Forwarder::new(
+    let relay_peers = Arc::new(crate::members::Members::new(
         b.member_id,
         b.directory.clone(),
         b.peer_link.clone(),
     ));
-    let forward = Arc::new(crate::forward::Forwarder::new(
-        b.member_id,
-        b.directory.clone(),
-        b.peer_link.clone(),
-    ));
+    let members = b.members.clone();
     let kv = pb::kv::kv_server::KvServer::new(
         crate::kv::KvService::new(
-            b.raft.clone(),
-            forward.clone(),
+            b.store.clone(),
+            members.clone(),
             s.request_timeout,
             shutdown.clone(),
         )
@@ -171,7 +171,7 @@ pub async fn node_services(
             b.raft.clone(),
             b.membership,
             b.directory,
-            forward.clone(),
+            members.clone(),
             b.heartbeat_interval,
             s.request_timeout,
             shutdown.clone(),
@@ -184,7 +184,7 @@ pub async fn node_services(
         crate::translation::TranslationService::new(
             b.translation,
             b.registry.clone(),
-            forward.clone(),
+            members.clone(),
             b.registry_metrics.clone(),
             s.request_timeout,
         ),
@@ -194,7 +194,7 @@ pub async fn node_services(
     let registry =
         pb::registry::registry_server::RegistryServer::new(crate::registry::RegistryService::new(
             b.registry,
-            forward.clone(),
+            members.clone(),
             b.registry_metrics.clone(),
             s.request_timeout,
         ))
@@ -230,6 +230,7 @@ pub async fn node_services(
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(
         b.raft,
+        b.store,
         b.faults,
         b.snapshot_spool,
         b.registry_metrics.clone(),

@@ -18,14 +18,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Caller;
 use crate::deadline;
-use crate::forward::Forwarder;
+use crate::members::Members;
 use crate::pb::registry as pb;
 
 /// The Translation service.
 pub struct TranslationService {
     gateway: ActorRef<TranslationGateway>,
     registry: RegistryHandle,
-    forward: Arc<Forwarder>,
+    members: Arc<Members>,
     metrics: RegistryMetrics,
     timeout: Duration,
 }
@@ -35,14 +35,14 @@ impl TranslationService {
     pub fn new(
         gateway: ActorRef<TranslationGateway>,
         registry: RegistryHandle,
-        forward: Arc<Forwarder>,
+        members: Arc<Members>,
         metrics: RegistryMetrics,
         timeout: Duration,
     ) -> Self {
         Self {
             gateway,
             registry,
-            forward,
+            members,
             metrics,
             timeout,
         }
@@ -86,7 +86,7 @@ fn outcome(r: &Result<Translated, Status>) -> &'static str {
 /// job when refused. A registry client spends only its own registrations' slots.
 async fn slot(
     registry: &RegistryHandle,
-    forward: &Forwarder,
+    members: &Members,
     metrics: &RegistryMetrics,
     caller: &Caller,
     client_id: &str,
@@ -94,7 +94,7 @@ async fn slot(
 ) -> Result<JobPermit, Status> {
     crate::registry::require_owner(registry, caller, client_id, budget).await?;
     registry.acquire_job(client_id, budget).await.map_err(|e| {
-        let s = crate::registry::status(forward, e);
+        let s = crate::registry::status(members, e);
         if s.code() == tonic::Code::ResourceExhausted {
             RegistryMetrics::outcome(&metrics.jobs, "rejected");
         }
@@ -204,7 +204,7 @@ impl pb::translation_server::Translation for TranslationService {
         let started = Instant::now();
         let permit = slot(
             &self.registry,
-            &self.forward,
+            &self.members,
             &self.metrics,
             &caller,
             &m.client_id,
@@ -264,7 +264,7 @@ impl pb::translation_server::Translation for TranslationService {
         let permit = Arc::new(
             slot(
                 &self.registry,
-                &self.forward,
+                &self.members,
                 &self.metrics,
                 &caller,
                 &client_id,

@@ -179,7 +179,7 @@ pub struct Event {
 }
 
 /// A command the store refused; nothing of it was applied.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvError {
     /// A put names a lease that does not exist (any more).
     LeaseNotFound(i64),
@@ -219,8 +219,9 @@ impl std::fmt::Display for KvError {
     }
 }
 
-/// The answer to an applied command.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The answer to an applied command. It travels to the member that asked (see
+/// [`super::client`]) without its events, which only this member's watchers need.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyResult {
     /// The store's revision after the command.
     pub revision: i64,
@@ -233,6 +234,7 @@ pub struct ApplyResult {
     /// For a txn: one result per operation of the branch taken, in order.
     pub ops: Vec<OpResult>,
     /// Every key change, in order, for watchers.
+    #[serde(skip)]
     pub events: Vec<Event>,
     /// For a lease grant: the lease's id.
     pub lease: i64,
@@ -241,7 +243,7 @@ pub struct ApplyResult {
 }
 
 /// The result of one operation inside a transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
     Put { prev: Option<KeyValue> },
     Delete { deleted: u64, prev: Vec<KeyValue> },

@@ -1,5 +1,6 @@
 //! The replicated cluster: raft-rs driven by an actor, a durable log, and the state machine.
 
+pub mod client;
 pub mod disk;
 pub mod fault;
 pub mod force;

@@ -73,7 +73,7 @@ impl Default for RaftSettings {
 }
 
 /// Why a request to the raft member failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RaftError {
     /// This member is not the leader, and did nothing with the request; `leader` is the one it
     /// knows of, if any. Safe to send the request to the leader.
@@ -145,7 +145,7 @@ pub struct Step(pub Vec<RaftMessage>);
 pub struct Propose(pub Command);
 
 /// What a read asks.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Query {
     Get(Vec<u8>),
     /// One page of the keys with a prefix (see [`KvState::page`]): those after `after` if set,
@@ -163,7 +163,7 @@ pub enum Query {
 }
 
 /// A lease as the leader sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseInfo {
     pub id: i64,
     /// The TTL it was granted with.
@@ -174,7 +174,7 @@ pub struct LeaseInfo {
 }
 
 /// A read's answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadAnswer {
     pub kvs: Vec<KeyValue>,
     /// Keys matching, whether in `kvs` or not.

@@ -1,9 +1,10 @@
 //! The replicated store as services inside the node use it: reads, transactions, leases and
 //! watches behind one object-safe trait.
 //!
-//! The node implements it on its KV service, which sends writes to the leader wherever it is, so a
-//! service written against [`Store`] works the same on every member. [`MemoryStore`] runs the real
-//! state machine ([`KvState`]) and watch history ([`WatchHub`]) in memory, for unit tests.
+//! The node's store client ([`Client`]) implements it for the KV group, reaching the leader
+//! wherever it is, so a service written against [`Store`] works the same on every member.
+//! [`MemoryStore`] runs the real state machine ([`KvState`]) and watch history ([`WatchHub`]) in
+//! memory, for unit tests.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::kv::{Command, Compare, KeyValue, KvState, Op, OpResult};
+use super::client::{Client, ClientError, Route, KV_GROUP};
+use super::kv::{ApplyResult, Command, Compare, KeyValue, KvState, Op, OpResult};
+use super::raft::RaftError;
 use super::watch::{WatchHub, WatchSpec, WatchUpdate};
 
 /// Why a store request failed.
@@ -85,6 +88,150 @@ pub trait Store: Send + Sync + 'static {
         prefix: Vec<u8>,
         start_revision: i64,
     ) -> StoreFuture<mpsc::Receiver<WatchUpdate>>;
+}
+
+/// Updates a watcher of the [`Client`]'s store may fall behind by before it is cancelled (and
+/// reloads).
+const WATCH_BUFFER: usize = 1024;
+
+fn store_error(e: ClientError) -> StoreError {
+    if e.outcome_unknown() {
+        return StoreError::Unknown(format!("store: {e}"));
+    }
+    StoreError::Unavailable(format!("store: {e}"))
+}
+
+/// What a transaction answered, its reads in order.
+fn txn_outcome(applied: ApplyResult) -> Result<TxnOutcome, StoreError> {
+    if let Some(e) = applied.error {
+        return Err(StoreError::Unavailable(format!("store: {e}")));
+    }
+    let gets = applied
+        .ops
+        .into_iter()
+        .filter_map(|o| match o {
+            OpResult::Get(kv) => Some(kv),
+            _ => None,
+        })
+        .collect();
+    Ok(TxnOutcome {
+        succeeded: applied.succeeded,
+        revision: applied.revision,
+        gets,
+    })
+}
+
+impl Client {
+    async fn propose_kv(&self, cmd: Command) -> Result<ApplyResult, StoreError> {
+        self.propose(KV_GROUP, cmd, self.timeout(), Route::Leader)
+            .await
+            .map(|a| a.value)
+            .map_err(store_error)
+    }
+}
+
+/// The KV group through the store client, each call within the client's timeout.
+impl Store for Client {
+    fn range(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+        let c = self.clone();
+        Box::pin(async move {
+            c.list(KV_GROUP, prefix, true, c.timeout())
+                .await
+                .map_err(store_error)
+        })
+    }
+
+    fn range_local(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
+        let c = self.clone();
+        Box::pin(async move {
+            c.list(KV_GROUP, prefix, false, c.timeout())
+                .await
+                .map_err(store_error)
+        })
+    }
+
+    fn txn(
+        &self,
+        compares: Vec<Compare>,
+        success: Vec<Op>,
+        failure: Vec<Op>,
+    ) -> StoreFuture<TxnOutcome> {
+        let c = self.clone();
+        Box::pin(async move {
+            let cmd = Command::Txn {
+                compares,
+                success,
+                failure,
+            };
+            txn_outcome(c.propose_kv(cmd).await?)
+        })
+    }
+
+    fn grant(&self, ttl_secs: i64) -> StoreFuture<i64> {
+        let c = self.clone();
+        Box::pin(async move {
+            let cmd = Command::LeaseGrant {
+                id: 0,
+                ttl_secs: ttl_secs.max(1),
+            };
+            let applied = c.propose_kv(cmd).await?;
+            match applied.error {
+                Some(e) => Err(StoreError::Unavailable(format!("store: {e}"))),
+                None => Ok(applied.lease),
+            }
+        })
+    }
+
+    fn revoke(&self, lease: i64) -> StoreFuture<i64> {
+        let c = self.clone();
+        Box::pin(async move {
+            let cmd = Command::LeaseRevoke {
+                id: lease,
+                expired: false,
+            };
+            let applied = c.propose_kv(cmd).await?;
+            // Gone already: nothing newer to wait for.
+            Ok(match applied.error {
+                Some(_) => 0,
+                None => applied.revision,
+            })
+        })
+    }
+
+    fn keep_alive(&self, lease: i64) -> StoreFuture<()> {
+        let c = self.clone();
+        Box::pin(async move {
+            match c.keep_alive(KV_GROUP, lease, c.timeout()).await {
+                Ok(_) => Ok(()),
+                Err(ClientError::Raft {
+                    error: RaftError::NotFound(_),
+                    ..
+                }) => Err(StoreError::LeaseNotFound(lease)),
+                Err(e) => Err(StoreError::Unavailable(format!("store: {e}"))),
+            }
+        })
+    }
+
+    fn watch(
+        &self,
+        prefix: Vec<u8>,
+        start_revision: i64,
+    ) -> StoreFuture<mpsc::Receiver<WatchUpdate>> {
+        let c = self.clone();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+            let spec = WatchSpec {
+                key: prefix,
+                prefix: true,
+                start_revision,
+                prev_kv: true,
+            };
+            c.watch(KV_GROUP, spec, tx, c.timeout())
+                .await
+                .map_err(store_error)?;
+            Ok(rx)
+        })
+    }
 }
 
 /// A store in memory: the real state machine and watch history, without raft. Leases never

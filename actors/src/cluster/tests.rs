@@ -584,3 +584,146 @@ async fn a_store_whose_lease_ids_ran_out_still_grants_leases_and_expires_them() 
         .await;
     }
 }
+
+/// The store client's link in memory: the leader's own client, called as the peer port would.
+#[derive(Default)]
+struct MemoryLink {
+    clients: std::sync::Mutex<BTreeMap<u64, super::client::Client>>,
+}
+
+impl MemoryLink {
+    fn client_of(&self, id: u64) -> Result<super::client::Client, super::client::ClientError> {
+        self.clients
+            .lock()
+            .unwrap()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| {
+                super::client::ClientError::Link(super::client::LinkError::NotSent(format!(
+                    "member {id} is not reachable"
+                )))
+            })
+    }
+}
+
+impl super::client::LeaderLink for MemoryLink {
+    fn propose(
+        &self,
+        leader: u64,
+        group: super::client::GroupId,
+        cmd: Command,
+        budget: Duration,
+    ) -> super::client::LinkFuture<super::kv::ApplyResult> {
+        let client = self.client_of(leader);
+        Box::pin(async move {
+            client?
+                .propose(group, cmd, budget, super::client::Route::Here)
+                .await
+        })
+    }
+
+    fn read(
+        &self,
+        leader: u64,
+        group: super::client::GroupId,
+        query: Query,
+        budget: Duration,
+    ) -> super::client::LinkFuture<ReadAnswer> {
+        let client = self.client_of(leader);
+        Box::pin(async move {
+            client?
+                .read(group, query, true, budget, super::client::Route::Here)
+                .await
+        })
+    }
+}
+
+#[actix_rt::test]
+async fn a_followers_store_client_reaches_the_leader_for_what_only_the_leader_serves() {
+    use super::client::{Client, ClientError, GroupId, Route, KV_GROUP};
+    use super::store::Store;
+    let c = Cluster::start(&[1, 2, 3], 10_000).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+    let link = Arc::new(MemoryLink::default());
+    for (id, member) in &c.members {
+        let client = Client::new(*id, member.clone(), link.clone(), Duration::from_secs(5));
+        link.clients.lock().unwrap().insert(*id, client);
+    }
+    let client = link.client_of(follower).unwrap();
+
+    // A write through a follower: raft forwards the proposal, the follower answers once applied.
+    let lease = client.grant(30).await.unwrap();
+    let put = super::kv::Op::Put {
+        key: b"/app/k".to_vec(),
+        value: b"v".to_vec(),
+        lease,
+    };
+    assert!(
+        client
+            .txn(vec![], vec![put], vec![])
+            .await
+            .unwrap()
+            .succeeded
+    );
+
+    // Lease renewals and lookups are the leader's: the follower's client sends them there.
+    let renewed = client.keep_alive(KV_GROUP, lease, WAIT).await.unwrap();
+    assert_eq!(renewed.member, leader);
+    let ttl = client
+        .read(
+            KV_GROUP,
+            Query::TimeToLive(lease),
+            true,
+            WAIT,
+            Route::Leader,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ttl.member, leader);
+    assert_eq!(ttl.value.lease.unwrap().keys, vec![b"/app/k".to_vec()]);
+
+    // A call sent here by another member is never sent on.
+    let here = client
+        .read(KV_GROUP, Query::TimeToLive(lease), true, WAIT, Route::Here)
+        .await;
+    assert_eq!(
+        here,
+        Err(ClientError::Raft {
+            error: RaftError::NotLeader {
+                leader: Some(leader)
+            },
+            member: follower,
+        })
+    );
+
+    // The same client as the services' `Store`: a listing, then a watch from after it.
+    let listed = client.range(b"/app/".to_vec()).await.unwrap();
+    assert_eq!(listed.kvs.len(), 1);
+    let mut changes = Store::watch(&client, b"/app/".to_vec(), listed.revision + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        client.revoke(lease).await.map(|r| r > listed.revision),
+        Ok(true)
+    );
+    match changes.recv().await.unwrap() {
+        super::watch::WatchUpdate::Events { events, .. } => assert!(events[0].deleted),
+        u => panic!("{u:?}"),
+    }
+
+    // A group this member does not run is named.
+    let none = client
+        .read(
+            GroupId(9),
+            Query::Get(b"k".to_vec()),
+            false,
+            WAIT,
+            Route::Leader,
+        )
+        .await;
+    assert_eq!(
+        none.unwrap_err().to_string(),
+        format!("group 9: no such raft group on member {follower}")
+    );
+}

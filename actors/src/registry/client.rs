@@ -45,6 +45,24 @@ pub trait LeaseKeeper: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<(), RaftError>> + Send>>;
 }
 
+/// The store client renews on the KV group's leader, wherever it is.
+impl LeaseKeeper for crate::cluster::client::Client {
+    fn renew(
+        &self,
+        lease: i64,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<(), RaftError>> + Send>> {
+        let client = self.clone();
+        Box::pin(async move {
+            client
+                .keep_alive(crate::cluster::client::KV_GROUP, lease, timeout)
+                .await
+                .map(drop)
+                .map_err(|e| e.into_raft())
+        })
+    }
+}
+
 /// What every client actor of a node shares.
 #[derive(Clone, Debug)]
 pub struct RegistrySettings {

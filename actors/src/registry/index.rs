@@ -30,8 +30,9 @@ use super::record::{
     client_id_of, client_key, new_client_id, RegisterRequest, Registration, CLIENTS_PREFIX,
 };
 use super::RegistryError;
+use crate::cluster::client::{Client, Route, KV_GROUP};
 use crate::cluster::kv::{ApplyResult, Cmp, Command, Compare, KeyValue, Op, Target};
-use crate::cluster::raft::{Propose, Query, RaftNode, Read, Watch};
+use crate::cluster::raft::Query;
 use crate::cluster::watch::{WatchSpec, WatchUpdate};
 use crate::envelope::ActorRef;
 use crate::quote::echo;
@@ -95,7 +96,7 @@ struct Reload;
 /// The index actor.
 pub struct RegistryIndex {
     settings: Arc<RegistrySettings>,
-    raft: ActorRef<RaftNode>,
+    store: Records,
     clients: ActorRef<Supervisor>,
     table: ClientTable,
     keeper: Arc<dyn LeaseKeeper>,
@@ -116,7 +117,7 @@ impl RegistryIndex {
     /// The index of a member: client actors go under `clients`, and are published in `table`.
     pub fn new(
         settings: Arc<RegistrySettings>,
-        raft: ActorRef<RaftNode>,
+        store: Client,
         clients: ActorRef<Supervisor>,
         table: ClientTable,
         keeper: Arc<dyn LeaseKeeper>,
@@ -124,8 +125,11 @@ impl RegistryIndex {
         log: &Logger,
     ) -> Self {
         Self {
+            store: Records {
+                client: store,
+                budget: settings.request_timeout,
+            },
             settings,
-            raft,
             clients,
             table,
             keeper,
@@ -165,29 +169,30 @@ impl RegistryIndex {
 
     /// Loads every registration, reconciles the actors with them, then watches from there.
     fn load(&mut self, ctx: &mut Context<Self>) {
-        let raft = self.raft.clone();
+        let store = self.store.clone();
         let read = async move {
-            raft.send(Read {
-                query: Query::Range {
-                    prefix: CLIENTS_PREFIX.as_bytes().to_vec(),
-                    after: None,
-                    limit: 0,
-                    // In process: nothing is encoded, so no page budget.
-                    max_bytes: 0,
-                },
-                linearizable: false,
-            })
-            .await
+            let query = Query::Range {
+                prefix: CLIENTS_PREFIX.as_bytes().to_vec(),
+                after: None,
+                limit: 0,
+                // This member's state, in process: nothing is encoded, so no page budget.
+                max_bytes: 0,
+            };
+            store
+                .client
+                .read(KV_GROUP, query, false, store.budget, Route::Here)
+                .await
+                .map(|a| a.value)
         };
         ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
-            Ok(Ok(answer)) => {
+            Ok(answer) => {
                 act.reconcile(&answer.kvs, ctx);
                 act.revision = answer.revision;
                 act.loaded = true;
                 act.watch(ctx);
             }
             other => {
-                debug!(act.log, "cannot load registrations yet"; "result" => ?other.map(|r| r.map(|a| a.revision)));
+                debug!(act.log, "cannot load registrations yet"; "result" => ?other.map(|a| a.revision));
                 ctx.run_later(Duration::from_millis(200), |act, ctx| act.load(ctx));
             }
         }));
@@ -201,16 +206,21 @@ impl RegistryIndex {
             start_revision: self.revision + 1,
             prev_kv: true,
         };
-        let raft = self.raft.clone();
+        let store = self.store.clone();
         ctx.spawn(
-            async move { raft.send(Watch { spec, tx }).await }
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(Ok(_)) => {
+            async move {
+                store
+                    .client
+                    .watch(KV_GROUP, spec, tx, store.budget)
+                    .await
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                    Ok(_) => {
                         ctx.add_stream(Updates(rx));
                     }
                     other => {
-                        debug!(act.log, "cannot watch registrations; loading again"; "result" => ?other.map(|r| r.map(|(id, _)| id)));
+                        debug!(act.log, "cannot watch registrations; loading again"; "result" => ?other.map(|(id, _)| id));
                         ctx.run_later(Duration::from_millis(200), |act, ctx| act.load(ctx));
                     }
                 }),
@@ -471,28 +481,64 @@ impl Handler<Reload> for RegistryIndex {
     }
 }
 
-/// Proposes `cmd`; a command the store refused is an error.
-async fn propose(raft: &ActorRef<RaftNode>, cmd: Command) -> Result<ApplyResult, RegistryError> {
-    let r = raft.send(Propose(cmd)).await??;
-    match r.error {
-        Some(e) => Err(RegistryError::Unavailable(e.to_string())),
-        None => Ok(r),
+/// The registrations in the replicated store, each call within the registry's request timeout.
+#[derive(Clone)]
+struct Records {
+    client: Client,
+    budget: Duration,
+}
+
+impl Records {
+    /// Proposes `cmd`; a command the store refused is an error.
+    async fn propose(&self, cmd: Command) -> Result<ApplyResult, RegistryError> {
+        let r = self
+            .client
+            .propose(KV_GROUP, cmd, self.budget, Route::Leader)
+            .await?
+            .value;
+        match r.error {
+            Some(e) => Err(RegistryError::Unavailable(e.to_string())),
+            None => Ok(r),
+        }
+    }
+
+    /// The stored value of `key`, from this member's state or (`linearizable`) the leader's.
+    async fn get(
+        &self,
+        key: Vec<u8>,
+        linearizable: bool,
+    ) -> Result<Option<KeyValue>, RegistryError> {
+        let a = self
+            .client
+            .read(
+                KV_GROUP,
+                Query::Get(key),
+                linearizable,
+                self.budget,
+                Route::Leader,
+            )
+            .await?;
+        Ok(a.value.kvs.into_iter().next())
+    }
+
+    /// Revokes `lease`, best effort: a lease left behind expires by itself.
+    async fn revoke(&self, lease: i64) {
+        let _ = self
+            .propose(Command::LeaseRevoke {
+                id: lease,
+                expired: false,
+            })
+            .await;
     }
 }
 
 /// Refuses to replace registration `id` unless `owner` made it (a replacement takes over the
 /// identity and ends the old registration: only its owner may do that). One nobody owns (made
 /// with auth off, or before owners were recorded) may be replaced by anyone.
-async fn owned_by(raft: &ActorRef<RaftNode>, id: &str, owner: &str) -> Result<(), RegistryError> {
-    let found = raft
-        .send(Read {
-            query: Query::Get(client_key(id)),
-            linearizable: false,
-        })
-        .await??;
-    let theirs = found
-        .kvs
-        .first()
+async fn owned_by(store: &Records, id: &str, owner: &str) -> Result<(), RegistryError> {
+    let theirs = store
+        .get(client_key(id), false)
+        .await?
         .and_then(|kv| Registration::decode(&kv.value, kv.lease))
         .map(|r| r.owner);
     match theirs {
@@ -508,21 +554,19 @@ async fn owned_by(raft: &ActorRef<RaftNode>, id: &str, owner: &str) -> Result<()
 /// transaction that also deletes the registration it replaces; then the replaced one's lease is
 /// revoked. On failure the new lease is revoked, taking with it whatever was written.
 async fn write_registration(
-    raft: ActorRef<RaftNode>,
+    store: Records,
     settings: Arc<RegistrySettings>,
     req: RegisterRequest,
 ) -> Result<Registered, RegistryError> {
     let interval = settings.interval;
     let ttl = settings.lease_ttl_secs(interval);
-    let lease = propose(
-        &raft,
-        Command::LeaseGrant {
+    let lease = store
+        .propose(Command::LeaseGrant {
             id: 0,
             ttl_secs: ttl,
-        },
-    )
-    .await?
-    .lease;
+        })
+        .await?
+        .lease;
     let written = async {
         for attempt in 0..5 {
             let record = Registration {
@@ -543,18 +587,12 @@ async fn write_registration(
             let identity = record.identity_key();
             // Local first (cheap); the compare below catches a stale answer, and a retry reads
             // through the leader.
-            let current = raft
-                .send(Read {
-                    query: Query::Get(identity.clone()),
-                    linearizable: attempt > 0,
-                })
-                .await??;
-            let old = current.kvs.into_iter().next();
+            let old = store.get(identity.clone(), attempt > 0).await?;
             let replaced = old
                 .as_ref()
                 .and_then(|o| String::from_utf8(o.value.clone()).ok());
             if let (Some(old_id), false) = (&replaced, req.replace_any) {
-                owned_by(&raft, old_id, &req.owner).await?;
+                owned_by(&store, old_id, &req.owner).await?;
             }
             let mut success = vec![
                 Op::Put {
@@ -586,21 +624,19 @@ async fn write_registration(
                     target: Target::CreateRevision(0),
                 },
             ];
-            let r = propose(
-                &raft,
-                Command::Txn {
+            let r = store
+                .propose(Command::Txn {
                     compares,
                     success,
                     failure: Vec::new(),
-                },
-            )
-            .await?;
+                })
+                .await?;
             if !r.succeeded {
                 continue;
             }
             if let Some(old_lease) = old.map(|o| o.lease).filter(|l| *l != 0 && *l != lease) {
                 // Nothing of the old registration is left on it; revoking just ends it early.
-                revoke(&raft, old_lease).await;
+                store.revoke(old_lease).await;
             }
             return Ok(Registered {
                 record,
@@ -616,21 +652,9 @@ async fn write_registration(
     }
     .await;
     if written.is_err() {
-        revoke(&raft, lease).await;
+        store.revoke(lease).await;
     }
     written
-}
-
-/// Revokes `lease`, best effort: a lease left behind expires by itself.
-async fn revoke(raft: &ActorRef<RaftNode>, lease: i64) {
-    let _ = propose(
-        raft,
-        Command::LeaseRevoke {
-            id: lease,
-            expired: false,
-        },
-    )
-    .await;
 }
 
 impl Handler<Register> for RegistryIndex {
@@ -640,7 +664,7 @@ impl Handler<Register> for RegistryIndex {
         if let Err(e) = msg.0.validate() {
             return Box::pin(actix::fut::ready(Err(RegistryError::Invalid(e))));
         }
-        let write = write_registration(self.raft.clone(), self.settings.clone(), msg.0);
+        let write = write_registration(self.store.clone(), self.settings.clone(), msg.0);
         Box::pin(write.into_actor(self).then(|res, act, ctx| {
             let started = res.as_ref().ok().and_then(|reg| {
                 act.metrics.registrations.inc();
@@ -670,31 +694,25 @@ impl Handler<Unregister> for RegistryIndex {
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let known = self.records.get(&id).map(|r| r.lease);
-        let raft = self.raft.clone();
+        let store = self.store.clone();
         let key = client_key(&id);
         let work = async move {
             let lease = match known {
                 Some(l) => l,
-                None => {
-                    let found = raft
-                        .send(Read {
-                            query: Query::Get(key),
-                            linearizable: true,
-                        })
-                        .await??;
-                    match found.kvs.first() {
-                        Some(kv) => kv.lease,
-                        None => return Ok(false),
-                    }
-                }
+                None => match store.get(key, true).await? {
+                    Some(kv) => kv.lease,
+                    None => return Ok(false),
+                },
             };
-            let r = raft
-                .send(Propose(Command::LeaseRevoke {
-                    id: lease,
-                    expired: false,
-                }))
-                .await??;
-            Ok(r.error.is_none())
+            let revoke = Command::LeaseRevoke {
+                id: lease,
+                expired: false,
+            };
+            let r = store
+                .client
+                .propose(KV_GROUP, revoke, store.budget, Route::Leader)
+                .await?;
+            Ok(r.value.error.is_none())
         };
         Box::pin(work.into_actor(self).map(move |res, act, _| {
             if matches!(res, Ok(true)) {
@@ -728,15 +746,14 @@ impl Handler<Resolve> for RegistryIndex {
             let rx = self.ensure((**record).clone(), false, ctx);
             return Box::pin(async move { Ok(rx.await.ok().flatten()) }.into_actor(self));
         }
-        let raft = self.raft.clone();
+        let store = self.store.clone();
         let key = client_key(&id);
         let read = async move {
-            raft.send(Read {
-                query: Query::Get(key),
-                linearizable: true,
-            })
-            .await?
-            .map_err(RegistryError::from)
+            let a = store
+                .client
+                .read(KV_GROUP, Query::Get(key), true, store.budget, Route::Leader)
+                .await?;
+            Ok::<_, RegistryError>(a.value)
         };
         Box::pin(read.into_actor(self).then(|res, act, ctx| {
             let found = res.map(|answer| {

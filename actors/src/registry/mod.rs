@@ -55,6 +55,17 @@ impl From<RaftError> for RegistryError {
     }
 }
 
+impl From<crate::cluster::client::ClientError> for RegistryError {
+    fn from(e: crate::cluster::client::ClientError) -> Self {
+        use crate::cluster::client::ClientError;
+        match e {
+            ClientError::Raft { error, .. } => Self::Raft(error),
+            ClientError::Member { error, .. } => error.into(),
+            e => Self::Unavailable(format!("registry: {e}; retry")),
+        }
+    }
+}
+
 impl From<crate::SendError> for RegistryError {
     fn from(e: crate::SendError) -> Self {
         match e {

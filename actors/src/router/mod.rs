@@ -16,6 +16,7 @@
 pub mod hub;
 pub mod metrics;
 pub mod owner;
+pub mod owner_store;
 pub mod pipe;
 pub mod session;
 #[cfg(test)]

@@ -192,6 +192,8 @@ pub const TABLE: &[Rule] = &[
     rule("/lodge.cluster.v1.Cluster/Heartbeat", Members, false, ""),
     rule("/lodge.raft.v1.Raft/Send", Members, false, ""),
     rule("/lodge.raft.v1.Raft/Snapshot", Members, false, ""),
+    rule("/lodge.raft.v1.Raft/Propose", Members, false, ""),
+    rule("/lodge.raft.v1.Raft/Read", Members, false, ""),
     rule("/lodge.registry.v1.Registry/RegisterClient", AnyOf(&[RegistryClient]), true, ""),
     rule("/lodge.registry.v1.Registry/Heartbeat", AnyOf(&[RegistryClient]), false, OWN_CLIENT),
     rule("/lodge.registry.v1.Registry/UnregisterClient", AnyOf(&[RegistryClient]), true, OWN_CLIENT),

@@ -25,7 +25,7 @@ pub fn status(e: BalancerError) -> Status {
         BalancerError::Exhausted(m) => Status::resource_exhausted(m),
         BalancerError::Precondition(m) => Status::failed_precondition(m),
         BalancerError::Aborted(m) => Status::aborted(m),
-        BalancerError::Unknown(m) => crate::forward::outcome_unknown_status(&m),
+        BalancerError::Unknown(m) => crate::outcome::outcome_unknown_status(&m),
     }
 }
 

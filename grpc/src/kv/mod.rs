@@ -1,11 +1,10 @@
-//! `lodge.kv.v1.KV` → the raft member.
+//! `lodge.kv.v1.KV` → the store client.
 //!
-//! Writes, linearizable reads and lease calls that reach a follower are forwarded once to the
-//! leader (see [`crate::forward`]). Watches are served by the member the caller reached: every
-//! member applies the same changes in the same order.
-//!
-//! Requests are checked against the node's limits before anything is proposed ([`check`]);
-//! answers that carry many values keep to a byte budget ([`answer`]).
+//! Each call is decoded, checked (the caller's key scope, then the node's limits, [`check`]),
+//! handed to the node's store client ([`lodge_actors::cluster::client`]), which reaches the
+//! leader wherever it is, and its answer is shaped within a byte budget ([`answer`]). Watches
+//! are served by the member the caller reached: every member applies the same changes in the
+//! same order.
 
 pub mod answer;
 pub mod check;
@@ -15,13 +14,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lodge_actors::cluster::client::{Answer, Client, Route, KV_GROUP};
 use lodge_actors::cluster::kv::{ApplyResult, Command, KvError};
-use lodge_actors::cluster::raft::{
-    CancelWatch, Propose, Query, RaftError, RaftNode, Read, ReadAnswer, Watch,
-};
+use lodge_actors::cluster::raft::{Query, ReadAnswer};
 use lodge_actors::cluster::watch::{lagged, WatchUpdate};
+use lodge_actors::quote;
 use lodge_actors::registry::RegistryMetrics;
-use lodge_actors::{quote, ActorRef, SendError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -29,8 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{audit, Caller, Role};
 use crate::deadline;
-use crate::forward::{self, forwarded, Forwarder};
-use crate::pb::kv::{self as pb, kv_client::KvClient, kv_server};
+use crate::members::Members;
+use crate::pb::kv::{self as pb, kv_server};
 use answer::kv;
 pub use check::KvLimits;
 use check::Refusal;
@@ -46,8 +44,8 @@ pub const ANSWER_HEADROOM: usize = 64 << 10;
 /// The KV adapter.
 #[derive(Clone)]
 pub struct KvService {
-    raft: ActorRef<RaftNode>,
-    forward: Arc<Forwarder>,
+    store: Client,
+    members: Arc<Members>,
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
     limits: Arc<KvLimits>,
@@ -61,14 +59,14 @@ impl KvService {
     /// Streams (watches, keep-alives) end when `shutdown` turns true. The limits are the
     /// defaults until [`with_limits`](Self::with_limits).
     pub fn new(
-        raft: ActorRef<RaftNode>,
-        forward: Arc<Forwarder>,
+        store: Client,
+        members: Arc<Members>,
         timeout: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
-            raft,
-            forward,
+            store,
+            members,
             timeout,
             shutdown,
             limits: Arc::default(),
@@ -98,61 +96,29 @@ impl KvService {
         r.status
     }
 
-    /// Every key of a prefix, read page by page (see `RangeRequest.after`), and the revision of
-    /// the first page. Pages are read one after the other, not as one snapshot: a caller that
-    /// watches from the revision after the one answered sees again whatever changed while it
-    /// read, and misses nothing.
-    pub async fn range_to_end(
-        &self,
-        mut req: pb::RangeRequest,
-        timeout: Option<Duration>,
-    ) -> Result<(i64, Vec<pb::KeyValue>), Status> {
-        use kv_server::Kv;
-        let mut revision = None;
-        let mut kvs = Vec::new();
-        loop {
-            let mut r = Request::new(req.clone());
-            if let Some(t) = timeout {
-                r.set_timeout(t);
-            }
-            let page = self.range(r).await?.into_inner();
-            revision.get_or_insert(page.header.map_or(0, |h| h.revision));
-            let more = page.more && !page.kvs.is_empty();
-            if let Some(last) = page.kvs.last() {
-                req.after = last.key.clone();
-            }
-            kvs.extend(page.kvs);
-            if !more {
-                return Ok((revision.unwrap_or_default(), kvs));
-            }
-        }
-    }
-
-    fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
+    /// The header of an answer that member `member` produced at `revision`.
+    fn header(member: u64, revision: i64) -> Option<pb::ResponseHeader> {
         Some(pb::ResponseHeader {
             revision,
-            member_id: self.forward.member_id(),
+            member_id: member,
         })
     }
 
-    async fn propose<T>(&self, req: &Request<T>, cmd: Command) -> Result<ApplyResult, Failure> {
-        let res = self
-            .raft
-            .send_timeout(Propose(cmd), deadline::of(req, self.timeout))
+    /// Writes `cmd` within the caller's deadline; a command the store refused is an error.
+    async fn propose<T>(
+        &self,
+        req: &Request<T>,
+        cmd: Command,
+    ) -> Result<Answer<ApplyResult>, Status> {
+        let budget = deadline::of(req, self.timeout);
+        let a = self
+            .store
+            .propose(KV_GROUP, cmd, budget, Route::Leader)
             .await
-            .map_err(|e| {
-                Failure::Status(match e {
-                    // Delivered, then the member stopped: the write may have gone out.
-                    SendError::Closed => forward::outcome_unknown_status(
-                        "the raft member stopped while the write was in flight; it may or may not have been applied: read before retrying",
-                    ),
-                    e => deadline::send_status(e, "raft member"),
-                })
-            })?
-            .map_err(Failure::Raft)?;
-        match &res.error {
-            Some(e) => Err(Failure::Status(kv_error(e))),
-            None => Ok(res),
+            .map_err(|e| self.members.client_status(&e, true))?;
+        match &a.value.error {
+            Some(e) => Err(kv_error(e)),
+            None => Ok(a),
         }
     }
 
@@ -161,47 +127,29 @@ impl KvService {
         req: &Request<T>,
         query: Query,
         linearizable: bool,
-    ) -> Result<ReadAnswer, Failure> {
-        self.raft
-            .send_timeout(
-                Read {
-                    query,
-                    linearizable,
-                },
-                deadline::of(req, self.timeout),
-            )
+    ) -> Result<Answer<ReadAnswer>, Status> {
+        let budget = deadline::of(req, self.timeout);
+        self.store
+            .read(KV_GROUP, query, linearizable, budget, Route::Leader)
             .await
-            .map_err(|e| Failure::Status(deadline::send_status(e, "raft member")))?
-            .map_err(Failure::Raft)
+            .map_err(|e| self.members.client_status(&e, false))
     }
 
-    /// A client to the leader, if this request may be forwarded and the leader is known.
-    async fn leader_client<T>(
-        &self,
-        req: &Request<T>,
-        err: &RaftError,
-    ) -> Result<KvClient<crate::peer::PeerChannel>, Status> {
-        // The leader keeps its answers within its own limits; ours need not match them.
-        Ok(KvClient::new(self.forward.leader(req, err).await?)
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
-    }
-
-    /// One keep-alive: here if this member leads, else on the leader (once: `forwarded` says
-    /// the stream itself came from a member).
     /// A revoke deletes every key attached to the lease, so (as in etcd) it needs kv-write on
     /// each of them: a client cannot revoke the lease the node's own records hang on (the
-    /// router's owner lease, a registration's), nor one holding keys outside its prefixes. Read
-    /// from this member's state; a lease unknown here is left to the revoke to answer.
+    /// router's owner lease, a registration's), nor one holding keys outside its prefixes. The
+    /// keys are the leader's answer; a lease it does not know is left to the revoke to answer.
     async fn may_revoke<T>(&self, req: &Request<T>, id: i64) -> Result<(), Status> {
         let caller = Caller::of(req.extensions());
         if caller.is_unrestricted() {
             return Ok(());
         }
-        let Ok(a) = self.read(req, Query::TimeToLive(id), false).await else {
-            return Ok(());
+        let a = match self.read(req, Query::TimeToLive(id), true).await {
+            Ok(a) => a,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(s),
         };
-        for key in a.lease.iter().flat_map(|l| &l.keys) {
+        for key in a.value.lease.iter().flat_map(|l| &l.keys) {
             caller
                 .require_keys(Role::KvWrite, key, false, "id")
                 .map_err(|e| {
@@ -214,45 +162,20 @@ impl KvService {
         Ok(())
     }
 
-    async fn keep_alive_once(
-        &self,
-        id: i64,
-        forwarded_here: bool,
-    ) -> Result<pb::LeaseKeepAliveResponse, Status> {
-        let mut req = Request::new(());
-        if forwarded_here {
-            req.metadata_mut()
-                .insert(crate::forward::FORWARDED, "1".parse().expect("static"));
-        }
-        match self.read(&req, Query::KeepAlive(id), true).await {
-            Ok(a) => {
-                let l = a.lease.expect("keep-alive answers carry the lease");
-                Ok(pb::LeaseKeepAliveResponse {
-                    header: self.header(a.revision),
-                    id,
-                    ttl: l.ttl_secs,
-                })
-            }
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                let mut leader = self.leader_client(&req, &e).await?;
-                let one = tokio_stream::iter([pb::LeaseKeepAliveRequest { id }]);
-                let mut answers = leader
-                    .lease_keep_alive(forwarded(one, self.timeout))
-                    .await?
-                    .into_inner();
-                answers
-                    .message()
-                    .await?
-                    .ok_or_else(|| Status::unavailable("the leader ended the keep-alive stream"))
-            }
-        }
+    /// One keep-alive, on the leader wherever it is.
+    async fn keep_alive_once(&self, id: i64) -> Result<pb::LeaseKeepAliveResponse, Status> {
+        let a = self
+            .store
+            .keep_alive(KV_GROUP, id, self.timeout)
+            .await
+            .map_err(|e| self.members.client_status(&e, false))?;
+        let l = a.value.lease.expect("keep-alive answers carry the lease");
+        Ok(pb::LeaseKeepAliveResponse {
+            header: Self::header(a.member, a.value.revision),
+            id,
+            ttl: l.ttl_secs,
+        })
     }
-}
-
-enum Failure {
-    Raft(RaftError),
-    Status(Status),
 }
 
 fn kv_error(e: &KvError) -> Status {
@@ -292,25 +215,17 @@ impl kv_server::Kv for KvService {
         audit::note_target(&req, || quote::echo(&String::from_utf8_lossy(&r.key)));
         scope::put(&Caller::of(req.extensions()), r)?;
         let cmd = check::put(r, &self.limits).map_err(|e| self.refuse(e))?;
-        match self.propose(&req, cmd).await {
-            Ok(a) => Ok(Response::new(pb::PutResponse {
-                header: self.header(a.revision),
-                // One value: it fits whatever the page size (see `check`).
-                prev_kv: if r.prev_kv {
-                    a.prev.into_iter().next().map(kv)
-                } else {
-                    None
-                },
-                prev_kv_omitted: false,
-            })),
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => self
-                .leader_client(&req, &e)
-                .await?
-                .put(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                .await
-                .map_err(forward::write_error),
-        }
+        let a = self.propose(&req, cmd).await?;
+        Ok(Response::new(pb::PutResponse {
+            header: Self::header(a.member, a.value.revision),
+            // One value: it fits whatever the page size (see `check`).
+            prev_kv: if r.prev_kv {
+                a.value.prev.into_iter().next().map(kv)
+            } else {
+                None
+            },
+            prev_kv_omitted: false,
+        }))
     }
 
     async fn range(
@@ -320,21 +235,13 @@ impl kv_server::Kv for KvService {
         let r = req.get_ref();
         scope::range(&Caller::of(req.extensions()), r)?;
         let query = check::range(r, &self.limits).map_err(|e| self.refuse(e))?;
-        match self.read(&req, query, !r.serializable).await {
-            Ok(a) => Ok(Response::new(pb::RangeResponse {
-                header: self.header(a.revision),
-                count: a.count as i64,
-                more: a.more,
-                kvs: a.kvs.into_iter().map(kv).collect(),
-            })),
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                    .await
-            }
-        }
+        let a = self.read(&req, query, !r.serializable).await?;
+        Ok(Response::new(pb::RangeResponse {
+            header: Self::header(a.member, a.value.revision),
+            count: a.value.count as i64,
+            more: a.value.more,
+            kvs: a.value.kvs.into_iter().map(kv).collect(),
+        }))
     }
 
     async fn delete_range(
@@ -352,52 +259,31 @@ impl kv_server::Kv for KvService {
         });
         scope::delete(&Caller::of(req.extensions()), r)?;
         let cmd = check::delete(r, &self.limits).map_err(|e| self.refuse(e))?;
-        match self.propose(&req, cmd).await {
-            Ok(a) => {
-                let (prev_kvs, truncated) =
-                    answer::delete_prevs(a.prev, r.prev_kv, self.limits.range_page_bytes);
-                Ok(Response::new(pb::DeleteRangeResponse {
-                    header: self.header(a.revision),
-                    deleted: a.deleted as i64,
-                    prev_kvs,
-                    prev_kvs_truncated: truncated,
-                }))
-            }
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => self
-                .leader_client(&req, &e)
-                .await?
-                .delete_range(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                .await
-                .map_err(forward::write_error),
-        }
+        let a = self.propose(&req, cmd).await?;
+        let (prev_kvs, truncated) =
+            answer::delete_prevs(a.value.prev, r.prev_kv, self.limits.range_page_bytes);
+        Ok(Response::new(pb::DeleteRangeResponse {
+            header: Self::header(a.member, a.value.revision),
+            deleted: a.value.deleted as i64,
+            prev_kvs,
+            prev_kvs_truncated: truncated,
+        }))
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let r = req.get_ref();
         scope::txn(&Caller::of(req.extensions()), r)?;
         let cmd = check::txn(r, &self.limits).map_err(|e| self.refuse(e))?;
-        match self.propose(&req, cmd).await {
-            Ok(a) => {
-                let header = self.header(a.revision);
-                let succeeded = a.succeeded;
-                let branch = if succeeded { &r.success } else { &r.failure };
-                let responses =
-                    answer::txn_results(a, branch, header, self.limits.range_page_bytes);
-                Ok(Response::new(pb::TxnResponse {
-                    header,
-                    succeeded,
-                    responses,
-                }))
-            }
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => self
-                .leader_client(&req, &e)
-                .await?
-                .txn(forwarded(r.clone(), deadline::of(&req, self.timeout)))
-                .await
-                .map_err(forward::write_error),
-        }
+        let a = self.propose(&req, cmd).await?;
+        let header = Self::header(a.member, a.value.revision);
+        let succeeded = a.value.succeeded;
+        let branch = if succeeded { &r.success } else { &r.failure };
+        let responses = answer::txn_results(a.value, branch, header, self.limits.range_page_bytes);
+        Ok(Response::new(pb::TxnResponse {
+            header,
+            succeeded,
+            responses,
+        }))
     }
 
     async fn lease_grant(
@@ -406,20 +292,12 @@ impl kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = req.get_ref();
         let cmd = check::lease_grant(r).map_err(|e| self.refuse(e))?;
-        match self.propose(&req, cmd).await {
-            Ok(a) => Ok(Response::new(pb::LeaseGrantResponse {
-                header: self.header(a.revision),
-                id: a.lease,
-                ttl: r.ttl,
-            })),
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => self
-                .leader_client(&req, &e)
-                .await?
-                .lease_grant(forwarded(*r, deadline::of(&req, self.timeout)))
-                .await
-                .map_err(forward::write_error),
-        }
+        let a = self.propose(&req, cmd).await?;
+        Ok(Response::new(pb::LeaseGrantResponse {
+            header: Self::header(a.member, a.value.revision),
+            id: a.value.lease,
+            ttl: r.ttl,
+        }))
     }
 
     async fn lease_revoke(
@@ -431,19 +309,11 @@ impl kv_server::Kv for KvService {
         audit::note_target(&req, || format!("lease {id}"));
         self.may_revoke(&req, id).await?;
         let cmd = Command::LeaseRevoke { id, expired: false };
-        match self.propose(&req, cmd).await {
-            Ok(a) => Ok(Response::new(pb::LeaseRevokeResponse {
-                header: self.header(a.revision),
-                deleted: a.deleted as i64,
-            })),
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => self
-                .leader_client(&req, &e)
-                .await?
-                .lease_revoke(forwarded(*r, deadline::of(&req, self.timeout)))
-                .await
-                .map_err(forward::write_error),
-        }
+        let a = self.propose(&req, cmd).await?;
+        Ok(Response::new(pb::LeaseRevokeResponse {
+            header: Self::header(a.member, a.value.revision),
+            deleted: a.value.deleted as i64,
+        }))
     }
 
     type LeaseKeepAliveStream =
@@ -453,13 +323,12 @@ impl kv_server::Kv for KvService {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let forwarded_here = req.metadata().contains_key(crate::forward::FORWARDED);
         let mut incoming = req.into_inner();
         let this = self.clone();
         let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| async move {
             while let Some(next) = incoming.next().await {
                 let answer = match next.map(|r| check::lease_id(r.id)) {
-                    Ok(Ok(id)) => this.keep_alive_once(id, forwarded_here).await,
+                    Ok(Ok(id)) => this.keep_alive_once(id).await,
                     Ok(Err(e)) => Err(this.refuse(e)),
                     // A message over the limit mid-stream reaches here, not the server's layer.
                     Err(e) => Err(
@@ -487,32 +356,22 @@ impl kv_server::Kv for KvService {
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let r = req.get_ref();
         let id = check::lease_id(r.id).map_err(|e| self.refuse(e))?;
-        match self.read(&req, Query::TimeToLive(id), true).await {
-            Ok(a) => {
-                let l = a.lease.expect("lease queries answer a lease");
-                let (keys, keys_truncated) = if r.keys {
-                    answer::lease_keys(l.keys, self.limits.range_page_bytes)
-                } else {
-                    (Vec::new(), false)
-                };
-                Ok(Response::new(pb::LeaseTimeToLiveResponse {
-                    header: self.header(a.revision),
-                    id: l.id,
-                    // Rounded up: a lease with 300 ms left still has "1 s", not 0.
-                    ttl: l.remaining.as_millis().div_ceil(1000) as i64,
-                    granted_ttl: l.ttl_secs,
-                    keys,
-                    keys_truncated,
-                }))
-            }
-            Err(Failure::Status(s)) => Err(s),
-            Err(Failure::Raft(e)) => {
-                self.leader_client(&req, &e)
-                    .await?
-                    .lease_time_to_live(forwarded(*r, deadline::of(&req, self.timeout)))
-                    .await
-            }
-        }
+        let a = self.read(&req, Query::TimeToLive(id), true).await?;
+        let l = a.value.lease.expect("lease queries answer a lease");
+        let (keys, keys_truncated) = if r.keys {
+            answer::lease_keys(l.keys, self.limits.range_page_bytes)
+        } else {
+            (Vec::new(), false)
+        };
+        Ok(Response::new(pb::LeaseTimeToLiveResponse {
+            header: Self::header(a.member, a.value.revision),
+            id: l.id,
+            // Rounded up: a lease with 300 ms left still has "1 s", not 0.
+            ttl: l.remaining.as_millis().div_ceil(1000) as i64,
+            granted_ttl: l.ttl_secs,
+            keys,
+            keys_truncated,
+        }))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -525,19 +384,13 @@ impl kv_server::Kv for KvService {
         let spec = check::watch(req.get_ref(), &self.limits).map_err(|e| self.refuse(e))?;
         let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
         let (id, revision) = self
-            .raft
-            .send_timeout(Watch { spec, tx }, deadline::of(&req, self.timeout))
+            .store
+            .watch(KV_GROUP, spec, tx, deadline::of(&req, self.timeout))
             .await
-            .map_err(|e| deadline::send_status(e, "raft member"))?
-            .map_err(|e| self.forward.status(&e))?;
-        let member_id = self.forward.member_id();
-        let header = move |revision| {
-            Some(pb::ResponseHeader {
-                revision,
-                member_id,
-            })
-        };
-        let raft = self.raft.clone();
+            .map_err(|e| self.members.client_status(&e, false))?;
+        let member_id = self.store.member_id();
+        let header = move |revision| Self::header(member_id, revision);
+        let store = self.store.clone();
         let batch_bytes = self.limits.watch_batch_bytes;
         let stream = stream_until_shutdown(self.shutdown.clone(), move |out| async move {
             let created = pb::WatchResponse {
@@ -546,7 +399,7 @@ impl kv_server::Kv for KvService {
                 ..Default::default()
             };
             if out.send(Ok(created)).await.is_err() {
-                let _ = raft.send(CancelWatch(id)).await;
+                store.cancel_watch(KV_GROUP, id).await;
                 return;
             }
             // The last revision whose events were all sent: a watch that ends resumes after it.
@@ -557,7 +410,7 @@ impl kv_server::Kv for KvService {
                     WatchUpdate::Events { revision, events } => {
                         for msg in answer::watch_messages(events, header(revision), batch_bytes) {
                             if out.send(Ok(msg)).await.is_err() {
-                                let _ = raft.send(CancelWatch(id)).await;
+                                store.cancel_watch(KV_GROUP, id).await;
                                 return;
                             }
                         }

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::state::{lock, Conn, Sampler, Shared, Snapshot};
-use crate::forward;
+use crate::outcome;
 use crate::pb::balancer::balancer_client::BalancerClient;
 use crate::pb::balancer::{HeartbeatRequest, HeartbeatResponse, RegisterModuleRequest};
 use crate::registry_client::{bounded, connect_bounded, jittered, member_failed, timed};
@@ -406,9 +406,9 @@ fn granted(ms: u32, cur: Duration) -> Duration {
 }
 
 /// Whether a failed call may be tried on another node: the node could not be reached, or it
-/// answered UNAVAILABLE and the call certainly did nothing (see [`forward::outcome_unknown`]).
+/// answered UNAVAILABLE and the call certainly did nothing (see [`outcome::outcome_unknown`]).
 fn try_elsewhere(s: &Status) -> bool {
-    s.code() == Code::Unavailable && !forward::outcome_unknown(s)
+    s.code() == Code::Unavailable && !outcome::outcome_unknown(s)
 }
 
 /// Calls the balancer on behalf of the module: on the link's node first, then on the other

@@ -1,63 +1,36 @@
-//! Forwarding to the leader, shared by the adapters whose requests only the leader can serve
-//! (writes, linearizable reads, lease and membership calls).
+//! Calls to other members, and how the store's errors are told to callers.
 //!
-//! A request that reaches a follower is sent once to the leader that follower knows, marked so
-//! that a second follower does not forward it again (no loops while views of the leader differ);
-//! without a known leader the caller gets UNAVAILABLE naming what is missing. Addresses come from
-//! the replicated topology, so members added at run time are reached like the first ones.
-//! Members are reached on their peer addresses; what clients are told (`lodge-leader`, the
-//! messages) names the leader's client address.
+//! [`Members`] keeps one channel per member's peer address (addresses come from the replicated
+//! topology, so members added at run time are reached like the first ones). The store client
+//! reaches leaders through it ([`crate::leader_link`]); the cluster adapter forwards membership
+//! calls, and the router relays sessions, over it.
+//!
+//! A membership call that reaches a follower is sent once to the leader that follower knows,
+//! marked so that a second follower does not forward it again (no loops while views of the
+//! leader differ); without a known leader the caller gets UNAVAILABLE naming what is missing.
+//! What clients are told (`lodge-leader`, the messages) names the leader's client address.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use lodge_actors::cluster::client::{ClientError, LinkError};
 use lodge_actors::cluster::raft::RaftError;
 use lodge_actors::cluster::topology::Directory;
+use lodge_actors::SendError;
 use tonic::{Request, Status};
 
+use crate::outcome::outcome_unknown_status;
 use crate::peer::{PeerChannel, PeerLink};
 
 /// Metadata key marking a request forwarded by a member.
 pub const FORWARDED: &str = "lodge-forwarded";
 
-/// Metadata key on an UNAVAILABLE answer whose write may have been applied anyway.
-pub const OUTCOME: &str = "lodge-outcome";
-/// Its value: the write's outcome is unknown; retrying it blindly may apply it twice.
-pub const UNKNOWN_OUTCOME: &str = "unknown";
-
 /// Metadata key naming the member that produced a status (absent: the transport did).
 pub const ANSWERED_BY: &str = "lodge-member";
 
-/// UNAVAILABLE marked as "this write may have been applied".
-pub fn outcome_unknown_status(message: &str) -> Status {
-    let mut s = Status::unavailable(message);
-    s.metadata_mut()
-        .insert(OUTCOME, UNKNOWN_OUTCOME.parse().expect("static"));
-    s
-}
-
-/// The error of a write forwarded to the leader: an UNAVAILABLE that no member produced (the
-/// connection failed, perhaps after the write was sent) leaves its outcome unknown.
-pub fn write_error(s: Status) -> Status {
-    if s.code() == tonic::Code::Unavailable && !s.metadata().contains_key(ANSWERED_BY) {
-        return outcome_unknown_status(&format!(
-            "the leader did not answer a write forwarded to it; it may or may not have been applied: read before retrying ({})",
-            s.message()
-        ));
-    }
-    s
-}
-
-/// Whether `s` says its write may have been applied (never retry such a write blindly).
-pub fn outcome_unknown(s: &Status) -> bool {
-    s.metadata()
-        .get(OUTCOME)
-        .is_some_and(|v| v.as_bytes() == UNKNOWN_OUTCOME.as_bytes())
-}
-
-/// Reaches the leader on behalf of an adapter.
-pub struct Forwarder {
+/// Channels to the other members, and the statuses that name them.
+pub struct Members {
     member_id: u64,
     directory: Directory,
     link: PeerLink,
@@ -65,8 +38,8 @@ pub struct Forwarder {
     channels: Mutex<HashMap<String, PeerChannel>>,
 }
 
-impl Forwarder {
-    /// Forwards for member `member_id`, finding addresses in `directory`.
+impl Members {
+    /// The members as member `member_id` reaches them, finding addresses in `directory`.
     pub fn new(member_id: u64, directory: Directory, link: PeerLink) -> Self {
         Self {
             member_id,
@@ -129,13 +102,46 @@ impl Forwarder {
         }
     }
 
-    /// The status for a raft error, with the leader's address when it is known.
+    /// The status for a raft error of this member, with the leader's address when it is known.
     pub fn status(&self, e: &RaftError) -> Status {
+        self.raft_status(e, self.member_id)
+    }
+
+    /// The status for a raft error that member `member` produced.
+    fn raft_status(&self, e: &RaftError, member: u64) -> Status {
         let mut s = self.status_of(e);
-        if let Ok(v) = self.member_id.to_string().parse() {
+        if let Ok(v) = member.to_string().parse() {
             s.metadata_mut().insert(ANSWERED_BY, v);
         }
         s
+    }
+
+    /// The status for a store client's error; `write` says whether the call was a write, whose
+    /// outcome a lost answer leaves unknown.
+    pub fn client_status(&self, e: &ClientError, write: bool) -> Status {
+        match e {
+            ClientError::Raft { error, member } => self.raft_status(error, *member),
+            ClientError::Member { error, .. } if !write => {
+                crate::deadline::send_status(*error, "raft member")
+            }
+            ClientError::Link(LinkError::NoAnswer(m)) if !write => Status::unavailable(m.clone()),
+            // Delivered, then the member stopped: the write may have gone out.
+            ClientError::Member {
+                error: SendError::Closed,
+                ..
+            } => outcome_unknown_status(
+                "the raft member stopped while the write was in flight; it may or may not have been applied: read before retrying",
+            ),
+            ClientError::Member { error, .. } => {
+                crate::deadline::send_status(*error, "raft member")
+            }
+            ClientError::NoGroup { .. } => Status::not_found(e.to_string()),
+            ClientError::Link(LinkError::NoAnswer(m)) => outcome_unknown_status(&format!(
+                "the leader did not answer a write forwarded to it; it may or may not have been applied: read before retrying ({m})"
+            )),
+            ClientError::Link(LinkError::NotSent(m)) => Status::unavailable(m.clone()),
+            ClientError::Link(LinkError::Deadline(m)) => Status::deadline_exceeded(m.clone()),
+        }
     }
 
     fn status_of(&self, e: &RaftError) -> Status {
