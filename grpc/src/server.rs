@@ -12,7 +12,7 @@ use lodge_actors::ActorRef;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::Server;
-use tonic_health::server::HealthReporter;
+pub use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminService;
