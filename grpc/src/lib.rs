@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod module;
 pub mod peer;
 pub mod raft;
+mod reconnect;
 pub mod registry;
 pub mod registry_client;
 pub mod router;
