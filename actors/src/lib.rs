@@ -20,7 +20,6 @@ pub mod base64;
 pub mod clock;
 pub mod cluster;
 pub mod envelope;
-pub mod history;
 pub mod introspect;
 pub mod quote;
 pub mod redact;
