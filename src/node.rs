@@ -202,7 +202,7 @@ struct TreeParts {
     admin: ActorRef<AdminActor>,
     faults: Faults,
     raft: ActorRef<RaftNode>,
-    registry: Arc<std::sync::OnceLock<lodge_actors::Registry>>,
+    registry: Arc<std::sync::OnceLock<lodge_actors::ActorTable>>,
     facts: Arc<NodeFacts>,
     allow_mutations: bool,
     raft_settings: RaftSettings,
@@ -753,7 +753,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
                 Resources {
                     memory_bytes,
                     cpu_seconds,
-                    actors: registry_slot.get().map_or(0, |r: &lodge_actors::Registry| r.len() as u64),
+                    actors: registry_slot.get().map_or(0, |r: &lodge_actors::ActorTable| r.len() as u64),
                     applied_index: 0,
                 }
             })
@@ -789,7 +789,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
             log: log.clone(),
         });
         let mut runtime = Runtime::start(runtime_config(&cfg), log.clone(), root);
-        let _ = registry_slot.set(runtime.registry().clone());
+        let _ = registry_slot.set(runtime.actor_table().clone());
         let tree_exit = runtime.wait_exit();
         tokio::pin!(tree_exit);
         // Serve (and say "ready") only once every actor is up: a call arriving earlier would find
@@ -807,7 +807,7 @@ pub fn run(cfg: NodeConfig, force_new_cluster: bool) -> i32 {
 
         let mut prom = prometheus_client::registry::Registry::default();
         let server_metrics = ServerMetrics::register(&mut prom);
-        prom.register_collector(Box::new(ActorCollector(runtime.registry().clone())));
+        prom.register_collector(Box::new(ActorCollector(runtime.actor_table().clone())));
         prom.register_collector(Box::new(ProcessCollector));
         prom.register_collector(Box::new(ClusterCollector(directory.clone())));
         registry_metrics.register(&mut prom);

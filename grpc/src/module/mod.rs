@@ -33,10 +33,10 @@
 //! ```
 
 pub mod control;
-pub mod forward;
 pub mod limits;
 pub mod link;
 mod service;
+pub mod splice;
 mod state;
 pub mod stats;
 pub mod stub;
