@@ -105,7 +105,7 @@ enum Command {
         #[command(flatten)]
         conn: tunnel::TunnelConn,
         #[command(flatten)]
-        args: tunnel::forward::ForwardArgs,
+        args: tunnel::port_forward::PortForwardArgs,
     },
     /// rsync to or from a workflow's agent (the remote side is written WORKFLOW:PATH).
     Rsync {
@@ -293,7 +293,7 @@ fn main() {
         Command::Agent { conn, args } => client_runtime().block_on(tunnel::agent::run(conn, args)),
         Command::Exec { conn, args } => client_runtime().block_on(tunnel::exec::run(conn, args)),
         Command::PortForward { conn, args } => {
-            client_runtime().block_on(tunnel::forward::run(conn, args))
+            client_runtime().block_on(tunnel::port_forward::run(conn, args))
         }
         Command::Rsync { conn, args } => client_runtime().block_on(tunnel::rsync::run(conn, args)),
         Command::RsyncShell { conn, args } => {

@@ -11,7 +11,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use lodge_actors::cluster::topology::{Directory, Role};
 use lodge_actors::introspect::KindTotals;
-use lodge_actors::Registry as Actors;
+use lodge_actors::ActorTable;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 
 /// Per-kind actor figures, computed on scrape (nothing on the message path).
 #[derive(Debug)]
-pub struct ActorCollector(pub Actors);
+pub struct ActorCollector(pub ActorTable);
 
 /// A per-kind figure: metric name, help, and how to read it from the totals.
 type KindFigure = (&'static str, &'static str, fn(&KindTotals) -> u64);

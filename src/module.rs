@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use clap::Args;
 use lodge_actors::balancer::ModuleType;
-use lodge_grpc::module::forward::{forward, Ended};
+use lodge_grpc::module::splice::{splice, Ended};
 use lodge_grpc::module::{ModuleHandle, ModuleHooks, ModuleOptions, Settings};
 use lodge_grpc::pb::balancer::Check;
 use slog::{debug, info, o, warn, Logger};
@@ -291,7 +291,7 @@ async fn accept_loop(listener: TcpListener, module: ModuleHandle, shared: Shared
         let t = target(&shared);
         let log = log.clone();
         tokio::spawn(async move {
-            match forward(guard, client, &t.backend, t.connect_timeout).await {
+            match splice(guard, client, &t.backend, t.connect_timeout).await {
                 Ok(Ended::Closed {
                     from_client,
                     to_client,

@@ -1,7 +1,7 @@
 //! A history check: concurrent clients put, get and compare-and-swap a few keys on a 3-member
 //! cluster of real `lodge` processes while members are partitioned (injected faults) and killed
 //! with SIGKILL and restarted. The recorded history must be linearizable (checked with
-//! `lodge_actors::history`, a Wing & Gong / Lowe checker).
+//! `lodge_test_support::history`, a Wing & Gong / Lowe checker).
 //!
 //! A write whose answer did not come back (timeout, connection lost, leadership changed) is
 //! recorded with an unknown outcome: it may have applied at any point after it was sent. A read
@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use lodge_actors::history::{check, Budget, History, Op, Outcome, Verdict};
 use lodge_grpc::pb::kv::{self as pb, kv_client::KvClient};
+use lodge_test_support::history::{check, Budget, History, Op, Outcome, Verdict};
 use tonic::transport::{Channel, Endpoint};
 
 const CLIENTS: u64 = 4;

@@ -1,4 +1,4 @@
-//! `/node/admin`: answers the admin RPC from the registry and relays mutating requests to the
+//! `/node/admin`: answers the admin RPC from the actor table and relays mutating requests to the
 //! supervisor of the target actor.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use tokio::sync::broadcast;
 
 use crate::envelope::ActorRef;
-use crate::introspect::{ActorEvent, ActorSnapshot, ListQuery, Registry, TreeNode};
+use crate::introspect::{ActorEvent, ActorSnapshot, ActorTable, ListQuery, TreeNode};
 use crate::quote::echo;
 use crate::supervision::{ChildError, Managed, RestartChild, StopChild, Supervisor};
 
@@ -69,17 +69,17 @@ pub struct NodeFacts {
 
 /// The admin actor.
 pub struct AdminActor {
-    registry: Registry,
+    actors: ActorTable,
     facts: Arc<NodeFacts>,
     allow_mutations: bool,
     faults: Option<crate::cluster::fault::Faults>,
 }
 
 impl AdminActor {
-    /// An admin actor over `registry`.
-    pub fn new(registry: Registry, facts: Arc<NodeFacts>, allow_mutations: bool) -> Self {
+    /// An admin actor over `actors`.
+    pub fn new(actors: ActorTable, facts: Arc<NodeFacts>, allow_mutations: bool) -> Self {
         Self {
-            registry,
+            actors,
             facts,
             allow_mutations,
             faults: None,
@@ -105,7 +105,7 @@ impl AdminActor {
     /// The supervisor of `path` and the child's name there, if mutations are allowed.
     fn mutation_target(&self, path: &str) -> Result<(ActorRef<Supervisor>, String), AdminError> {
         let (parent, name) = self.check_mutation(path)?;
-        let sup = self.registry.supervisor(&parent).ok_or_else(|| {
+        let sup = self.actors.supervisor(&parent).ok_or_else(|| {
             AdminError::Unavailable(format!("supervisor {parent} is not running"))
         })?;
         Ok((sup, name))
@@ -114,7 +114,7 @@ impl AdminActor {
     fn check_mutation(&self, path: &str) -> Result<(String, String), AdminError> {
         self.check_allowed()?;
         let cell = self
-            .registry
+            .actors
             .get(path)
             .ok_or_else(|| AdminError::NotFound(format!("no actor at path {}", echo(path))))?;
         let parent = cell.parent().ok_or_else(|| {
@@ -137,7 +137,7 @@ impl Managed for AdminActor {
     fn dump_state(&self) -> serde_json::Value {
         serde_json::json!({
             "allow_mutations": self.allow_mutations,
-            "actors": self.registry.len(),
+            "actors": self.actors.len(),
         })
     }
 }
@@ -230,7 +230,7 @@ impl Handler<ListActors> for AdminActor {
     type Result = Result<ListReply, AdminError>;
 
     fn handle(&mut self, msg: ListActors, _: &mut Context<Self>) -> Self::Result {
-        let (actors, matched) = self.registry.list(&msg.0);
+        let (actors, matched) = self.actors.list(&msg.0);
         Ok(ListReply { actors, matched })
     }
 }
@@ -239,9 +239,9 @@ impl Handler<GetActor> for AdminActor {
     type Result = ResponseFuture<Result<ActorDetail, AdminError>>;
 
     fn handle(&mut self, msg: GetActor, _: &mut Context<Self>) -> Self::Result {
-        let found = self.registry.get(&msg.path).map(|cell| {
-            let snapshot = Registry::snapshot(&cell);
-            let children = self.registry.children(&msg.path);
+        let found = self.actors.get(&msg.path).map(|cell| {
+            let snapshot = ActorTable::snapshot(&cell);
+            let children = self.actors.children(&msg.path);
             let dump = cell.request_dump();
             (snapshot, children, dump)
         });
@@ -275,7 +275,7 @@ impl Handler<Tree> for AdminActor {
         } else {
             &msg.root
         };
-        self.registry
+        self.actors
             .tree(root, msg.depth)
             .ok_or_else(|| AdminError::NotFound(format!("no actor at path {}", echo(root))))
     }
@@ -332,6 +332,6 @@ impl Handler<Subscribe> for AdminActor {
     type Result = Result<broadcast::Receiver<ActorEvent>, AdminError>;
 
     fn handle(&mut self, _: Subscribe, _: &mut Context<Self>) -> Self::Result {
-        Ok(self.registry.subscribe())
+        Ok(self.actors.subscribe())
     }
 }

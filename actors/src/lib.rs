@@ -6,7 +6,7 @@
 //! - [`supervision`]: supervisors with one_for_one / one_for_all / rest_for_one strategies, restart
 //!   limits that escalate to the parent, exponential backoff with jitter, ordered start and
 //!   reverse-ordered stop with a timeout per child. A panic counts as a failure.
-//! - [`introspect`]: every actor has an [`ActorCell`] in a [`Registry`] keyed by its path
+//! - [`introspect`]: every actor has an [`ActorCell`] in an [`ActorTable`] keyed by its path
 //!   (`/node/...`) with lifecycle state, queue length, message counts, restarts, last failure and
 //!   handler latency, plus a JSON state dump on request.
 //! - [`ActorRef`] and [`Envelope`]: how messages reach a Lodge actor. The reference survives restarts
@@ -20,7 +20,6 @@ pub mod base64;
 pub mod clock;
 pub mod cluster;
 pub mod envelope;
-pub mod history;
 pub mod introspect;
 pub mod quote;
 pub mod redact;
@@ -32,7 +31,7 @@ pub mod translate;
 
 pub use actix;
 pub use envelope::{ActorRef, Envelope, SendError};
-pub use introspect::{ActorCell, ActorEvent, ActorSnapshot, EventKind, Lifecycle, Registry};
+pub use introspect::{ActorCell, ActorEvent, ActorSnapshot, ActorTable, EventKind, Lifecycle};
 pub use runtime::{Runtime, RuntimeConfig};
 pub use supervision::{
     Backoff, ChildSpec, Managed, Placement, Restart, RestartLimit, Strategy, Supervisor,

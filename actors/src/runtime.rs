@@ -9,7 +9,7 @@ use actix::{Actor, Arbiter, ArbiterHandle, AsyncContext};
 use tokio::sync::oneshot;
 
 use crate::envelope::ActorRef;
-use crate::introspect::{ActorCell, EventKind, Lifecycle, Registry};
+use crate::introspect::{ActorCell, ActorTable, EventKind, Lifecycle};
 use crate::supervision::{
     install_panic_hook, Backoff, ControlItem, Exit, ExitNotify, Managed, RestartLimit, Supervisor,
     SupervisorSpec,
@@ -47,7 +47,7 @@ impl Default for RuntimeConfig {
 
 /// What supervisors share.
 pub(crate) struct RuntimeShared {
-    pub registry: Registry,
+    pub actors: ActorTable,
     pub log: slog::Logger,
     pub config: RuntimeConfig,
     pub control: ArbiterHandle,
@@ -94,7 +94,7 @@ impl Runtime {
             .map(|_| Arbiter::new())
             .collect();
         let shared = Arc::new(RuntimeShared {
-            registry: Registry::new(),
+            actors: ActorTable::new(),
             log,
             config,
             control: Arbiter::current(),
@@ -104,13 +104,13 @@ impl Runtime {
         });
         let cell = Arc::new(ActorCell::new(ROOT_PATH.into(), Supervisor::KIND, None));
         shared
-            .registry
+            .actors
             .register(cell.clone())
-            .expect("a fresh registry has no root");
+            .expect("a fresh table has no root");
         let root_ref: ActorRef<Supervisor> = ActorRef::unbound();
         root_ref.bind(&cell);
         shared
-            .registry
+            .actors
             .set_supervisor(cell.path().clone(), root_ref.clone());
         let (tx, rx) = oneshot::channel();
         cell.begin_incarnation(1);
@@ -132,7 +132,7 @@ impl Runtime {
         });
         root_ref.attach(addr, 1);
         cell.set_state(Lifecycle::Running);
-        shared.registry.emit(&cell, EventKind::Started, None);
+        shared.actors.emit(&cell, EventKind::Started, None);
         Self {
             shared,
             root: root_ref,
@@ -141,9 +141,9 @@ impl Runtime {
         }
     }
 
-    /// The actor directory.
-    pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+    /// The table of live actors.
+    pub fn actor_table(&self) -> &ActorTable {
+        &self.shared.actors
     }
 
     /// The root supervisor.

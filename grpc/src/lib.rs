@@ -21,6 +21,7 @@ pub mod module;
 pub mod outcome;
 pub mod peer;
 pub mod raft;
+mod reconnect;
 pub mod registry;
 pub mod registry_client;
 pub mod router;

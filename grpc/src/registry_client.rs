@@ -4,7 +4,8 @@
 //!
 //! It replaces a Go client whose defects shaped this design:
 //! - reconnecting is the normal path of one loop (connect, session, back off, next endpoint), not
-//!   a branch guarded by a flag that something else can clear first;
+//!   a branch guarded by a flag that something else can clear first (the loop is
+//!   [`crate::reconnect`], shared with the module SDK's link to the balancer);
 //! - the heartbeat interval is a value the loop reads for every beat, so a changed interval from
 //!   any answer is used for the very next beat;
 //! - translations run on their own RPCs over a cloned channel; registering again only swaps the
@@ -24,12 +25,17 @@ use tokio::time::Instant;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
-use crate::client::{self, ClientTls};
+use crate::client::ClientTls;
 use crate::pb::registry::registry_client::RegistryClient as RegistryGrpc;
 use crate::pb::registry::translation_client::TranslationClient as TranslationGrpc;
 use crate::pb::registry::{
-    HeartbeatRequest, RegisterClientRequest, TitleCheckRequest, TitleCheckResponse, TranslateChunk,
-    TranslateRequest, TranslateResponse, UnregisterClientRequest,
+    HeartbeatRequest, HeartbeatResponse, RegisterClientRequest, RegisterClientResponse,
+    TitleCheckRequest, TitleCheckResponse, TranslateChunk, TranslateRequest, TranslateResponse,
+    UnregisterClientRequest,
+};
+use crate::reconnect::{
+    connect_bounded, connect_owned, member_failed, note_endpoint, Backoff, Beat, Conn, Failure,
+    Reconnector, Session,
 };
 
 /// What the client needs to find the cluster and to identify itself.
@@ -160,18 +166,10 @@ impl Default for ClientStatus {
 /// not block for long, since heartbeats wait for it.
 pub type StatusCallback = Arc<dyn Fn(&ClientStatus) + Send + Sync>;
 
-/// The channel in use and the endpoint it goes to; cloned out by the translation calls so that
-/// a later failover never touches a call in flight.
-#[derive(Clone)]
-struct Conn {
-    idx: usize,
-    channel: Channel,
-}
-
 struct Shared {
     opts: ClientOptions,
     status: watch::Sender<ClientStatus>,
-    // A std mutex: only ever held to clone or replace the value, never across an await.
+    /// The worker's connection, for the translation calls.
     conn: Mutex<Option<Conn>>,
 }
 
@@ -190,7 +188,6 @@ impl RegistryClient {
     /// within a tokio runtime. Returns at once; use [`RegistryClient::wait_registered`] to wait
     /// for the registration.
     pub fn start(opts: ClientOptions, on_status: Option<StatusCallback>) -> RegistryClient {
-        let backoff = opts.backoff_initial;
         let (status, _) = watch::channel(ClientStatus::default());
         let shared = Arc::new(Shared {
             opts,
@@ -201,13 +198,10 @@ impl RegistryClient {
         let worker = Worker {
             shared: shared.clone(),
             on_status,
-            stop: stop_rx,
             cur: ClientStatus::default(),
             last_success: Instant::now(),
-            backoff,
-            idx: 0,
         };
-        let task = tokio::spawn(worker.run());
+        let task = tokio::spawn(worker.run(stop_rx));
         RegistryClient {
             shared,
             stop,
@@ -381,27 +375,6 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// Connects to `ep`, giving up after `t` (a member that accepts nothing must not hold the caller).
-pub(crate) async fn connect_bounded(
-    ep: &str,
-    tls: &ClientTls,
-    t: Duration,
-) -> Result<Channel, String> {
-    match tokio::time::timeout(t, client::connect(ep, tls)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("cannot connect to {ep}: no answer within {t:?}")),
-    }
-}
-
-/// Whether a failed registry call means the member is unreachable or too slow, so the client
-/// should move to another. CANCELLED is what a server answers when our `grpc-timeout` ran out.
-pub(crate) fn member_failed(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-    )
-}
-
 /// A failed call as the status shows it: what was tried, the code and the server's message.
 fn failure(what: &str, s: &Status) -> String {
     if s.message().is_empty() {
@@ -422,37 +395,14 @@ fn interval_of(ms: i64, secs: i32) -> Option<Duration> {
     }
 }
 
-/// A pause between half of `b` and `b`, so that clients that lost the same member do not come
-/// back in lockstep.
-pub(crate) fn jittered(b: Duration) -> Duration {
-    b / 2 + b.mul_f64(fastrand::f64() / 2.0)
-}
-
-/// Why a session with one member ended.
-enum Outcome {
-    /// Shutdown was asked for (or the client dropped).
-    Stop,
-    /// The session failed; `switch` moves on to the next endpoint; `why` is for the status.
-    Fail { switch: bool, why: String },
-}
-
-/// What a guarded wait ended with.
-enum Ev<T> {
-    Done(T),
-    Stop,
-    Tick,
-}
-
-/// The background task. It owns the working copy of the status; the watch channel gets a copy
-/// of it whenever it changes.
+/// The background task's session (see [`crate::reconnect`], which connects, backs off and
+/// fails over). It owns the working copy of the status; the watch channel gets a copy of it
+/// whenever it changes.
 struct Worker {
     shared: Arc<Shared>,
     on_status: Option<StatusCallback>,
-    stop: watch::Receiver<bool>,
     cur: ClientStatus,
     last_success: Instant,
-    backoff: Duration,
-    idx: usize,
 }
 
 impl Worker {
@@ -460,36 +410,15 @@ impl Worker {
         &self.shared.opts
     }
 
-    /// Runs `fut` to completion while keeping the watchdog going and watching for shutdown:
-    /// `None` means stop. Every wait of the task goes through here, so health degrades while a
-    /// call hangs, not only after it fails.
-    async fn guarded<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        tokio::pin!(fut);
-        loop {
-            if *self.stop.borrow() {
-                return None;
-            }
-            let tick = if self.cur.interval.is_zero() {
-                Duration::from_secs(1)
-            } else {
-                (self.cur.interval / 4).max(Duration::from_millis(5))
-            };
-            let stop = &mut self.stop;
-            let ev = tokio::select! {
-                r = &mut fut => Ev::Done(r),
-                _ = stop.changed() => Ev::Stop,
-                _ = tokio::time::sleep(tick) => Ev::Tick,
-            };
-            match ev {
-                Ev::Done(r) => return Some(r),
-                // A closed channel (client dropped) stops too.
-                Ev::Stop => {
-                    if self.stop.has_changed().is_err() || *self.stop.borrow() {
-                        return None;
-                    }
-                }
-                Ev::Tick => self.watchdog(),
-            }
+    /// Connects, registers and heartbeats until stopped; unregisters when shutdown was asked
+    /// for (a dropped client leaves its registration to expire).
+    async fn run(mut self, stop: watch::Receiver<bool>) {
+        let o = self.opts();
+        let backoff = Backoff::new(o.backoff_initial, o.backoff_max);
+        let mut r = Reconnector::new(o.endpoints.clone(), backoff, stop);
+        r.run(&mut self).await;
+        if r.shutdown_asked() {
+            self.unregister().await;
         }
     }
 
@@ -527,184 +456,12 @@ impl Worker {
         }
     }
 
-    /// A heartbeat or registration succeeded: the registration is current again and the next
-    /// failure starts backing off from the beginning.
+    /// A heartbeat or registration succeeded: the registration is current again.
     fn succeeded(&mut self) {
         self.last_success = Instant::now();
-        self.backoff = self.opts().backoff_initial;
         self.cur.connected = true;
         self.cur.last_error = None;
         self.watchdog();
-    }
-
-    /// Waits out the backoff (with jitter, so clients that lost the same member do not return
-    /// in lockstep) and picks the next endpoint when asked. `false` means stop.
-    async fn failed(&mut self, switch: bool, why: String) -> bool {
-        self.cur.connected = false;
-        self.cur.last_error = Some(why);
-        self.watchdog();
-        let b = self.backoff;
-        let delay = jittered(b);
-        self.backoff = (b * 2).min(self.opts().backoff_max.max(self.opts().backoff_initial));
-        if switch {
-            self.idx = (self.idx + 1) % self.opts().endpoints.len();
-        }
-        self.guarded(tokio::time::sleep(delay)).await.is_some()
-    }
-
-    async fn run(mut self) {
-        if self.opts().endpoints.is_empty() {
-            // Nothing to talk to; wait for shutdown so the client behaves the same otherwise.
-            self.guarded(std::future::pending::<()>()).await;
-            return;
-        }
-        loop {
-            let ep = self.opts().endpoints[self.idx].clone();
-            if self.cur.endpoint.as_deref() != Some(ep.as_str()) {
-                self.cur.endpoint = Some(ep.clone());
-                self.publish();
-            }
-            let (tls, t) = (self.opts().tls.clone(), self.opts().call_timeout);
-            let connect = {
-                let ep = ep.clone();
-                async move { connect_bounded(&ep, &tls, t).await }
-            };
-            let channel = match self.guarded(connect).await {
-                None => break,
-                Some(Ok(ch)) => ch,
-                Some(Err(e)) => {
-                    if !self.failed(true, e).await {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            *self.shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(Conn {
-                idx: self.idx,
-                channel: channel.clone(),
-            });
-            match self.session(channel).await {
-                Outcome::Stop => break,
-                Outcome::Fail { switch, why } => {
-                    if !self.failed(switch, why).await {
-                        break;
-                    }
-                }
-            }
-        }
-        if *self.stop.borrow() {
-            self.unregister().await;
-        }
-    }
-
-    /// Registers (when there is no id yet or the server asks for it) and heartbeats on one
-    /// channel until something fails. With an id already, the first thing on a new member is a
-    /// heartbeat with that id: registrations are replicated, so the member usually knows it.
-    async fn session(&mut self, channel: Channel) -> Outcome {
-        let grpc = RegistryGrpc::new(channel);
-        let t = self.opts().call_timeout;
-        let mut need_register = self.cur.client_id.is_none();
-        let mut next_beat = Instant::now();
-        loop {
-            if need_register {
-                let req = RegisterClientRequest {
-                    client_name: self.opts().client_name.clone(),
-                    client_version: self.opts().client_version.clone(),
-                    namespace: self.opts().namespace.clone(),
-                    metadata: self.opts().metadata.clone(),
-                    registered_at: Some(std::time::SystemTime::now().into()),
-                    instance_id: self.opts().instance_id.clone(),
-                };
-                let mut g = grpc.clone();
-                let call = async move { bounded(t, g.register_client(timed(req, t))).await };
-                match self.guarded(call).await {
-                    None => return Outcome::Stop,
-                    Some(Ok(r)) if r.success && !r.client_id.is_empty() => {
-                        need_register = false;
-                        self.cur.client_id = Some(r.client_id);
-                        self.cur.registrations += 1;
-                        if let Some(i) =
-                            interval_of(r.heartbeat_interval_ms, r.heartbeat_interval_seconds)
-                        {
-                            self.cur.interval = i;
-                        }
-                        self.succeeded();
-                        next_beat = Instant::now() + self.cur.interval;
-                    }
-                    // Refused: the member answered, so it is not a reason to leave it; back off
-                    // and try again (the refusal may be transient, e.g. no quorum yet).
-                    Some(Ok(r)) => {
-                        return Outcome::Fail {
-                            switch: false,
-                            why: format!("registration refused: {}", r.message),
-                        }
-                    }
-                    Some(Err(s)) => {
-                        return Outcome::Fail {
-                            switch: member_failed(&s),
-                            why: failure("registering", &s),
-                        }
-                    }
-                }
-                continue;
-            }
-            if self
-                .guarded(tokio::time::sleep_until(next_beat))
-                .await
-                .is_none()
-            {
-                return Outcome::Stop;
-            }
-            let req = HeartbeatRequest {
-                client_id: self.cur.client_id.clone().unwrap_or_default(),
-                client_name: self.opts().client_name.clone(),
-                sent_at: Some(std::time::SystemTime::now().into()),
-                metadata: HashMap::new(),
-            };
-            let sent = Instant::now();
-            let mut g = grpc.clone();
-            let call = async move { bounded(t, g.heartbeat(timed(req, t))).await };
-            match self.guarded(call).await {
-                None => return Outcome::Stop,
-                Some(Ok(r)) => {
-                    // Any answer may change the interval, and the next beat uses it.
-                    if let Some(i) =
-                        interval_of(r.heartbeat_interval_ms, r.heartbeat_interval_seconds)
-                    {
-                        self.cur.interval = i;
-                    }
-                    if r.re_register_required {
-                        self.cur.connected = true;
-                        self.publish();
-                        need_register = true;
-                        continue;
-                    }
-                    if r.success {
-                        self.succeeded();
-                    } else {
-                        self.cur.connected = true;
-                        self.cur.last_error = Some(format!("heartbeat refused: {}", r.message));
-                        self.watchdog();
-                    }
-                }
-                Some(Err(s)) if s.code() == Code::NotFound => {
-                    need_register = true;
-                    continue;
-                }
-                Some(Err(s)) if member_failed(&s) => {
-                    return Outcome::Fail {
-                        switch: true,
-                        why: failure("heartbeat", &s),
-                    }
-                }
-                // Any other error counts as a missed beat; the member is up, so stay.
-                Some(Err(s)) => {
-                    self.cur.last_error = Some(failure("heartbeat", &s));
-                    self.watchdog();
-                }
-            }
-            next_beat = (sent + self.cur.interval).max(Instant::now());
-        }
     }
 
     /// Ends the registration at once; best effort, since it expires by itself anyway.
@@ -727,6 +484,150 @@ impl Worker {
             )
             .await;
         }
+    }
+}
+
+/// Registers when there is no id yet or the server asks for it. With an id already, the first
+/// thing on a new member is a heartbeat with that id: registrations are replicated, so the
+/// member usually knows it.
+impl Session for Worker {
+    type Conn = Channel;
+    type Registered = Result<RegisterClientResponse, Status>;
+    type Beaten = Result<HeartbeatResponse, Status>;
+
+    fn connect(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<Channel, String>> + Send + 'static {
+        connect_owned(endpoint, &self.opts().tls, self.opts().call_timeout)
+    }
+
+    fn on_endpoint(&mut self, endpoint: &str) {
+        if note_endpoint(&mut self.cur.endpoint, endpoint) {
+            self.publish();
+        }
+    }
+
+    fn on_connected(&mut self, idx: usize, channel: &Channel) {
+        Conn::store(&self.shared.conn, idx, channel);
+    }
+
+    fn needs_register(&mut self) -> bool {
+        self.cur.client_id.is_none()
+    }
+
+    fn register(
+        &mut self,
+        channel: &Channel,
+    ) -> impl Future<Output = Self::Registered> + Send + 'static {
+        let o = self.opts();
+        let req = RegisterClientRequest {
+            client_name: o.client_name.clone(),
+            client_version: o.client_version.clone(),
+            namespace: o.namespace.clone(),
+            metadata: o.metadata.clone(),
+            registered_at: Some(std::time::SystemTime::now().into()),
+            instance_id: o.instance_id.clone(),
+        };
+        let (mut g, t) = (RegistryGrpc::new(channel.clone()), o.call_timeout);
+        async move { bounded(t, g.register_client(timed(req, t))).await }
+    }
+
+    fn registered(&mut self, answer: Self::Registered) -> Result<(), Failure> {
+        match answer {
+            Ok(r) if r.success && !r.client_id.is_empty() => {
+                self.cur.client_id = Some(r.client_id);
+                self.cur.registrations += 1;
+                if let Some(i) = interval_of(r.heartbeat_interval_ms, r.heartbeat_interval_seconds)
+                {
+                    self.cur.interval = i;
+                }
+                self.succeeded();
+                Ok(())
+            }
+            // Refused: the member answered, so it is not a reason to leave it; back off and try
+            // again (the refusal may be transient, e.g. no quorum yet).
+            Ok(r) => Err(Failure {
+                switch: false,
+                why: format!("registration refused: {}", r.message),
+            }),
+            Err(s) => Err(Failure {
+                switch: member_failed(&s),
+                why: failure("registering", &s),
+            }),
+        }
+    }
+
+    fn beat(&mut self, channel: &Channel) -> impl Future<Output = Self::Beaten> + Send + 'static {
+        let req = HeartbeatRequest {
+            client_id: self.cur.client_id.clone().unwrap_or_default(),
+            client_name: self.opts().client_name.clone(),
+            sent_at: Some(std::time::SystemTime::now().into()),
+            metadata: HashMap::new(),
+        };
+        let (mut g, t) = (RegistryGrpc::new(channel.clone()), self.opts().call_timeout);
+        async move { bounded(t, g.heartbeat(timed(req, t))).await }
+    }
+
+    fn beaten(&mut self, answer: Self::Beaten) -> Beat {
+        match answer {
+            Ok(r) => {
+                // Any answer may change the interval, and the next beat uses it.
+                if let Some(i) = interval_of(r.heartbeat_interval_ms, r.heartbeat_interval_seconds)
+                {
+                    self.cur.interval = i;
+                }
+                if r.re_register_required {
+                    self.cur.connected = true;
+                    self.publish();
+                    return Beat::Register;
+                }
+                if r.success {
+                    self.succeeded();
+                    Beat::Ok
+                } else {
+                    self.cur.connected = true;
+                    self.cur.last_error = Some(format!("heartbeat refused: {}", r.message));
+                    self.watchdog();
+                    Beat::Missed
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => Beat::Register,
+            Err(s) if member_failed(&s) => Beat::Fail(Failure {
+                switch: true,
+                why: failure("heartbeat", &s),
+            }),
+            // Any other error counts as a missed beat; the member is up, so stay.
+            Err(s) => {
+                self.cur.last_error = Some(failure("heartbeat", &s));
+                self.watchdog();
+                Beat::Missed
+            }
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.cur.interval
+    }
+
+    fn on_failure(&mut self, why: String) {
+        self.cur.connected = false;
+        self.cur.last_error = Some(why);
+        self.watchdog();
+    }
+
+    /// Every wait ticks the watchdog, so health degrades while a call hangs, not only after it
+    /// fails.
+    fn tick(&self) -> Option<Duration> {
+        Some(if self.cur.interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            (self.cur.interval / 4).max(Duration::from_millis(5))
+        })
+    }
+
+    fn on_tick(&mut self) {
+        self.watchdog();
     }
 }
 

@@ -133,8 +133,8 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
         ..RuntimeConfig::default()
     };
     let runtime = Runtime::start(cfg, quiet, spec);
-    let _ = registry_slot.set(runtime.registry().clone());
-    let mut events = runtime.registry().subscribe();
+    let _ = registry_slot.set(runtime.actor_table().clone());
+    let mut events = runtime.actor_table().subscribe();
     loop {
         let e = events.recv().await.expect("events");
         if &*e.path == "/node/bench" && e.event == EventKind::Started {
@@ -142,7 +142,7 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
         }
     }
     let sup = runtime
-        .registry()
+        .actor_table()
         .supervisor("/node/bench")
         .expect("bench supervisor");
     let before = super::rss_of("self") as f64;
@@ -155,7 +155,7 @@ async fn lodge_child(actors: usize) -> serde_json::Value {
             .unwrap();
     }
     // Children start one after the other; the last one running means all are.
-    let registry = runtime.registry().clone();
+    let registry = runtime.actor_table().clone();
     while registry
         .get(&last)
         .is_none_or(|c| c.state() != lodge_actors::Lifecycle::Running)

@@ -37,7 +37,7 @@ impl Node {
     pub async fn live(self, root: SupervisorSpec, listeners: Listeners) -> i32 {
         let log = self.log.clone();
         let mut runtime = Runtime::start(super::settings::runtime(&self.cfg), log.clone(), root);
-        let _ = self.actors.set(runtime.registry().clone());
+        let _ = self.actors.set(runtime.actor_table().clone());
         let tree_exit = runtime.wait_exit();
         tokio::pin!(tree_exit);
         // Serve (and say "ready") only once every actor is up: a call arriving earlier would find
@@ -53,7 +53,7 @@ impl Node {
             return 1;
         }
 
-        let servers = match self.serve(runtime.registry().clone(), listeners).await {
+        let servers = match self.serve(runtime.actor_table().clone(), listeners).await {
             Ok(s) => s,
             Err(e) => {
                 error!(log, "cannot build services"; "error" => e);

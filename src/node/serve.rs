@@ -113,7 +113,7 @@ pub fn backends(
 /// every area's figures.
 pub fn metrics_registry(
     areas: &Areas,
-    actors: lodge_actors::Registry,
+    actors: lodge_actors::ActorTable,
     balancer_metrics: &BalancerMetrics,
     tls_reloads: &lodge_grpc::tls::ReloadMetrics,
 ) -> (
@@ -153,7 +153,7 @@ impl Node {
     /// Starts the client port, the peer port and the metrics page over the running tree.
     pub async fn serve(
         &self,
-        actors: lodge_actors::Registry,
+        actors: lodge_actors::ActorTable,
         listeners: Listeners,
     ) -> Result<Servers, String> {
         let (cfg, plan, areas, io) = (&self.cfg, &self.plan, &self.areas, &self.io);

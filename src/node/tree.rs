@@ -59,7 +59,7 @@ use super::cluster::ClusterPlan;
 use crate::config::NodeConfig;
 
 /// The node's table of live actors, set once the runtime runs.
-pub type ActorTableSlot = Arc<OnceLock<lodge_actors::Registry>>;
+pub type ActorTableSlot = Arc<OnceLock<lodge_actors::ActorTable>>;
 
 /// `/node/admin`.
 pub struct AdminArea {
@@ -156,7 +156,7 @@ pub fn cluster(
                 cpu_seconds,
                 actors: actors
                     .get()
-                    .map_or(0, |r: &lodge_actors::Registry| r.len() as u64),
+                    .map_or(0, |r: &lodge_actors::ActorTable| r.len() as u64),
                 applied_index: 0,
             }
         })

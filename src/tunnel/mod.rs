@@ -7,7 +7,7 @@
 pub mod agent;
 pub mod bridge;
 pub mod exec;
-pub mod forward;
+pub mod port_forward;
 pub mod rsync;
 pub mod sessions;
 pub mod shutdown;

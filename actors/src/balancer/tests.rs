@@ -106,7 +106,7 @@ async fn balancer_with(hook: Option<Arc<super::hook::DeployHook>>, leads: bool) 
         ..RuntimeConfig::default()
     };
     let rt = Runtime::start(config, log, root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let e = events.recv().await.unwrap();
@@ -767,7 +767,7 @@ async fn the_autoscaler_on_the_leader_delivers_to_heartbeats_and_the_hook() {
     assert_eq!(beat.await.unwrap().desired_instances, Some(3));
     // Three more rounds: the up cooldown (3 min) holds them back, so still one decision.
     let rounds = || async {
-        let cell = b._rt.registry().get("/node/balancer/scaler").unwrap();
+        let cell = b._rt.actor_table().get("/node/balancer/scaler").unwrap();
         let dump = cell.request_dump().unwrap().await.unwrap();
         dump["rounds"].as_u64().unwrap()
     };
@@ -802,7 +802,7 @@ async fn removed_and_re_registered_instances_get_their_actors() {
     }
     let running = |b: &Balancer, id: &str| {
         b._rt
-            .registry()
+            .actor_table()
             .get(&format!("/node/balancer/modules/{id}"))
             .is_some_and(|c| c.state() == crate::Lifecycle::Running)
     };

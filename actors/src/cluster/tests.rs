@@ -51,7 +51,7 @@ impl Cluster {
     }
 
     fn root(&self) -> ActorRef<Supervisor> {
-        self.rt.registry().supervisor("/node").unwrap()
+        self.rt.actor_table().supervisor("/node").unwrap()
     }
 
     /// Starts member `id`; `voters` empty means it joins an existing group.

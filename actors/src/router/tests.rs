@@ -80,7 +80,7 @@ async fn router(settings: RouterSettings) -> Router {
         ..RuntimeConfig::default()
     };
     let rt = Runtime::start(config, slog::Logger::root(slog::Discard, slog::o!()), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let e = events.recv().await.unwrap();

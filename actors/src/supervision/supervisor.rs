@@ -243,7 +243,7 @@ impl Actor for Supervisor {
             // ordered stop is possible any more, but the children must not outlive us unsupervised.
             for c in self.children.values() {
                 c.cell.request_stop();
-                self.rt.registry.deregister(&c.cell);
+                self.rt.actors.deregister(&c.cell);
             }
             return Running::Stop;
         }
@@ -336,10 +336,10 @@ impl Supervisor {
         }
         let path: Arc<str> = format!("{}/{}", self.path(), spec.name).into();
         let cell = Arc::new(ActorCell::new(path.clone(), spec.kind, Some(self.path())));
-        // The registry refuses a taken path: that is the duplicate-name check, in O(log n).
-        self.rt.registry.register(cell.clone())?;
+        // The table refuses a taken path: that is the duplicate-name check, in O(log n).
+        self.rt.actors.register(cell.clone())?;
         if let Some(r) = &spec.supervisor_ref {
-            self.rt.registry.set_supervisor(path, r.clone());
+            self.rt.actors.set_supervisor(path, r.clone());
         }
         self.next_id += 1;
         self.children.insert(
@@ -360,7 +360,7 @@ impl Supervisor {
 
     fn remove(&mut self, id: u64) {
         if let Some(c) = self.children.remove(&id) {
-            self.rt.registry.deregister(&c.cell);
+            self.rt.actors.deregister(&c.cell);
         }
         // Whoever waits for its start will not see one.
         self.answer_restart(
@@ -436,7 +436,7 @@ impl Supervisor {
                 } else {
                     EventKind::Started
                 };
-                self.rt.registry.emit(&child.cell, event, None);
+                self.rt.actors.emit(&child.cell, event, None);
                 let restarts = child.cell.restarts();
                 self.answer_restart(msg.child, Ok(restarts));
             }
@@ -538,9 +538,7 @@ impl Supervisor {
                     Exit::Normal => None,
                     Exit::Failed(r) | Exit::Panicked(r) => Some(r),
                 };
-                self.rt
-                    .registry
-                    .emit(&child.cell, EventKind::Stopped, reason);
+                self.rt.actors.emit(&child.cell, EventKind::Stopped, reason);
                 self.job_child_done(msg.child, ctx);
             }
             Status::Running => {
@@ -571,12 +569,12 @@ impl Supervisor {
         // A temporary or transient child that ends cleanly has done its job (a finished session,
         // say): that is not a failure to record or to warn about.
         if !failed && child.spec.restart != Restart::Permanent {
-            self.rt.registry.emit(&child.cell, EventKind::Stopped, None);
+            self.rt.actors.emit(&child.cell, EventKind::Stopped, None);
             debug!(self.rt.log, "child finished"; "path" => &**child.cell.path());
         } else {
             child.cell.record_failure(reason.clone());
             self.rt
-                .registry
+                .actors
                 .emit(&child.cell, EventKind::Failed, Some(reason.clone()));
             warn!(self.rt.log, "child exited"; "path" => &**child.cell.path(), "reason" => &reason);
         }
@@ -770,7 +768,7 @@ impl Supervisor {
         child.cell.record_failure(reason.clone());
         (child.spec.detach)(child.incarnation);
         self.rt
-            .registry
+            .actors
             .emit(&child.cell, EventKind::Stopped, Some(reason));
         if let Some(job) = self.job.as_mut() {
             if job.current.map(|(c, _)| c) == Some(id) {
@@ -847,7 +845,7 @@ impl Supervisor {
     fn finish(&mut self, ctx: &mut Context<Self>) {
         self.phase = Phase::Done;
         for c in std::mem::take(&mut self.children).into_values() {
-            self.rt.registry.deregister(&c.cell);
+            self.rt.actors.deregister(&c.cell);
         }
         info!(self.rt.log, "supervisor stopped"; "path" => &*self.path());
         ctx.stop();

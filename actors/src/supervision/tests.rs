@@ -157,7 +157,7 @@ async fn trio(strategy: Strategy, journal: &Journal) -> Trio {
         vec![ChildSpec::supervisor("sup", spec.clone()).0]
     });
     let rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, is("/node/sup/c", EventKind::Started)).await;
     let refs = refs.lock().unwrap().clone();
     assert_eq!(
@@ -264,7 +264,7 @@ async fn past_the_restart_limit_the_failure_escalates_to_the_root_and_the_runtim
         within: Duration::from_secs(60),
     });
     let mut rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, is("/node/sup/flaky", EventKind::Started)).await;
     let flaky = refs.lock().unwrap().clone().unwrap();
     for _ in 0..2 {
@@ -298,7 +298,7 @@ async fn restart_waits_at_least_the_backoff_lower_bound() {
     })
     .backoff(backoff);
     let rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, is("/node/slow", EventKind::Started)).await;
     let slow = refs.lock().unwrap().clone().unwrap();
     for attempt in 1..=2u32 {
@@ -331,7 +331,7 @@ async fn shutdown_stops_children_in_reverse_order_and_abandons_one_that_will_not
         vec![a, stuck.shutdown_timeout(Duration::from_millis(50)), c]
     });
     let mut rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, is("/node/c", EventKind::Started)).await;
     rt.shutdown();
     let abandoned = wait_for(&mut events, is("/node/stuck", EventKind::Stopped)).await;
@@ -345,7 +345,7 @@ async fn shutdown_stops_children_in_reverse_order_and_abandons_one_that_will_not
         .collect();
     assert_eq!(stops, ["stop c", "stop a"]);
     assert!(
-        rt.registry().get("/node/a").is_none(),
+        rt.actor_table().get("/node/a").is_none(),
         "stopped children leave the registry"
     );
 }
@@ -354,7 +354,7 @@ async fn shutdown_stops_children_in_reverse_order_and_abandons_one_that_will_not
 async fn operators_can_restart_and_stop_a_child_and_add_one_at_run_time() {
     let journal = Journal::default();
     let t = trio(Strategy::OneForAll, &journal).await;
-    let sup = t.rt.registry().supervisor("/node/sup").unwrap();
+    let sup = t.rt.actor_table().supervisor("/node/sup").unwrap();
     // A requested restart touches only that child, whatever the strategy.
     assert_eq!(
         sup.send(RestartChild { name: "b".into() }).await.unwrap(),
@@ -429,7 +429,7 @@ async fn a_child_stuck_in_started_times_out_and_the_children_after_it_still_star
         ]
     });
     let rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     let failed = wait_for(&mut events, is("/node/stuck", EventKind::Failed)).await;
     assert!(failed.reason.unwrap().contains("did not finish starting"));
     wait_for(&mut events, is("/node/after", EventKind::Started)).await;
@@ -518,7 +518,7 @@ async fn after_a_failed_start_later_children_wait_for_the_restart_of_the_failed_
         vec![first, worker("second", &j).0]
     });
     let rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, |e| {
         &*e.path == "/node/second" && matches!(e.event, EventKind::Started | EventKind::Restarted)
     })
@@ -567,13 +567,13 @@ async fn a_child_supervisor_is_not_timed_out_while_its_children_start_one_by_one
         ..config()
     };
     let rt = Runtime::start(cfg, quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     let e = wait_for(&mut events, |e| {
         &*e.path == "/node/sup" && e.event != EventKind::Restarted
     })
     .await;
     assert_eq!(e.event, EventKind::Started, "{e:?}");
-    assert_eq!(rt.registry().get("/node/sup").unwrap().restarts(), 0);
+    assert_eq!(rt.actor_table().get("/node/sup").unwrap().restarts(), 0);
     assert_eq!(journal.lock().unwrap().len(), 2);
 }
 
@@ -590,12 +590,12 @@ async fn one_for_all_does_not_restart_temporary_children() {
         vec![a, t.restart(Restart::Temporary)]
     });
     let rt = Runtime::start(config(), quiet(), root);
-    let mut events = rt.registry().subscribe();
+    let mut events = rt.actor_table().subscribe();
     wait_for(&mut events, is("/node/temp", EventKind::Started)).await;
     let a = refs.lock().unwrap().clone().unwrap();
     a.try_send(Boom).unwrap();
     wait_for(&mut events, is("/node/a", EventKind::Restarted)).await;
-    let temp = rt.registry().get("/node/temp").unwrap();
+    let temp = rt.actor_table().get("/node/temp").unwrap();
     assert_eq!(temp.state(), Lifecycle::Stopped);
     assert_eq!(temp.restarts(), 0);
     let starts = journal
@@ -627,7 +627,7 @@ async fn the_runtime_reports_started_only_once_the_whole_tree_is_up() {
         .expect("tree started");
     for path in ["/node/a", "/node/sup", "/node/sup/x", "/node/sup/y"] {
         assert_eq!(
-            rt.registry().get(path).unwrap().state(),
+            rt.actor_table().get(path).unwrap().state(),
             Lifecycle::Running,
             "{path}"
         );

@@ -1,8 +1,8 @@
 //! The module's link to the balancer: register, heartbeat with stats, follow the instructions in
 //! the answers, and fail over between nodes. Also the calls the module forwards to the balancer.
 //!
-//! It follows the registry client's design ([`crate::registry_client`]): one loop whose normal
-//! path is connect, session, back off, next endpoint; the heartbeat interval is read from every
+//! It runs on the registry client's loop ([`crate::reconnect`]), whose normal path is connect,
+//! session, back off, next endpoint; the heartbeat interval is read from every
 //! answer and used for the very next beat; status goes out on a `watch` channel and hooks run
 //! with no lock held. Registrations are replicated across nodes, so after a failover the first
 //! call on the new node is a heartbeat with the same id; a node that does not know the id says
@@ -16,14 +16,19 @@ use std::time::Duration;
 use crate::client::Channel;
 use slog::{info, warn};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tonic::{Code, Status};
 
-use super::state::{lock, Conn, Sampler, Shared, Snapshot};
+use super::state::{lock, Sampler, Shared, Snapshot};
 use crate::outcome;
 use crate::pb::balancer::balancer_client::BalancerClient;
-use crate::pb::balancer::{HeartbeatRequest, HeartbeatResponse, RegisterModuleRequest};
-use crate::registry_client::{bounded, connect_bounded, jittered, member_failed, timed};
+use crate::pb::balancer::{
+    HeartbeatRequest, HeartbeatResponse, RegisterModuleRequest, RegisterModuleResponse,
+};
+use crate::reconnect::{
+    connect_bounded, connect_owned, member_failed, note_endpoint, Backoff, Beat, Conn, Failure,
+    Reconnector, Session,
+};
+use crate::registry_client::{bounded, timed};
 
 /// The heartbeat interval until a balancer grants one (and if it grants 0).
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -85,34 +90,32 @@ impl Instruction {
     }
 }
 
-/// Why a session with one node ended.
-enum Outcome {
-    Stop,
-    Fail { switch: bool },
-}
-
-/// The link's task; it owns the working copy of the status and publishes it when it changes.
+/// The link's session (see [`crate::reconnect`], which connects, backs off and fails over); it
+/// owns the working copy of the status and publishes it when it changes.
 pub(crate) struct Worker {
     shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
     cur: LinkStatus,
-    backoff: Duration,
-    idx: usize,
     sampler: Sampler,
 }
 
 impl Worker {
-    pub fn new(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         let sampler = Sampler::new(Snapshot::take(&shared.tracker), Duration::ZERO);
         let cur = shared.link.borrow().clone();
         Worker {
-            backoff: shared.opts.backoff_initial,
             cur,
             shared,
-            stop,
-            idx: 0,
             sampler,
         }
+    }
+
+    /// Registers, heartbeats and fails over until `stop` turns true or its sender is dropped.
+    pub async fn run(mut self, stop: watch::Receiver<bool>) {
+        let o = &self.shared.opts;
+        let backoff = Backoff::new(o.backoff_initial, o.backoff_max);
+        Reconnector::new(o.endpoints.clone(), backoff, stop)
+            .run(&mut self)
+            .await;
     }
 
     fn publish(&self) {
@@ -123,86 +126,6 @@ impl Worker {
             *s = self.cur.clone();
             true
         });
-    }
-
-    /// Runs `fut` unless the link is stopped first (`None`).
-    async fn guarded<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        if *self.stop.borrow() {
-            return None;
-        }
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                r = &mut fut => return Some(r),
-                changed = self.stop.changed() => {
-                    // A closed channel (the handle is gone) stops too.
-                    if changed.is_err() || *self.stop.borrow() {
-                        return None;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Backs off (with jitter) and moves to the next endpoint when asked; `false`: stop.
-    async fn failed(&mut self, switch: bool, why: String) -> bool {
-        warn!(self.shared.log, "balancer link: {why}";
-              "endpoint" => self.cur.endpoint.clone().unwrap_or_default());
-        self.cur.connected = false;
-        self.cur.last_error = Some(why);
-        self.publish();
-        let b = self.backoff;
-        let o = &self.shared.opts;
-        self.backoff = (b * 2).min(o.backoff_max.max(o.backoff_initial));
-        if switch {
-            self.idx = (self.idx + 1) % o.endpoints.len();
-        }
-        self.guarded(tokio::time::sleep(jittered(b)))
-            .await
-            .is_some()
-    }
-
-    pub async fn run(mut self) {
-        if self.shared.opts.endpoints.is_empty() {
-            // Nothing to register with; behave the same otherwise.
-            self.guarded(std::future::pending::<()>()).await;
-            return;
-        }
-        loop {
-            let ep = self.shared.opts.endpoints[self.idx].clone();
-            if self.cur.endpoint.as_deref() != Some(ep.as_str()) {
-                self.cur.endpoint = Some(ep.clone());
-                self.publish();
-            }
-            let (tls, t) = (self.shared.opts.tls.clone(), self.shared.opts.call_timeout);
-            let connect = {
-                let ep = ep.clone();
-                async move { connect_bounded(&ep, &tls, t).await }
-            };
-            let channel = match self.guarded(connect).await {
-                None => return,
-                Some(Ok(ch)) => ch,
-                Some(Err(e)) => {
-                    if !self.failed(true, e).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            *lock(&self.shared.conn) = Some(Conn {
-                idx: self.idx,
-                channel: channel.clone(),
-            });
-            match self.session(channel).await {
-                Outcome::Stop => return,
-                Outcome::Fail { switch } => {
-                    let why = self.cur.last_error.clone().unwrap_or_default();
-                    if !self.failed(switch, why).await {
-                        return;
-                    }
-                }
-            }
-        }
     }
 
     fn register_request(&self) -> RegisterModuleRequest {
@@ -226,128 +149,6 @@ impl Worker {
             metadata: o.metadata.clone(),
             health_check: o.health_check,
             control_token: self.shared.control_token.clone(),
-        }
-    }
-
-    /// Registers when needed and heartbeats on one channel until something fails.
-    async fn session(&mut self, channel: Channel) -> Outcome {
-        let grpc = BalancerClient::new(channel);
-        let t = self.shared.opts.call_timeout;
-        let mut need_register = !self.cur.registered;
-        let mut next_beat = Instant::now();
-        loop {
-            if self.shared.reregister.swap(false, Ordering::SeqCst) {
-                need_register = true;
-            }
-            if need_register {
-                if self.shared.is_draining() {
-                    // The drain unregisters; registering again would undo it.
-                    self.cur.registered = false;
-                    self.publish();
-                    self.guarded(std::future::pending::<()>()).await;
-                    return Outcome::Stop;
-                }
-                let req = self.register_request();
-                let mut g = grpc.clone();
-                let call = async move { bounded(t, g.register_module(timed(req, t))).await };
-                match self.guarded(call).await {
-                    None => return Outcome::Stop,
-                    Some(Ok(r)) => {
-                        need_register = false;
-                        let id = if r.instance_id.is_empty() {
-                            self.register_request().instance_id
-                        } else {
-                            r.instance_id
-                        };
-                        info!(self.shared.log, "registered with the balancer";
-                              "instance" => &id, "replaced" => r.replaced,
-                              "interval_ms" => r.heartbeat_interval_ms,
-                              "endpoint" => self.cur.endpoint.clone().unwrap_or_default());
-                        self.cur.instance_id = Some(id);
-                        self.cur.registered = true;
-                        self.cur.connected = true;
-                        self.cur.registrations += 1;
-                        self.cur.max_missed_heartbeats = r.max_missed_heartbeats;
-                        self.cur.interval = granted(r.heartbeat_interval_ms, self.cur.interval);
-                        self.cur.last_error = None;
-                        self.backoff = self.shared.opts.backoff_initial;
-                        self.publish();
-                        // The first beat reports the interval since registering.
-                        self.sampler =
-                            Sampler::new(Snapshot::take(&self.shared.tracker), Duration::ZERO);
-                        next_beat = Instant::now() + self.cur.interval;
-                    }
-                    Some(Err(s)) => {
-                        self.cur.last_error =
-                            Some(format!("RegisterModule: {:?}: {}", s.code(), s.message()));
-                        // A refusal from a node that answered is no reason to leave it: back
-                        // off and try again (it may be transient, e.g. no quorum yet).
-                        return Outcome::Fail {
-                            switch: member_failed(&s),
-                        };
-                    }
-                }
-                continue;
-            }
-            if self
-                .guarded(tokio::time::sleep_until(next_beat))
-                .await
-                .is_none()
-            {
-                return Outcome::Stop;
-            }
-            if self.shared.reregister.load(Ordering::SeqCst) {
-                continue;
-            }
-            let req = HeartbeatRequest {
-                instance_id: self.cur.instance_id.clone().unwrap_or_default(),
-                stats: Some(self.shared.stats(&mut self.sampler)),
-                health: self.shared.health().0 as i32,
-            };
-            let sent = Instant::now();
-            let mut g = grpc.clone();
-            let call = async move { bounded(t, g.heartbeat(timed(req, t))).await };
-            match self.guarded(call).await {
-                None => return Outcome::Stop,
-                Some(Ok(r)) => {
-                    // Any answer may change the interval, and the next beat uses it.
-                    self.cur.interval = granted(r.heartbeat_interval_ms, self.cur.interval);
-                    self.cur.connected = true;
-                    self.backoff = self.shared.opts.backoff_initial;
-                    if r.re_register_required {
-                        info!(self.shared.log, "the balancer asks to register again");
-                        self.cur.registered = false;
-                        self.publish();
-                        need_register = true;
-                        continue;
-                    }
-                    self.cur.registered = true;
-                    self.cur.heartbeats += 1;
-                    self.cur.last_error = None;
-                    self.follow(&r);
-                    self.publish();
-                }
-                Some(Err(s)) if s.code() == Code::NotFound => {
-                    self.cur.registered = false;
-                    self.publish();
-                    need_register = true;
-                    continue;
-                }
-                Some(Err(s)) if member_failed(&s) => {
-                    self.cur.last_error =
-                        Some(format!("Heartbeat: {:?}: {}", s.code(), s.message()));
-                    return Outcome::Fail { switch: true };
-                }
-                // The node is up but refused this beat: a missed beat, not a reason to leave.
-                Some(Err(s)) => {
-                    warn!(self.shared.log, "heartbeat refused";
-                          "code" => format!("{:?}", s.code()), "message" => s.message());
-                    self.cur.last_error =
-                        Some(format!("Heartbeat: {:?}: {}", s.code(), s.message()));
-                    self.publish();
-                }
-            }
-            next_beat = (sent + self.cur.interval).max(Instant::now());
         }
     }
 
@@ -391,6 +192,162 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Registers when the link is not registered or the module asks for it (its registration's
+/// fields changed); a node that does not know the id says `re_register_required` (or NOT_FOUND).
+impl Session for Worker {
+    type Conn = Channel;
+    type Registered = Result<RegisterModuleResponse, Status>;
+    type Beaten = Result<HeartbeatResponse, Status>;
+
+    fn connect(
+        &self,
+        endpoint: &str,
+    ) -> impl Future<Output = Result<Channel, String>> + Send + 'static {
+        connect_owned(
+            endpoint,
+            &self.shared.opts.tls,
+            self.shared.opts.call_timeout,
+        )
+    }
+
+    fn on_endpoint(&mut self, endpoint: &str) {
+        if note_endpoint(&mut self.cur.endpoint, endpoint) {
+            self.publish();
+        }
+    }
+
+    fn on_connected(&mut self, idx: usize, channel: &Channel) {
+        Conn::store(&self.shared.conn, idx, channel);
+    }
+
+    fn needs_register(&mut self) -> bool {
+        // The flag is taken whether or not a registration is due anyway: one registration
+        // answers it.
+        let asked = self.shared.reregister.swap(false, Ordering::SeqCst);
+        !self.cur.registered || asked
+    }
+
+    fn register(
+        &mut self,
+        channel: &Channel,
+    ) -> impl Future<Output = Self::Registered> + Send + 'static {
+        // The drain unregisters; registering again would undo it, so wait for the stop instead.
+        let draining = self.shared.is_draining();
+        if draining {
+            self.cur.registered = false;
+            self.publish();
+        }
+        let req = self.register_request();
+        let t = self.shared.opts.call_timeout;
+        let mut g = BalancerClient::new(channel.clone());
+        async move {
+            if draining {
+                std::future::pending::<()>().await;
+            }
+            bounded(t, g.register_module(timed(req, t))).await
+        }
+    }
+
+    fn registered(&mut self, answer: Self::Registered) -> Result<(), Failure> {
+        let r = match answer {
+            Ok(r) => r,
+            Err(s) => {
+                let why = format!("RegisterModule: {:?}: {}", s.code(), s.message());
+                self.cur.last_error = Some(why.clone());
+                // A refusal from a node that answered is no reason to leave it: back off and
+                // try again (it may be transient, e.g. no quorum yet).
+                return Err(Failure {
+                    switch: member_failed(&s),
+                    why,
+                });
+            }
+        };
+        let id = if r.instance_id.is_empty() {
+            self.register_request().instance_id
+        } else {
+            r.instance_id
+        };
+        info!(self.shared.log, "registered with the balancer";
+              "instance" => &id, "replaced" => r.replaced,
+              "interval_ms" => r.heartbeat_interval_ms,
+              "endpoint" => self.cur.endpoint.clone().unwrap_or_default());
+        self.cur.instance_id = Some(id);
+        self.cur.registered = true;
+        self.cur.connected = true;
+        self.cur.registrations += 1;
+        self.cur.max_missed_heartbeats = r.max_missed_heartbeats;
+        self.cur.interval = granted(r.heartbeat_interval_ms, self.cur.interval);
+        self.cur.last_error = None;
+        self.publish();
+        // The first beat reports the interval since registering.
+        self.sampler = Sampler::new(Snapshot::take(&self.shared.tracker), Duration::ZERO);
+        Ok(())
+    }
+
+    fn beat(&mut self, channel: &Channel) -> impl Future<Output = Self::Beaten> + Send + 'static {
+        let req = HeartbeatRequest {
+            instance_id: self.cur.instance_id.clone().unwrap_or_default(),
+            stats: Some(self.shared.stats(&mut self.sampler)),
+            health: self.shared.health().0 as i32,
+        };
+        let t = self.shared.opts.call_timeout;
+        let mut g = BalancerClient::new(channel.clone());
+        async move { bounded(t, g.heartbeat(timed(req, t))).await }
+    }
+
+    fn beaten(&mut self, answer: Self::Beaten) -> Beat {
+        match answer {
+            Ok(r) => {
+                // Any answer may change the interval, and the next beat uses it.
+                self.cur.interval = granted(r.heartbeat_interval_ms, self.cur.interval);
+                self.cur.connected = true;
+                if r.re_register_required {
+                    info!(self.shared.log, "the balancer asks to register again");
+                    self.cur.registered = false;
+                    self.publish();
+                    return Beat::Register;
+                }
+                self.cur.registered = true;
+                self.cur.heartbeats += 1;
+                self.cur.last_error = None;
+                self.follow(&r);
+                self.publish();
+                Beat::Ok
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                self.cur.registered = false;
+                self.publish();
+                Beat::Register
+            }
+            Err(s) if member_failed(&s) => {
+                let why = format!("Heartbeat: {:?}: {}", s.code(), s.message());
+                self.cur.last_error = Some(why.clone());
+                Beat::Fail(Failure { switch: true, why })
+            }
+            // The node is up but refused this beat: a missed beat, not a reason to leave.
+            Err(s) => {
+                warn!(self.shared.log, "heartbeat refused";
+                      "code" => format!("{:?}", s.code()), "message" => s.message());
+                self.cur.last_error = Some(format!("Heartbeat: {:?}: {}", s.code(), s.message()));
+                self.publish();
+                Beat::Missed
+            }
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.cur.interval
+    }
+
+    fn on_failure(&mut self, why: String) {
+        warn!(self.shared.log, "balancer link: {why}";
+              "endpoint" => self.cur.endpoint.clone().unwrap_or_default());
+        self.cur.connected = false;
+        self.cur.last_error = Some(why);
+        self.publish();
     }
 }
 

@@ -33,10 +33,10 @@
 //! ```
 
 pub mod control;
-pub mod forward;
 pub mod limits;
 pub mod link;
 mod service;
+pub mod splice;
 mod state;
 pub mod stats;
 pub mod stub;
@@ -249,7 +249,7 @@ impl ModuleHandle {
             exit: watch::channel(false).0,
             drain: tokio::sync::Mutex::new(None),
         });
-        tokio::spawn(link::Worker::new(shared.clone(), stop_rx).run());
+        tokio::spawn(link::Worker::new(shared.clone()).run(stop_rx));
         ModuleHandle { shared }
     }
 

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::client::Channel;
 use lodge_actors::balancer::RoutingTable;
 use slog::Logger;
 use tokio::sync::watch;
@@ -18,6 +17,7 @@ use super::stats::{self, ProcessSample};
 use super::tracker::{ConnectionTracker, Counters};
 use super::{DrainReport, ModuleHooks, ModuleOptions};
 use crate::pb::balancer::{HealthStatus, ModuleStats};
+use crate::reconnect::Conn;
 
 /// Locks a std mutex, ignoring poisoning: every critical section here leaves the data whole.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -29,14 +29,6 @@ pub(crate) fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The channel the link uses now and the endpoint (index) it goes to; forwarded calls start
-/// there.
-#[derive(Clone)]
-pub(crate) struct Conn {
-    pub idx: usize,
-    pub channel: Channel,
 }
 
 /// A metric the module recorded: name and labels.

@@ -1,5 +1,4 @@
-//! The SDK against a stub balancer, with real TCP connections through a forwarder to an echo
-//! backend.
+//! The SDK against a stub balancer, with real TCP connections spliced to an echo backend.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -88,7 +87,7 @@ async fn module_with(
             if let Ok(g) = m.admit() {
                 let b = backend.clone();
                 tokio::spawn(async move {
-                    let _ = forward::forward(g, c, &b, Duration::from_secs(5)).await;
+                    let _ = splice::splice(g, c, &b, Duration::from_secs(5)).await;
                 });
             }
         }

@@ -119,21 +119,23 @@ struct Inner {
     totals: Mutex<HashMap<&'static str, KindTotals>>,
 }
 
-/// Shared handle to the node's actor directory.
+/// Shared handle to the node's actor table: every live actor's cell by path, the supervisors
+/// by path, lifecycle events and totals per kind. (Not the client registry,
+/// [`crate::registry`], which holds the registrations of applications.)
 #[derive(Clone)]
-pub struct Registry {
+pub struct ActorTable {
     inner: Arc<Inner>,
 }
 
-impl std::fmt::Debug for Registry {
+impl std::fmt::Debug for ActorTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
+        f.debug_struct("ActorTable")
             .field("actors", &self.len())
             .finish()
     }
 }
 
-impl Default for Registry {
+impl Default for ActorTable {
     fn default() -> Self {
         Self::new()
     }
@@ -142,8 +144,8 @@ impl Default for Registry {
 /// Events kept for slow watchers before they are told they lagged.
 const EVENT_BUFFER: usize = 4096;
 
-impl Registry {
-    /// An empty registry.
+impl ActorTable {
+    /// An empty table.
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -368,8 +370,8 @@ mod tests {
         Arc::new(ActorCell::new(path.into(), kind, parent.map(Into::into)))
     }
 
-    fn sample() -> Registry {
-        let r = Registry::new();
+    fn sample() -> ActorTable {
+        let r = ActorTable::new();
         r.register(cell("/node", "supervisor", None)).unwrap();
         r.register(cell("/node/admin", "admin", Some("/node")))
             .unwrap();

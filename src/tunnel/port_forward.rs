@@ -25,7 +25,7 @@ use super::{Link, TunnelConn};
 
 /// Arguments of `lodge port-forward`.
 #[derive(clap::Args, Debug)]
-pub struct ForwardArgs {
+pub struct PortForwardArgs {
     /// Workflow whose agent bridges the connections.
     #[arg(long)]
     pub workflow_id: String,
@@ -40,7 +40,7 @@ pub struct ForwardArgs {
 }
 
 /// Runs `lodge port-forward` until interrupted.
-pub async fn run(conn: TunnelConn, args: ForwardArgs) -> i32 {
+pub async fn run(conn: TunnelConn, args: PortForwardArgs) -> i32 {
     let (local, remote) = match parse_ports(&args.ports) {
         Ok(p) => p,
         Err(e) => return fail(2, &e),

@@ -1,6 +1,7 @@
-//! The plain TCP data path: a connection forwarded to one backend, both ways, with half-close,
-//! counted by the module's tracker. `lodge module` serves every connection with it; a module that
-//! looks into the bytes (HTTP, a database protocol) writes its own and uses the same guard.
+//! The plain TCP data path: a taken connection spliced to one backend (bytes copied both ways,
+//! with half-close), counted by the module's tracker. `lodge module` serves every connection
+//! with it; a module that looks into the bytes (HTTP, a database protocol) writes its own and
+//! uses the same guard.
 
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ pub enum Ended {
 /// so request/response protocols that half-close work. The time to connect is the guard's
 /// latency sample; a failure to connect or a broken relay counts as an error. The client
 /// connection is closed when this returns (dropped).
-pub async fn forward(
+pub async fn splice(
     mut guard: ConnectionGuard,
     client: TcpStream,
     backend: &str,

@@ -53,7 +53,7 @@
 //! # Example
 //!
 //! ```
-//! use lodge_actors::history::{check, Budget, History, Op, Outcome, Verdict};
+//! use lodge_test_support::history::{check, Budget, History, Op, Outcome, Verdict};
 //!
 //! let mut history = History::new();
 //! let put = |key: &str, value: &str| Op::Put {
