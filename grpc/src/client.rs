@@ -44,6 +44,18 @@ fn read(what: &str, p: &PathBuf) -> Result<Vec<u8>, String> {
 pub struct Channel {
     inner: tonic::transport::Channel,
     bearer: Option<http::HeaderValue>,
+    stamp: Option<Stamp>,
+}
+
+/// Headers a channel sets on every call besides the token, worked out at each call (a peer
+/// channel's cluster id, which a joining node learns after it connected).
+#[derive(Clone)]
+pub struct Stamp(std::sync::Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
+
+impl std::fmt::Debug for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stamp")
+    }
 }
 
 impl Channel {
@@ -52,6 +64,15 @@ impl Channel {
         Self {
             inner,
             bearer: None,
+            stamp: None,
+        }
+    }
+
+    /// The same channel, `stamp` setting headers on each of its calls.
+    pub fn stamped(self, stamp: impl Fn(&mut http::HeaderMap) + Send + Sync + 'static) -> Self {
+        Self {
+            stamp: Some(Stamp(std::sync::Arc::new(stamp))),
+            ..self
         }
     }
 }
@@ -72,6 +93,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for Channel {
                 .entry(http::header::AUTHORIZATION)
                 .or_insert_with(|| b.clone());
         }
+        if let Some(Stamp(stamp)) = &self.stamp {
+            stamp(req.headers_mut());
+        }
         tower::Service::call(&mut self.inner, req)
     }
 }
@@ -89,7 +113,11 @@ fn bearer_header(token: &str) -> Result<http::HeaderValue, String> {
 pub async fn connect(endpoint: &str, tls: &ClientTls) -> Result<Channel, String> {
     let bearer = tls.bearer.as_deref().map(bearer_header).transpose()?;
     let inner = connect_transport(endpoint, tls).await?;
-    Ok(Channel { inner, bearer })
+    Ok(Channel {
+        inner,
+        bearer,
+        stamp: None,
+    })
 }
 
 async fn connect_transport(

@@ -103,40 +103,22 @@ impl PeerLink {
 
     /// A channel to the peer address `addr`; its calls carry this cluster's id.
     pub async fn connect(&self, addr: &str) -> Result<PeerChannel, String> {
-        let inner = client::connect(addr, &self.tls).await?;
-        Ok(PeerChannel {
-            inner,
-            cluster: self.cluster.clone(),
-        })
+        let cluster = self.cluster.clone();
+        Ok(client::connect(addr, &self.tls)
+            .await?
+            .stamped(move |headers| {
+                if let Some(id) = cluster.get() {
+                    headers.insert(
+                        CLUSTER_ID,
+                        http::HeaderValue::from_str(&format_id(id)).expect("hex digits"),
+                    );
+                }
+            }))
     }
 }
 
-/// A channel to a member's peer port that stamps every call with this cluster's id.
-#[derive(Clone, Debug)]
-pub struct PeerChannel {
-    inner: Channel,
-    cluster: ClusterId,
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for PeerChannel {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = tonic::transport::Error;
-    type Future = tonic::transport::channel::ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::poll_ready(&mut self.inner, cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
-        if let Some(id) = self.cluster.get() {
-            req.headers_mut().insert(
-                CLUSTER_ID,
-                http::HeaderValue::from_str(&format_id(id)).expect("hex digits"),
-            );
-        }
-        self.inner.call(req)
-    }
-}
+/// A channel to a member's peer port: every call is stamped with this cluster's id.
+pub type PeerChannel = Channel;
 
 /// The member a certificate's names claim: a DNS name (SAN) or common name `member-<ID>`.
 pub fn member_in_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<u64> {

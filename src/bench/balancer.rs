@@ -287,14 +287,7 @@ async fn calls(channels: &[Channel], rpc: Rpc, total: u64, concurrency: usize) -
 }
 
 pub fn run(o: &Options) -> Outcome {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let result = measure(o, &rt);
-    rt.shutdown_background();
-    result
+    super::on_io_runtime(|rt| measure(o, rt))
 }
 
 fn measure(o: &Options, rt: &tokio::runtime::Runtime) -> Outcome {

@@ -405,14 +405,7 @@ async fn lodge_leader(nodes: &[Proc]) -> Outcome<usize> {
 }
 
 pub fn run(o: &Options) -> Outcome {
-    let io = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let result = measure(&io, o);
-    io.shutdown_background();
-    result
+    super::on_io_runtime(|io| measure(io, o))
 }
 
 fn measure(io: &tokio::runtime::Runtime, o: &Options) -> Outcome {

@@ -311,6 +311,19 @@ impl Bench {
 /// Why a bench stopped early, in one line for people.
 pub(crate) type Outcome<T = ()> = Result<T, String>;
 
+/// Runs `measure` on a 2-thread I/O runtime of its own (the clients a bench drives), then drops
+/// the runtime without waiting for tasks the bench left behind.
+pub(crate) fn on_io_runtime(measure: impl FnOnce(&tokio::runtime::Runtime) -> Outcome) -> Outcome {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let result = measure(&io);
+    io.shutdown_background();
+    result
+}
+
 /// Failed requests of a load: how many, and the first one's error (the rest are usually alike).
 #[derive(Default, Debug)]
 pub(crate) struct Failures {

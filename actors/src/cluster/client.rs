@@ -235,6 +235,29 @@ impl Client {
         }
     }
 
+    /// Asks this member (`here`); when only the group's leader can answer and `route` allows,
+    /// asks the leader once (`leader`), with what is left of `budget`.
+    async fn here_then_leader<T>(
+        &self,
+        route: Route,
+        budget: Duration,
+        here: impl Future<Output = Result<Result<T, RaftError>, SendError>>,
+        leader: impl FnOnce(u64, Duration) -> LinkFuture<T>,
+    ) -> Result<Answer<T>, ClientError> {
+        let started = Instant::now();
+        let answered = here.await.map_err(|error| ClientError::Member {
+            error,
+            member: self.inner.member_id,
+        })?;
+        match answered {
+            Ok(value) => Ok(self.answer(value)),
+            Err(e) => match self.leader_for(&e, route) {
+                Some(l) => leader(l, budget.saturating_sub(started.elapsed())).await,
+                None => Err(self.raft_error(e)),
+            },
+        }
+    }
+
     /// Writes `cmd` through `group`'s log; answered once it is applied on the member that
     /// answers. A command the store refused as a whole comes back in `ApplyResult::error`.
     pub async fn propose(
@@ -244,25 +267,14 @@ impl Client {
         budget: Duration,
         route: Route,
     ) -> Result<Answer<ApplyResult>, ClientError> {
-        let started = Instant::now();
-        let local = self
+        let here = self
             .member(group)?
-            .send_timeout(Propose(cmd.clone()), budget)
-            .await
-            .map_err(|error| ClientError::Member {
-                error,
-                member: self.inner.member_id,
-            })?;
-        match local {
-            Ok(applied) => Ok(self.answer(applied)),
-            Err(e) => match self.leader_for(&e, route) {
-                Some(leader) => {
-                    let left = budget.saturating_sub(started.elapsed());
-                    self.inner.link.propose(leader, group, cmd, left).await
-                }
-                None => Err(self.raft_error(e)),
-            },
-        }
+            .send_timeout(Propose(cmd.clone()), budget);
+        let link = &self.inner.link;
+        self.here_then_leader(route, budget, here, |leader, left| {
+            link.propose(leader, group, cmd, left)
+        })
+        .await
     }
 
     /// Reads `query` from `group`: linearizably (the leader confirms it still leads) or from
@@ -275,31 +287,16 @@ impl Client {
         budget: Duration,
         route: Route,
     ) -> Result<Answer<ReadAnswer>, ClientError> {
-        let started = Instant::now();
-        let local = self
-            .member(group)?
-            .send_timeout(
-                Read {
-                    query: query.clone(),
-                    linearizable,
-                },
-                budget,
-            )
-            .await
-            .map_err(|error| ClientError::Member {
-                error,
-                member: self.inner.member_id,
-            })?;
-        match local {
-            Ok(a) => Ok(self.answer(a)),
-            Err(e) => match self.leader_for(&e, route) {
-                Some(leader) => {
-                    let left = budget.saturating_sub(started.elapsed());
-                    self.inner.link.read(leader, group, query, left).await
-                }
-                None => Err(self.raft_error(e)),
-            },
-        }
+        let read = Read {
+            query: query.clone(),
+            linearizable,
+        };
+        let here = self.member(group)?.send_timeout(read, budget);
+        let link = &self.inner.link;
+        self.here_then_leader(route, budget, here, |leader, left| {
+            link.read(leader, group, query, left)
+        })
+        .await
     }
 
     /// Every key under `prefix`, page by page, and the first page's revision: a watch from the

@@ -313,22 +313,7 @@ impl Store for MemoryStore {
             success,
             failure,
         });
-        if let Some(e) = res.error {
-            return Self::ready(Err(StoreError::Unavailable(e.to_string())));
-        }
-        let gets = res
-            .ops
-            .into_iter()
-            .filter_map(|o| match o {
-                OpResult::Get(kv) => Some(kv),
-                _ => None,
-            })
-            .collect();
-        Self::ready(Ok(TxnOutcome {
-            succeeded: res.succeeded,
-            revision: res.revision,
-            gets,
-        }))
+        Self::ready(txn_outcome(res))
     }
 
     fn grant(&self, ttl_secs: i64) -> StoreFuture<i64> {
