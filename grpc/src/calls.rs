@@ -9,7 +9,7 @@
 //! drain; they are cut when the counted calls are done (their clients reconnect to another
 //! member, as they would after a crash).
 
-use std::pin::Pin;
+use crate::watched_body::{Watch, Watched};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -152,10 +152,9 @@ where
                 calls.max
             ));
             return Box::pin(async move {
-                Ok(status.into_http::<ResBody>().map(|inner| CountedBody {
-                    inner,
-                    _guards: Guards::default(),
-                }))
+                Ok(status
+                    .into_http::<ResBody>()
+                    .map(|inner| Watched::new(inner, Guards::default())))
             });
         }
         let guards = Guards {
@@ -166,10 +165,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            Ok(resp.map(|inner| CountedBody {
-                inner,
-                _guards: guards,
-            }))
+            Ok(resp.map(|inner| Watched::new(inner, guards)))
         })
     }
 }
@@ -177,7 +173,7 @@ where
 /// A call's places in the counts, given back when its response body is dropped (the call is
 /// over, or its client left). Held only for their `Drop`.
 #[derive(Default)]
-struct Guards {
+pub struct Guards {
     _node: Option<NodeGuard>,
     _connection: Option<ConnectionGuard>,
     _drain: Option<Guard>,
@@ -200,29 +196,10 @@ impl Drop for ConnectionGuard {
 }
 
 /// A response body holding its call's places in the counts until it is dropped.
-pub struct CountedBody<B> {
-    inner: B,
-    _guards: Guards,
-}
+pub type CountedBody<B> = Watched<B, Guards>;
 
-impl<B: Body + Unpin> Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+impl Watch for Guards {
+    fn frame<D>(&mut self, _: &mut Frame<D>) {}
 }
 
 #[cfg(test)]

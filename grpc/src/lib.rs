@@ -32,6 +32,7 @@ pub mod server;
 pub mod status_limit;
 pub mod tls;
 pub mod translation;
+pub mod watched_body;
 
 /// The future of the server's tower layers (metrics, call counts, status rewrites): boxed, since
 /// each wraps whatever the routes answer.

@@ -3,8 +3,8 @@
 //! A gRPC call's status travels in the trailers (or, for an early error, in the response headers),
 //! so the layer wraps the response body and records the call when the trailers go by.
 
+use crate::watched_body::{Watch, Watched};
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -243,10 +243,7 @@ where
             };
             Ok(http::Response::from_parts(
                 parts,
-                MetricsBody {
-                    inner: body,
-                    recorder,
-                },
+                Watched::new(body, RecordOnTrailers(recorder)),
             ))
         })
     }
@@ -262,7 +259,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
 
 /// Records its call exactly once: with the status seen, or as CANCELLED if it is dropped first
 /// (the client went away, or the call was cut before answering).
-struct Recorder {
+pub struct Recorder {
     metrics: Arc<ServerMetrics>,
     method: Arc<MethodMetrics>,
     started: Instant,
@@ -283,36 +280,18 @@ impl Drop for Recorder {
 }
 
 /// A response body that records its call when the status trailers pass.
-pub struct MetricsBody<B> {
-    inner: B,
-    recorder: Option<Recorder>,
-}
+pub type MetricsBody<B> = Watched<B, RecordOnTrailers>;
 
-impl<B: Body + Unpin> Body for MetricsBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// Records the call with the status its trailers carry (none left: recorded already).
+pub struct RecordOnTrailers(Option<Recorder>);
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(code) = frame.trailers_ref().and_then(status_of) {
-                if let Some(r) = self.recorder.take() {
-                    r.finish(code);
-                }
+impl Watch for RecordOnTrailers {
+    fn frame<D>(&mut self, frame: &mut Frame<D>) {
+        if let Some(code) = frame.trailers_ref().and_then(status_of) {
+            if let Some(r) = self.0.take() {
+                r.finish(code);
             }
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -11,7 +11,7 @@
 //! on a character boundary, and encoded again the same way, so that the client decodes valid
 //! UTF-8 (cutting the encoded form could split a character and turn the status into UNKNOWN).
 
-use std::pin::Pin;
+use crate::watched_body::{Watch, Watched};
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue};
@@ -62,40 +62,23 @@ where
             cap(&mut parts.headers);
             Ok(http::Response::from_parts(
                 parts,
-                LimitedBody { inner: body },
+                Watched::new(body, CapTrailers),
             ))
         })
     }
 }
 
 /// A response body whose trailers get their status message capped.
-pub struct LimitedBody<B> {
-    inner: B,
-}
+pub type LimitedBody<B> = Watched<B, CapTrailers>;
 
-impl<B: Body + Unpin> Body for LimitedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// Caps the status message in the trailers that pass.
+pub struct CapTrailers;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &mut polled {
-            if let Some(trailers) = frame.trailers_mut() {
-                cap(trailers);
-            }
+impl Watch for CapTrailers {
+    fn frame<D>(&mut self, frame: &mut Frame<D>) {
+        if let Some(trailers) = frame.trailers_mut() {
+            cap(trailers);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -4,7 +4,7 @@
 //! and hands the [`Caller`] to the handler in the request's extensions. Mutating calls are
 //! written to the audit log with their outcome.
 
-use std::pin::Pin;
+use crate::watched_body::{Watch, Watched};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -136,7 +136,9 @@ where
         let rule = rule_of(req.uri().path());
         if rule.is_some_and(|r| r.access == Access::Public) {
             let fut = self.inner.call(req);
-            return Box::pin(async move { Ok(fut.await?.map(AuditedBody::plain)) });
+            return Box::pin(async move {
+                Ok(fut.await?.map(|b| Watched::new(b, AuditOutcome::default())))
+            });
         }
         let identified = match self.port {
             Port::Peer => Ok(Caller::peer(
@@ -171,7 +173,9 @@ where
                     pending.finish(AuditRecord::refused(&status));
                 }
                 return Box::pin(async move {
-                    Ok(status.into_http::<ResBody>().map(AuditedBody::plain))
+                    Ok(status
+                        .into_http::<ResBody>()
+                        .map(|b| Watched::new(b, AuditOutcome::default())))
                 });
             }
         };
@@ -183,69 +187,38 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             let early = tonic::Status::from_header_map(resp.headers());
-            Ok(resp.map(|inner| AuditedBody {
-                inner,
+            let outcome = AuditOutcome {
                 pending: audited,
                 early: early.map(|s| s.code()),
-            }))
+            };
+            Ok(resp.map(|inner| Watched::new(inner, outcome)))
         })
     }
 }
 
 /// A response body that records its call's outcome in the audit log when the call ends.
-pub struct AuditedBody<B> {
-    inner: B,
+pub type AuditedBody<B> = Watched<B, AuditOutcome>;
+
+/// Writes the call's audit record with the status its trailers carry, or when dropped first.
+#[derive(Default)]
+pub struct AuditOutcome {
     pending: Option<Pending>,
     /// The status of a trailers-only answer (an error), already in the headers.
     early: Option<tonic::Code>,
 }
 
-impl<B> AuditedBody<B> {
-    fn plain(inner: B) -> Self {
-        Self {
-            inner,
-            pending: None,
-            early: None,
-        }
-    }
-}
-
-impl<B: Default> Default for AuditedBody<B> {
-    fn default() -> Self {
-        Self::plain(B::default())
-    }
-}
-
-impl<B: Body + Unpin> Body for AuditedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(trailers) = frame.trailers_ref() {
-                let code = tonic::Status::from_header_map(trailers).map(|s| s.code());
-                if let Some(p) = self.pending.take() {
-                    p.finish(AuditRecord::ended(code.unwrap_or(tonic::Code::Ok)));
-                }
+impl Watch for AuditOutcome {
+    fn frame<D>(&mut self, frame: &mut Frame<D>) {
+        if let Some(trailers) = frame.trailers_ref() {
+            let code = tonic::Status::from_header_map(trailers).map(|s| s.code());
+            if let Some(p) = self.pending.take() {
+                p.finish(AuditRecord::ended(code.unwrap_or(tonic::Code::Ok)));
             }
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
-impl<B> Drop for AuditedBody<B> {
+impl Drop for AuditOutcome {
     fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
             // No trailers came: a trailers-only answer, or the client left first.
