@@ -128,26 +128,25 @@ impl Client {
             .map(|a| a.value)
             .map_err(store_error)
     }
+
+    fn list_kv(&self, prefix: Vec<u8>, linearizable: bool) -> StoreFuture<Listing> {
+        let c = self.clone();
+        Box::pin(async move {
+            c.list(KV_GROUP, prefix, linearizable, c.timeout())
+                .await
+                .map_err(store_error)
+        })
+    }
 }
 
 /// The KV group through the store client, each call within the client's timeout.
 impl Store for Client {
     fn range(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
-        let c = self.clone();
-        Box::pin(async move {
-            c.list(KV_GROUP, prefix, true, c.timeout())
-                .await
-                .map_err(store_error)
-        })
+        self.list_kv(prefix, true)
     }
 
     fn range_local(&self, prefix: Vec<u8>) -> StoreFuture<Listing> {
-        let c = self.clone();
-        Box::pin(async move {
-            c.list(KV_GROUP, prefix, false, c.timeout())
-                .await
-                .map_err(store_error)
-        })
+        self.list_kv(prefix, false)
     }
 
     fn txn(
