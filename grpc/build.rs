@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "lodge/raft/v1/raft.proto",
         "lodge/registry/v1/registry.proto",
         "lodge/router/v1/router.proto",
+        "lodge/workflow/v1/workflow.proto",
     ];
     tonic_prost_build::configure()
         // Tunnel payload stays a view of the receive buffer from decode to the next encode.

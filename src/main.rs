@@ -20,6 +20,7 @@ mod token;
 mod translate;
 mod tunnel;
 mod utc;
+mod workflow;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,13 @@ enum Command {
         conn: ctl::Connection,
         #[command(subcommand)]
         cmd: kv::Kv,
+    },
+    /// Replicated workflows (lodge.workflow.v1): run a runbook, start, inspect, cancel, signal.
+    Workflow {
+        #[command(flatten)]
+        conn: ctl::Connection,
+        #[command(subcommand)]
+        cmd: workflow::Workflow,
     },
     /// Cluster membership and topology.
     Cluster {
@@ -210,6 +218,7 @@ impl Command {
             Command::Client { cmd, .. } => !matches!(cmd, client::Client::Run { .. }),
             Command::Ctl { .. }
             | Command::Kv { .. }
+            | Command::Workflow { .. }
             | Command::Cluster { .. }
             | Command::Lb { .. }
             | Command::Translate { .. }
@@ -287,6 +296,7 @@ fn main() {
         Command::Ctl { conn, cmd } => client_runtime().block_on(ctl::run(conn, cmd)),
         Command::Kv { conn, cmd } => client_runtime().block_on(kv::run(conn, cmd)),
         Command::Cluster { conn, cmd } => client_runtime().block_on(cluster::run(conn, cmd)),
+        Command::Workflow { conn, cmd } => client_runtime().block_on(workflow::run(conn, cmd)),
         Command::Client { conn, cmd } => client_runtime().block_on(client::run(conn, cmd)),
         Command::Lb { conn, cmd } => client_runtime().block_on(lb::run(conn, cmd)),
         Command::Translate { conn, args } => client_runtime().block_on(translate::run(conn, args)),

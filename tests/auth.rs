@@ -448,3 +448,49 @@ fn with_auth_on_followers_forward_over_the_peer_port_and_a_leader_kill_loses_no_
     let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(doc["count"], 21, "{doc}");
 }
+
+#[test]
+fn a_runbook_runs_shell_commands_so_only_an_admin_starts_one() {
+    let node = Node::start_env(&[], &auth_env());
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("book.json");
+    std::fs::write(
+        &book,
+        r#"{"name": "n", "steps": [{"name": "s", "run": "true", "idempotent": true}]}"#,
+    )
+    .unwrap();
+    let book = book.display().to_string();
+    let writer = token(&[Role::WorkflowWrite], None);
+    let refused = lodge(
+        &node,
+        Some(&writer),
+        &["workflow", "run", &book, "--id", "r1"],
+    );
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("PermissionDenied") && err.contains("admin"),
+        "{err}"
+    );
+    let admin = token(&[Role::Admin], None);
+    let ran = lodge(
+        &node,
+        Some(&admin),
+        &["workflow", "run", &book, "--id", "r1"],
+    );
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    // A reader sees it; an anonymous caller does not.
+    let reader = token(&[Role::WorkflowRead], None);
+    let got = lodge(&node, Some(&reader), &["workflow", "get", "r1", "--json"]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let anonymous = lodge(&node, None, &["workflow", "get", "r1"]);
+    assert!(!anonymous.status.success());
+}

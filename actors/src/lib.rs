@@ -28,6 +28,7 @@ pub mod router;
 pub mod runtime;
 pub mod supervision;
 pub mod translate;
+pub mod workflow;
 
 pub use actix;
 pub use envelope::{ActorRef, Envelope, SendError};

@@ -33,6 +33,7 @@ pub mod status_limit;
 pub mod tls;
 pub mod translation;
 pub mod watched_body;
+pub mod workflow;
 
 /// The future of the server's tower layers (metrics, call counts, status rewrites): boxed, since
 /// each wraps whatever the routes answer.
@@ -74,6 +75,11 @@ pub mod pb {
     /// `lodge.router.v1`.
     pub mod router {
         tonic::include_proto!("lodge.router.v1");
+    }
+
+    /// `lodge.workflow.v1`.
+    pub mod workflow {
+        tonic::include_proto!("lodge.workflow.v1");
     }
 
     /// etcd v3's KV (client side only), for comparing against etcd in `lodge bench kv`.

@@ -20,6 +20,7 @@ pub const NODE_SERVICES: &[&str] = &[
     "lodge.registry.v1.Translation",
     "lodge.router.v1.RouterControl",
     "lodge.router.v1.Tunnel",
+    "lodge.workflow.v1.Workflow",
 ];
 
 /// The services a node answers on its peer port: the raft transport, and the node's own services

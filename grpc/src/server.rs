@@ -85,6 +85,8 @@ pub struct Backends {
     pub router: RouterBackend,
     /// The balancer.
     pub balancer: crate::balancer::service::BalancerBackend,
+    /// The workflows.
+    pub workflows: lodge_actors::workflow::WorkflowHandle,
 }
 
 /// What the router's services talk to.
@@ -227,6 +229,11 @@ pub async fn node_services(
     )
     .max_decoding_message_size(s.max_message_bytes)
     .max_encoding_message_size(s.max_message_bytes);
+    let workflow = pb::workflow::workflow_server::WorkflowServer::new(
+        crate::workflow::WorkflowService::new(b.workflows, s.request_timeout, shutdown.clone()),
+    )
+    .max_decoding_message_size(s.max_message_bytes)
+    .max_encoding_message_size(s.max_message_bytes);
     // Raft batches are bounded by the transport; snapshots arrive in chunks.
     let raft = pb::raft::raft_server::RaftServer::new(crate::raft::RaftService::new(
         b.raft,
@@ -269,6 +276,7 @@ pub async fn node_services(
     route!(both: tunnel);
     route!(both: router_control);
     route!(both: balancer);
+    route!(client: workflow);
     route!(peer: raft);
     // Health, reflection and the metrics go by the lists: a service routed but not listed (or
     // listed but not routed) would be misreported by all three.

@@ -145,10 +145,15 @@ impl Node {
                 }
             }
         };
-        // 1. Health goes NOT_SERVING, 2. the server refuses new calls and drains, 3. actors stop.
+        // 1. Health goes NOT_SERVING, 2. the workflows this member owns move to others (while
+        // raft, whose messages come over the peer port, still runs), 3. the server refuses new
+        // calls and drains, 4. actors stop.
         let _ = io
             .spawn(async move { server::set_not_serving(&health).await })
             .await;
+        if refused.is_none() && !tree_done {
+            hand_off_workflows(&areas, settings.drain_timeout, &log).await;
+        }
         let _ = shutdown_tx.send(true);
         let _ = stop_tx.send(());
         let _ = peer_stop_tx.send(());
@@ -198,6 +203,25 @@ impl Node {
 
 /// The first SIGTERM or SIGINT, by name. A second one means "now": the process exits without
 /// finishing the drain.
+/// Moves the workflows this member owns to other members, letting the steps under way end
+/// within half of `drain`: a graceful stop hands its runs over at once instead of leaving them
+/// to wait out the failure timeout.
+async fn hand_off_workflows(areas: &Areas, drain: std::time::Duration, log: &Logger) {
+    let wait = drain / 2;
+    let sent = areas
+        .workflows
+        .table
+        .send_timeout(lodge_actors::workflow::HandOff { wait }, drain)
+        .await;
+    match sent {
+        Ok(0) => {}
+        Ok(moved) => info!(log, "workflows handed off"; "moved" => moved),
+        Err(e) => {
+            warn!(log, "workflows not handed off; they move after the failure timeout"; "error" => ?e)
+        }
+    }
+}
+
 fn signals(io: &tokio::runtime::Handle) -> tokio::sync::oneshot::Receiver<&'static str> {
     let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<&'static str>();
     io.spawn(async move {

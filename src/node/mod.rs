@@ -107,6 +107,7 @@ fn start(cfg: NodeConfig, force_new_cluster: bool, log: slog::Logger) -> Result<
         let balancer_metrics = Arc::new(BalancerMetrics::default());
         let data = std::mem::take(&mut listeners.data);
         let balancer = tree::balancer(&cfg, &cluster, data, balancer_metrics.clone(), &io, &log);
+        let workflows = tree::workflows(&cfg, &cluster, &log);
         let areas = serve::Areas {
             admin,
             cluster,
@@ -114,6 +115,7 @@ fn start(cfg: NodeConfig, force_new_cluster: bool, log: slog::Logger) -> Result<
             translation,
             router,
             balancer,
+            workflows,
         };
         let root = tree::root_spec(
             areas.admin.clone(),
@@ -122,6 +124,7 @@ fn start(cfg: NodeConfig, force_new_cluster: bool, log: slog::Logger) -> Result<
             areas.translation.clone(),
             areas.router.clone(),
             areas.balancer.clone(),
+            areas.workflows.clone(),
         );
         let peer_settings = ServerSettings {
             tls: tls.peer.clone(),

@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 use super::cluster::ClusterPlan;
 use super::lifecycle::Node;
 use super::listen::Listeners;
-use super::tree::{AdminArea, ClusterArea, RegistryArea, RouterArea, TranslationArea};
+use super::tree::{
+    AdminArea, ClusterArea, RegistryArea, RouterArea, TranslationArea, WorkflowArea,
+};
 use crate::config::NodeConfig;
 use crate::metrics::{ActorCollector, ClusterCollector, ProcessCollector};
 
@@ -61,6 +63,7 @@ pub struct Areas {
     pub translation: Arc<TranslationArea>,
     pub router: Arc<RouterArea>,
     pub balancer: Arc<BalancerParts>,
+    pub workflows: Arc<WorkflowArea>,
 }
 
 /// What the services reach the tree by.
@@ -106,6 +109,7 @@ pub fn backends(
                 .expect("validated at load")
                 .map(Arc::new),
         },
+        workflows: areas.workflows.handle(),
     }
 }
 
@@ -128,6 +132,7 @@ pub fn metrics_registry(
     areas.registry.metrics.register(&mut prom);
     areas.router.metrics.register(&mut prom);
     balancer_metrics.register(&mut prom);
+    areas.workflows.metrics.register(&mut prom);
     tls_reloads.register(&mut prom);
     (Arc::new(prom), server_metrics)
 }

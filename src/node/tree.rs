@@ -16,11 +16,14 @@
 //! ├── /node/router             one_for_all
 //! │   ├── /node/router/sessions      one_for_one; /node/router/sessions/<key>, one per session
 //! │   └── /node/router/hub           session table, owner records, agents' listen streams
-//! └── /node/balancer           one_for_all
-//!     ├── /node/balancer/modules     one_for_one; /node/balancer/modules/<instance_id>
-//!     ├── /node/balancer/state       loads and watches the balancer's keys; publishes the view
-//!     ├── /node/balancer/scaler      the autoscaler (acts on the leader)
-//!     └── /node/balancer/listeners   one_for_one; /node/balancer/listeners/<n>, the data plane
+//! ├── /node/balancer           one_for_all
+//! │   ├── /node/balancer/modules     one_for_one; /node/balancer/modules/<instance_id>
+//! │   ├── /node/balancer/state       loads and watches the balancer's keys; publishes the view
+//! │   ├── /node/balancer/scaler      the autoscaler (acts on the leader)
+//! │   └── /node/balancer/listeners   one_for_one; /node/balancer/listeners/<n>, the data plane
+//! ├── /node/workflows          one_for_one; /node/workflows/<id>, one per run this member owns
+//! └── /node/workflow-table     watches the runs, starts and stops the owned ones' actors,
+//!                              places starts, moves failed members' runs (on the leader)
 //! ```
 
 use std::sync::{Arc, OnceLock};
@@ -46,6 +49,11 @@ use lodge_actors::router::hub::SessionTable;
 use lodge_actors::router::owner_store::StoredOwners;
 use lodge_actors::router::{OwnerStore, RouterHub, RouterMetrics, RouterSettings};
 use lodge_actors::translate::gateway::{GatewaySettings, TranslationGateway};
+use lodge_actors::workflow::records::Records;
+use lodge_actors::workflow::run::RetrySettings;
+use lodge_actors::workflow::{
+    runbook, TableSettings, Types, WorkflowHandle, WorkflowMetrics, WorkflowTable,
+};
 use lodge_actors::{ActorRef, ChildSpec, Placement, Strategy, SupervisorSpec};
 use lodge_grpc::balancer::probe::GrpcModuleProbe;
 use lodge_grpc::cluster::GrpcHeartbeats;
@@ -114,6 +122,28 @@ pub struct RouterArea {
     pub metrics: RouterMetrics,
     owners: Arc<dyn OwnerStore>,
     log: Logger,
+}
+
+/// `/node/workflows` and `/node/workflow-table`.
+pub struct WorkflowArea {
+    pub table: ActorRef<WorkflowTable>,
+    pub metrics: WorkflowMetrics,
+    settings: TableSettings,
+    store: Client,
+    types: Arc<Types>,
+    membership: ActorRef<Membership>,
+    directory: Directory,
+    log: Logger,
+}
+
+impl WorkflowArea {
+    /// What the workflow service calls.
+    pub fn handle(&self) -> WorkflowHandle {
+        WorkflowHandle::new(
+            self.table.clone(),
+            Records::new(Arc::new(self.store.clone())),
+        )
+    }
 }
 
 /// The raft member and what reaches it: the transport to the other members, the membership
@@ -284,6 +314,26 @@ pub fn balancer(
     )
 }
 
+/// Replicated workflows: the types this member runs (the built-in runbook), their records in
+/// the store, failures judged by membership's heartbeat timeout.
+pub fn workflows(cfg: &NodeConfig, cluster: &ClusterArea, log: &Logger) -> Arc<WorkflowArea> {
+    Arc::new(WorkflowArea {
+        table: ActorRef::default(),
+        metrics: WorkflowMetrics::default(),
+        settings: TableSettings {
+            node: cfg.node.id,
+            failure_timeout: NodeConfig::duration(cfg.cluster.heartbeat_timeout_ms),
+            check_every: std::time::Duration::from_millis(250),
+            retry: RetrySettings::default(),
+        },
+        store: cluster.store.clone(),
+        types: Arc::new(runbook::register(Types::new())),
+        membership: cluster.membership.clone(),
+        directory: cluster.directory.clone(),
+        log: log.clone(),
+    })
+}
+
 /// The supervision tree of a node. `/node` is rest_for_one: a later child may depend on an
 /// earlier one, never the reverse.
 pub fn root_spec(
@@ -293,8 +343,10 @@ pub fn root_spec(
     translation: Arc<TranslationArea>,
     router: Arc<RouterArea>,
     balancer: Arc<BalancerParts>,
+    workflows: Arc<WorkflowArea>,
 ) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::RestForOne, move || {
+        let (runs, table) = workflow_specs(&workflows);
         vec![
             admin_spec(&admin),
             ChildSpec::supervisor("cluster", cluster_spec(&cluster)).0,
@@ -302,8 +354,33 @@ pub fn root_spec(
             translation_spec(&translation),
             ChildSpec::supervisor("router", router_spec(&router)).0,
             ChildSpec::supervisor("balancer", BalancerParts::supervisor(balancer.clone())).0,
+            runs,
+            table,
         ]
     })
+}
+
+/// `/node/workflows` (the runs' actors, added by the table) and `/node/workflow-table` after it,
+/// so that a restart of the runs restarts the table that started them (rest_for_one).
+fn workflow_specs(w: &Arc<WorkflowArea>) -> (ChildSpec, ChildSpec) {
+    let (runs, runs_ref) = ChildSpec::supervisor(
+        "workflows",
+        SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+    );
+    let w = w.clone();
+    let table = ChildSpec::actor_for("workflow-table", &w.table.clone(), move || {
+        WorkflowTable::new(
+            w.settings.clone(),
+            Arc::new(w.store.clone()),
+            w.types.clone(),
+            runs_ref.clone(),
+            w.membership.clone(),
+            w.directory.clone(),
+            w.metrics.clone(),
+            &w.log,
+        )
+    });
+    (runs, table)
 }
 
 fn admin_spec(a: &Arc<AdminArea>) -> ChildSpec {

@@ -34,11 +34,17 @@ pub enum Role {
     Rsync,
     /// The router: listen for sessions and join them as the agent.
     Agent,
+    /// Workflows: read runs, their steps and the types.
+    WorkflowRead,
+    /// Workflows: start (not runbooks: those need admin), cancel and signal runs.
+    WorkflowWrite,
+    /// Workflows: serve types as an external worker.
+    WorkflowWorker,
 }
 
 impl Role {
     /// Every role, in the order the docs list them.
-    pub const ALL: [Role; 12] = [
+    pub const ALL: [Role; 15] = [
         Role::Observer,
         Role::KvRead,
         Role::KvWrite,
@@ -51,6 +57,9 @@ impl Role {
         Role::PortForward,
         Role::Rsync,
         Role::Agent,
+        Role::WorkflowRead,
+        Role::WorkflowWrite,
+        Role::WorkflowWorker,
     ];
 
     /// The role's name in tokens and in the configuration.
@@ -68,6 +77,9 @@ impl Role {
             Self::PortForward => "port-forward",
             Self::Rsync => "rsync",
             Self::Agent => "agent",
+            Self::WorkflowRead => "workflow-read",
+            Self::WorkflowWrite => "workflow-write",
+            Self::WorkflowWorker => "workflow-worker",
         }
     }
 
@@ -237,6 +249,14 @@ pub const TABLE: &[Rule] = &[
     rule("/lodge.balancer.v1.Balancer/SetRateLimit", AnyOf(&[BalancerOperator]), true, ""),
     rule("/lodge.balancer.v1.Balancer/RemoveRateLimit", AnyOf(&[BalancerOperator]), true, ""),
     rule("/lodge.balancer.v1.Balancer/SetScalingConfig", AnyOf(&[BalancerOperator]), true, ""),
+    rule("/lodge.workflow.v1.Workflow/Start", AnyOf(&[WorkflowWrite]), true, "the `runbook` type (shell commands on the owner) needs admin"),
+    rule("/lodge.workflow.v1.Workflow/Get", AnyOf(&[Observer, WorkflowRead]), false, ""),
+    rule("/lodge.workflow.v1.Workflow/List", AnyOf(&[Observer, WorkflowRead]), false, ""),
+    rule("/lodge.workflow.v1.Workflow/ListTypes", AnyOf(&[Observer, WorkflowRead]), false, ""),
+    rule("/lodge.workflow.v1.Workflow/Watch", AnyOf(&[Observer, WorkflowRead]), false, ""),
+    rule("/lodge.workflow.v1.Workflow/Cancel", AnyOf(&[WorkflowWrite]), true, ""),
+    rule("/lodge.workflow.v1.Workflow/Signal", AnyOf(&[WorkflowWrite]), true, ""),
+    rule("/lodge.workflow.v1.Workflow/Work", AnyOf(&[WorkflowWorker]), false, ""),
 ];
 
 /// The row of `method`, if the node knows it (looked up on every call: a map, not a scan).

@@ -1,0 +1,640 @@
+//! `/node/workflow-table`: this member's view of every workflow run, kept by a watch on the
+//! records. From it the member starts an actor under `/node/workflows/<id>` for each running
+//! run it owns (and stops those it no longer owns), places new runs, and, while it is the raft
+//! leader, moves the runs of members that membership declares failed to live ones.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture,
+    StreamHandler, WrapFuture,
+};
+use serde_json::Value;
+use slog::{debug, info, warn, Logger};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+use super::ctx::Types;
+use super::metrics::WorkflowMetrics;
+use super::record::{
+    all_signals_prefix, check_name, check_value, id_of, runs_prefix, Run, Status, TypeInfo, ROOT,
+};
+use super::records::{ReadRun, RecordError, Records};
+use super::run::{Drain, RetrySettings, RunChanged, SignalArrived, WorkflowRun};
+use crate::clock::precise_ms;
+use crate::cluster::members::{GetTopologyView, Membership};
+use crate::cluster::store::Store;
+use crate::cluster::topology::Directory;
+use crate::cluster::watch::WatchUpdate;
+use crate::envelope::ActorRef;
+use crate::supervision::{AddChild, ChildSpec, Managed, Restart, StopChild, Supervisor};
+
+/// How the workflow table runs.
+#[derive(Clone, Debug)]
+pub struct TableSettings {
+    /// This member.
+    pub node: u64,
+    /// Silence after which membership declares a member failed (`cluster.heartbeat_timeout_ms`);
+    /// a new leader also waits this long before moving anything, so that beats reach it first.
+    pub failure_timeout: Duration,
+    /// How often the leader looks for runs of failed members.
+    pub check_every: Duration,
+    /// How a run is retried.
+    pub retry: RetrySettings,
+}
+
+/// Starts a workflow run: placed on a live member that runs its type, least loaded first.
+#[derive(Message)]
+#[rtype(result = "Result<Started, RecordError>")]
+pub struct StartWorkflow {
+    /// Chosen by the caller for an idempotent start; `None`: a fresh id.
+    pub id: Option<String>,
+    pub type_name: String,
+    /// `None`: the highest version a live member runs.
+    pub version: Option<u32>,
+    pub input: Value,
+}
+
+/// What a start answered.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub run: Run,
+    /// False when a run with this id existed already (and is what `run` shows).
+    pub created: bool,
+}
+
+/// The member is shutting down: let the steps under way end (up to `wait`), then move every run
+/// it owns to another live member that runs the type, so that none waits out the failure
+/// timeout. Answers how many runs were moved.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct HandOff {
+    pub wait: Duration,
+}
+
+crate::handles!(WorkflowTable: StartWorkflow, HandOff);
+
+/// This member's view of the workflow runs, and the actors of those it owns.
+pub struct WorkflowTable {
+    settings: TableSettings,
+    records: Records,
+    store: Arc<dyn Store>,
+    types: Arc<Types>,
+    runs_supervisor: ActorRef<Supervisor>,
+    membership: ActorRef<Membership>,
+    directory: Directory,
+    metrics: WorkflowMetrics,
+    runs: BTreeMap<String, ReadRun>,
+    actors: HashMap<String, (u64, ActorRef<WorkflowRun>)>,
+    revision: i64,
+    loaded: bool,
+    types_published: bool,
+    leader_since: Option<Instant>,
+    moving: HashSet<String>,
+    log: Logger,
+}
+
+impl WorkflowTable {
+    /// The table of member `settings.node`; run actors go under `runs_supervisor`
+    /// (`/node/workflows`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: TableSettings,
+        store: Arc<dyn Store>,
+        types: Arc<Types>,
+        runs_supervisor: ActorRef<Supervisor>,
+        membership: ActorRef<Membership>,
+        directory: Directory,
+        metrics: WorkflowMetrics,
+        log: &Logger,
+    ) -> Self {
+        Self {
+            settings,
+            records: Records::new(store.clone()),
+            store,
+            types,
+            runs_supervisor,
+            membership,
+            directory,
+            metrics,
+            runs: BTreeMap::new(),
+            actors: HashMap::new(),
+            revision: 0,
+            loaded: false,
+            types_published: false,
+            leader_since: None,
+            moving: HashSet::new(),
+            log: log.new(slog::o!("actor" => "workflow-table")),
+        }
+    }
+
+    /// Loads this member's copy of the runs (no leader needed), then follows its changes.
+    fn load(&mut self, ctx: &mut Context<Self>) {
+        let records = self.records.clone();
+        let read = async move { records.runs(true).await };
+        ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
+            Ok((runs, revision)) => {
+                act.runs = runs.into_iter().map(|r| (r.run.id.clone(), r)).collect();
+                act.revision = revision;
+                act.loaded = true;
+                act.reconcile(ctx);
+                act.watch(ctx);
+            }
+            Err(e) => {
+                debug!(act.log, "cannot load the workflow runs yet"; "error" => %e);
+                ctx.run_later(Duration::from_millis(200), |act, ctx| act.load(ctx));
+            }
+        }));
+    }
+
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let from = self.revision + 1;
+        let start = async move { store.watch(ROOT.as_bytes().to_vec(), from).await };
+        ctx.spawn(start.into_actor(self).map(|res, act, ctx| match res {
+            Ok(rx) => {
+                ctx.add_stream(Updates(rx));
+            }
+            Err(e) => {
+                debug!(act.log, "cannot watch the workflow runs; loading again"; "error" => %e);
+                ctx.run_later(Duration::from_millis(200), |act, ctx| act.load(ctx));
+            }
+        }));
+    }
+
+    /// Tells the other members which types this one runs (once per start of the table).
+    fn publish_types(&mut self, ctx: &mut Context<Self>) {
+        let records = self.records.clone();
+        let (node, types) = (self.settings.node, self.types.list());
+        let write = async move { records.publish_types(node, &types).await };
+        ctx.spawn(write.into_actor(self).map(|res, act, ctx| match res {
+            Ok(()) => act.types_published = true,
+            Err(e) => {
+                debug!(act.log, "cannot publish the workflow types yet"; "error" => %e);
+                ctx.run_later(Duration::from_millis(500), |act, ctx| {
+                    act.publish_types(ctx)
+                });
+            }
+        }));
+    }
+
+    /// Starts an actor for every running run this member owns, stops those of runs it does not
+    /// own (any more), and passes a cancel on.
+    fn reconcile(&mut self, ctx: &mut Context<Self>) {
+        let me = self.settings.node;
+        let gone: Vec<String> = self
+            .actors
+            .iter()
+            .filter(|(id, (epoch, _))| {
+                self.runs.get(*id).is_none_or(|r| {
+                    r.run.owner != me || r.run.epoch != *epoch || r.run.status != Status::Running
+                })
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.actors.remove(&id);
+            let sup = self.runs_supervisor.clone();
+            // An actor that ended its run stopped already; this stops one that lost its run.
+            ctx.spawn(
+                async move {
+                    let _ = sup.send(StopChild { name: id }).await;
+                }
+                .into_actor(self),
+            );
+        }
+        let mine: Vec<ReadRun> = self
+            .runs
+            .values()
+            .filter(|r| r.run.owner == me && r.run.status == Status::Running)
+            .cloned()
+            .collect();
+        for read in mine {
+            match self.actors.get(&read.run.id) {
+                Some((_, actor)) if read.run.cancel_requested => {
+                    let _ = actor.try_send(RunChanged(read.run.clone()));
+                }
+                Some(_) => {}
+                None => self.start_actor(read.run, ctx),
+            }
+        }
+    }
+
+    fn start_actor(&mut self, run: Run, ctx: &mut Context<Self>) {
+        let id = run.id.clone();
+        let actor: ActorRef<WorkflowRun> = ActorRef::default();
+        self.actors.insert(id.clone(), (run.epoch, actor.clone()));
+        let spec = {
+            let (node, records, types) =
+                (self.settings.node, self.records.clone(), self.types.clone());
+            let (retry, metrics, log) = (
+                self.settings.retry.clone(),
+                self.metrics.clone(),
+                self.log.clone(),
+            );
+            ChildSpec::actor_for(id.clone(), &actor, move || {
+                WorkflowRun::new(
+                    run.clone(),
+                    node,
+                    records.clone(),
+                    types.clone(),
+                    retry.clone(),
+                    metrics.clone(),
+                    &log,
+                )
+            })
+            // A panic restarts it from the record; a run it ended is removed.
+            .restart(Restart::Transient)
+        };
+        let sup = self.runs_supervisor.clone();
+        let add = async move { sup.send(AddChild(spec)).await };
+        ctx.spawn(add.into_actor(self).map(move |res, act, _| {
+            if !matches!(res, Ok(Ok(_))) {
+                // A stop of the same name still under way: the next check starts it again.
+                debug!(act.log, "workflow actor not started yet"; "workflow" => &id);
+                act.actors.remove(&id);
+            }
+        }));
+    }
+
+    /// On the raft leader: moves the running runs of failed members to live ones.
+    fn take_over(&mut self, ctx: &mut Context<Self>) {
+        let me = self.settings.node;
+        if self.directory.current().leader != Some(me) {
+            self.leader_since = None;
+            return;
+        }
+        let since = *self.leader_since.get_or_insert_with(Instant::now);
+        // A new leader has not heard every member yet: silence means nothing until it could have.
+        if since.elapsed() < self.settings.failure_timeout {
+            return;
+        }
+        let orphans: Vec<ReadRun> = self
+            .runs
+            .values()
+            .filter(|r| {
+                r.run.status == Status::Running
+                    && r.run.owner != me
+                    && !self.moving.contains(&r.run.id)
+            })
+            .cloned()
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        let (membership, records) = (self.membership.clone(), self.records.clone());
+        let loads = self.loads();
+        let check = async move {
+            let live = live_members(&membership, me).await;
+            let types = records.types().await.unwrap_or_default();
+            let mut moves = Vec::new();
+            for read in orphans {
+                if live.contains(&read.run.owner) {
+                    continue;
+                }
+                let info = TypeInfo {
+                    name: read.run.type_name.clone(),
+                    version: read.run.version,
+                };
+                if let Some(to) = place(&info, &live, &types, &loads) {
+                    moves.push((read, to));
+                }
+            }
+            moves
+        };
+        ctx.spawn(check.into_actor(self).map(|moves, act, ctx| {
+            for (read, to) in moves {
+                act.move_run(read, to, ctx);
+            }
+        }));
+    }
+
+    fn move_run(&mut self, read: ReadRun, to: u64, ctx: &mut Context<Self>) {
+        let id = read.run.id.clone();
+        self.moving.insert(id.clone());
+        let records = self.records.clone();
+        let from = read.run.owner;
+        let change = async move { records.change_owner(&read, to).await };
+        ctx.spawn(change.into_actor(self).map(move |res, act, _| {
+            act.moving.remove(&id);
+            match res {
+                Ok(moved) => {
+                    info!(act.log, "workflow moved from a failed member";
+                        "workflow" => &id, "from" => from, "to" => to, "epoch" => moved.run.epoch);
+                    act.metrics.takeovers.inc();
+                }
+                // Changed since read (the watch brings the news): looked at again next time.
+                Err(e) => debug!(act.log, "workflow not moved"; "workflow" => &id, "error" => %e),
+            }
+        }));
+    }
+
+    /// Running runs per owner.
+    fn loads(&self) -> HashMap<u64, usize> {
+        let mut loads = HashMap::new();
+        for r in self
+            .runs
+            .values()
+            .filter(|r| r.run.status == Status::Running)
+        {
+            *loads.entry(r.run.owner).or_default() += 1;
+        }
+        loads
+    }
+
+    fn apply(&mut self, update: &crate::cluster::kv::Event) {
+        let key = &update.kv.key;
+        let runs = runs_prefix();
+        if let Some(id) = id_of(key, &runs) {
+            if update.deleted {
+                self.runs.remove(&id);
+            } else if let Ok(run) = serde_json::from_slice::<Run>(&update.kv.value) {
+                let read = ReadRun {
+                    run,
+                    revision: update.kv.mod_revision,
+                };
+                self.runs.insert(id, read);
+            }
+        } else if let Some(id) = id_of(key, &all_signals_prefix()) {
+            if let Some((_, actor)) = self.actors.get(&id) {
+                let _ = actor.try_send(SignalArrived);
+            }
+        }
+    }
+}
+
+/// The members this one hears from now (itself always), as membership judges them.
+async fn live_members(membership: &ActorRef<Membership>, me: u64) -> HashSet<u64> {
+    let mut live: HashSet<u64> = HashSet::from([me]);
+    if let Ok(view) = membership.send(GetTopologyView).await {
+        live.extend(
+            view.members
+                .iter()
+                .filter(|m| m.liveness.reachable)
+                .map(|m| m.id),
+        );
+    }
+    live
+}
+
+/// The live member that runs `info` with the fewest running runs (ties broken at random, so
+/// that starts spread).
+fn place(
+    info: &TypeInfo,
+    live: &HashSet<u64>,
+    types: &[(u64, Vec<TypeInfo>)],
+    loads: &HashMap<u64, usize>,
+) -> Option<u64> {
+    types
+        .iter()
+        .filter(|(node, served)| live.contains(node) && served.contains(info))
+        .map(|(node, _)| {
+            (
+                loads.get(node).copied().unwrap_or(0),
+                fastrand::u32(..),
+                *node,
+            )
+        })
+        .min()
+        .map(|(_, _, node)| node)
+}
+
+/// The version a start without one gets: the highest that a live member runs.
+fn newest(name: &str, live: &HashSet<u64>, types: &[(u64, Vec<TypeInfo>)]) -> Option<u32> {
+    types
+        .iter()
+        .filter(|(node, _)| live.contains(node))
+        .flat_map(|(_, served)| served.iter())
+        .filter(|t| t.name == name)
+        .map(|t| t.version)
+        .max()
+}
+
+/// A fresh workflow id: time then randomness, so that ids sort by start.
+fn fresh_id() -> String {
+    format!("wf-{:x}-{:08x}", precise_ms(), fastrand::u32(..))
+}
+
+struct Updates(mpsc::Receiver<WatchUpdate>);
+
+impl Stream for Updates {
+    type Item = WatchUpdate;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<WatchUpdate>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+impl Actor for WorkflowTable {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.publish_types(ctx);
+        self.load(ctx);
+        ctx.run_interval(self.settings.check_every, |act, ctx| {
+            if act.loaded {
+                act.reconcile(ctx);
+                act.take_over(ctx);
+            }
+        });
+    }
+}
+
+impl Managed for WorkflowTable {
+    const KIND: &'static str = "workflow-table";
+
+    fn dump_state(&self) -> Value {
+        let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in self.runs.values() {
+            *by_status.entry(r.run.status.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "revision": self.revision,
+            "loaded": self.loaded,
+            "types_published": self.types_published,
+            "runs": by_status,
+            "running_here": self.actors.len(),
+            "types": self.types.list(),
+            "leading_since_ms": self.leader_since.map(|t| t.elapsed().as_millis() as u64),
+        })
+    }
+}
+
+impl StreamHandler<WatchUpdate> for WorkflowTable {
+    fn handle(&mut self, update: WatchUpdate, ctx: &mut Context<Self>) {
+        match update {
+            WatchUpdate::Events { revision, events } => {
+                self.revision = revision;
+                for e in &events {
+                    self.apply(e);
+                }
+                self.reconcile(ctx);
+            }
+            WatchUpdate::Cancelled { reason, .. } => {
+                warn!(self.log, "workflow watch ended; loading again"; "reason" => reason);
+                self.load(ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        self.load(ctx);
+    }
+}
+
+impl Handler<StartWorkflow> for WorkflowTable {
+    type Result = ResponseActFuture<Self, Result<Started, RecordError>>;
+
+    fn handle(&mut self, msg: StartWorkflow, _: &mut Context<Self>) -> Self::Result {
+        let me = self.settings.node;
+        let (membership, records, metrics) = (
+            self.membership.clone(),
+            self.records.clone(),
+            self.metrics.clone(),
+        );
+        let loads = self.loads();
+        let start = async move {
+            let id = msg.id.unwrap_or_else(fresh_id);
+            check_name("id", &id).map_err(RecordError::Invalid)?;
+            check_name("type", &msg.type_name).map_err(RecordError::Invalid)?;
+            check_value("input", &msg.input).map_err(RecordError::Invalid)?;
+            // A second start of an id answers the run that exists, wherever it runs.
+            if let Ok(existing) = records.get(&id).await {
+                return Ok(Started {
+                    run: existing.run,
+                    created: false,
+                });
+            }
+            let live = live_members(&membership, me).await;
+            let types = records.types().await?;
+            let version = match msg.version {
+                Some(v) => v,
+                None => newest(&msg.type_name, &live, &types).ok_or_else(|| {
+                    RecordError::Refused(format!(
+                        "type: no live member runs a workflow type named {:?}",
+                        msg.type_name
+                    ))
+                })?,
+            };
+            let info = TypeInfo {
+                name: msg.type_name.clone(),
+                version,
+            };
+            let owner = place(&info, &live, &types, &loads).ok_or_else(|| {
+                RecordError::Refused(format!(
+                    "type: no live member runs {:?} version {version}",
+                    msg.type_name
+                ))
+            })?;
+            let run = Run {
+                id,
+                type_name: msg.type_name,
+                version,
+                input: msg.input,
+                owner,
+                epoch: 1,
+                status: Status::Running,
+                result: None,
+                error: None,
+                cancel_requested: false,
+                created_ms: precise_ms(),
+                ended_ms: None,
+            };
+            let (read, created) = records.start(&run).await?;
+            if created {
+                metrics.started(&read.run.type_name);
+            }
+            Ok(Started {
+                run: read.run,
+                created,
+            })
+        };
+        Box::pin(start.into_actor(self).map(|res, act, ctx| {
+            if let Ok(s) = &res {
+                // Known before the watch brings it, so that its actor starts at once.
+                if s.created && !act.runs.contains_key(&s.run.id) {
+                    let read = ReadRun {
+                        run: s.run.clone(),
+                        revision: 0,
+                    };
+                    act.runs.insert(s.run.id.clone(), read);
+                    act.reconcile(ctx);
+                }
+            }
+            res
+        }))
+    }
+}
+
+impl Handler<HandOff> for WorkflowTable {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, msg: HandOff, _: &mut Context<Self>) -> Self::Result {
+        let me = self.settings.node;
+        let actors: Vec<ActorRef<WorkflowRun>> =
+            self.actors.values().map(|(_, a)| a.clone()).collect();
+        let ids: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.run.owner == me && r.run.status == Status::Running)
+            .map(|r| r.run.id.clone())
+            .collect();
+        let mut loads = self.loads();
+        loads.remove(&me);
+        let (membership, records, metrics, log) = (
+            self.membership.clone(),
+            self.records.clone(),
+            self.metrics.clone(),
+            self.log.clone(),
+        );
+        let hand_off = async move {
+            let drained = async {
+                for actor in actors {
+                    if let Ok(stopped) = actor.send(Drain).await {
+                        let _ = stopped.0.await;
+                    }
+                }
+            };
+            // A step that outlasts the wait is cut when the tree stops; the new owner runs it
+            // again if it is idempotent, else the run needs attention.
+            let _ = tokio::time::timeout(msg.wait, drained).await;
+            let mut live = live_members(&membership, me).await;
+            live.remove(&me);
+            let types = records.types().await.unwrap_or_default();
+            let mut moved = 0;
+            for id in ids {
+                let Ok(read) = records.get(&id).await else {
+                    continue;
+                };
+                if read.run.owner != me || read.run.status != Status::Running {
+                    continue;
+                }
+                let info = TypeInfo {
+                    name: read.run.type_name.clone(),
+                    version: read.run.version,
+                };
+                let Some(to) = place(&info, &live, &types, &loads) else {
+                    warn!(log, "no live member runs this workflow's type; it waits for this member or a takeover"; "workflow" => &id);
+                    continue;
+                };
+                match records.change_owner(&read, to).await {
+                    Ok(_) => {
+                        info!(log, "workflow handed off"; "workflow" => &id, "to" => to);
+                        *loads.entry(to).or_default() += 1;
+                        metrics.takeovers.inc();
+                        moved += 1;
+                    }
+                    Err(e) => {
+                        warn!(log, "workflow not handed off"; "workflow" => &id, "error" => %e)
+                    }
+                }
+            }
+            moved
+        };
+        Box::pin(hand_off.into_actor(self))
+    }
+}

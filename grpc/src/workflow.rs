@@ -1,0 +1,334 @@
+//! `lodge.workflow.v1.Workflow` → the workflow handle (starts through this member's workflow
+//! table, the rest through the store client; a watch follows the records on this member). Decodes, checks what the role table cannot see
+//! (a runbook runs shell commands on the owner, so starting one needs `admin`), and maps the
+//! answer to a status.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use lodge_actors::cluster::store::StoreError;
+use lodge_actors::cluster::watch::WatchUpdate;
+use lodge_actors::workflow::handle::{RunDetail, RunFollow, WorkflowHandle};
+use lodge_actors::workflow::record::{run_key, Run, Status as RunStatus, StepRecord, StepState};
+use lodge_actors::workflow::records::RecordError;
+use lodge_actors::workflow::runbook::RUNBOOK;
+use lodge_actors::workflow::StartWorkflow;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::caller::Caller;
+use crate::auth::roles::Role;
+use crate::deadline;
+use crate::kv::stream_until_shutdown;
+use crate::pb::workflow::{self as pb, workflow_server};
+
+/// The workflow adapter.
+pub struct WorkflowService {
+    handle: WorkflowHandle,
+    timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl WorkflowService {
+    /// A service over `handle`; calls without a deadline get `timeout`; watches end when
+    /// `shutdown` turns true.
+    pub fn new(
+        handle: WorkflowHandle,
+        timeout: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            handle,
+            timeout,
+            shutdown,
+        }
+    }
+}
+
+/// Passes a followed run's changes on as events, until it ends (its last event shows the end).
+async fn follow(
+    id: String,
+    mut runs: mpsc::Receiver<WatchUpdate>,
+    mut steps: mpsc::Receiver<WatchUpdate>,
+    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
+    let key = run_key(&id);
+    loop {
+        let (update, is_run) = tokio::select! {
+            u = runs.recv() => (u, true),
+            u = steps.recv() => (u, false),
+        };
+        let events = match update {
+            Some(WatchUpdate::Events { events, .. }) => events,
+            Some(WatchUpdate::Cancelled { reason, .. }) => {
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "watch of workflow {id} ended ({reason}); watch again"
+                    ))))
+                    .await;
+                return;
+            }
+            None => return,
+        };
+        for e in events.into_iter().filter(|e| !e.deleted) {
+            let event = if is_run {
+                if e.kv.key != key {
+                    continue;
+                }
+                let Ok(run) = serde_json::from_slice::<Run>(&e.kv.value) else {
+                    continue;
+                };
+                let ended = run.status != RunStatus::Running;
+                let sent = tx
+                    .send(Ok(pb::WatchEvent {
+                        run: Some(run_pb(run)),
+                        step: None,
+                    }))
+                    .await;
+                if ended || sent.is_err() {
+                    return;
+                }
+                continue;
+            } else {
+                let index = std::str::from_utf8(&e.kv.key)
+                    .ok()
+                    .and_then(|k| k.rsplit('/').next())
+                    .and_then(|i| i.parse::<usize>().ok());
+                let step = serde_json::from_slice::<StepRecord>(&e.kv.value).ok();
+                let (Some(index), Some(step)) = (index, step) else {
+                    continue;
+                };
+                pb::WatchEvent {
+                    run: None,
+                    step: Some(step_pb(index, step)),
+                }
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The status a record error answers.
+fn status(e: RecordError) -> Status {
+    match e {
+        RecordError::NotFound(_) => Status::not_found(e.to_string()),
+        RecordError::Invalid(m) => Status::invalid_argument(m),
+        RecordError::Refused(m) => Status::failed_precondition(m),
+        RecordError::Fenced { .. } => Status::aborted(e.to_string()),
+        RecordError::Store(StoreError::Unknown(m)) => Status::unknown(format!(
+            "{m}; the change may or may not have been made: read before trying again"
+        )),
+        RecordError::Store(e) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// `field`'s JSON text; empty is null.
+fn json_field(field: &str, text: &str) -> Result<Value, Status> {
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text)
+        .map_err(|e| Status::invalid_argument(format!("{field}: not JSON: {e}")))
+}
+
+fn json_text(v: &Option<Value>) -> String {
+    v.as_ref().map(Value::to_string).unwrap_or_default()
+}
+
+fn run_pb(r: Run) -> pb::Run {
+    pb::Run {
+        id: r.id,
+        r#type: r.type_name,
+        version: r.version,
+        status: r.status.as_str().into(),
+        owner: r.owner,
+        epoch: r.epoch,
+        input_json: r.input.to_string(),
+        result_json: json_text(&r.result),
+        error: r.error.unwrap_or_default(),
+        cancel_requested: r.cancel_requested,
+        created_ms: r.created_ms,
+        ended_ms: r.ended_ms.unwrap_or(0),
+    }
+}
+
+fn step_pb(index: usize, s: StepRecord) -> pb::Step {
+    pb::Step {
+        index: index as u32,
+        name: s.name,
+        state: match s.state {
+            StepState::Started => "started",
+            StepState::Done => "done",
+        }
+        .into(),
+        result_json: s.result.to_string(),
+        at_ms: s.at_ms,
+        epoch: s.epoch,
+    }
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type Activations = Pin<Box<dyn Stream<Item = Result<pb::Activation, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl workflow_server::Workflow for WorkflowService {
+    async fn start(
+        &self,
+        req: Request<pb::StartRequest>,
+    ) -> Result<Response<pb::StartResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
+        let caller = Caller::of(req.extensions());
+        let r = req.into_inner();
+        if r.r#type.is_empty() {
+            return Err(Status::invalid_argument("type: required"));
+        }
+        if r.r#type == RUNBOOK && !caller.has(Role::Admin) {
+            return Err(Status::permission_denied(
+                "type: a runbook runs shell commands on the node as the node's user; starting one needs the admin role",
+            ));
+        }
+        let start = StartWorkflow {
+            id: (!r.id.is_empty()).then_some(r.id),
+            type_name: r.r#type,
+            version: (r.version != 0).then_some(r.version),
+            input: json_field("input_json", &r.input_json)?,
+        };
+        let started = self.handle.start(start, budget).await.map_err(status)?;
+        Ok(Response::new(pb::StartResponse {
+            run: Some(run_pb(started.run)),
+            created: started.created,
+        }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let RunDetail { run, steps } = self.handle.get(&req.get_ref().id).await.map_err(status)?;
+        Ok(Response::new(pb::GetResponse {
+            run: Some(run_pb(run)),
+            steps: steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| step_pb(i, s))
+                .collect(),
+        }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let r = req.into_inner();
+        let wanted = match r.status.as_str() {
+            "" => None,
+            s => Some(RunStatus::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "status: {s:?} is none of running, completed, failed, needs-attention, cancelled"
+                ))
+            })?),
+        };
+        let kind = (!r.r#type.is_empty()).then_some(r.r#type.as_str());
+        let page = self
+            .handle
+            .list(kind, wanted, &r.page_token, r.limit as usize)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListResponse {
+            runs: page.runs.into_iter().map(run_pb).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let run = self
+            .handle
+            .cancel(&req.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CancelResponse {
+            run: Some(run_pb(run)),
+        }))
+    }
+
+    async fn signal(
+        &self,
+        req: Request<pb::SignalRequest>,
+    ) -> Result<Response<pb::SignalResponse>, Status> {
+        let r = req.into_inner();
+        let value = json_field("value_json", &r.value_json)?;
+        self.handle
+            .signal(&r.id, &r.name, &value)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::SignalResponse {}))
+    }
+
+    async fn list_types(
+        &self,
+        _: Request<pb::ListTypesRequest>,
+    ) -> Result<Response<pb::ListTypesResponse>, Status> {
+        let types = self.handle.types().await.map_err(status)?;
+        Ok(Response::new(pb::ListTypesResponse {
+            types: types
+                .into_iter()
+                .map(|t| pb::WorkflowType {
+                    name: t.name,
+                    version: t.version,
+                    nodes: t.nodes,
+                })
+                .collect(),
+        }))
+    }
+
+    type WatchStream = Events;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Events>, Status> {
+        let id = req.into_inner().id;
+        let RunFollow {
+            detail,
+            runs,
+            steps,
+        } = self.handle.follow(&id).await.map_err(status)?;
+        let ended = detail.run.status != RunStatus::Running;
+        let first = pb::WatchEvent {
+            run: Some(run_pb(detail.run)),
+            step: None,
+        };
+        let recorded: Vec<pb::WatchEvent> = detail
+            .steps
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| pb::WatchEvent {
+                run: None,
+                step: Some(step_pb(i, s)),
+            })
+            .collect();
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| async move {
+            for event in std::iter::once(first).chain(recorded) {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if !ended {
+                follow(id, runs, steps, tx).await;
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    type WorkStream = Activations;
+
+    async fn work(
+        &self,
+        _: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Activations>, Status> {
+        Err(Status::unimplemented(
+            "Work: external workers are not built yet (docs/workflows.md)",
+        ))
+    }
+}
