@@ -436,6 +436,7 @@ fn cluster_spec(c: &Arc<ClusterArea>) -> SupervisorSpec {
                     c.probe.clone(),
                     &c.log,
                 )
+                .with_faults(c.faults.clone())
             })
         };
         vec![raft, members, membership]

@@ -2,7 +2,9 @@
 //! make every fsync slow. Set through the admin RPC, which refuses unless mutations are allowed.
 //!
 //! Dropping a peer's traffic at one member cuts that link both ways (outgoing messages are not
-//! sent, incoming ones are discarded), which partitions a member without root privileges.
+//! sent, incoming ones are discarded), which partitions a member without root privileges. The
+//! membership heartbeats with that peer are lost as well, so that the other side judges a
+//! cut-off member failed as it would behind a real partition.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};

@@ -17,6 +17,7 @@ use serde::Serialize;
 use slog::{debug, warn, Logger};
 use tokio::sync::watch;
 
+use super::fault::Faults;
 use super::raft::{GetStatus, RaftNode};
 use super::topology::{Directory, Published, Role, Topology};
 use crate::envelope::ActorRef;
@@ -210,6 +211,9 @@ pub struct Membership {
     incarnations: HashMap<u64, (u64, Instant)>,
     /// Topology version the member actors were last reconciled with.
     reconciled: Option<u64>,
+    /// Injected faults: beats with a member whose raft traffic is dropped are lost too, so that
+    /// a member cut off by injected faults is also silent, as a partition makes it.
+    faults: Option<Faults>,
     log: Logger,
 }
 
@@ -234,8 +238,20 @@ impl Membership {
             members: BTreeMap::new(),
             incarnations: HashMap::new(),
             reconciled: None,
+            faults: None,
             log: log.new(slog::o!("actor" => "membership")),
         }
+    }
+
+    /// Loses the beats to and from members that `faults` cut off.
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Whether beats with `member` are lost (an injected partition).
+    fn cut_off(&self, member: u64) -> bool {
+        self.faults.as_ref().is_some_and(|f| f.drops(member))
     }
 
     /// Waits for the next directory change, then reconciles and waits again.
@@ -347,7 +363,7 @@ impl Membership {
                     let _ = m.try_send(beat.clone());
                 }
                 for (id, addr) in act.directory.addresses() {
-                    if id != me {
+                    if id != me && !act.cut_off(id) {
                         act.sender.send(me, &addr, beat.clone());
                     }
                 }
@@ -400,6 +416,10 @@ impl Handler<ReceiveBeat> for Membership {
             )));
         };
         let (id, incarnation) = (msg.from, msg.beat.incarnation);
+        if self.cut_off(id) {
+            // Lost, as on a cut link: the member stays silent here.
+            return Ok(self.directory.current().topology.version);
+        }
         if id == self.settings.self_id && incarnation != self.settings.incarnation {
             return Err(BeatRefused::Duplicate(format!(
                 "node_id: member {id} is the process answering this heartbeat; a second process with the same id is refused"
