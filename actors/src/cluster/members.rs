@@ -32,6 +32,9 @@ pub struct Resources {
     pub applied_index: u64,
 }
 
+/// The status a member beats while it has a leader.
+pub const SERVING: &str = "serving";
+
 /// One heartbeat.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
@@ -49,6 +52,9 @@ pub struct Liveness {
     pub since_last_beat: Option<Duration>,
     pub reachable: bool,
     pub status: String,
+    /// How long its beats have said it is not serving (no leader, raft down); `None`: serving,
+    /// or not heard from.
+    pub not_serving_for: Option<Duration>,
     pub resources: Resources,
 }
 
@@ -66,6 +72,8 @@ pub struct MemberActor {
     last_beat: Option<Instant>,
     beats: u64,
     status: String,
+    /// Since when its beats say it is not serving.
+    not_serving_since: Option<Instant>,
     resources: Resources,
 }
 
@@ -78,6 +86,7 @@ impl MemberActor {
             last_beat: None,
             beats: 0,
             status: String::new(),
+            not_serving_since: None,
             resources: Resources::default(),
         }
     }
@@ -88,6 +97,7 @@ impl MemberActor {
             since_last_beat: since,
             reachable: since.is_some_and(|s| s <= self.timeout),
             status: self.status.clone(),
+            not_serving_for: self.not_serving_since.map(|t| t.elapsed()),
             resources: self.resources.clone(),
         }
     }
@@ -114,6 +124,11 @@ impl Handler<Beat> for MemberActor {
     fn handle(&mut self, msg: Beat, _: &mut Context<Self>) {
         self.last_beat = Some(Instant::now());
         self.beats += 1;
+        if msg.status == SERVING {
+            self.not_serving_since = None;
+        } else if self.not_serving_since.is_none() {
+            self.not_serving_since = self.last_beat;
+        }
         self.status = msg.status;
         self.resources = msg.resources;
     }
@@ -343,7 +358,7 @@ impl Membership {
                     Ok(Ok(s)) => {
                         resources.applied_index = s.applied;
                         if s.leader.is_some() {
-                            "serving".to_string()
+                            SERVING.to_string()
                         } else {
                             "no-leader".to_string()
                         }

@@ -287,9 +287,9 @@ impl WorkflowTable {
             return;
         }
         let (membership, records) = (self.membership.clone(), self.records.clone());
-        let loads = self.loads();
+        let (loads, timeout) = (self.loads(), self.settings.failure_timeout);
         let check = async move {
-            let live = live_members(&membership, me).await;
+            let live = live_members(&membership, me, timeout).await;
             let types = records.types().await.unwrap_or_default();
             let mut moves = Vec::new();
             for read in orphans {
@@ -367,14 +367,25 @@ impl WorkflowTable {
     }
 }
 
-/// The members this one hears from now (itself always), as membership judges them.
-async fn live_members(membership: &ActorRef<Membership>, me: u64) -> HashSet<u64> {
+/// The members this one hears from now (itself always), as membership judges them. One whose
+/// beats have said for a whole failure timeout that it has no leader counts as failed too: it
+/// cannot record its runs' steps (a one-way partition lets its beats out and nothing in).
+async fn live_members(
+    membership: &ActorRef<Membership>,
+    me: u64,
+    failure_timeout: Duration,
+) -> HashSet<u64> {
     let mut live: HashSet<u64> = HashSet::from([me]);
     if let Ok(view) = membership.send(GetTopologyView).await {
         live.extend(
             view.members
                 .iter()
-                .filter(|m| m.liveness.reachable)
+                .filter(|m| {
+                    m.liveness.reachable
+                        && m.liveness
+                            .not_serving_for
+                            .is_none_or(|d| d < failure_timeout)
+                })
                 .map(|m| m.id),
         );
     }
@@ -496,7 +507,7 @@ impl Handler<StartWorkflow> for WorkflowTable {
             self.records.clone(),
             self.metrics.clone(),
         );
-        let loads = self.loads();
+        let (loads, timeout) = (self.loads(), self.settings.failure_timeout);
         let start = async move {
             let id = msg.id.unwrap_or_else(fresh_id);
             check_name("id", &id).map_err(RecordError::Invalid)?;
@@ -509,7 +520,7 @@ impl Handler<StartWorkflow> for WorkflowTable {
                     created: false,
                 });
             }
-            let live = live_members(&membership, me).await;
+            let live = live_members(&membership, me, timeout).await;
             let types = records.types().await?;
             let version = match msg.version {
                 Some(v) => v,
@@ -585,6 +596,7 @@ impl Handler<HandOff> for WorkflowTable {
             .collect();
         let mut loads = self.loads();
         loads.remove(&me);
+        let timeout = self.settings.failure_timeout;
         let (membership, records, metrics, log) = (
             self.membership.clone(),
             self.records.clone(),
@@ -602,7 +614,7 @@ impl Handler<HandOff> for WorkflowTable {
             // A step that outlasts the wait is cut when the tree stops; the new owner runs it
             // again if it is idempotent, else the run needs attention.
             let _ = tokio::time::timeout(msg.wait, drained).await;
-            let mut live = live_members(&membership, me).await;
+            let mut live = live_members(&membership, me, timeout).await;
             live.remove(&me);
             let types = records.types().await.unwrap_or_default();
             let mut moved = 0;
