@@ -128,6 +128,10 @@ impl WorkflowRun {
     }
 
     fn attempt(&mut self, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Ending {
+            // Cancelled while it waited to try again.
+            return;
+        }
         if self.draining.load(Ordering::SeqCst) {
             ctx.stop();
             return;

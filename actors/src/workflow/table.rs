@@ -138,7 +138,11 @@ impl WorkflowTable {
         let read = async move { records.runs(true).await };
         ctx.spawn(read.into_actor(self).map(|res, act, ctx| match res {
             Ok((runs, revision)) => {
-                act.runs = runs.into_iter().map(|r| (r.run.id.clone(), r)).collect();
+                act.runs = runs
+                    .into_iter()
+                    .filter(|r| r.run.status == Status::Running)
+                    .map(|r| (r.run.id.clone(), r))
+                    .collect();
                 act.revision = revision;
                 act.loaded = true;
                 act.reconcile(ctx);
@@ -350,14 +354,19 @@ impl WorkflowTable {
         let key = &update.kv.key;
         let runs = runs_prefix();
         if let Some(id) = id_of(key, &runs) {
-            if update.deleted {
-                self.runs.remove(&id);
-            } else if let Ok(run) = serde_json::from_slice::<Run>(&update.kv.value) {
-                let read = ReadRun {
-                    run,
-                    revision: update.kv.mod_revision,
-                };
-                self.runs.insert(id, read);
+            match serde_json::from_slice::<Run>(&update.kv.value) {
+                // Only running runs are kept: ended ones are read from the store when asked for,
+                // so the table's memory follows the work under way, not the history.
+                Ok(run) if !update.deleted && run.status == Status::Running => {
+                    let read = ReadRun {
+                        run,
+                        revision: update.kv.mod_revision,
+                    };
+                    self.runs.insert(id, read);
+                }
+                _ => {
+                    self.runs.remove(&id);
+                }
             }
         } else if let Some(id) = id_of(key, &all_signals_prefix()) {
             if let Some((_, actor)) = self.actors.get(&id) {
@@ -459,15 +468,12 @@ impl Managed for WorkflowTable {
     const KIND: &'static str = "workflow-table";
 
     fn dump_state(&self) -> Value {
-        let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in self.runs.values() {
-            *by_status.entry(r.run.status.as_str()).or_default() += 1;
-        }
         serde_json::json!({
             "revision": self.revision,
             "loaded": self.loaded,
             "types_published": self.types_published,
-            "runs": by_status,
+            "running": self.runs.len(),
+            "running_by_owner": self.loads(),
             "running_here": self.actors.len(),
             "types": self.types.list(),
             "leading_since_ms": self.leader_since.map(|t| t.elapsed().as_millis() as u64),
@@ -485,14 +491,15 @@ impl StreamHandler<WatchUpdate> for WorkflowTable {
                 }
                 self.reconcile(ctx);
             }
+            // The stream ends after it: `finished` loads again.
             WatchUpdate::Cancelled { reason, .. } => {
                 warn!(self.log, "workflow watch ended; loading again"; "reason" => reason);
-                self.load(ctx);
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
+        // Loaded and watched again rather than stopped (actix's default).
         self.load(ctx);
     }
 }
