@@ -7,18 +7,16 @@
 //! apply their revision, so a write is visible here as soon as it is acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use actix::prelude::Stream;
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, StreamHandler, WrapFuture,
 };
 use serde::Serialize;
 use slog::{debug, info, Logger};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::instance::{Instance, Live};
 use super::limits::LimitSet;
@@ -165,7 +163,7 @@ impl BalancerState {
         let start = async move { store.watch(PREFIX.as_bytes().to_vec(), from).await };
         ctx.spawn(start.into_actor(self).map(|res, act, ctx| match res {
             Ok(rx) => {
-                ctx.add_stream(Updates(rx));
+                ctx.add_stream(ReceiverStream::new(rx));
             }
             Err(e) => {
                 debug!(act.log, "cannot watch the balancer's state; loading again"; "error" => %e);
@@ -460,17 +458,6 @@ impl BalancerState {
         if let Some(t) = self.types.remove(id) {
             self.metrics.forget(t, id);
         }
-    }
-}
-
-/// The watch's updates as a stream the actor consumes in order.
-struct Updates(mpsc::Receiver<WatchUpdate>);
-
-impl Stream for Updates {
-    type Item = WatchUpdate;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<WatchUpdate>> {
-        self.0.poll_recv(cx)
     }
 }
 

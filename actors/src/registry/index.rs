@@ -7,12 +7,9 @@
 //! created from what was applied, the same way for registrations made here or elsewhere.
 
 use std::collections::{BTreeMap, HashMap};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use actix::prelude::Stream;
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture,
     StreamHandler, WrapFuture,
@@ -20,6 +17,7 @@ use actix::{
 use serde::Serialize;
 use slog::{debug, warn, Logger};
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::client::{
     AcquireJob, Beat, BeatAnswer, ClientActor, ClientShared, ClientView, GetView, JobPermit,
@@ -217,7 +215,7 @@ impl RegistryIndex {
             .into_actor(self)
             .map(move |res, act, ctx| match res {
                     Ok(_) => {
-                        ctx.add_stream(Updates(rx));
+                        ctx.add_stream(ReceiverStream::new(rx));
                     }
                     other => {
                         debug!(act.log, "cannot watch registrations; loading again"; "result" => ?other.map(|(id, _)| id));
@@ -388,17 +386,6 @@ impl RegistryIndex {
             }
         }
         rx
-    }
-}
-
-/// The watch's updates as a stream the actor consumes in order.
-struct Updates(mpsc::Receiver<WatchUpdate>);
-
-impl Stream for Updates {
-    type Item = WatchUpdate;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<WatchUpdate>> {
-        self.0.poll_recv(cx)
     }
 }
 

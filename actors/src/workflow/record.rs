@@ -92,6 +92,26 @@ pub struct Run {
     pub ended_ms: Option<u64>,
 }
 
+impl Run {
+    /// A run just started: owned by `owner` at epoch 1, running.
+    pub fn new(id: String, type_name: String, version: u32, input: Value, owner: u64) -> Self {
+        Self {
+            id,
+            type_name,
+            version,
+            input,
+            owner,
+            epoch: 1,
+            status: Status::Running,
+            result: None,
+            error: None,
+            cancel_requested: false,
+            created_ms: crate::clock::precise_ms(),
+            ended_ms: None,
+        }
+    }
+}
+
 /// Whether a recorded step finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

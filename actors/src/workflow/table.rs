@@ -4,9 +4,7 @@
 //! leader, moves the runs of members that membership declares failed to live ones.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::{
@@ -15,8 +13,7 @@ use actix::{
 };
 use serde_json::Value;
 use slog::{debug, info, warn, Logger};
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::ctx::Types;
 use super::metrics::WorkflowMetrics;
@@ -161,7 +158,7 @@ impl WorkflowTable {
         let start = async move { store.watch(ROOT.as_bytes().to_vec(), from).await };
         ctx.spawn(start.into_actor(self).map(|res, act, ctx| match res {
             Ok(rx) => {
-                ctx.add_stream(Updates(rx));
+                ctx.add_stream(ReceiverStream::new(rx));
             }
             Err(e) => {
                 debug!(act.log, "cannot watch the workflow runs; loading again"; "error" => %e);
@@ -439,16 +436,6 @@ fn fresh_id() -> String {
     format!("wf-{:x}-{:08x}", precise_ms(), fastrand::u32(..))
 }
 
-struct Updates(mpsc::Receiver<WatchUpdate>);
-
-impl Stream for Updates {
-    type Item = WatchUpdate;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<WatchUpdate>> {
-        self.0.poll_recv(cx)
-    }
-}
-
 impl Actor for WorkflowTable {
     type Context = Context<Self>;
 
@@ -548,20 +535,7 @@ impl Handler<StartWorkflow> for WorkflowTable {
                     msg.type_name
                 ))
             })?;
-            let run = Run {
-                id,
-                type_name: msg.type_name,
-                version,
-                input: msg.input,
-                owner,
-                epoch: 1,
-                status: Status::Running,
-                result: None,
-                error: None,
-                cancel_requested: false,
-                created_ms: precise_ms(),
-                ended_ms: None,
-            };
+            let run = Run::new(id, msg.type_name, version, msg.input, owner);
             let (read, created) = records.start(&run).await?;
             if created {
                 metrics.started(&read.run.type_name);

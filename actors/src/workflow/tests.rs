@@ -20,20 +20,7 @@ fn records() -> Records {
 }
 
 fn run(id: &str, owner: u64) -> Run {
-    Run {
-        id: id.into(),
-        type_name: "t".into(),
-        version: 1,
-        input: json!({"n": 3}),
-        owner,
-        epoch: 1,
-        status: Status::Running,
-        result: None,
-        error: None,
-        cancel_requested: false,
-        created_ms: 0,
-        ended_ms: None,
-    }
+    Run::new(id.into(), "t".into(), 1, json!({"n": 3}), owner)
 }
 
 /// A context for `run` as its owner sees it now, replaying what is recorded.
