@@ -55,6 +55,9 @@ pub struct Liveness {
     /// How long its beats have said it is not serving (no leader, raft down); `None`: serving,
     /// or not heard from.
     pub not_serving_for: Option<Duration>,
+    /// How long this node has been listening for it: silence means something only once this
+    /// is past the timeout.
+    pub watched_for: Duration,
     pub resources: Resources,
 }
 
@@ -74,7 +77,23 @@ pub struct MemberActor {
     status: String,
     /// Since when its beats say it is not serving.
     not_serving_since: Option<Instant>,
+    /// When this node began listening for it.
+    watched_since: Instant,
     resources: Resources,
+}
+
+impl Liveness {
+    /// Whether the member is to be treated as failed after `timeout`: heard from and silent
+    /// since, or never heard from in a whole timeout of listening, or saying for as long that it
+    /// has no leader (it can write nothing: a one-way partition lets its beats out and nothing
+    /// in). A node that has only just begun listening judges nobody yet.
+    pub fn failed(&self, timeout: Duration) -> bool {
+        let silent = match self.since_last_beat {
+            Some(since) => since > timeout,
+            None => self.watched_for > timeout,
+        };
+        silent || self.not_serving_for.is_some_and(|d| d >= timeout)
+    }
 }
 
 impl MemberActor {
@@ -87,6 +106,7 @@ impl MemberActor {
             beats: 0,
             status: String::new(),
             not_serving_since: None,
+            watched_since: Instant::now(),
             resources: Resources::default(),
         }
     }
@@ -98,6 +118,7 @@ impl MemberActor {
             reachable: since.is_some_and(|s| s <= self.timeout),
             status: self.status.clone(),
             not_serving_for: self.not_serving_since.map(|t| t.elapsed()),
+            watched_for: self.watched_since.elapsed(),
             resources: self.resources.clone(),
         }
     }
@@ -496,5 +517,46 @@ async fn view(
         version: topology.version,
         leader,
         members,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn liveness(
+        since_last_beat: Option<u64>,
+        watched_for: u64,
+        not_serving_for: Option<u64>,
+    ) -> Liveness {
+        let ms = Duration::from_millis;
+        Liveness {
+            since_last_beat: since_last_beat.map(ms),
+            reachable: since_last_beat.is_some_and(|s| s <= 5000),
+            watched_for: ms(watched_for),
+            not_serving_for: not_serving_for.map(ms),
+            ..Liveness::default()
+        }
+    }
+
+    #[test]
+    fn a_member_is_failed_when_silent_past_the_timeout_or_long_without_a_leader() {
+        let timeout = Duration::from_millis(5000);
+        // (last beat ms ago, listened for ms, no leader for ms) → failed
+        let cases = [
+            ((Some(100), 60_000, None), false),
+            ((Some(5_001), 60_000, None), true),
+            // Never heard: judged only after a whole timeout of listening (a new leader, a
+            // restarted node, must not take its own deafness for the others' deaths).
+            ((None, 1_000, None), false),
+            ((None, 5_001, None), true),
+            // Heard, but without a leader: an election is short, a one-way partition is not.
+            ((Some(100), 60_000, Some(1_500)), false),
+            ((Some(100), 60_000, Some(5_000)), true),
+        ];
+        for ((beat, watched, not_serving), failed) in cases {
+            let l = liveness(beat, watched, not_serving);
+            assert_eq!(l.failed(timeout), failed, "{l:?}");
+        }
     }
 }

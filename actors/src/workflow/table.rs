@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseActFuture,
@@ -35,8 +35,8 @@ use crate::supervision::{AddChild, ChildSpec, Managed, Restart, StopChild, Super
 pub struct TableSettings {
     /// This member.
     pub node: u64,
-    /// Silence after which membership declares a member failed (`cluster.heartbeat_timeout_ms`);
-    /// a new leader also waits this long before moving anything, so that beats reach it first.
+    /// Silence after which membership declares a member failed (`cluster.heartbeat_timeout_ms`).
+    /// Every member times the others' beats all along, so a new leader judges at once.
     pub failure_timeout: Duration,
     /// How often the leader looks for runs of failed members.
     pub check_every: Duration,
@@ -90,7 +90,6 @@ pub struct WorkflowTable {
     revision: i64,
     loaded: bool,
     types_published: bool,
-    leader_since: Option<Instant>,
     moving: HashSet<String>,
     log: Logger,
 }
@@ -123,7 +122,6 @@ impl WorkflowTable {
             revision: 0,
             loaded: false,
             types_published: false,
-            leader_since: None,
             moving: HashSet::new(),
             log: log.new(slog::o!("actor" => "workflow-table")),
         }
@@ -266,12 +264,6 @@ impl WorkflowTable {
     fn take_over(&mut self, ctx: &mut Context<Self>) {
         let me = self.settings.node;
         if self.directory.current().leader != Some(me) {
-            self.leader_since = None;
-            return;
-        }
-        let since = *self.leader_since.get_or_insert_with(Instant::now);
-        // A new leader has not heard every member yet: silence means nothing until it could have.
-        if since.elapsed() < self.settings.failure_timeout {
             return;
         }
         let orphans: Vec<ReadRun> = self
@@ -373,9 +365,8 @@ impl WorkflowTable {
     }
 }
 
-/// The members this one hears from now (itself always), as membership judges them. One whose
-/// beats have said for a whole failure timeout that it has no leader counts as failed too: it
-/// cannot record its runs' steps (a one-way partition lets its beats out and nothing in).
+/// The members not judged failed by this one's membership (itself always; see
+/// [`Liveness::failed`](crate::cluster::members::Liveness::failed)).
 async fn live_members(
     membership: &ActorRef<Membership>,
     me: u64,
@@ -386,12 +377,7 @@ async fn live_members(
         live.extend(
             view.members
                 .iter()
-                .filter(|m| {
-                    m.liveness.reachable
-                        && m.liveness
-                            .not_serving_for
-                            .is_none_or(|d| d < failure_timeout)
-                })
+                .filter(|m| !m.liveness.failed(failure_timeout))
                 .map(|m| m.id),
         );
     }
@@ -463,7 +449,7 @@ impl Managed for WorkflowTable {
             "running_by_owner": self.loads(),
             "running_here": self.actors.len(),
             "types": self.types.list(),
-            "leading_since_ms": self.leader_since.map(|t| t.elapsed().as_millis() as u64),
+            "leads": self.directory.current().leader == Some(self.settings.node),
         })
     }
 }
