@@ -155,3 +155,19 @@ fn bench_balancer_runs_to_its_end() {
         ],
     );
 }
+
+#[test]
+fn bench_workflows_runs_to_its_end() {
+    let out = smoke("workflows");
+    has_lines(
+        "workflows",
+        &out,
+        &[
+            "| 1 | 1 |",
+            "workflows completed, by owner: member",
+            "| 4 |",
+            "step ÷ put p50",
+            "median kill → next step",
+        ],
+    );
+}

@@ -31,7 +31,7 @@ pub struct Options {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum System {
+pub(super) enum System {
     Lodge,
     /// Lodge with `[auth]` on: every call carries a JWT (kv-read and kv-write on the bench's
     /// prefix), checked by the node.
@@ -50,7 +50,7 @@ impl System {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(super) enum Op {
     Put,
     Get,
 }
@@ -60,6 +60,8 @@ pub(super) struct Proc {
     pub(super) child: Child,
     /// Its gRPC address.
     pub(super) client: String,
+    /// Its metrics address (a Lodge node's; empty for etcd).
+    pub(super) metrics: String,
     _dir: tempfile::TempDir,
 }
 
@@ -115,9 +117,11 @@ pub(super) fn start_lodge_args(
                 initial.clone(),
             ];
             args.extend_from_slice(extra);
+            let (child, metrics) = launch_with_metrics(&args, dir.path(), &all)?;
             Ok(Proc {
-                child: launch(&args, dir.path(), &all)?,
+                child,
                 client,
+                metrics,
                 _dir: dir,
             })
         })
@@ -126,6 +130,15 @@ pub(super) fn start_lodge_args(
 
 /// Starts `lodge node ARGS` keeping its data in `dir`, and waits until it is ready.
 pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Outcome<Child> {
+    launch_with_metrics(args, dir, env).map(|(child, _)| child)
+}
+
+/// [`launch`], answering the node's metrics address (from its ready line) too.
+pub(super) fn launch_with_metrics(
+    args: &[String],
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> Outcome<(Child, String)> {
     let exe = std::env::current_exe().expect("own path");
     let mut child = super::net::die_with_bench(&mut Command::new(&exe))
         .arg("node")
@@ -147,7 +160,14 @@ pub(super) fn launch(args: &[String], dir: &Path, env: &[(&str, &str)]) -> Outco
     });
     loop {
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.starts_with("lodge node ready") => return Ok(child),
+            Ok(line) if line.starts_with("lodge node ready") => {
+                let metrics = line
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("metrics="))
+                    .unwrap_or_default()
+                    .to_string();
+                return Ok((child, metrics));
+            }
             Ok(_) => continue,
             Err(_) => {
                 let _ = child.kill();
@@ -213,6 +233,7 @@ fn start_etcd(n: usize, etcd: &Path) -> Outcome<Vec<Proc>> {
             Ok(Proc {
                 child,
                 client: format!("127.0.0.1:{}", client[i]),
+                metrics: String::new(),
                 _dir: dir,
             })
         })
@@ -282,14 +303,16 @@ impl Conn {
 }
 
 /// Throughput and latency of one load run.
-struct Load {
-    ops_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    failures: Failures,
+pub(super) struct Load {
+    pub(super) ops_per_s: f64,
+    pub(super) p50_ms: f64,
+    pub(super) p99_ms: f64,
+    pub(super) failures: Failures,
 }
 
-async fn load(
+/// `clients` concurrent clients calling `op` for `duration` after a 0.5 s warm-up, each with a
+/// connection to every member used in turn.
+pub(super) async fn load(
     system: System,
     token: Option<String>,
     endpoints: &[String],
@@ -367,7 +390,7 @@ async fn load(
 }
 
 /// Waits until a put succeeds through `endpoint` (the cluster has a leader).
-async fn ready(system: System, token: Option<&str>, endpoint: &str) -> Outcome {
+pub(super) async fn ready(system: System, token: Option<&str>, endpoint: &str) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -386,7 +409,7 @@ async fn ready(system: System, token: Option<&str>, endpoint: &str) -> Outcome {
 }
 
 /// The leader's index in `nodes`, asked through the admin RPC of the first node.
-async fn lodge_leader(nodes: &[Proc]) -> Outcome<usize> {
+pub(super) async fn lodge_leader(nodes: &[Proc]) -> Outcome<usize> {
     use lodge_grpc::pb::admin::{admin_client::AdminClient, GetActorRequest};
     let ch = client::connect(&nodes[0].client, &ClientTls::default()).await?;
     let r = AdminClient::new(ch)
@@ -526,7 +549,7 @@ fn ratios(
 }
 
 /// The time until a put through one of the survivors is acknowledged (30 s at most).
-async fn first_write(alive: &[String]) -> Outcome<Duration> {
+pub(super) async fn first_write(alive: &[String]) -> Outcome<Duration> {
     let t = Instant::now();
     let mut last = String::new();
     while t.elapsed() < Duration::from_secs(30) {

@@ -10,6 +10,7 @@ mod kv;
 mod memory;
 mod net;
 mod tunnel;
+mod workflows;
 
 use std::time::Duration;
 
@@ -130,6 +131,27 @@ pub enum Bench {
         /// The node's `[balancer] buffer_bytes` (default: the node's default).
         #[arg(long)]
         buffer_bytes: Option<usize>,
+    },
+    /// Replicated workflows on a 3-member cluster: runbooks of 3 steps started and completed per
+    /// second beside KV puts; a step record's latency beside a put's (both server-side); the
+    /// time from `kill -9` of a workflow's owner to its next step on a survivor.
+    Workflows {
+        /// Tiny sizes, one round: checks the bench runs to its end (the test suite runs this).
+        #[arg(long)]
+        smoke: bool,
+        /// Workflows in flight at once (and KV put clients beside them), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        clients: Vec<usize>,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Runs of each load (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Owner kills (alternately a follower and the raft leader), each on a fresh cluster but
+        /// the first (0: skip them).
+        #[arg(long, default_value_t = 3)]
+        failovers: usize,
     },
     /// The bare tonic server of `bench heartbeat` (run by it as a child process).
     #[command(hide = true)]
@@ -281,6 +303,30 @@ pub fn run(cmd: Bench) -> i32 {
             }
             ("balancer", balancer::run(&o))
         }
+        Bench::Workflows {
+            smoke,
+            clients,
+            seconds,
+            rounds,
+            failovers,
+        } => {
+            let o = if smoke {
+                workflows::Options {
+                    clients: vec![1, 4],
+                    run_for: Duration::from_millis(300),
+                    rounds: 1,
+                    failovers: failovers.min(1),
+                }
+            } else {
+                workflows::Options {
+                    clients: clients.into_iter().map(|c| c.max(1)).collect(),
+                    run_for: Duration::from_secs(seconds.max(1)),
+                    rounds: rounds.max(1),
+                    failovers,
+                }
+            };
+            ("workflows", workflows::run(&o))
+        }
         Bench::EchoServer => return heartbeat::serve_echo(),
         Bench::Memory { mode, actors } => return memory::run_child(mode, actors),
     };
@@ -302,7 +348,8 @@ impl Bench {
             | Bench::Disk { smoke, .. }
             | Bench::Heartbeat { smoke, .. }
             | Bench::Tunnel { smoke, .. }
-            | Bench::Balancer { smoke, .. } => *smoke,
+            | Bench::Balancer { smoke, .. }
+            | Bench::Workflows { smoke, .. } => *smoke,
             Bench::EchoServer | Bench::Memory { .. } => false,
         }
     }
