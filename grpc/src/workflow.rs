@@ -1,6 +1,7 @@
 //! `lodge.workflow.v1.Workflow` → the workflow handle (starts through this member's workflow
-//! table, the rest through the store client; a watch follows the records on this member). Decodes, checks what the role table cannot see
-//! (a runbook runs shell commands on the owner, so starting one needs `admin`), and maps the
+//! table, the rest through the store client; a watch follows the records on this member).
+//! Decodes, checks what the role table cannot see (a runbook runs shell commands on the owner,
+//! so starting one needs `admin`), bounds each call by the caller's deadline, and maps the
 //! answer to a status.
 
 use std::pin::Pin;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use lodge_actors::cluster::store::StoreError;
 use lodge_actors::cluster::watch::WatchUpdate;
 use lodge_actors::workflow::handle::{RunDetail, RunFollow, WorkflowHandle};
-use lodge_actors::workflow::record::{run_key, Run, Status as RunStatus, StepRecord, StepState};
+use lodge_actors::workflow::record::{
+    run_key, steps_prefix, Run, Status as RunStatus, StepRecord, StepState,
+};
 use lodge_actors::workflow::records::RecordError;
 use lodge_actors::workflow::runbook::RUNBOOK;
 use lodge_actors::workflow::StartWorkflow;
@@ -47,22 +50,19 @@ impl WorkflowService {
     }
 }
 
-/// Passes a followed run's changes on as events, until it ends (its last event shows the end).
+/// Passes a followed run's changes on as events, in the order they were applied, until it
+/// ends (its last event shows the end).
 async fn follow(
     id: String,
-    mut runs: mpsc::Receiver<WatchUpdate>,
-    mut steps: mpsc::Receiver<WatchUpdate>,
+    mut changes: mpsc::Receiver<WatchUpdate>,
+    steps_revision: i64,
     tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
 ) {
-    let key = run_key(&id);
-    loop {
-        let (update, is_run) = tokio::select! {
-            u = runs.recv() => (u, true),
-            u = steps.recv() => (u, false),
-        };
-        let events = match update {
-            Some(WatchUpdate::Events { events, .. }) => events,
-            Some(WatchUpdate::Cancelled { reason, .. }) => {
+    let (run, steps) = (run_key(&id), steps_prefix(&id));
+    while let Some(update) = changes.recv().await {
+        let (revision, events) = match update {
+            WatchUpdate::Events { revision, events } => (revision, events),
+            WatchUpdate::Cancelled { reason, .. } => {
                 let _ = tx
                     .send(Err(Status::unavailable(format!(
                         "watch of workflow {id} ended ({reason}); watch again"
@@ -70,42 +70,38 @@ async fn follow(
                     .await;
                 return;
             }
-            None => return,
         };
         for e in events.into_iter().filter(|e| !e.deleted) {
-            let event = if is_run {
-                if e.kv.key != key {
-                    continue;
-                }
-                let Ok(run) = serde_json::from_slice::<Run>(&e.kv.value) else {
+            let (event, ended) = if e.kv.key == run {
+                let Ok(r) = serde_json::from_slice::<Run>(&e.kv.value) else {
                     continue;
                 };
-                let ended = run.status != RunStatus::Running;
-                let sent = tx
-                    .send(Ok(pb::WatchEvent {
-                        run: Some(run_pb(run)),
-                        step: None,
-                    }))
-                    .await;
-                if ended || sent.is_err() {
-                    return;
+                let ended = r.status != RunStatus::Running;
+                let event = pb::WatchEvent {
+                    run: Some(run_pb(r)),
+                    step: None,
+                };
+                (event, ended)
+            } else if let Some(index) = e.kv.key.strip_prefix(&steps[..]) {
+                if revision <= steps_revision {
+                    continue;
                 }
-                continue;
-            } else {
-                let index = std::str::from_utf8(&e.kv.key)
+                let index = std::str::from_utf8(index)
                     .ok()
-                    .and_then(|k| k.rsplit('/').next())
                     .and_then(|i| i.parse::<usize>().ok());
                 let step = serde_json::from_slice::<StepRecord>(&e.kv.value).ok();
                 let (Some(index), Some(step)) = (index, step) else {
                     continue;
                 };
-                pb::WatchEvent {
+                let event = pb::WatchEvent {
                     run: None,
                     step: Some(step_pb(index, step)),
-                }
+                };
+                (event, false)
+            } else {
+                continue;
             };
-            if tx.send(Ok(event)).await.is_err() {
+            if tx.send(Ok(event)).await.is_err() || ended {
                 return;
             }
         }
@@ -123,6 +119,20 @@ fn status(e: RecordError) -> Status {
             "{m}; the change may or may not have been made: read before trying again"
         )),
         RecordError::Store(e) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// `work`'s answer, or DEADLINE_EXCEEDED once the caller's `budget` is spent.
+async fn within<T>(
+    budget: Duration,
+    work: impl std::future::Future<Output = Result<T, RecordError>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(budget, work).await {
+        Ok(answer) => answer.map_err(status),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within the call's deadline ({} ms)",
+            budget.as_millis()
+        ))),
     }
 }
 
@@ -205,7 +215,8 @@ impl workflow_server::Workflow for WorkflowService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let RunDetail { run, steps } = self.handle.get(&req.get_ref().id).await.map_err(status)?;
+        let budget = deadline::of(&req, self.timeout);
+        let RunDetail { run, steps } = within(budget, self.handle.get(&req.get_ref().id)).await?;
         Ok(Response::new(pb::GetResponse {
             run: Some(run_pb(run)),
             steps: steps
@@ -220,6 +231,7 @@ impl workflow_server::Workflow for WorkflowService {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
         let r = req.into_inner();
         let wanted = match r.status.as_str() {
             "" => None,
@@ -230,11 +242,12 @@ impl workflow_server::Workflow for WorkflowService {
             })?),
         };
         let kind = (!r.r#type.is_empty()).then_some(r.r#type.as_str());
-        let page = self
-            .handle
-            .list(kind, wanted, &r.page_token, r.limit as usize)
-            .await
-            .map_err(status)?;
+        let page = within(
+            budget,
+            self.handle
+                .list(kind, wanted, &r.page_token, r.limit as usize),
+        )
+        .await?;
         Ok(Response::new(pb::ListResponse {
             runs: page.runs.into_iter().map(run_pb).collect(),
             next_page_token: page.next_page_token,
@@ -259,20 +272,19 @@ impl workflow_server::Workflow for WorkflowService {
         &self,
         req: Request<pb::SignalRequest>,
     ) -> Result<Response<pb::SignalResponse>, Status> {
+        let budget = deadline::of(&req, self.timeout);
         let r = req.into_inner();
         let value = json_field("value_json", &r.value_json)?;
-        self.handle
-            .signal(&r.id, &r.name, &value)
-            .await
-            .map_err(status)?;
+        within(budget, self.handle.signal(&r.id, &r.name, &value)).await?;
         Ok(Response::new(pb::SignalResponse {}))
     }
 
     async fn list_types(
         &self,
-        _: Request<pb::ListTypesRequest>,
+        req: Request<pb::ListTypesRequest>,
     ) -> Result<Response<pb::ListTypesResponse>, Status> {
-        let types = self.handle.types().await.map_err(status)?;
+        let budget = deadline::of(&req, self.timeout);
+        let types = within(budget, self.handle.types()).await?;
         Ok(Response::new(pb::ListTypesResponse {
             types: types
                 .into_iter()
@@ -288,12 +300,14 @@ impl workflow_server::Workflow for WorkflowService {
     type WatchStream = Events;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Events>, Status> {
+        // The deadline bounds the start of the watch, not the stream.
+        let budget = deadline::of(&req, self.timeout);
         let id = req.into_inner().id;
         let RunFollow {
             detail,
-            runs,
-            steps,
-        } = self.handle.follow(&id).await.map_err(status)?;
+            changes,
+            steps_revision,
+        } = within(budget, self.handle.follow(&id)).await?;
         let ended = detail.run.status != RunStatus::Running;
         let first = pb::WatchEvent {
             run: Some(run_pb(detail.run)),
@@ -315,7 +329,7 @@ impl workflow_server::Workflow for WorkflowService {
                 }
             }
             if !ended {
-                follow(id, runs, steps, tx).await;
+                follow(id, changes, steps_revision, tx).await;
             }
         });
         Ok(Response::new(stream))

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use tokio::sync::mpsc;
 
-use super::record::{check_name, check_value, run_key, steps_prefix, Run, Status, StepRecord};
+use super::record::{check_name, check_value, Run, Status, StepRecord, ROOT};
 use super::records::{ReadRun, RecordError, Records};
 use super::table::{StartWorkflow, Started, WorkflowTable};
 use crate::cluster::watch::WatchUpdate;
@@ -33,14 +33,16 @@ pub struct RunPage {
     pub next_page_token: String,
 }
 
-/// What a watch of one run sees: the run as it was, then its changes as two feeds.
+/// What a watch of one run sees: the run as it was, then its changes in the order they were
+/// applied.
 pub struct RunFollow {
     /// The run and its steps when the watch began.
     pub detail: RunDetail,
-    /// Every later write of the run record (filter on the exact key: the feed is by prefix).
-    pub runs: mpsc::Receiver<WatchUpdate>,
-    /// Every later step record.
-    pub steps: mpsc::Receiver<WatchUpdate>,
+    /// Every later change under the workflows' prefix: one feed, so that a step and the run's
+    /// end arrive in the order they happened. Filter on the run's keys; skip step records at or
+    /// below `steps_revision` (the snapshot holds them).
+    pub changes: mpsc::Receiver<WatchUpdate>,
+    pub steps_revision: i64,
 }
 
 /// A type and the members that run it.
@@ -89,20 +91,19 @@ impl WorkflowHandle {
     }
 
     /// Run `id` now and every change after, with no gap between the two: the run is read
-    /// before its steps, and each feed starts right after the revision its read reflects.
+    /// before its steps, and the feed starts right after the run's read.
     pub async fn follow(&self, id: &str) -> Result<RunFollow, RecordError> {
         check_name("id", id).map_err(RecordError::Invalid)?;
         let (ReadRun { run, .. }, revision) = self.records.get_at(id).await?;
         let (steps, steps_revision) = self.records.steps_at(id).await?;
-        let runs = self.records.watch(run_key(id), revision + 1).await?;
-        let step_feed = self
+        let changes = self
             .records
-            .watch(steps_prefix(id), steps_revision + 1)
+            .watch(ROOT.as_bytes().to_vec(), revision + 1)
             .await?;
         Ok(RunFollow {
             detail: RunDetail { run, steps },
-            runs,
-            steps: step_feed,
+            changes,
+            steps_revision,
         })
     }
 
