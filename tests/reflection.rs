@@ -20,28 +20,6 @@ use tonic_health::pb::HealthCheckRequest;
 
 const WORKSPACE: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The Python with grpcio, grpcio-reflection and protobuf: `LODGE_TEST_PYTHON`, else the venv
-/// that scripts/test makes. Missing is a failure that says how to fix it, not a skip: this test is
-/// the only check that a stock client can use the node.
-fn python() -> PathBuf {
-    let py = std::env::var_os("LODGE_TEST_PYTHON").map_or_else(
-        || PathBuf::from(WORKSPACE).join("target/reflection-venv/bin/python3"),
-        PathBuf::from,
-    );
-    let ready = Command::new(&py)
-        .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ready,
-        "{} cannot import grpc, grpc_reflection and google.protobuf: run `bash scripts/test` once \
-         (it installs tests/reflection/requirements.txt into target/reflection-venv), or point \
-         LODGE_TEST_PYTHON at a Python that has them",
-        py.display()
-    );
-    py
-}
-
 /// A single node with a leader, so that KV writes are taken at once.
 fn node() -> Node {
     let node = Node::start(&[]);
@@ -69,7 +47,7 @@ fn ok(o: Output, what: &str) -> String {
 #[test]
 fn pythons_stock_reflection_client_lists_describes_and_calls_kv_and_admin() {
     let node = node();
-    let out = Command::new(python())
+    let out = Command::new(test_python())
         .arg(PathBuf::from(WORKSPACE).join("tests/reflection/client.py"))
         .args([&node.grpc, "first/hour", "hello from python"])
         .output()

@@ -730,6 +730,192 @@ enum At {
     After,
 }
 
+/// The example worker (examples/workflow-worker.py) serving `py-pipeline` on the node at
+/// `endpoint`; killed with SIGKILL when dropped.
+struct PyWorker {
+    child: Child,
+}
+
+impl PyWorker {
+    /// Starts worker `id`, its steps journaled to `journal` (its stderr beside it), `hold`
+    /// (`STEP:FILE`) passed on, and waits until its actor runs on the node.
+    fn start(endpoint: &str, id: &str, journal: &Path, hold: Option<&str>) -> PyWorker {
+        let log = journal.with_file_name(format!("worker-{id}.log"));
+        let mut cmd = Command::new(test_python());
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflow-worker.py"))
+            .args(["--node", endpoint, "--id", id])
+            .arg("--journal")
+            .arg(journal)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("worker log"));
+        if let Some(hold) = hold {
+            cmd.args(["--hold", hold]);
+        }
+        let worker = PyWorker {
+            child: cmd.spawn().expect("running the example worker"),
+        };
+        let path = format!("/node/workers/{id}");
+        within(Duration::from_secs(30), "the worker connects", || {
+            ctl(endpoint, &["actor", &path])
+                .status
+                .success()
+                .then_some(())
+        });
+        worker
+    }
+
+    /// `kill -9`, and reaped.
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PyWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a py-pipeline run `id` on `endpoints`; polls until a member places it (a worker's
+/// types reach the store just after it connects).
+fn start_pipeline(endpoints: &str, id: &str) {
+    within(Duration::from_secs(30), "the run starts", || {
+        let o = workflow(
+            endpoints,
+            &[
+                "start",
+                "py-pipeline",
+                "--id",
+                id,
+                "--input",
+                r#"{"items": ["a", "b"]}"#,
+            ],
+        );
+        o.status.success().then_some(())
+    });
+}
+
+/// Asserts run `id` completed with the pipeline's result, its three steps recorded once, and
+/// each step's side effect done exactly once, by the workers `by` names (fetch, transform,
+/// publish).
+fn assert_pipeline_done(v: &Value, journal: &Path, id: &str, by: [&str; 3]) {
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(
+        v["result"],
+        json!({"items": ["A", "B"], "published": 2}),
+        "{v}"
+    );
+    let names: Vec<String> = steps_of(v)
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(names, ["fetch", "transform", "publish"], "{v}");
+    let mine: Vec<String> = lines(journal)
+        .into_iter()
+        .filter(|l| l.starts_with(&format!("{id} ")))
+        .collect();
+    let want: Vec<String> = ["fetch", "transform", "publish"]
+        .iter()
+        .zip(by)
+        .map(|(step, worker)| format!("{id} {step} {worker}"))
+        .collect();
+    assert_eq!(
+        mine, want,
+        "every step's side effect once, by the worker that recorded it"
+    );
+}
+
+#[test]
+fn the_python_example_worker_runs_a_type_and_a_second_worker_finishes_it_when_the_first_is_killed()
+{
+    let node = Node::start_env(&[], ENV);
+    let ep = node.grpc.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, gate) = (dir.path().join("journal"), dir.path().join("gate"));
+
+    // A run of a type only an external worker serves, start to end.
+    let solo = PyWorker::start(ep, "solo", &journal, None);
+    start_pipeline(ep, "py-once");
+    let v = settled(ep, "py-once", AFTER_KILL).expect("py-once settles");
+    assert_pipeline_done(&v, &journal, "py-once", ["solo", "solo", "solo"]);
+    assert_eq!(owner_of(&v), 1, "{v}");
+
+    // A second worker with a connected worker's id is refused, naming the field.
+    let twin = Command::new(test_python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflow-worker.py"))
+        .args(["--node", ep, "--id", "solo"])
+        .output()
+        .expect("running the example worker");
+    assert!(
+        !twin.status.success(),
+        "a second worker named solo is refused"
+    );
+    assert!(
+        stderr(&twin).contains("worker_id") && stderr(&twin).contains("already"),
+        "{}",
+        stderr(&twin)
+    );
+    solo.kill9();
+
+    // Worker A records `fetch`, then holds before `transform`; B connects; A is killed.
+    let a = PyWorker::start(
+        ep,
+        "a",
+        &journal,
+        Some(&format!("transform:{}", gate.display())),
+    );
+    start_pipeline(ep, "py-moved");
+    within(AFTER_KILL, "fetch recorded by worker a", || {
+        get_workflow(ep, "py-moved").filter(|v| done_steps(v) == 1)
+    });
+    let _b = PyWorker::start(ep, "b", &journal, None);
+    a.kill9();
+
+    // B gets the run with its recorded step, replays it and runs the other two; nothing twice.
+    let v = settled(ep, "py-moved", AFTER_KILL)
+        .unwrap_or_else(|| panic!("py-moved settles: {}", node.stderr()));
+    assert_pipeline_done(&v, &journal, "py-moved", ["a", "b", "b"]);
+    assert!(!gate.exists(), "worker a never got past its hold");
+    let b = ctl(ep, &["actor", "/node/workers/b"]);
+    assert!(stdout(&b).contains("\"activations\": 1"), "{}", stdout(&b));
+}
+
+#[test]
+fn when_the_last_worker_of_a_type_on_the_owner_dies_its_run_moves_to_a_member_with_one() {
+    let three = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, gate) = (dir.path().join("journal"), dir.path().join("gate"));
+    let (one, two) = (three.trio.addr(0), three.trio.addr(1));
+
+    // Only member 1 serves the type, so the run is placed there.
+    let a = PyWorker::start(
+        &one,
+        "a",
+        &journal,
+        Some(&format!("transform:{}", gate.display())),
+    );
+    start_pipeline(&three.all(), "py-across");
+    let first = within(AFTER_KILL, "fetch recorded by worker a", || {
+        get_workflow(&three.all(), "py-across").filter(|v| done_steps(v) == 1)
+    });
+    assert_eq!(owner_of(&first), 1, "{first}");
+
+    // B serves it on member 2; A dies: member 1 has no worker for the type, so it moves the run.
+    let _b = PyWorker::start(&two, "b", &journal, None);
+    a.kill9();
+    let v = settled(&three.all(), "py-across", AFTER_KILL)
+        .unwrap_or_else(|| panic!("py-across settles:\n{}", three.logs()));
+    assert_pipeline_done(&v, &journal, "py-across", ["a", "b", "b"]);
+    assert_eq!(owner_of(&v), 2, "{v}");
+    assert!(
+        epoch_of(&v) > epoch_of(&first),
+        "a move is a new epoch: {v}"
+    );
+}
+
 /// Starts a 5-step [`steps_runbook`] on a fresh three-member cluster, kills its owner at `at`
 /// step `step`, and checks that a survivor completes it with every line written once.
 fn kill_the_owner_and_finish_on_a_survivor(step: usize, at: At) {

@@ -27,6 +27,8 @@ const LONG_LIVED: &[&str] = &[
     "/lodge.cluster.v1.Cluster/WatchTopology",
     "/lodge.balancer.v1.Balancer/StreamNLBMetrics",
     "/lodge.router.v1.Tunnel/Listen",
+    "/lodge.workflow.v1.Workflow/Watch",
+    "/lodge.workflow.v1.Workflow/Work",
     "/grpc.health.v1.Health/Watch",
 ];
 
@@ -224,6 +226,7 @@ mod tests {
             ("/lodge.kv.v1.KV/Watch", &plain, false),
             ("/lodge.raft.v1.Raft/Send", &plain, false),
             ("/lodge.router.v1.Tunnel/Listen", &plain, false),
+            ("/lodge.workflow.v1.Workflow/Work", &plain, false),
         ] {
             assert_eq!(holds_drain(path, headers), holds, "{path}");
         }

@@ -9,12 +9,15 @@ use std::time::Duration;
 
 use lodge_actors::cluster::store::StoreError;
 use lodge_actors::cluster::watch::WatchUpdate;
+use lodge_actors::envelope::ActorRef;
 use lodge_actors::workflow::handle::{RunDetail, RunFollow, WorkflowHandle};
+use lodge_actors::workflow::record::TypeInfo;
 use lodge_actors::workflow::record::{
     run_key, steps_prefix, Run, Status as RunStatus, StepRecord, StepState,
 };
 use lodge_actors::workflow::records::RecordError;
 use lodge_actors::workflow::runbook::RUNBOOK;
+use lodge_actors::workflow::worker::{Disconnect, FromWorker, Report, ToWorker, WorkflowWorker};
 use lodge_actors::workflow::StartWorkflow;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -166,6 +169,15 @@ fn run_pb(r: Run) -> pb::Run {
     }
 }
 
+/// Recorded steps, numbered from 0.
+fn steps_pb(steps: Vec<StepRecord>) -> Vec<pb::Step> {
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| step_pb(i, s))
+        .collect()
+}
+
 fn step_pb(index: usize, s: StepRecord) -> pb::Step {
     pb::Step {
         index: index as u32,
@@ -182,7 +194,7 @@ fn step_pb(index: usize, s: StepRecord) -> pb::Step {
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
-type Activations = Pin<Box<dyn Stream<Item = Result<pb::Activation, Status>> + Send>>;
+type Tasks = Pin<Box<dyn Stream<Item = Result<pb::WorkerTask, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl workflow_server::Workflow for WorkflowService {
@@ -219,11 +231,7 @@ impl workflow_server::Workflow for WorkflowService {
         let RunDetail { run, steps } = within(budget, self.handle.get(&req.get_ref().id)).await?;
         Ok(Response::new(pb::GetResponse {
             run: Some(run_pb(run)),
-            steps: steps
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| step_pb(i, s))
-                .collect(),
+            steps: steps_pb(steps),
         }))
     }
 
@@ -335,14 +343,146 @@ impl workflow_server::Workflow for WorkflowService {
         Ok(Response::new(stream))
     }
 
-    type WorkStream = Activations;
+    type WorkStream = Tasks;
 
     async fn work(
         &self,
-        _: Request<Streaming<pb::WorkerMessage>>,
-    ) -> Result<Response<Activations>, Status> {
-        Err(Status::unimplemented(
-            "Work: external workers are not built yet (docs/workflows.md)",
-        ))
+        req: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Tasks>, Status> {
+        // The deadline bounds the hello, not the stream.
+        let budget = deadline::of(&req, self.timeout);
+        let mut reports = req.into_inner();
+        let hello = match tokio::time::timeout(budget, reports.message()).await {
+            Ok(Ok(Some(pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "hello: a worker's first message says who it is and the types it serves",
+                ))
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "hello: none within the call's deadline",
+                ))
+            }
+        };
+        let types = hello
+            .types
+            .into_iter()
+            .map(|t| TypeInfo {
+                name: t.name,
+                version: t.version,
+            })
+            .collect();
+        let (worker, tasks) =
+            within(budget, self.handle.connect_worker(&hello.worker_id, types)).await?;
+        let stream = stream_until_shutdown(self.shutdown.clone(), move |tx| {
+            relay(worker, reports, tasks, tx)
+        });
+        Ok(Response::new(stream))
     }
+}
+
+/// Passes a worker's messages to its actor and the actor's tasks to the worker until either
+/// side ends; the actor is stopped however it ends (its runs then go to another worker).
+async fn relay(
+    worker: ActorRef<WorkflowWorker>,
+    mut reports: Streaming<pb::WorkerMessage>,
+    mut tasks: mpsc::Receiver<ToWorker>,
+    tx: mpsc::Sender<Result<pb::WorkerTask, Status>>,
+) {
+    let _disconnect = Disconnects(worker.clone());
+    loop {
+        tokio::select! {
+            task = tasks.recv() => {
+                let Some(task) = task else {
+                    let _ = tx.send(Err(Status::unavailable(
+                        "the worker's actor stopped (it fell behind, or the member restarted its workflows or shuts down): connect again",
+                    ))).await;
+                    return;
+                };
+                if tx.send(Ok(task_pb(task))).await.is_err() {
+                    return;
+                }
+            }
+            message = reports.message() => {
+                let Ok(Some(message)) = message else { return };
+                match report(message) {
+                    Ok(r) => {
+                        if worker.send(Report(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(refused) => {
+                        let _ = tx.send(Err(refused)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops a worker's actor when its stream's relay ends, however it ends.
+struct Disconnects(ActorRef<WorkflowWorker>);
+
+impl Drop for Disconnects {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(Disconnect);
+    }
+}
+
+/// A worker's message as its actor takes it; a malformed one ends the stream with the field.
+fn report(m: pb::WorkerMessage) -> Result<FromWorker, Status> {
+    use pb::worker_message::Kind;
+    match m.kind {
+        Some(Kind::Step(s)) => Ok(FromWorker::Step {
+            result: json_field("step.result_json", &s.result_json)?,
+            run_id: s.run_id,
+            epoch: s.epoch,
+            index: s.index,
+            name: s.name,
+        }),
+        Some(Kind::Finish(f)) => {
+            let outcome = if f.error.is_empty() {
+                Ok(json_field("finish.result_json", &f.result_json)?)
+            } else {
+                Err((f.error, f.retry))
+            };
+            Ok(FromWorker::Finish {
+                run_id: f.run_id,
+                epoch: f.epoch,
+                outcome,
+            })
+        }
+        Some(Kind::Hello(_)) => Err(Status::invalid_argument(
+            "hello: sent once, as the stream's first message",
+        )),
+        None => Err(Status::invalid_argument(
+            "kind: a worker message is a hello, a step or a finish",
+        )),
+    }
+}
+
+fn task_pb(t: ToWorker) -> pb::WorkerTask {
+    use pb::worker_task::Kind;
+    let kind = match t {
+        ToWorker::Activate { run, steps } => Kind::Activation(pb::Activation {
+            run: Some(run_pb(run)),
+            steps: steps_pb(steps),
+        }),
+        ToWorker::Recorded {
+            run_id,
+            index,
+            error,
+        } => Kind::Recorded(pb::StepRecorded {
+            run_id,
+            index,
+            error: error.unwrap_or_default(),
+        }),
+        ToWorker::Stop { run_id } => Kind::StopRunId(run_id),
+    };
+    pb::WorkerTask { kind: Some(kind) }
 }

@@ -22,8 +22,9 @@
 //! │   ├── /node/balancer/scaler      the autoscaler (acts on the leader)
 //! │   └── /node/balancer/listeners   one_for_one; /node/balancer/listeners/<n>, the data plane
 //! ├── /node/workflows          one_for_one; /node/workflows/<id>, one per run this member owns
-//! └── /node/workflow-table     watches the runs, starts and stops the owned ones' actors,
-//!                              places starts, moves failed members' runs (on the leader)
+//! ├── /node/workflow-table     watches the runs, starts and stops the owned ones' actors,
+//! │                            places starts, moves failed members' runs (on the leader)
+//! └── /node/workers            one_for_one; /node/workers/<id>, one per connected external worker
 //! ```
 
 use std::sync::{Arc, OnceLock};
@@ -124,7 +125,7 @@ pub struct RouterArea {
     log: Logger,
 }
 
-/// `/node/workflows` and `/node/workflow-table`.
+/// `/node/workflows`, `/node/workflow-table` and `/node/workers`.
 pub struct WorkflowArea {
     pub table: ActorRef<WorkflowTable>,
     pub metrics: WorkflowMetrics,
@@ -346,7 +347,7 @@ pub fn root_spec(
     workflows: Arc<WorkflowArea>,
 ) -> SupervisorSpec {
     SupervisorSpec::new(Strategy::RestForOne, move || {
-        let (runs, table) = workflow_specs(&workflows);
+        let (runs, table, workers) = workflow_specs(&workflows);
         vec![
             admin_spec(&admin),
             ChildSpec::supervisor("cluster", cluster_spec(&cluster)).0,
@@ -356,15 +357,22 @@ pub fn root_spec(
             ChildSpec::supervisor("balancer", BalancerParts::supervisor(balancer.clone())).0,
             runs,
             table,
+            workers,
         ]
     })
 }
 
-/// `/node/workflows` (the runs' actors, added by the table) and `/node/workflow-table` after it,
-/// so that a restart of the runs restarts the table that started them (rest_for_one).
-fn workflow_specs(w: &Arc<WorkflowArea>) -> (ChildSpec, ChildSpec) {
+/// `/node/workflows` (the runs' actors, added by the table), `/node/workflow-table` after it, so
+/// that a restart of the runs restarts the table that started them (rest_for_one), and
+/// `/node/workers` (the external workers' actors, added by the table) after the table, so that
+/// a restart of the table drops the workers it no longer knows (they connect again).
+fn workflow_specs(w: &Arc<WorkflowArea>) -> (ChildSpec, ChildSpec, ChildSpec) {
     let (runs, runs_ref) = ChildSpec::supervisor(
         "workflows",
+        SupervisorSpec::new(Strategy::OneForOne, Vec::new),
+    );
+    let (workers, workers_ref) = ChildSpec::supervisor(
+        "workers",
         SupervisorSpec::new(Strategy::OneForOne, Vec::new),
     );
     let w = w.clone();
@@ -373,14 +381,16 @@ fn workflow_specs(w: &Arc<WorkflowArea>) -> (ChildSpec, ChildSpec) {
             w.settings.clone(),
             Arc::new(w.store.clone()),
             w.types.clone(),
+            w.table.clone(),
             runs_ref.clone(),
+            workers_ref.clone(),
             w.membership.clone(),
             w.directory.clone(),
             w.metrics.clone(),
             &w.log,
         )
     });
-    (runs, table)
+    (runs, table, workers)
 }
 
 fn admin_spec(a: &Arc<AdminArea>) -> ChildSpec {

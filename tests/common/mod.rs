@@ -321,12 +321,30 @@ impl Drop for Lodge {
 }
 
 /// A loopback port free right now (for members that must know each other's addresses up front).
+///
+/// Taken below Linux's ephemeral range (32768-60999), never twice in one test process: a port the
+/// kernel hands out for port 0 may be handed out again, for an outgoing connection or another
+/// node's listener, before the member that was meant to have it binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test process starts at its own place in the range, so that two running at once
+    // rarely try the same ports.
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 1_200) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_768, "no free port left below the ephemeral range");
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Runs `lodge kv --endpoint ENDPOINTS ARGS`.
@@ -562,4 +580,27 @@ pub fn jwt(secret: &str, subject: &str, roles: &[&str], prefixes: Option<&[&str]
         },
     )
     .unwrap()
+}
+
+/// The Python with grpcio, grpcio-reflection and protobuf that the tests run stock clients and
+/// the example worker with: `LODGE_TEST_PYTHON`, else the venv that scripts/test makes. Missing
+/// is a failure that says how to fix it, not a skip: these tests are the only check that code
+/// the project did not write can use the node.
+pub fn test_python() -> PathBuf {
+    let py = std::env::var_os("LODGE_TEST_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reflection-venv/bin/python3"),
+        PathBuf::from,
+    );
+    let ready = Command::new(&py)
+        .args(["-c", "import grpc, grpc_reflection, google.protobuf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ready,
+        "{} cannot import grpc, grpc_reflection and google.protobuf: run `bash scripts/test` once \
+         (it installs tests/reflection/requirements.txt into target/reflection-venv), or point \
+         LODGE_TEST_PYTHON at a Python that has them",
+        py.display()
+    );
+    py
 }

@@ -41,6 +41,9 @@ pub enum WorkflowError {
     },
     /// This member no longer owns the run: stop without writing anything.
     Fenced(String),
+    /// Neither code nor a worker on this member runs the run's type (its last worker left): the
+    /// run is moved to a member that does, and waits here until one does.
+    Unserved(String),
     /// The run was cancelled.
     Cancelled,
 }
@@ -52,7 +55,8 @@ impl std::fmt::Display for WorkflowError {
             | Self::Retry(m)
             | Self::Unavailable(m)
             | Self::NeedsAttention(m)
-            | Self::Fenced(m) => f.write_str(m),
+            | Self::Fenced(m)
+            | Self::Unserved(m) => f.write_str(m),
             Self::Cancelled => f.write_str("cancelled"),
             Self::Nondeterministic { recorded, replayed } => write!(
                 f,
@@ -351,6 +355,19 @@ impl Ctx {
             )));
         }
         Ok((index, recorded))
+    }
+
+    /// Takes every recorded step as replayed, for code that replays them itself (an external
+    /// worker), and answers them.
+    pub(crate) fn replay_all(&self) -> Vec<StepRecord> {
+        let mut replay = self.replay.lock().unwrap();
+        replay.asked = replay.recorded.iter().map(|r| r.name.clone()).collect();
+        replay.recorded.clone()
+    }
+
+    /// The index the next step takes.
+    pub(crate) fn next_index(&self) -> usize {
+        self.replay.lock().unwrap().asked.len()
     }
 
     /// After the code returned: the record must hold no step it did not ask for.

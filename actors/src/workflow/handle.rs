@@ -9,9 +9,11 @@ use serde_json::Value;
 
 use tokio::sync::mpsc;
 
+use super::record::TypeInfo;
 use super::record::{check_name, check_value, Run, Status, StepRecord, ROOT};
 use super::records::{ReadRun, RecordError, Records};
-use super::table::{StartWorkflow, Started, WorkflowTable};
+use super::table::{ConnectWorker, StartWorkflow, Started, WorkflowTable};
+use super::worker::{ToWorker, WorkflowWorker, WORKER_QUEUE};
 use crate::cluster::watch::WatchUpdate;
 use crate::envelope::ActorRef;
 
@@ -80,6 +82,36 @@ impl WorkflowHandle {
                     "the workflow table did not answer: {e:?}"
                 )))
             })?
+    }
+
+    /// Connects worker `id`, serving `types`: answers its actor (what the worker sends goes
+    /// there as [`Report`](super::worker::Report)s) and what it is sent.
+    pub async fn connect_worker(
+        &self,
+        id: &str,
+        types: Vec<TypeInfo>,
+    ) -> Result<(ActorRef<WorkflowWorker>, mpsc::Receiver<ToWorker>), RecordError> {
+        check_name("worker_id", id).map_err(RecordError::Invalid)?;
+        if types.is_empty() {
+            return Err(RecordError::Invalid(
+                "types: a worker declares at least one type it serves".into(),
+            ));
+        }
+        for t in &types {
+            check_name("types.name", &t.name).map_err(RecordError::Invalid)?;
+        }
+        let (out, tasks) = mpsc::channel(WORKER_QUEUE);
+        let connect = ConnectWorker {
+            id: id.to_string(),
+            types,
+            out,
+        };
+        let worker = self.table.send(connect).await.map_err(|e| {
+            RecordError::Store(crate::cluster::store::StoreError::Unavailable(format!(
+                "the workflow table did not answer: {e:?}"
+            )))
+        })??;
+        Ok((worker, tasks))
     }
 
     /// Run `id` with its steps.

@@ -8,6 +8,8 @@
 //! - [`table`]: `/node/workflow-table`, which places runs, starts the owner's actors and, on the
 //!   raft leader, moves the runs of failed members; [`run`]: `/node/workflows/<id>`, one running
 //!   workflow.
+//! - [`worker`]: `/node/workers/<id>`, an external worker connected over a stream, which runs
+//!   the types it declares.
 //! - [`runbook`]: the built-in type operators use from a JSON file; [`handle`]: what the gRPC
 //!   service calls.
 
@@ -19,6 +21,7 @@ pub mod records;
 pub mod run;
 pub mod runbook;
 pub mod table;
+pub mod worker;
 
 pub use ctx::{Ctx, Repeat, Types, WorkflowError};
 pub use handle::WorkflowHandle;

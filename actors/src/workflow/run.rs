@@ -1,5 +1,5 @@
 //! One running workflow on its owner: `/node/workflows/<id>`. It replays the record, runs the
-//! code's next steps, and writes the end; a failed or panicking attempt is tried again from the
+//! code's next steps (or has a worker run them: [`super::worker`]), and writes the end; a failed or panicking attempt is tried again from the
 //! record after a growing pause, up to a limit, then the run ends `failed` with the reason.
 
 use std::any::Any;
@@ -23,7 +23,10 @@ use super::ctx::{Ctx, Types, WorkflowError};
 use super::metrics::WorkflowMetrics;
 use super::record::{Run, Status};
 use super::records::{RecordError, Records};
+use super::table::{MoveRun, WorkflowTable};
+use super::worker;
 use crate::clock::precise_ms;
+use crate::envelope::ActorRef;
 use crate::supervision::Managed;
 
 /// How a run is retried.
@@ -81,6 +84,8 @@ pub struct WorkflowRun {
     node: u64,
     records: Records,
     types: Arc<Types>,
+    /// Picks the worker a run of a type no code here runs goes to, and moves it when none does.
+    table: ActorRef<WorkflowTable>,
     retry: RetrySettings,
     metrics: WorkflowMetrics,
     signals: Arc<Notify>,
@@ -97,12 +102,15 @@ pub struct WorkflowRun {
 }
 
 impl WorkflowRun {
-    /// Runs `run`, which this member (`node`) owns at the run's epoch.
+    /// Runs `run`, which this member (`node`) owns at the run's epoch, with the code in `types`
+    /// or, for a type none of it runs, on a worker `table` picks.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         run: Run,
         node: u64,
         records: Records,
         types: Arc<Types>,
+        table: ActorRef<WorkflowTable>,
         retry: RetrySettings,
         metrics: WorkflowMetrics,
         log: &Logger,
@@ -113,6 +121,7 @@ impl WorkflowRun {
             node,
             records,
             types,
+            table,
             retry,
             metrics,
             signals: Arc::new(Notify::new()),
@@ -142,6 +151,7 @@ impl WorkflowRun {
             self.run.clone(),
             self.records.clone(),
             self.types.clone(),
+            self.table.clone(),
             self.signals.clone(),
             self.metrics.clone(),
             self.draining.clone(),
@@ -169,6 +179,17 @@ impl WorkflowRun {
                 // Not the code's failure: it does not count against the limit.
                 self.attempts -= 1;
                 self.unavailable += 1;
+                self.again(m, ctx);
+                return;
+            }
+            Err(WorkflowError::Unserved(m)) => {
+                // Its last worker here left: another member that serves the type takes the run
+                // (this actor is stopped when the move is seen); until one does, it waits here.
+                self.attempts -= 1;
+                self.unavailable += 1;
+                let _ = self.table.try_send(MoveRun {
+                    id: self.run.id.clone(),
+                });
                 self.again(m, ctx);
                 return;
             }
@@ -251,6 +272,7 @@ async fn attempt(
     run: Run,
     records: Records,
     types: Arc<Types>,
+    table: ActorRef<WorkflowTable>,
     signals: Arc<Notify>,
     metrics: WorkflowMetrics,
     draining: Arc<AtomicBool>,
@@ -267,19 +289,16 @@ async fn attempt(
     if now.cancel_requested {
         return Err(WorkflowError::Cancelled);
     }
-    let handler = types.get(&run.type_name, run.version).ok_or_else(|| {
-        WorkflowError::Retry(format!(
-            "type {} version {} is not registered on member {}",
-            run.type_name, run.version, run.owner
-        ))
-    })?;
     let steps = records.steps(&run.id).await?;
     let ctx = Ctx::new(&run.id, run.owner, run.epoch, records, steps, signals)
         .with_metrics(metrics)
         .with_drain(draining);
-    let output = CatchUnwind(handler(ctx.clone(), run.input.clone()))
-        .await
-        .map_err(|panic| WorkflowError::Retry(format!("the code panicked: {panic}")))??;
+    let output = match types.get(&run.type_name, run.version) {
+        Some(handler) => CatchUnwind(handler(ctx.clone(), run.input.clone()))
+            .await
+            .map_err(|panic| WorkflowError::Retry(format!("the code panicked: {panic}")))??,
+        None => worker::attempt(&run, ctx.clone(), &table).await?,
+    };
     ctx.check_complete()?;
     Ok(output)
 }

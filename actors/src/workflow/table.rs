@@ -1,9 +1,11 @@
 //! `/node/workflow-table`: this member's view of every workflow run, kept by a watch on the
 //! records. From it the member starts an actor under `/node/workflows/<id>` for each running
 //! run it owns (and stops those it no longer owns), places new runs, and, while it is the raft
-//! leader, moves the runs of members that membership declares failed to live ones.
+//! leader, moves the runs of members that membership declares failed to live ones. It also knows
+//! this member's external workers: the types it publishes are its code's and theirs, and a run
+//! no code here runs is activated on the least busy worker of its type.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use super::record::{
 };
 use super::records::{ReadRun, RecordError, Records};
 use super::run::{Drain, RetrySettings, RunChanged, SignalArrived, WorkflowRun};
+use super::worker::{ToWorker, WorkflowWorker};
 use crate::clock::precise_ms;
 use crate::cluster::members::{GetTopologyView, Membership};
 use crate::cluster::store::Store;
@@ -73,7 +76,64 @@ pub struct HandOff {
     pub wait: Duration,
 }
 
-crate::handles!(WorkflowTable: StartWorkflow, HandOff);
+/// Starts the actor of a worker that connected: `/node/workers/<id>`, serving `types`; what it
+/// is sent goes to `out`. Refused when a worker of that id is connected to this member already.
+#[derive(Message)]
+#[rtype(result = "Result<ActorRef<WorkflowWorker>, RecordError>")]
+pub struct ConnectWorker {
+    pub id: String,
+    pub types: Vec<TypeInfo>,
+    pub out: tokio::sync::mpsc::Sender<ToWorker>,
+}
+
+/// Worker `id`, serving `types`, connected to this member.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkerJoined {
+    pub id: String,
+    pub types: Vec<TypeInfo>,
+    pub worker: ActorRef<WorkflowWorker>,
+}
+
+/// Worker `id` is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WorkerLeft {
+    pub id: String,
+}
+
+/// The worker that runs `run_id` (of type `info`): the one of this member's workers serving the
+/// type that holds the fewest runs; `None` when none does.
+#[derive(Message)]
+#[rtype(result = "Option<(String, ActorRef<WorkflowWorker>)>")]
+pub struct PickWorker {
+    pub run_id: String,
+    pub info: TypeInfo,
+}
+
+/// Run `id` cannot run here (no code or worker serves its type any more): move it to another
+/// live member that serves the type, if there is one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MoveRun {
+    pub id: String,
+}
+
+crate::handles!(
+    WorkflowTable: StartWorkflow,
+    HandOff,
+    ConnectWorker,
+    WorkerJoined,
+    WorkerLeft,
+    PickWorker,
+    MoveRun
+);
+
+/// A worker connected to this member.
+struct Worker {
+    types: Vec<TypeInfo>,
+    actor: ActorRef<WorkflowWorker>,
+}
 
 /// This member's view of the workflow runs, and the actors of those it owns.
 pub struct WorkflowTable {
@@ -81,7 +141,9 @@ pub struct WorkflowTable {
     records: Records,
     store: Arc<dyn Store>,
     types: Arc<Types>,
+    me: ActorRef<WorkflowTable>,
     runs_supervisor: ActorRef<Supervisor>,
+    workers_supervisor: ActorRef<Supervisor>,
     membership: ActorRef<Membership>,
     directory: Directory,
     metrics: WorkflowMetrics,
@@ -89,20 +151,28 @@ pub struct WorkflowTable {
     actors: HashMap<String, (u64, ActorRef<WorkflowRun>)>,
     revision: i64,
     loaded: bool,
-    types_published: bool,
+    /// What `types/<node>` holds (`None`: not written yet), and whether a write is under way.
+    published: Option<Vec<TypeInfo>>,
+    publishing: bool,
     moving: HashSet<String>,
+    workers: BTreeMap<String, Worker>,
+    /// The worker each run activated on a worker went to (while the run is this member's).
+    picked: HashMap<String, String>,
     log: Logger,
 }
 
 impl WorkflowTable {
-    /// The table of member `settings.node`; run actors go under `runs_supervisor`
-    /// (`/node/workflows`).
+    /// The table of member `settings.node`, started as `me`; run actors go under
+    /// `runs_supervisor` (`/node/workflows`), workers' under `workers_supervisor`
+    /// (`/node/workers`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: TableSettings,
         store: Arc<dyn Store>,
         types: Arc<Types>,
+        me: ActorRef<WorkflowTable>,
         runs_supervisor: ActorRef<Supervisor>,
+        workers_supervisor: ActorRef<Supervisor>,
         membership: ActorRef<Membership>,
         directory: Directory,
         metrics: WorkflowMetrics,
@@ -113,7 +183,9 @@ impl WorkflowTable {
             records: Records::new(store.clone()),
             store,
             types,
+            me,
             runs_supervisor,
+            workers_supervisor,
             membership,
             directory,
             metrics,
@@ -121,8 +193,11 @@ impl WorkflowTable {
             actors: HashMap::new(),
             revision: 0,
             loaded: false,
-            types_published: false,
+            published: None,
+            publishing: false,
             moving: HashSet::new(),
+            workers: BTreeMap::new(),
+            picked: HashMap::new(),
             log: log.new(slog::o!("actor" => "workflow-table")),
         }
     }
@@ -165,18 +240,40 @@ impl WorkflowTable {
         }));
     }
 
-    /// Tells the other members which types this one runs (once per start of the table).
+    /// The types this member runs: its code's and its workers'.
+    fn served(&self) -> Vec<TypeInfo> {
+        let mut served: BTreeSet<TypeInfo> = self.types.list().into_iter().collect();
+        for w in self.workers.values() {
+            served.extend(w.types.iter().cloned());
+        }
+        served.into_iter().collect()
+    }
+
+    /// Tells the other members which types this one runs, whenever that changes; one write at a
+    /// time, so that the last one written is the latest.
     fn publish_types(&mut self, ctx: &mut Context<Self>) {
-        let records = self.records.clone();
-        let (node, types) = (self.settings.node, self.types.list());
+        let types = self.served();
+        if self.publishing || self.published.as_ref() == Some(&types) {
+            return;
+        }
+        self.publishing = true;
+        let (records, node) = (self.records.clone(), self.settings.node);
+        let written = types.clone();
         let write = async move { records.publish_types(node, &types).await };
-        ctx.spawn(write.into_actor(self).map(|res, act, ctx| match res {
-            Ok(()) => act.types_published = true,
-            Err(e) => {
-                debug!(act.log, "cannot publish the workflow types yet"; "error" => %e);
-                ctx.run_later(Duration::from_millis(500), |act, ctx| {
-                    act.publish_types(ctx)
-                });
+        ctx.spawn(write.into_actor(self).map(move |res, act, ctx| {
+            act.publishing = false;
+            match res {
+                Ok(()) => {
+                    act.published = Some(written);
+                    // Changed while it was written: write the latest.
+                    act.publish_types(ctx);
+                }
+                Err(e) => {
+                    debug!(act.log, "cannot publish the workflow types yet"; "error" => %e);
+                    ctx.run_later(Duration::from_millis(500), |act, ctx| {
+                        act.publish_types(ctx)
+                    });
+                }
             }
         }));
     }
@@ -195,6 +292,11 @@ impl WorkflowTable {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        self.picked.retain(|id, _| {
+            self.runs
+                .get(id)
+                .is_some_and(|r| r.run.owner == me && r.run.status == Status::Running)
+        });
         for id in gone {
             self.actors.remove(&id);
             let sup = self.runs_supervisor.clone();
@@ -228,8 +330,12 @@ impl WorkflowTable {
         let actor: ActorRef<WorkflowRun> = ActorRef::default();
         self.actors.insert(id.clone(), (run.epoch, actor.clone()));
         let spec = {
-            let (node, records, types) =
-                (self.settings.node, self.records.clone(), self.types.clone());
+            let (node, records, types, table) = (
+                self.settings.node,
+                self.records.clone(),
+                self.types.clone(),
+                self.me.clone(),
+            );
             let (retry, metrics, log) = (
                 self.settings.retry.clone(),
                 self.metrics.clone(),
@@ -241,6 +347,7 @@ impl WorkflowTable {
                     node,
                     records.clone(),
                     types.clone(),
+                    table.clone(),
                     retry.clone(),
                     metrics.clone(),
                     &log,
@@ -316,7 +423,7 @@ impl WorkflowTable {
             act.moving.remove(&id);
             match res {
                 Ok(moved) => {
-                    info!(act.log, "workflow moved from a failed member";
+                    info!(act.log, "workflow moved";
                         "workflow" => &id, "from" => from, "to" => to, "epoch" => moved.run.epoch);
                     act.metrics.takeovers.inc();
                 }
@@ -444,11 +551,12 @@ impl Managed for WorkflowTable {
         serde_json::json!({
             "revision": self.revision,
             "loaded": self.loaded,
-            "types_published": self.types_published,
+            "types_published": self.published,
             "running": self.runs.len(),
             "running_by_owner": self.loads(),
             "running_here": self.actors.len(),
             "types": self.types.list(),
+            "workers": self.workers.iter().map(|(id, w)| (id.clone(), w.types.clone())).collect::<BTreeMap<_, _>>(),
             "leads": self.directory.current().leader == Some(self.settings.node),
         })
     }
@@ -615,5 +723,129 @@ impl Handler<HandOff> for WorkflowTable {
             moved
         };
         Box::pin(hand_off.into_actor(self))
+    }
+}
+
+impl Handler<WorkerJoined> for WorkflowTable {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerJoined, ctx: &mut Context<Self>) {
+        let worker = Worker {
+            types: msg.types,
+            actor: msg.worker,
+        };
+        self.workers.insert(msg.id, worker);
+        self.publish_types(ctx);
+    }
+}
+
+impl Handler<WorkerLeft> for WorkflowTable {
+    type Result = ();
+
+    fn handle(&mut self, msg: WorkerLeft, ctx: &mut Context<Self>) {
+        self.workers.remove(&msg.id);
+        self.picked.retain(|_, worker| *worker != msg.id);
+        self.publish_types(ctx);
+    }
+}
+
+impl Handler<PickWorker> for WorkflowTable {
+    type Result = Option<(String, ActorRef<WorkflowWorker>)>;
+
+    fn handle(&mut self, msg: PickWorker, _: &mut Context<Self>) -> Self::Result {
+        let mut held: HashMap<&str, usize> = HashMap::new();
+        for (run, worker) in &self.picked {
+            if *run != msg.run_id {
+                *held.entry(worker.as_str()).or_default() += 1;
+            }
+        }
+        let (id, worker) = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.types.contains(&msg.info))
+            .min_by_key(|(id, _)| {
+                (
+                    held.get(id.as_str()).copied().unwrap_or(0),
+                    fastrand::u32(..),
+                )
+            })?;
+        let picked = (id.clone(), worker.actor.clone());
+        self.picked.insert(msg.run_id, id.clone());
+        Some(picked)
+    }
+}
+
+impl Handler<MoveRun> for WorkflowTable {
+    type Result = ();
+
+    fn handle(&mut self, msg: MoveRun, ctx: &mut Context<Self>) {
+        let me = self.settings.node;
+        let Some(read) = self.runs.get(&msg.id).cloned() else {
+            return;
+        };
+        if read.run.owner != me || self.moving.contains(&msg.id) {
+            return;
+        }
+        let (membership, records) = (self.membership.clone(), self.records.clone());
+        let (mut loads, timeout) = (self.loads(), self.settings.failure_timeout);
+        loads.remove(&me);
+        let find = async move {
+            let mut live = live_members(&membership, me, timeout).await;
+            live.remove(&me);
+            let types = records.types().await.unwrap_or_default();
+            let info = TypeInfo {
+                name: read.run.type_name.clone(),
+                version: read.run.version,
+            };
+            place(&info, &live, &types, &loads).map(|to| (read, to))
+        };
+        ctx.spawn(find.into_actor(self).map(|found, act, ctx| {
+            if let Some((read, to)) = found {
+                act.move_run(read, to, ctx);
+            }
+        }));
+    }
+}
+
+impl Handler<ConnectWorker> for WorkflowTable {
+    type Result = ResponseActFuture<Self, Result<ActorRef<WorkflowWorker>, RecordError>>;
+
+    fn handle(&mut self, msg: ConnectWorker, _: &mut Context<Self>) -> Self::Result {
+        let actor: ActorRef<WorkflowWorker> = ActorRef::default();
+        let spec = {
+            let (me, table, log) = (actor.clone(), self.me.clone(), self.log.clone());
+            let (id, types, out) = (msg.id.clone(), msg.types, msg.out);
+            ChildSpec::actor_for(msg.id.clone(), &actor, move || {
+                WorkflowWorker::new(
+                    id.clone(),
+                    types.clone(),
+                    me.clone(),
+                    table.clone(),
+                    out.clone(),
+                    &log,
+                )
+            })
+            // Its stream cannot be opened again from here: the worker connects again.
+            .restart(Restart::Temporary)
+        };
+        let (sup, id) = (self.workers_supervisor.clone(), msg.id);
+        let connected = self.workers.contains_key(&id);
+        let add = async move {
+            if connected {
+                return Err(RecordError::Refused(format!(
+                    "worker_id: a worker named {id:?} is connected to this member already"
+                )));
+            }
+            match sup.send(AddChild(spec)).await {
+                Ok(Ok(_)) => Ok(actor),
+                Ok(Err(e)) => Err(RecordError::Refused(format!("worker_id {id:?}: {e}"))),
+                Err(e) => Err(RecordError::Store(
+                    crate::cluster::store::StoreError::Unavailable(format!(
+                        "the workers' supervisor did not answer: {e:?}"
+                    )),
+                )),
+            }
+        };
+        Box::pin(add.into_actor(self))
     }
 }

@@ -13,7 +13,9 @@ use super::metrics::WorkflowMetrics;
 use super::record::{Run, Status, StepRecord, StepState};
 use super::records::{RecordError, Records};
 use super::run::{RetrySettings, WorkflowRun};
+use super::worker::{self, Activate, Disconnect, FromWorker, Report, ToWorker, WorkflowWorker};
 use crate::cluster::store::MemoryStore;
+use crate::envelope::ActorRef;
 
 fn records() -> Records {
     Records::new(Arc::new(MemoryStore::new()))
@@ -277,6 +279,7 @@ async fn run_to_the_end(types: Types, retry: RetrySettings) -> Run {
         1,
         records.clone(),
         Arc::new(types),
+        ActorRef::default(),
         retry,
         WorkflowMetrics::default(),
         &log,
@@ -358,4 +361,100 @@ async fn a_final_failure_is_not_retried() {
     assert_eq!(ended.status, Status::Failed);
     assert_eq!(ended.error.as_deref(), Some("bad input"));
     assert_eq!(attempts.load(Ordering::SeqCst), 1);
+}
+
+#[actix_rt::test]
+async fn a_workers_step_is_recorded_only_at_the_next_index_and_its_activations_epoch() {
+    let records = records();
+    let r = run("w", 1);
+    records.start(&r).await.unwrap();
+    let ctx = ctx_of(&records, &r).await;
+    let ok = worker::record(&r, &ctx, 1, 0, "a", json!(1)).await;
+    assert_eq!(ok, Ok(()));
+    let skipped = worker::record(&r, &ctx, 1, 2, "c", json!(3)).await;
+    assert!(
+        matches!(&skipped, Err(WorkflowError::Retry(m)) if m.contains("step 2") && m.contains("next step is 1")),
+        "{skipped:?}"
+    );
+    let stale = worker::record(&r, &ctx, 0, 1, "b", json!(2)).await;
+    assert!(
+        matches!(&stale, Err(WorkflowError::Fenced(m)) if m.contains("epoch 0")),
+        "{stale:?}"
+    );
+    let recorded = records.steps("w").await.unwrap();
+    assert_eq!(names(&recorded), ["a"]);
+    assert_eq!(recorded[0].result, json!(1));
+
+    // A later activation replays the record: the worker gets it, its next step is 1.
+    let again = ctx_of(&records, &r).await;
+    assert_eq!(names(&again.replay_all()), ["a"]);
+    assert_eq!(again.next_index(), 1);
+}
+
+#[actix_rt::test]
+async fn a_worker_actor_routes_reports_to_their_activation_and_ends_them_when_it_stops() {
+    use actix::Actor;
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let (out, mut tasks) = tokio::sync::mpsc::channel(worker::WORKER_QUEUE);
+    let info = super::record::TypeInfo {
+        name: "t".into(),
+        version: 1,
+    };
+    let addr = WorkflowWorker::new(
+        "w1".into(),
+        vec![info],
+        ActorRef::default(),
+        ActorRef::default(),
+        out,
+        &log,
+    )
+    .start();
+    let r = run("w", 1);
+    let mut activation = addr
+        .send(Activate {
+            run: r.clone(),
+            steps: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tasks.recv().await,
+        Some(ToWorker::Activate {
+            run: r.clone(),
+            steps: Vec::new()
+        })
+    );
+
+    let step = FromWorker::Step {
+        run_id: "w".into(),
+        epoch: 1,
+        index: 0,
+        name: "a".into(),
+        result: json!(1),
+    };
+    addr.send(Report(step.clone())).await.unwrap();
+    assert_eq!(activation.inbox.recv().await, Some(step));
+
+    // A report about a run not active here is refused to the worker, naming the run.
+    let stray = FromWorker::Step {
+        run_id: "other".into(),
+        epoch: 1,
+        index: 0,
+        name: "a".into(),
+        result: json!(1),
+    };
+    addr.send(Report(stray)).await.unwrap();
+    match tasks.recv().await {
+        Some(ToWorker::Recorded {
+            run_id,
+            index: 0,
+            error: Some(e),
+        }) => assert!(run_id == "other" && e.contains("not active"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+
+    // The worker's stream ends: the activation sees its inbox close ("worker gone").
+    addr.send(Disconnect).await.unwrap();
+    assert_eq!(activation.inbox.recv().await, None);
 }
