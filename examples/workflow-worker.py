@@ -21,6 +21,9 @@ Type `py-pipeline` version 1, input {"items": [...]}: steps `fetch` (the items),
 (upper-cased), `publish` (appends one line per run to --journal, and answers the count). Every
 step appends "<run> <step> <worker>" to --journal when it runs, so a reader can count runs.
 
+It connects again (0.5 s, doubling to 5 s) when the node is unreachable or restarts, and exits
+on any other error (a refused hello, a missing role).
+
 --hold STEP:FILE makes the worker wait for FILE to exist before it runs STEP: a test uses it to
 kill the worker at a known point. LODGE_TOKEN, when set, is sent as a bearer token (a worker needs
 the `workflow-worker` role; unauthenticated callers are allowed on loopback only).
@@ -162,11 +165,13 @@ class Worker:
                 self.runs[run.id] = ctx
             threading.Thread(target=self.activate, args=(ctx, fn), daemon=True).start()
         elif kind == "recorded":
-            ctx = self.runs.get(task.recorded.run_id)
+            with self.lock:
+                ctx = self.runs.get(task.recorded.run_id)
             if ctx:
                 ctx.replies.put(task.recorded)
         elif kind == "stop_run_id":
-            ctx = self.runs.get(task.stop_run_id)
+            with self.lock:
+                ctx = self.runs.get(task.stop_run_id)
             if ctx:
                 ctx.stopped.set()
                 ctx.replies.put(None)
@@ -184,7 +189,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - any other error is tried again from the record
             finish.update(error=f"{type(e).__name__}: {e}", retry=True)
         with self.lock:
-            self.runs.pop(ctx.run.id, None)
+            # A later activation of the same run may have taken its place already.
+            if self.runs.get(ctx.run.id) is ctx:
+                del self.runs[ctx.run.id]
         if finish is not None:
             self.send(finish=finish)
 
@@ -222,11 +229,18 @@ def main():
     args = p.parse_args()
     hold = tuple(args.hold.split(":", 1)) if args.hold else None
     types = {("py-pipeline", 1): pipeline(args.journal, args.id, hold)}
-    try:
-        Worker(args.node, args.id, types).run()
-    except grpc.RpcError as e:
-        print(f"worker {args.id}: {e.code().name}: {e.details()}", file=sys.stderr)
-        sys.exit(1)
+    pause = 0.5
+    while True:
+        try:
+            Worker(args.node, args.id, types).run()
+        except grpc.RpcError as e:
+            print(f"worker {args.id}: {e.code().name}: {e.details()}", file=sys.stderr)
+            # A node that is down, restarting or shutting down: connect again, as a worker must
+            # (its runs wait for it, or go to another worker). Anything else is a mistake to fix.
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                sys.exit(1)
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
 
 
 if __name__ == "__main__":
