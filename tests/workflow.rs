@@ -828,6 +828,39 @@ fn assert_pipeline_done(v: &Value, journal: &Path, id: &str, by: [&str; 3]) {
     );
 }
 
+/// A hello declaring a type the node's own code runs (the runbook), or none, is refused with
+/// INVALID_ARGUMENT naming `types`.
+fn assert_hello_refused(endpoint: &str) {
+    use lodge_grpc::pb::workflow::{self as pb, workflow_client::WorkflowClient};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let channel =
+            lodge_grpc::client::connect(endpoint, &lodge_grpc::client::ClientTls::default())
+                .await
+                .unwrap();
+        for types in [vec![("runbook", 1)], vec![]] {
+            let hello = pb::WorkerMessage {
+                kind: Some(pb::worker_message::Kind::Hello(pb::WorkerHello {
+                    worker_id: "claims".into(),
+                    types: types
+                        .iter()
+                        .map(|(name, version)| pb::WorkerType {
+                            name: name.to_string(),
+                            version: *version,
+                        })
+                        .collect(),
+                })),
+            };
+            let refused = WorkflowClient::new(channel.clone())
+                .work(tokio_stream::iter(vec![hello]))
+                .await
+                .expect_err("the hello is refused");
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+            assert!(refused.message().starts_with("types"), "{refused}");
+        }
+    });
+}
+
 #[test]
 fn the_python_example_worker_runs_a_type_and_a_second_worker_finishes_it_when_the_first_is_killed()
 {
@@ -859,6 +892,7 @@ fn the_python_example_worker_runs_a_type_and_a_second_worker_finishes_it_when_th
         stderr(&twin)
     );
     solo.kill9();
+    assert_hello_refused(ep);
 
     // Worker A records `fetch`, then holds before `transform`; B connects; A is killed.
     let a = PyWorker::start(

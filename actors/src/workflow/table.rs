@@ -812,6 +812,7 @@ impl Handler<ConnectWorker> for WorkflowTable {
 
     fn handle(&mut self, msg: ConnectWorker, _: &mut Context<Self>) -> Self::Result {
         let actor: ActorRef<WorkflowWorker> = ActorRef::default();
+        let spec_types = msg.types.clone();
         let spec = {
             let (me, table, log) = (actor.clone(), self.me.clone(), self.log.clone());
             let (id, types, out) = (msg.id.clone(), msg.types, msg.out);
@@ -828,9 +829,21 @@ impl Handler<ConnectWorker> for WorkflowTable {
             // Its stream cannot be opened again from here: the worker connects again.
             .restart(Restart::Temporary)
         };
+        // The member's own code always runs its types: a worker declaring one would never get
+        // a run of it (and must not, for the runbook type, whose start needs admin).
+        let own = spec_types
+            .iter()
+            .find(|t| self.types.get(&t.name, t.version).is_some())
+            .cloned();
         let (sup, id) = (self.workers_supervisor.clone(), msg.id);
         let connected = self.workers.contains_key(&id);
         let add = async move {
+            if let Some(t) = own {
+                return Err(RecordError::Invalid(format!(
+                    "types: {} version {} is run by the node's own code, not by workers",
+                    t.name, t.version
+                )));
+            }
             if connected {
                 return Err(RecordError::Refused(format!(
                     "worker_id: a worker named {id:?} is connected to this member already"
