@@ -36,6 +36,12 @@ pub struct NodeConfig {
     pub balancer: BalancerSection,
     pub auth: AuthSection,
     pub audit: AuditSection,
+    pub workflow: WorkflowSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct WorkflowSection {
+    pub retention_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

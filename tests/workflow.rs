@@ -295,6 +295,61 @@ fn cancel_and_signal_reach_a_running_workflow() {
 }
 
 #[test]
+fn ended_runs_are_deleted_past_their_retention_and_running_ones_are_kept() {
+    let env = [
+        ("LODGE_CLUSTER__HEARTBEAT_TIMEOUT_MS", "1500"),
+        ("LODGE_WORKFLOW__RETENTION_MS", "2000"),
+    ];
+    let node = Node::start_env(&[], &env);
+    let ep = node.grpc.as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let quick =
+        json!({"name": "quick", "steps": [{"name": "s", "run": "true", "idempotent": true}]});
+    let quick = write_json(dir.path(), "quick.json", &quick);
+    let waits = json!({"name": "waits", "steps": [{"name": "w", "wait_signal": "go"}]});
+    let waits = write_json(dir.path(), "waits.json", &waits);
+    within(Duration::from_secs(30), "both start", || {
+        let a = workflow(ep, &["run", &quick, "--id", "kept-short"]);
+        let b = workflow(ep, &["run", &waits, "--id", "kept-waiting"]);
+        (a.status.success() && b.status.success()).then_some(())
+    });
+    let v = settled(ep, "kept-short", Duration::from_secs(30)).expect("kept-short settles");
+    assert_eq!(v["status"], "completed", "{v}");
+
+    // Past its retention the ended run is gone, with all that was recorded of it.
+    let gone = within(Duration::from_secs(30), "the ended run is deleted", || {
+        let o = workflow(ep, &["get", "kept-short"]);
+        (!o.status.success()).then(|| stderr(&o))
+    });
+    assert!(
+        gone.contains("NotFound") && gone.contains("kept-short"),
+        "{gone}"
+    );
+    let left = kv(ep, &["get", "/lodge/wf/", "--prefix"]);
+    assert!(left.status.success(), "{}", stderr(&left));
+    assert!(!stdout(&left).contains("kept-short"), "{}", stdout(&left));
+    assert!(stdout(&left).contains("kept-waiting"), "{}", stdout(&left));
+
+    // A running run is kept whatever its age; a deleted run's id may be started again.
+    let w = get_workflow(ep, "kept-waiting").expect("kept-waiting");
+    assert_eq!(w["status"], "running", "{w}");
+    let again = workflow(ep, &["run", &quick, "--id", "kept-short"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("existing run"),
+        "{}",
+        stderr(&again)
+    );
+    let scraped = node.scrape();
+    let forgotten = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("lodge_workflow_forgotten_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    // At least the first; the second start may have ended and been deleted since.
+    assert!(forgotten.is_some_and(|n| n >= 1), "{scraped}");
+}
+
+#[test]
 fn an_owner_cut_off_by_a_partition_cannot_record_a_step_after_the_takeover() {
     let three = Cluster::start_with(&["--allow-mutations"]);
     let all = three.all();

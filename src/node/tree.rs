@@ -326,6 +326,8 @@ pub fn workflows(cfg: &NodeConfig, cluster: &ClusterArea, log: &Logger) -> Arc<W
             failure_timeout: NodeConfig::duration(cfg.cluster.heartbeat_timeout_ms),
             check_every: std::time::Duration::from_millis(250),
             retry: RetrySettings::default(),
+            retention: (cfg.workflow.retention_ms > 0)
+                .then(|| NodeConfig::duration(cfg.workflow.retention_ms)),
         },
         store: cluster.store.clone(),
         types: Arc::new(runbook::register(Types::new())),

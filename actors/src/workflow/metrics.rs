@@ -33,6 +33,8 @@ pub struct WorkflowMetrics {
     pub ended: Family<RunLabels, Counter>,
     /// Owner changes this member made as the raft leader.
     pub takeovers: Counter,
+    /// Ended runs this member deleted as the raft leader, past `workflow.retention_ms`.
+    pub forgotten: Counter,
     /// Time to record one step through raft.
     pub step_seconds: Histogram,
 }
@@ -43,6 +45,7 @@ impl Default for WorkflowMetrics {
             started: Family::default(),
             ended: Family::default(),
             takeovers: Counter::default(),
+            forgotten: Counter::default(),
             step_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         }
     }
@@ -89,6 +92,11 @@ impl WorkflowMetrics {
             "lodge_workflow_takeovers",
             "Workflow runs moved to a new owner by this member as the raft leader",
             self.takeovers.clone(),
+        );
+        r.register(
+            "lodge_workflow_forgotten",
+            "Ended workflow runs deleted by this member as the raft leader, past their retention",
+            self.forgotten.clone(),
         );
         r.register(
             "lodge_workflow_step_record_seconds",

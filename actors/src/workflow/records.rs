@@ -199,6 +199,31 @@ impl Records {
         Err(fenced(id, outcome.gets))
     }
 
+    /// Deletes run `read` and all that is recorded of it (fence, steps, signals), if the run is
+    /// still as read; answers whether it was deleted.
+    pub async fn forget(&self, read: &ReadRun) -> Result<bool, RecordError> {
+        let id = &read.run.id;
+        let delete = |key: Vec<u8>, prefix: bool| Op::Delete { key, prefix };
+        let outcome = self
+            .store
+            .txn(
+                vec![Compare {
+                    key: run_key(id),
+                    cmp: Cmp::Equal,
+                    target: Target::ModRevision(read.revision),
+                }],
+                vec![
+                    delete(run_key(id), false),
+                    delete(owner_key(id), false),
+                    delete(steps_prefix(id), true),
+                    delete(signals_prefix(id), true),
+                ],
+                Vec::new(),
+            )
+            .await?;
+        Ok(outcome.succeeded)
+    }
+
     /// Rewrites run `id` with `change`, from the version read, again if another writer got in
     /// between. With `fence`, only while the fence names that owner and epoch. `change` answers
     /// `Ok(false)` when there is nothing to write.

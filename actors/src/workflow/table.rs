@@ -45,7 +45,13 @@ pub struct TableSettings {
     pub check_every: Duration,
     /// How a run is retried.
     pub retry: RetrySettings,
+    /// How long an ended run is kept (`workflow.retention_ms`); `None`: for ever.
+    pub retention: Option<Duration>,
 }
+
+/// Most ended runs one sweep deletes, so that a backlog is cleared over several sweeps rather
+/// than in one burst of raft writes.
+const SWEEP_BATCH: usize = 1000;
 
 /// Starts a workflow run: placed on a live member that runs its type, least loaded first.
 #[derive(Message)]
@@ -155,6 +161,7 @@ pub struct WorkflowTable {
     published: Option<Vec<TypeInfo>>,
     publishing: bool,
     moving: HashSet<String>,
+    sweeping: bool,
     workers: BTreeMap<String, Worker>,
     /// The worker each run activated on a worker went to (while the run is this member's).
     picked: HashMap<String, String>,
@@ -196,6 +203,7 @@ impl WorkflowTable {
             published: None,
             publishing: false,
             moving: HashSet::new(),
+            sweeping: false,
             workers: BTreeMap::new(),
             picked: HashMap::new(),
             log: log.new(slog::o!("actor" => "workflow-table")),
@@ -433,6 +441,43 @@ impl WorkflowTable {
         }));
     }
 
+    /// On the raft leader: deletes the runs that ended more than the retention ago.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let Some(keep) = self.settings.retention else {
+            return;
+        };
+        if self.sweeping || self.directory.current().leader != Some(self.settings.node) {
+            return;
+        }
+        self.sweeping = true;
+        let records = self.records.clone();
+        let sweep = async move {
+            let (runs, _) = records.runs(false).await?;
+            let cutoff = precise_ms().saturating_sub(keep.as_millis() as u64);
+            let expired = runs.into_iter().filter(|r| {
+                r.run.status != Status::Running && r.run.ended_ms.is_some_and(|at| at < cutoff)
+            });
+            let mut forgotten = 0;
+            for read in expired.take(SWEEP_BATCH) {
+                if records.forget(&read).await? {
+                    forgotten += 1;
+                }
+            }
+            Ok::<u64, RecordError>(forgotten)
+        };
+        ctx.spawn(sweep.into_actor(self).map(|res, act, _| {
+            act.sweeping = false;
+            match res {
+                Ok(0) => {}
+                Ok(n) => {
+                    info!(act.log, "ended workflow runs deleted past their retention"; "runs" => n);
+                    act.metrics.forgotten.inc_by(n);
+                }
+                Err(e) => debug!(act.log, "retention sweep stopped; next time"; "error" => %e),
+            }
+        }));
+    }
+
     /// Running runs per owner.
     fn loads(&self) -> HashMap<u64, usize> {
         let mut loads = HashMap::new();
@@ -541,6 +586,12 @@ impl Actor for WorkflowTable {
                 act.take_over(ctx);
             }
         });
+        if let Some(keep) = self.settings.retention {
+            // Often enough that a run outlives its retention by at most about a quarter of it
+            // (or a minute), seldom enough that the scan of every run costs little.
+            let every = (keep / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+            ctx.run_interval(every, |act, ctx| act.sweep(ctx));
+        }
     }
 }
 
