@@ -1,5 +1,6 @@
-//! `lodge.workflow.v1.Workflow` → the workflow handle (starts through this member's workflow
-//! table, the rest through the store client; a watch follows the records on this member).
+//! `lodge.workflow.v1.Workflow` → the workflow handle (starts and workers' streams through this
+//! member's workflow table, the rest through the store client; a watch follows the records on
+//! this member).
 //! Decodes, checks what the role table cannot see (a runbook runs shell commands on the owner,
 //! so starting one needs `admin`), bounds each call by the caller's deadline, and maps the
 //! answer to a status.
@@ -11,9 +12,8 @@ use lodge_actors::cluster::store::StoreError;
 use lodge_actors::cluster::watch::WatchUpdate;
 use lodge_actors::envelope::ActorRef;
 use lodge_actors::workflow::handle::{RunDetail, RunFollow, WorkflowHandle};
-use lodge_actors::workflow::record::TypeInfo;
 use lodge_actors::workflow::record::{
-    run_key, steps_prefix, Run, Status as RunStatus, StepRecord, StepState,
+    run_key, steps_prefix, Run, Status as RunStatus, StepRecord, StepState, TypeInfo,
 };
 use lodge_actors::workflow::records::RecordError;
 use lodge_actors::workflow::runbook::RUNBOOK;

@@ -9,8 +9,7 @@ use serde_json::Value;
 
 use tokio::sync::mpsc;
 
-use super::record::TypeInfo;
-use super::record::{check_name, check_value, Run, Status, StepRecord, ROOT};
+use super::record::{check_name, check_value, Run, Status, StepRecord, TypeInfo, ROOT};
 use super::records::{ReadRun, RecordError, Records};
 use super::table::{ConnectWorker, StartWorkflow, Started, WorkflowTable};
 use super::worker::{ToWorker, WorkflowWorker, WORKER_QUEUE};

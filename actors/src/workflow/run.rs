@@ -1,6 +1,7 @@
 //! One running workflow on its owner: `/node/workflows/<id>`. It replays the record, runs the
-//! code's next steps (or has a worker run them: [`super::worker`]), and writes the end; a failed or panicking attempt is tried again from the
-//! record after a growing pause, up to a limit, then the run ends `failed` with the reason.
+//! code's next steps (or has a worker run them: [`super::worker`]), and writes the end; a failed
+//! or panicking attempt is tried again from the record after a growing pause, up to a limit,
+//! then the run ends `failed` with the reason.
 
 use std::any::Any;
 use std::future::Future;
