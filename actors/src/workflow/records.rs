@@ -76,6 +76,15 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("workflow records serialise")
 }
 
+/// Run `id` is unchanged since it was read at `revision`.
+fn unchanged(id: &str, revision: i64) -> Compare {
+    Compare {
+        key: run_key(id),
+        cmp: Cmp::Equal,
+        target: Target::ModRevision(revision),
+    }
+}
+
 fn fence_holds(id: &str, owner: u64, epoch: u64) -> Compare {
     Compare {
         key: owner_key(id),
@@ -207,11 +216,7 @@ impl Records {
         let outcome = self
             .store
             .txn(
-                vec![Compare {
-                    key: run_key(id),
-                    cmp: Cmp::Equal,
-                    target: Target::ModRevision(read.revision),
-                }],
+                vec![unchanged(id, read.revision)],
                 vec![
                     delete(run_key(id), false),
                     delete(owner_key(id), false),
@@ -239,11 +244,7 @@ impl Records {
                 return Ok(read);
             }
             let key = run_key(id);
-            let mut compares = vec![Compare {
-                key: key.clone(),
-                cmp: Cmp::Equal,
-                target: Target::ModRevision(read.revision),
-            }];
+            let mut compares = vec![unchanged(id, read.revision)];
             if let Some((owner, epoch)) = fence {
                 compares.push(fence_holds(id, owner, epoch));
             }
@@ -282,11 +283,7 @@ impl Records {
             .store
             .txn(
                 vec![
-                    Compare {
-                        key: run_key(id),
-                        cmp: Cmp::Equal,
-                        target: Target::ModRevision(read.revision),
-                    },
+                    unchanged(id, read.revision),
                     fence_holds(id, read.run.owner, read.run.epoch),
                 ],
                 vec![
@@ -319,11 +316,7 @@ impl Records {
         let outcome = self
             .store
             .txn(
-                vec![Compare {
-                    key: run_key(id),
-                    cmp: Cmp::Equal,
-                    target: Target::ModRevision(read.revision),
-                }],
+                vec![unchanged(id, read.revision)],
                 vec![put(signal_key(id, name), json(value))],
                 Vec::new(),
             )
