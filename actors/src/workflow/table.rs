@@ -452,7 +452,9 @@ impl WorkflowTable {
         self.sweeping = true;
         let records = self.records.clone();
         let sweep = async move {
-            let (runs, _) = records.runs(false).await?;
+            // This member's copy, with no read through the leader's quorum: a run that changed
+            // since is left alone by the delete's compare, so a stale read costs nothing.
+            let (runs, _) = records.runs(true).await?;
             let cutoff = precise_ms().saturating_sub(keep.as_millis() as u64);
             let expired = runs.into_iter().filter(|r| {
                 r.run.status != Status::Running && r.run.ended_ms.is_some_and(|at| at < cutoff)
