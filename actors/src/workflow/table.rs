@@ -590,8 +590,9 @@ impl Actor for WorkflowTable {
         });
         if let Some(keep) = self.settings.retention {
             // Often enough that a run outlives its retention by at most about a quarter of it
-            // (or a minute), seldom enough that the scan of every run costs little.
-            let every = (keep / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+            // (or ten minutes), seldom enough that the scan of every run, which the raft actor
+            // answers, costs the cluster little.
+            let every = (keep / 4).clamp(Duration::from_millis(250), Duration::from_secs(600));
             ctx.run_interval(every, |act, ctx| act.sweep(ctx));
         }
     }
