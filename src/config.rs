@@ -39,6 +39,7 @@ pub struct NodeConfig {
     pub workflow: WorkflowSection,
 }
 
+/// `[workflow]`: how long ended runs are kept (docs/workflows.md).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct WorkflowSection {
     pub retention_ms: u64,

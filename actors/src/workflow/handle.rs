@@ -16,6 +16,9 @@ use super::worker::{ToWorker, WorkflowWorker, WORKER_QUEUE};
 use crate::cluster::watch::WatchUpdate;
 use crate::envelope::ActorRef;
 
+/// Most types one worker may declare (they are published in one record).
+pub const MAX_WORKER_TYPES: usize = 256;
+
 /// Most runs one List page holds.
 pub const MAX_PAGE: usize = 1000;
 
@@ -91,10 +94,11 @@ impl WorkflowHandle {
         types: Vec<TypeInfo>,
     ) -> Result<(ActorRef<WorkflowWorker>, mpsc::Receiver<ToWorker>), RecordError> {
         check_name("worker_id", id).map_err(RecordError::Invalid)?;
-        if types.is_empty() {
-            return Err(RecordError::Invalid(
-                "types: a worker declares at least one type it serves".into(),
-            ));
+        if types.is_empty() || types.len() > MAX_WORKER_TYPES {
+            return Err(RecordError::Invalid(format!(
+                "types: a worker declares from 1 to {MAX_WORKER_TYPES} types it serves, not {}",
+                types.len()
+            )));
         }
         for t in &types {
             check_name("types.name", &t.name).map_err(RecordError::Invalid)?;

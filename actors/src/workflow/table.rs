@@ -480,6 +480,26 @@ impl WorkflowTable {
         }));
     }
 
+    /// Drops the workers whose actor has stopped (its `WorkerLeft` may not have reached here).
+    fn forget_gone_workers(&mut self, ctx: &mut Context<Self>) {
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.actor.addr().is_none_or(|a| !a.connected()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.forget_worker(&id, ctx);
+        }
+    }
+
+    fn forget_worker(&mut self, id: &str, ctx: &mut Context<Self>) {
+        if self.workers.remove(id).is_some() {
+            self.picked.retain(|_, worker| worker != id);
+            self.publish_types(ctx);
+        }
+    }
+
     /// Running runs per owner.
     fn loads(&self) -> HashMap<u64, usize> {
         let mut loads = HashMap::new();
@@ -583,6 +603,7 @@ impl Actor for WorkflowTable {
         self.publish_types(ctx);
         self.load(ctx);
         ctx.run_interval(self.settings.check_every, |act, ctx| {
+            act.forget_gone_workers(ctx);
             if act.loaded {
                 act.reconcile(ctx);
                 act.take_over(ctx);
@@ -797,9 +818,7 @@ impl Handler<WorkerLeft> for WorkflowTable {
     type Result = ();
 
     fn handle(&mut self, msg: WorkerLeft, ctx: &mut Context<Self>) {
-        self.workers.remove(&msg.id);
-        self.picked.retain(|_, worker| *worker != msg.id);
-        self.publish_types(ctx);
+        self.forget_worker(&msg.id, ctx);
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use actix::{Actor, ActorContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, WrapFuture};
 use serde_json::Value;
 use slog::{info, warn, Logger};
 use tokio::sync::mpsc;
@@ -155,19 +155,31 @@ impl WorkflowWorker {
 impl Actor for WorkflowWorker {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Context<Self>) {
+    fn started(&mut self, ctx: &mut Context<Self>) {
         info!(self.log, "worker connected"; "types" => ?self.types);
-        let _ = self.table.try_send(WorkerJoined {
-            id: self.id.clone(),
-            types: self.types.clone(),
-            worker: self.me.clone(),
-        });
+        let (table, joined) = (
+            self.table.clone(),
+            WorkerJoined {
+                id: self.id.clone(),
+                types: self.types.clone(),
+                worker: self.me.clone(),
+            },
+        );
+        // Waits for room in the table's mailbox rather than losing the join.
+        ctx.spawn(
+            async move {
+                let _ = table.send(joined).await;
+            }
+            .into_actor(self),
+        );
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         info!(self.log, "worker gone"; "active" => self.active.len());
         // Dropping the inboxes ends each activation as "worker gone".
         self.active.clear();
+        // The table also drops workers whose actor stopped on its regular check, so a full
+        // mailbox here costs a moment, not a worker that is never forgotten.
         let _ = self.table.try_send(WorkerLeft {
             id: self.id.clone(),
         });
