@@ -9,9 +9,11 @@
 //! Commands arrive through the raft log in the same order on every member, so applying them is
 //! deterministic: no clocks, no randomness, no iteration over hash maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+use super::keys::{KeySpace, MemoryKeys};
 
 /// A write, as replicated through the log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,18 +253,154 @@ pub enum OpResult {
 }
 
 /// The state machine.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KvState {
-    data: BTreeMap<Vec<u8>, KeyValue>,
+    keys: Box<dyn KeySpace>,
     revision: i64,
     leases: BTreeMap<i64, Lease>,
     /// The highest lease id ever granted: ids are not reused (unless they run out, see
     /// [`Command::LeaseGrantLowestFree`]), so a client holding a revoked lease's id can never
     /// keep someone else's lease alive.
     last_lease: i64,
+    /// Leases changed since the last commit: their records are rewritten with it.
+    dirty_leases: BTreeSet<i64>,
+}
+
+impl Default for KvState {
+    fn default() -> Self {
+        Self::over(Box::new(MemoryKeys::default()))
+    }
+}
+
+impl std::fmt::Debug for KvState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvState")
+            .field("revision", &self.revision)
+            .field("leases", &self.leases.len())
+            .field("last_lease", &self.last_lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bookkeeping records kept beside the keys (see [`KeySpace::put_meta`]).
+const META_REVISION: &[u8] = b"kv/revision";
+const META_LAST_LEASE: &[u8] = b"kv/last_lease";
+const META_LEASE: &[u8] = b"kv/lease/";
+
+fn lease_record(id: i64) -> Vec<u8> {
+    let mut name = META_LEASE.to_vec();
+    name.extend_from_slice(&id.to_be_bytes());
+    name
+}
+
+fn decode_i64(b: Option<Vec<u8>>) -> Result<i64, String> {
+    match b {
+        None => Ok(0),
+        Some(b) => b
+            .try_into()
+            .map(i64::from_be_bytes)
+            .map_err(|_| "a counter record is not 8 bytes".to_string()),
+    }
+}
+
+/// The state as a snapshot holds it: every key, then the counters and leases. The same bytes
+/// as the in-memory state of earlier versions, so their snapshots still load.
+#[derive(Serialize)]
+struct ImageRef<'a> {
+    data: KeysInOrder<'a>,
+    revision: i64,
+    leases: &'a BTreeMap<i64, Lease>,
+    last_lease: i64,
+}
+
+struct KeysInOrder<'a>(&'a dyn KeySpace);
+
+impl Serialize for KeysInOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Collected first: a serde map needs its length up front.
+        let mut all = Vec::new();
+        self.0.scan(b"", None, &mut |kv| {
+            all.push(kv);
+            true
+        });
+        s.collect_map(all.iter().map(|kv| (&kv.key, kv)))
+    }
+}
+
+#[derive(Deserialize)]
+struct Image {
+    data: BTreeMap<Vec<u8>, KeyValue>,
+    revision: i64,
+    leases: BTreeMap<i64, Lease>,
+    last_lease: i64,
 }
 
 impl KvState {
+    /// An empty state over `keys`.
+    pub fn over(keys: Box<dyn KeySpace>) -> Self {
+        Self {
+            keys,
+            revision: 0,
+            leases: BTreeMap::new(),
+            last_lease: 0,
+            dirty_leases: BTreeSet::new(),
+        }
+    }
+
+    /// The state `keys` hold, with the counters and leases recorded beside them.
+    pub fn restore(keys: Box<dyn KeySpace>) -> Result<Self, String> {
+        let mut state = Self::over(keys);
+        state.revision = decode_i64(state.keys.meta(META_REVISION))?;
+        state.last_lease = decode_i64(state.keys.meta(META_LAST_LEASE))?;
+        for (_, record) in state.keys.meta_scan(META_LEASE) {
+            let lease: Lease =
+                postcard::from_bytes(&record).map_err(|e| format!("corrupt lease record: {e}"))?;
+            state.leases.insert(lease.id, lease);
+        }
+        Ok(state)
+    }
+
+    /// Replaces everything with `image` (a leader's snapshot, decoded). Bookkeeping records of
+    /// the owner (where the log was applied to) go too: the owner writes them again.
+    pub fn replace_with(&mut self, image: KvState) {
+        self.keys.clear();
+        image.keys.scan(b"", None, &mut |kv| {
+            self.keys.put(kv);
+            true
+        });
+        self.revision = image.revision;
+        self.last_lease = image.last_lease;
+        self.leases = image.leases;
+        self.dirty_leases = self.leases.keys().copied().collect();
+    }
+
+    /// Sets a bookkeeping record of the state's owner, written with the next commit.
+    pub fn put_meta(&mut self, name: &[u8], value: Option<Vec<u8>>) {
+        self.keys.put_meta(name, value);
+    }
+
+    /// A bookkeeping record of the state's owner.
+    pub fn meta(&self, name: &[u8]) -> Option<Vec<u8>> {
+        self.keys.meta(name)
+    }
+
+    /// Writes what changed since the last commit as one atomic unit (see [`KeySpace::commit`]).
+    pub fn commit(&mut self) -> Result<(), String> {
+        for id in std::mem::take(&mut self.dirty_leases) {
+            let record = self
+                .leases
+                .get(&id)
+                .map(|l| postcard::to_stdvec(l).expect("a lease serialises"));
+            self.keys.put_meta(&lease_record(id), record);
+        }
+        self.keys
+            .put_meta(META_REVISION, Some(self.revision.to_be_bytes().to_vec()));
+        self.keys.put_meta(
+            META_LAST_LEASE,
+            Some(self.last_lease.to_be_bytes().to_vec()),
+        );
+        self.keys.commit()
+    }
+
     /// Current revision.
     pub fn revision(&self) -> i64 {
         self.revision
@@ -279,8 +417,8 @@ impl KvState {
     }
 
     /// One key.
-    pub fn get(&self, key: &[u8]) -> Option<&KeyValue> {
-        self.data.get(key)
+    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
+        self.keys.get(key)
     }
 
     /// Keys starting with `prefix`, in key order, at most `limit` (0 = all); and how many matched.
@@ -301,34 +439,25 @@ impl KvState {
         limit: usize,
         max_bytes: usize,
     ) -> Page {
-        use std::ops::Bound;
-        let start = match after {
-            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
-            _ => Bound::Included(prefix.to_vec()),
-        };
         let mut page = Page::default();
         let mut bytes = 0;
         let mut full = false;
-        for kv in self
-            .data
-            .range((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, kv)| kv)
-        {
+        self.keys.scan(prefix, after, &mut |kv| {
             page.count += 1;
             if full {
-                continue;
+                return true;
             }
             let size = kv.answer_bytes();
             let over_limit = limit > 0 && page.kvs.len() >= limit;
             let over_budget = max_bytes > 0 && !page.kvs.is_empty() && bytes + size > max_bytes;
             if over_limit || over_budget {
                 full = true;
-                continue;
+                return true;
             }
             bytes += size;
-            page.kvs.push(kv.clone());
-        }
+            page.kvs.push(kv);
+            true
+        });
         page.more = page.count > page.kvs.len();
         page
     }
@@ -370,7 +499,7 @@ impl KvState {
                                 prev: one.prev.clone(),
                             });
                         }
-                        Op::Get { key } => res.ops.push(OpResult::Get(self.data.get(key).cloned())),
+                        Op::Get { key } => res.ops.push(OpResult::Get(self.keys.get(key))),
                     }
                     res.deleted += one.deleted;
                     res.prev.extend(one.prev);
@@ -388,6 +517,7 @@ impl KvState {
                     _ => unreachable!("matched above"),
                 };
                 self.last_lease = self.last_lease.max(id);
+                self.dirty_leases.insert(id);
                 self.leases.insert(
                     id,
                     Lease {
@@ -401,6 +531,7 @@ impl KvState {
             }
             Command::LeaseRevoke { id, expired } => {
                 res.lease = *id;
+                self.dirty_leases.insert(*id);
                 let keys = self.leases.remove(id).map(|l| l.keys).unwrap_or_default();
                 let mut changed = false;
                 for k in keys {
@@ -490,7 +621,7 @@ impl KvState {
         rev: i64,
         res: &mut ApplyResult,
     ) -> bool {
-        let prev = self.data.get(key).cloned();
+        let prev = self.keys.get(key);
         let kv = KeyValue {
             key: key.to_vec(),
             value: value.to_vec(),
@@ -506,8 +637,9 @@ impl KvState {
         }
         if let Some(l) = self.leases.get_mut(&lease) {
             l.keys.insert(key);
+            self.dirty_leases.insert(lease);
         }
-        self.data.insert(key.to_vec(), kv.clone());
+        self.keys.put(kv.clone());
         res.events.push(Event {
             deleted: false,
             kv,
@@ -521,25 +653,25 @@ impl KvState {
     fn detach(&mut self, kv: &KeyValue) {
         if let Some(l) = self.leases.get_mut(&kv.lease) {
             l.keys.remove(&kv.key);
+            self.dirty_leases.insert(kv.lease);
         }
     }
 
     fn delete(&mut self, key: &[u8], prefix: bool, rev: i64, res: &mut ApplyResult) -> bool {
         let keys: Vec<Vec<u8>> = if prefix {
-            self.data
-                .range(key.to_vec()..)
-                .take_while(|(k, _)| k.starts_with(key))
-                .map(|(k, _)| k.clone())
-                .collect()
+            let mut keys = Vec::new();
+            self.keys.scan(key, None, &mut |kv| {
+                keys.push(kv.key);
+                true
+            });
+            keys
+        } else if self.keys.get(key).is_some() {
+            vec![key.to_vec()]
         } else {
-            if self.data.contains_key(key) {
-                vec![key.to_vec()]
-            } else {
-                Vec::new()
-            }
+            Vec::new()
         };
         for k in &keys {
-            if let Some(prev) = self.data.remove(k) {
+            if let Some(prev) = self.keys.remove(k) {
                 self.detach(&prev);
                 res.events.push(Event {
                     deleted: true,
@@ -563,7 +695,8 @@ impl KvState {
 
     fn holds(&self, c: &Compare) -> bool {
         use std::cmp::Ordering;
-        let kv = self.data.get(&c.key);
+        let kv = self.keys.get(&c.key);
+        let kv = kv.as_ref();
         let ord: Option<Ordering> = match &c.target {
             Target::Value(v) => kv.map(|kv| kv.value.as_slice().cmp(v.as_slice())),
             Target::Version(n) => Some(kv.map_or(0, |kv| kv.version).cmp(n)),
@@ -586,12 +719,47 @@ impl KvState {
         postcard::to_stdvec(self).expect("the KV state serialises")
     }
 
+    /// Every key, in order (for tests and tools).
+    pub fn all(&self) -> Vec<KeyValue> {
+        let mut all = Vec::new();
+        self.keys.scan(b"", None, &mut |kv| {
+            all.push(kv);
+            true
+        });
+        all
+    }
+
     /// Restores a state from snapshot bytes (empty bytes: the empty state).
     pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
         if b.is_empty() {
             return Ok(Self::default());
         }
         postcard::from_bytes(b).map_err(|e| format!("corrupt KV snapshot: {e}"))
+    }
+}
+
+impl Serialize for KvState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ImageRef {
+            data: KeysInOrder(self.keys.as_ref()),
+            revision: self.revision,
+            leases: &self.leases,
+            last_lease: self.last_lease,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for KvState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let image = Image::deserialize(d)?;
+        Ok(Self {
+            keys: Box::new(MemoryKeys::from_map(image.data)),
+            revision: image.revision,
+            dirty_leases: image.leases.keys().copied().collect(),
+            leases: image.leases,
+            last_lease: image.last_lease,
+        })
     }
 }
 
@@ -850,11 +1018,34 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_round_trip() {
+    fn snapshots_round_trip_in_the_format_of_the_former_in_memory_state() {
         let mut s = KvState::default();
         s.apply(&put("a", "1"));
+        s.apply(&Command::LeaseGrant { id: 0, ttl_secs: 5 });
+        s.apply(&Command::Put {
+            key: b"b".to_vec(),
+            value: b"2".to_vec(),
+            lease: 1,
+        });
         let back = KvState::from_bytes(&s.to_bytes()).unwrap();
-        assert_eq!(back, s);
+        assert_eq!(back.all(), s.all());
+        assert_eq!(back.revision(), s.revision());
+        assert_eq!(back.to_bytes(), s.to_bytes());
+        // Earlier versions serialised a struct over a map: their snapshots must still load.
+        #[derive(Serialize)]
+        struct Former {
+            data: BTreeMap<Vec<u8>, KeyValue>,
+            revision: i64,
+            leases: BTreeMap<i64, Lease>,
+            last_lease: i64,
+        }
+        let former = Former {
+            data: s.all().into_iter().map(|kv| (kv.key.clone(), kv)).collect(),
+            revision: s.revision(),
+            leases: s.leases().map(|l| (l.id, l.clone())).collect(),
+            last_lease: 1,
+        };
+        assert_eq!(postcard::to_stdvec(&former).unwrap(), s.to_bytes());
         assert!(KvState::from_bytes(b"\xff\xff").is_err());
     }
 

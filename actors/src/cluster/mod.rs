@@ -4,6 +4,7 @@ pub mod client;
 pub mod disk;
 pub mod fault;
 pub mod force;
+pub mod keys;
 pub mod kv;
 pub mod lease;
 pub mod log;

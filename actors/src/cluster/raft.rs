@@ -391,10 +391,10 @@ impl RaftNode {
         if !store.is_initialized() && !settings.initial_members.is_empty() {
             bootstrap(&store, &disk, &settings.initial_members);
         }
+        let (kv, topology) = restore(&store, &disk, &log)?;
         if let Some(force) = &settings.force_new_cluster {
             super::force::apply(force, settings.id, &store, &disk, &log)?;
         }
-        let (kv, topology) = decode_state(&store.latest_snapshot().data)?;
         store.release_snapshot_data();
         directory.publish(&topology);
         // Members added in entries after the snapshot are in the topology only once those are
@@ -516,21 +516,26 @@ impl RaftNode {
                 ..Default::default()
             };
             if !rd.snapshot().is_empty() {
-                let snap = rd.snapshot().clone();
+                let mut snap = rd.snapshot().clone();
                 match decode_state(&snap.data) {
                     Ok((kv, topology)) => {
-                        self.kv = kv;
+                        self.kv.replace_with(kv);
                         self.topology = topology;
                         self.directory.publish(&self.topology);
                         self.watches.reset(self.kv.revision());
                     }
                     Err(e) => panic!("leader sent a snapshot that does not decode: {e}"),
                 }
-                let index = snap.get_metadata().index;
+                let meta = snap.get_metadata();
+                let index = meta.index;
                 self.applied = index;
+                record_applied(&mut self.kv, index, meta.term);
+                record_membership(&mut self.kv, &self.topology, meta.get_conf_state());
+                commit_state(&mut self.kv);
+                // The engine holds the state now (the storage thread makes it durable before it
+                // writes this batch): the log's snapshot needs only its metadata.
+                snap.data = Default::default();
                 self.store.apply_snapshot(snap.clone());
-                // Decoded into the state machine above; the file keeps the bytes.
-                self.store.release_snapshot_data();
                 batch.conf_state = Some(snap.get_metadata().get_conf_state().clone());
                 batch.compact_below = Some(index + 1);
                 // raft installs a leader's snapshot when our log conflicts with it: every stored
@@ -540,7 +545,12 @@ impl RaftNode {
                 info!(self.log, "installed snapshot"; "index" => index);
             }
             let committed = rd.take_committed_entries();
-            self.apply(committed, &mut batch);
+            if let Some(last) = committed.last() {
+                let (index, term) = (last.index, last.term);
+                self.apply(committed, &mut batch);
+                record_applied(&mut self.kv, index, term);
+                commit_state(&mut self.kv);
+            }
             if !rd.entries().is_empty() {
                 self.store.append(rd.entries());
                 batch.entries = rd.take_entries();
@@ -738,6 +748,7 @@ impl RaftNode {
                             }
                             info!(self.log, "membership changed"; "index" => e.index, "voters" => ?cs.voters, "learners" => ?cs.learners, "outgoing" => ?cs.voters_outgoing, "topology_version" => self.topology.version);
                             self.store.set_conf_state(cs.clone());
+                            record_membership(&mut self.kv, &self.topology, &cs);
                             batch.conf_state = Some(cs.clone());
                             Ok((cs, self.topology.clone()))
                         }
@@ -800,8 +811,15 @@ impl RaftNode {
             Ok(t) => t,
             Err(_) => return,
         };
+        // The engine is the state: a compaction records only where the log starts; a peer's
+        // request is answered with the whole state, read from the engine now.
+        let data = if requested {
+            encode_state(&self.kv, &self.topology)
+        } else {
+            Vec::new()
+        };
         let mut snap = Snapshot {
-            data: encode_state(&self.kv, &self.topology).into(),
+            data: data.into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
@@ -839,7 +857,7 @@ impl RaftNode {
         let mut more = false;
         let (kvs, count) = match query {
             Query::Get(k) => {
-                let kvs: Vec<KeyValue> = self.kv.get(k).cloned().into_iter().collect();
+                let kvs: Vec<KeyValue> = self.kv.get(k).into_iter().collect();
                 let n = kvs.len();
                 (kvs, n)
             }
@@ -1074,6 +1092,117 @@ fn answer_later<T: Send + 'static>(
 
 /// Writes the initial configuration of a brand-new member: as raft-rs's own bootstrap does, the
 /// log starts at a snapshot of index 1, term 1, holding the voters and an empty state.
+/// Raft's records beside the state machine's keys, written in the same atomic commits.
+const META_APPLIED: &[u8] = b"raft/applied";
+const META_TOPOLOGY: &[u8] = b"raft/topology";
+const META_CONF_STATE: &[u8] = b"raft/conf_state";
+
+/// The log index (and its term) the engine's state reflects.
+#[derive(Serialize, Deserialize)]
+struct Applied {
+    index: u64,
+    term: u64,
+}
+
+fn record_applied(kv: &mut KvState, index: u64, term: u64) {
+    let record = postcard::to_stdvec(&Applied { index, term }).expect("serialises");
+    kv.put_meta(META_APPLIED, Some(record));
+}
+
+fn record_membership(kv: &mut KvState, topology: &Topology, cs: &ConfState) {
+    let topology = postcard::to_stdvec(topology).expect("the topology serialises");
+    kv.put_meta(META_TOPOLOGY, Some(topology));
+    let cs = cs.write_to_bytes().expect("a conf state encodes");
+    kv.put_meta(META_CONF_STATE, Some(cs));
+}
+
+fn commit_state(kv: &mut KvState) {
+    // Nothing applied can be answered or built upon once the engine refuses a write: failing
+    // the actor (its supervisor restarts it from the log and the engine) is the safe course.
+    if let Err(e) = kv.commit() {
+        panic!("{e}");
+    }
+}
+
+/// The state machine a member starts from, and the log made to begin where it ends.
+///
+/// The engine holds the state as of some applied index; raft is started from there (its commit
+/// index raised to it, the log mirror starting after it), so entries the engine has absorbed are
+/// not applied twice. Two cases differ: an engine that was never written (a new member, or data of
+/// a version that kept the state in memory) is filled from the log's snapshot; and an engine whose
+/// applied entry the log does not hold, at that term, holds a leader's snapshot whose log record a
+/// crash lost, so that install is finished here (the log's conflicting tail goes).
+fn restore(store: &LogStore, disk: &Disk, log: &Logger) -> Result<(KvState, Topology), String> {
+    let mut kv = KvState::restore(Box::new(disk.state().key_space()))?;
+    let snap = store.latest_snapshot();
+    let snap_meta = snap.get_metadata().clone();
+    let Some(record) = kv.meta(META_APPLIED) else {
+        if snap_meta.index > 0 && snap.data.is_empty() {
+            return Err(format!(
+                "the state engine is empty but the log starts after index {}: the member's state is lost; remove its data directory and join it again",
+                snap_meta.index
+            ));
+        }
+        let (image, topology) = decode_state(&snap.data)?;
+        if snap_meta.index > 0 {
+            kv.replace_with(image);
+            record_applied(&mut kv, snap_meta.index, snap_meta.term);
+            record_membership(&mut kv, &topology, snap_meta.get_conf_state());
+            kv.commit()?;
+        }
+        return Ok((kv, topology));
+    };
+    let applied: Applied =
+        postcard::from_bytes(&record).map_err(|e| format!("corrupt applied record: {e}"))?;
+    let topology: Topology = kv
+        .meta(META_TOPOLOGY)
+        .map(|b| postcard::from_bytes(&b))
+        .transpose()
+        .map_err(|e| format!("corrupt topology record: {e}"))?
+        .unwrap_or_default();
+    let cs = kv
+        .meta(META_CONF_STATE)
+        .map(|b| ConfState::parse_from_bytes(&b))
+        .transpose()
+        .map_err(|e| format!("corrupt conf state record: {e}"))?
+        .unwrap_or_default();
+    if applied.index < snap_meta.index {
+        return Err(format!(
+            "the state engine is at index {} but the log starts after {}: the engine lost writes it had made durable",
+            applied.index, snap_meta.index
+        ));
+    }
+    let mut at = Snapshot::default();
+    let meta = at.mut_metadata();
+    meta.index = applied.index;
+    meta.term = applied.term;
+    meta.set_conf_state(cs.clone());
+    if store.term(applied.index).ok() == Some(applied.term) {
+        // The log holds what the engine applied: it now starts after it.
+        store.compact_to(at, false);
+        store.set_conf_state(cs);
+        let mut hs = store.initial_state().map_err(|e| e.to_string())?.hard_state;
+        hs.commit = hs.commit.max(applied.index);
+        store.set_hard_state(hs);
+    } else {
+        warn!(log, "finishing the install of a leader's snapshot that a restart interrupted"; "index" => applied.index, "term" => applied.term);
+        store.apply_snapshot(at.clone());
+        let hs = store.initial_state().map_err(|e| e.to_string())?.hard_state;
+        disk.write(
+            WriteBatch {
+                hard_state: Some(hs),
+                conf_state: Some(cs),
+                snapshot: Some(at),
+                compact_below: Some(applied.index + 1),
+                clear_entries: true,
+                ..Default::default()
+            },
+            Box::new(|_| {}),
+        );
+    }
+    Ok((kv, topology))
+}
+
 fn bootstrap(store: &LogStore, disk: &Disk, members: &[(u64, String)]) {
     let mut snap = Snapshot {
         data: encode_state(&KvState::default(), &Topology::bootstrap(members)).into(),
@@ -1430,5 +1559,120 @@ impl Handler<GetStatus> for RaftNode {
 
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> Self::Result {
         Ok(self.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet() -> Logger {
+        Logger::root(slog::Discard, slog::o!())
+    }
+
+    fn put(key: &str) -> Command {
+        Command::Put {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            lease: 0,
+        }
+    }
+
+    /// A member's storage with a bootstrapped log and entries 2..=4 (term 1) on disk.
+    fn member_with_log(dir: &std::path::Path) -> Disk {
+        let (disk, _) = Disk::open(dir).unwrap();
+        let store = LogStore::from_recovered(disk.load().unwrap());
+        bootstrap(&store, &disk, &[(1, "a:1".into())]);
+        let entries: Vec<Entry> = (2..=4)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                data: postcard::to_stdvec(&put(&format!("e{index}")))
+                    .unwrap()
+                    .into(),
+                ..Default::default()
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let batch = WriteBatch {
+            entries,
+            ..Default::default()
+        };
+        disk.write(batch, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap().unwrap();
+        disk
+    }
+
+    /// What a restarting member reads: the log, then the state.
+    fn reopen(disk: &Disk) -> (LogStore, KvState) {
+        let store = LogStore::from_recovered(disk.load().unwrap());
+        let (kv, _) = restore(&store, disk, &quiet()).unwrap();
+        (store, kv)
+    }
+
+    #[test]
+    fn a_restart_starts_raft_after_what_the_engine_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = member_with_log(dir.path());
+        let (store, mut kv) = reopen(&disk);
+        // Filled from the bootstrap snapshot, raft goes on after it.
+        assert_eq!(store.snapshot_index(), 1);
+        assert_eq!(store.last_index().unwrap(), 4);
+        kv.apply(&put("e2"));
+        kv.apply(&put("e3"));
+        record_applied(&mut kv, 3, 1);
+        kv.commit().unwrap();
+        drop(kv);
+
+        let (store, kv) = reopen(&disk);
+        assert_eq!(kv.revision(), 2, "entries 2 and 3 are applied once");
+        assert_eq!(store.first_index().unwrap(), 4, "raft replays entry 4 only");
+        assert_eq!(store.last_index().unwrap(), 4);
+        assert!(store.initial_state().unwrap().hard_state.commit >= 3);
+        assert_eq!(store.conf_state().voters, vec![1]);
+    }
+
+    #[test]
+    fn an_engine_the_log_does_not_match_finishes_an_interrupted_snapshot_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = member_with_log(dir.path());
+        let (_, mut kv) = reopen(&disk);
+        // A leader's snapshot at index 9, term 2 reached the engine; its log record did not.
+        kv.apply(&put("from-the-leader"));
+        record_applied(&mut kv, 9, 2);
+        kv.commit().unwrap();
+        drop(kv);
+
+        let (store, kv) = reopen(&disk);
+        assert!(kv.get(b"from-the-leader").is_some());
+        assert_eq!(store.snapshot_index(), 9);
+        assert_eq!(
+            store.last_index().unwrap(),
+            9,
+            "the conflicting tail is gone"
+        );
+        let hs = store.initial_state().unwrap().hard_state;
+        assert!(hs.commit >= 9 && hs.term >= 2, "{hs:?}");
+        // And on disk: the next start finds the install finished.
+        let on_disk = disk.load().unwrap();
+        assert_eq!(on_disk.snapshot.get_metadata().index, 9);
+        assert!(on_disk.entries.is_empty());
+    }
+
+    #[test]
+    fn an_empty_engine_under_a_compacted_log_is_refused_not_started_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = member_with_log(dir.path());
+        drop(reopen(&disk));
+        let store = LogStore::from_recovered(disk.load().unwrap());
+        // The engine's files are gone; the log's snapshot holds no data.
+        let mut snap = store.latest_snapshot();
+        snap.data = Default::default();
+        store.compact_to(snap, false);
+        let mut kv = KvState::restore(Box::new(disk.state().key_space())).unwrap();
+        kv.put_meta(META_APPLIED, None);
+        kv.commit().unwrap();
+        let e = restore(&store, &disk, &quiet()).err().unwrap();
+        assert!(e.contains("state is lost"), "{e}");
     }
 }

@@ -279,7 +279,7 @@ impl MemoryStore {
 
     /// The value of `key`, if any.
     pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
-        self.inner.lock().expect("store lock").kv.get(key).cloned()
+        self.inner.lock().expect("store lock").kv.get(key)
     }
 
     fn ready<T: Send + 'static>(r: Result<T, StoreError>) -> StoreFuture<T> {

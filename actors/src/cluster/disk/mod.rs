@@ -1,6 +1,7 @@
-//! The raft log on disk: a write-ahead log of entries, hard state and conf state under
-//! `<dir>/wal/` (see [`wal`]) and the latest snapshot in `<dir>/snapshot` (see [`snapshot_file`]),
-//! written by a storage thread so that no fsync ever runs on an actor thread.
+//! A raft member's storage: a write-ahead log of entries, hard state and conf state under
+//! `<dir>/wal/` (see [`wal`]), the latest snapshot in `<dir>/snapshot` (see [`snapshot_file`]),
+//! and the state machine's keys in an embedded engine under `<dir>/state/` (see [`state`]); all
+//! fsyncs run on a storage thread, never on an actor thread.
 //!
 //! The raft actor sends one [`WriteBatch`] per raft `Ready`; the thread drains every batch waiting
 //! in its channel, appends them as one frame and calls `fdatasync` once (group commit), and then
@@ -16,8 +17,10 @@ use crossbeam_channel::{Receiver, Sender};
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 
 mod snapshot_file;
+pub mod state;
 mod wal;
 
+use state::StateEngine;
 use wal::{Replay, Wal};
 
 /// What a node finds on disk when it starts.
@@ -106,6 +109,7 @@ pub struct Disk {
     tx: Sender<Request>,
     /// Injected delay before each fsync, in ms (fault injection: a slow disk).
     fsync_delay_ms: Arc<AtomicU64>,
+    state: StateEngine,
 }
 
 impl Disk {
@@ -145,15 +149,27 @@ impl Disk {
         }
         let (wal, replay) = Wal::open(&wal_dir, segment_size)?;
         let recovered = recover(dir, replay, true)?;
+        let state = StateEngine::open(&dir.join("state"))?;
+        let engine = state.clone();
         let (tx, rx) = crossbeam_channel::unbounded();
         let fsync_delay_ms = Arc::new(AtomicU64::new(0));
         let delay = fsync_delay_ms.clone();
         let dir = dir.to_path_buf();
         std::thread::Builder::new()
             .name("lodge-storage".into())
-            .spawn(move || writer(wal, lock, dir, rx, delay))
+            .spawn(move || writer(wal, engine, lock, dir, rx, delay))
             .map_err(|e| DiskError(format!("cannot start the storage thread: {e}")))?;
-        Ok((Disk { tx, fsync_delay_ms }, recovered))
+        let disk = Disk {
+            tx,
+            fsync_delay_ms,
+            state,
+        };
+        Ok((disk, recovered))
+    }
+
+    /// The state machine's engine.
+    pub fn state(&self) -> &StateEngine {
+        &self.state
     }
 
     /// Queues a batch; `done` runs on the storage thread once it is durable.
@@ -179,8 +195,9 @@ impl Disk {
             .map_err(|_| DiskError("storage thread is gone".into()))?
     }
 
-    /// Writes what is queued, closes the files and waits for that: after this returns the directory
-    /// can be opened again. Blocks; call it from a plain thread, not an actor.
+    /// Writes what is queued, closes the log's files and waits for that: once this handle and every
+    /// state machine over its engine are dropped too, the directory can be opened again. Blocks;
+    /// call it from a plain thread, not an actor.
     pub fn close(&self) {
         let (tx, rx) = std::sync::mpsc::channel();
         if self.tx.send(Request::Close(tx)).is_ok() {
@@ -237,6 +254,7 @@ fn recover(dir: &Path, replay: Replay, repair: bool) -> Result<Recovered, DiskEr
 /// The storage thread; it holds the directory's lock until it ends.
 fn writer(
     mut wal: Wal,
+    engine: StateEngine,
     lock: std::fs::File,
     dir: PathBuf,
     rx: Receiver<Request>,
@@ -284,7 +302,7 @@ fn writer(
             if delay > 0 {
                 std::thread::sleep(Duration::from_millis(delay));
             }
-            commit(&mut wal, &dir, &batches)
+            commit(&mut wal, &engine, &dir, &batches)
         };
         drop(batches);
         if needs_sync && result.is_ok() {
@@ -304,15 +322,29 @@ fn writer(
         }
     }
     drop(wal);
+    drop(engine);
     drop(lock);
     if let Some(ack) = closing {
         let _ = ack.send(());
     }
 }
 
-/// Writes one group: the snapshot's first phase, the log frame (the commit point), the snapshot's
-/// rename, then deletes segments the group compacted away.
-fn commit(wal: &mut Wal, dir: &Path, batches: &[&WriteBatch]) -> Result<(), DiskError> {
+/// Writes one group: the engine's fsync if the log is to drop entries, the snapshot's first phase,
+/// the log frame (the commit point), the snapshot's rename, then deletes segments the group
+/// compacted away.
+fn commit(
+    wal: &mut Wal,
+    engine: &StateEngine,
+    dir: &Path,
+    batches: &[&WriteBatch],
+) -> Result<(), DiskError> {
+    // The log may drop an entry only once the state it led to is durable in the engine.
+    if batches
+        .iter()
+        .any(|b| b.snapshot.is_some() || b.compact_below.is_some() || b.clear_entries)
+    {
+        engine.persist()?;
+    }
     // Only the group's last snapshot needs the file: the log records every one in order.
     let snapshot = batches.iter().rev().find_map(|b| b.snapshot.as_ref());
     if let Some(s) = snapshot {
@@ -351,6 +383,7 @@ mod tests {
         let e = Disk::open(dir.path()).err().expect("must refuse");
         assert!(e.0.contains("in use"), "{e}");
         disk.close();
+        drop(disk);
         assert!(Disk::open(dir.path()).is_ok());
     }
 
