@@ -72,12 +72,24 @@ impl Drop for Proc {
     }
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, never the same twice in this process. Taken below the
+/// kernel's ephemeral range (32768 on): a port the kernel chose for us is as likely to be chosen
+/// again for an outgoing connection before the member binds it (seen: "address in use").
 pub(super) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each process starts at its own place, so that two benches at once rarely meet.
+    let start = 20_000 + (std::process::id() % 1_200) as u16 * 10;
+    let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_768, "no free port left below the ephemeral range");
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `n` Lodge members on free loopback ports, with `LODGE_*` environment overrides.

@@ -261,8 +261,11 @@ pub struct KvState {
     /// [`Command::LeaseGrantLowestFree`]), so a client holding a revoked lease's id can never
     /// keep someone else's lease alive.
     last_lease: i64,
-    /// Leases changed since the last commit: their records are rewritten with it.
+    /// Leases granted or revoked since the last commit: their records are written with it.
     dirty_leases: BTreeSet<i64>,
+    /// The revision and last lease id as last committed (their record is written on a change;
+    /// `None`: not written yet).
+    committed_counters: Option<(i64, i64)>,
 }
 
 impl Default for KvState {
@@ -282,13 +285,24 @@ impl std::fmt::Debug for KvState {
 }
 
 /// Bookkeeping records kept beside the keys (see [`KeySpace::put_meta`]).
-const META_REVISION: &[u8] = b"kv/revision";
-const META_LAST_LEASE: &[u8] = b"kv/last_lease";
+/// The revision, then the highest lease id granted (8 bytes each, big-endian).
+const META_COUNTERS: &[u8] = b"kv/counters";
+/// A lease's time to live, by id. Its keys are records of their own, one per key, so that
+/// attaching a key to a lease that holds many writes one small record, not the whole set.
 const META_LEASE: &[u8] = b"kv/lease/";
+/// One key of a lease: the lease id, then the key; empty value.
+const META_LEASE_KEY: &[u8] = b"kv/lease-key/";
 
 fn lease_record(id: i64) -> Vec<u8> {
     let mut name = META_LEASE.to_vec();
     name.extend_from_slice(&id.to_be_bytes());
+    name
+}
+
+fn lease_key_record(id: i64, key: &[u8]) -> Vec<u8> {
+    let mut name = META_LEASE_KEY.to_vec();
+    name.extend_from_slice(&id.to_be_bytes());
+    name.extend_from_slice(key);
     name
 }
 
@@ -343,18 +357,36 @@ impl KvState {
             leases: BTreeMap::new(),
             last_lease: 0,
             dirty_leases: BTreeSet::new(),
+            committed_counters: None,
         }
     }
 
     /// The state `keys` hold, with the counters and leases recorded beside them.
     pub fn restore(keys: Box<dyn KeySpace>) -> Result<Self, String> {
         let mut state = Self::over(keys);
-        state.revision = decode_i64(state.keys.meta(META_REVISION))?;
-        state.last_lease = decode_i64(state.keys.meta(META_LAST_LEASE))?;
-        for (_, record) in state.keys.meta_scan(META_LEASE) {
-            let lease: Lease =
-                postcard::from_bytes(&record).map_err(|e| format!("corrupt lease record: {e}"))?;
-            state.leases.insert(lease.id, lease);
+        if let Some(counters) = state.keys.meta(META_COUNTERS) {
+            let (revision, last_lease) = counters
+                .split_at_checked(8)
+                .ok_or("corrupt counters record")?;
+            state.revision = decode_i64(Some(revision.to_vec()))?;
+            state.last_lease = decode_i64(Some(last_lease.to_vec()))?;
+            state.committed_counters = Some((state.revision, state.last_lease));
+        }
+        for (name, ttl) in state.keys.meta_scan(META_LEASE) {
+            let id = decode_i64(Some(name[META_LEASE.len()..].to_vec()))?;
+            let ttl_secs = decode_i64(Some(ttl))?;
+            let keys = KeySet::default();
+            state.leases.insert(id, Lease { id, ttl_secs, keys });
+        }
+        for (name, _) in state.keys.meta_scan(META_LEASE_KEY) {
+            let rest = &name[META_LEASE_KEY.len()..];
+            let (id, key) = rest.split_at_checked(8).ok_or("corrupt lease key record")?;
+            let id = i64::from_be_bytes(id.try_into().expect("8 bytes"));
+            let lease = state
+                .leases
+                .get_mut(&id)
+                .ok_or_else(|| format!("a key record of lease {id}, which has no record"))?;
+            lease.keys.insert(key);
         }
         Ok(state)
     }
@@ -369,8 +401,15 @@ impl KvState {
         });
         self.revision = image.revision;
         self.last_lease = image.last_lease;
+        self.committed_counters = None;
         self.leases = image.leases;
         self.dirty_leases = self.leases.keys().copied().collect();
+        for lease in self.leases.values() {
+            for key in lease.keys.iter() {
+                self.keys
+                    .put_meta(&lease_key_record(lease.id, key), Some(Vec::new()));
+            }
+        }
     }
 
     /// Sets a bookkeeping record of the state's owner, written with the next commit.
@@ -389,16 +428,18 @@ impl KvState {
             let record = self
                 .leases
                 .get(&id)
-                .map(|l| postcard::to_stdvec(l).expect("a lease serialises"));
+                .map(|l| l.ttl_secs.to_be_bytes().to_vec());
             self.keys.put_meta(&lease_record(id), record);
         }
-        self.keys
-            .put_meta(META_REVISION, Some(self.revision.to_be_bytes().to_vec()));
-        self.keys.put_meta(
-            META_LAST_LEASE,
-            Some(self.last_lease.to_be_bytes().to_vec()),
-        );
-        self.keys.commit()
+        let counters = (self.revision, self.last_lease);
+        if Some(counters) != self.committed_counters {
+            let mut record = self.revision.to_be_bytes().to_vec();
+            record.extend_from_slice(&self.last_lease.to_be_bytes());
+            self.keys.put_meta(META_COUNTERS, Some(record));
+        }
+        self.keys.commit()?;
+        self.committed_counters = Some(counters);
+        Ok(())
     }
 
     /// Current revision.
@@ -533,6 +574,9 @@ impl KvState {
                 res.lease = *id;
                 self.dirty_leases.insert(*id);
                 let keys = self.leases.remove(id).map(|l| l.keys).unwrap_or_default();
+                for k in keys.iter() {
+                    self.keys.put_meta(&lease_key_record(*id, k), None);
+                }
                 let mut changed = false;
                 for k in keys {
                     changed |= self.delete(&k, false, next, &mut res);
@@ -637,7 +681,8 @@ impl KvState {
         }
         if let Some(l) = self.leases.get_mut(&lease) {
             l.keys.insert(key);
-            self.dirty_leases.insert(lease);
+            self.keys
+                .put_meta(&lease_key_record(lease, key), Some(Vec::new()));
         }
         self.keys.put(kv.clone());
         res.events.push(Event {
@@ -653,7 +698,8 @@ impl KvState {
     fn detach(&mut self, kv: &KeyValue) {
         if let Some(l) = self.leases.get_mut(&kv.lease) {
             l.keys.remove(&kv.key);
-            self.dirty_leases.insert(kv.lease);
+            self.keys
+                .put_meta(&lease_key_record(kv.lease, &kv.key), None);
         }
     }
 
@@ -759,6 +805,7 @@ impl<'de> Deserialize<'de> for KvState {
             dirty_leases: image.leases.keys().copied().collect(),
             leases: image.leases,
             last_lease: image.last_lease,
+            committed_counters: None,
         })
     }
 }

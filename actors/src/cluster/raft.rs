@@ -1090,8 +1090,6 @@ fn answer_later<T: Send + 'static>(
     })
 }
 
-/// Writes the initial configuration of a brand-new member: as raft-rs's own bootstrap does, the
-/// log starts at a snapshot of index 1, term 1, holding the voters and an empty state.
 /// Raft's records beside the state machine's keys, written in the same atomic commits.
 const META_APPLIED: &[u8] = b"raft/applied";
 const META_TOPOLOGY: &[u8] = b"raft/topology";
@@ -1203,6 +1201,8 @@ fn restore(store: &LogStore, disk: &Disk, log: &Logger) -> Result<(KvState, Topo
     Ok((kv, topology))
 }
 
+/// Writes the initial configuration of a brand-new member: as raft-rs's own bootstrap does, the
+/// log starts at a snapshot of index 1, term 1, holding the voters and an empty state.
 fn bootstrap(store: &LogStore, disk: &Disk, members: &[(u64, String)]) {
     let mut snap = Snapshot {
         data: encode_state(&KvState::default(), &Topology::bootstrap(members)).into(),

@@ -396,6 +396,64 @@ mod tests {
         assert_eq!(disk.meta(b"m"), None);
     }
 
+    /// The state machine over the engine, restored from it, holds what it held, leases and
+    /// their keys included, and what the same commands leave in memory.
+    #[test]
+    fn a_state_restored_from_the_engine_is_the_state_that_wrote_it() {
+        use crate::cluster::kv::{Command, KvState};
+        let put = |key: &str, lease: i64| Command::Put {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            lease,
+        };
+        let commands = [
+            Command::LeaseGrant { id: 0, ttl_secs: 5 },
+            Command::LeaseGrant { id: 0, ttl_secs: 9 },
+            Command::LeaseGrant { id: 0, ttl_secs: 7 },
+            put("a", 1),
+            put("b", 1),
+            put("c", 2),
+            put("d", 0),
+            put("b", 2),
+            Command::Delete {
+                key: b"a".to_vec(),
+                prefix: false,
+            },
+            Command::LeaseRevoke {
+                id: 3,
+                expired: false,
+            },
+            Command::LeaseRevoke {
+                id: 2,
+                expired: true,
+            },
+            put("e", 1),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let engine = StateEngine::open(dir.path()).unwrap();
+        let mut on_disk = KvState::over(Box::new(engine.key_space()));
+        let mut in_memory = KvState::default();
+        for (i, cmd) in commands.iter().enumerate() {
+            on_disk.apply(cmd);
+            in_memory.apply(cmd);
+            if i % 3 == 0 {
+                on_disk.commit().unwrap();
+            }
+        }
+        on_disk.commit().unwrap();
+        let restored = KvState::restore(Box::new(engine.key_space())).unwrap();
+        assert_eq!(restored.to_bytes(), in_memory.to_bytes());
+        assert_eq!(restored.to_bytes(), on_disk.to_bytes());
+        let keys_of_lease_1: Vec<_> = restored.lease(1).unwrap().keys.iter().cloned().collect();
+        assert_eq!(keys_of_lease_1, vec![b"e".to_vec()]);
+        assert!(restored.lease(2).is_none() && restored.lease(3).is_none());
+        assert_eq!(
+            restored.get(b"c"),
+            None,
+            "revoking lease 2 deleted its keys"
+        );
+    }
+
     #[test]
     fn committed_writes_and_records_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
