@@ -23,6 +23,9 @@ pub trait KeySpace: Send + 'static {
     /// (when `after` is at or past `prefix`), until `visit` answers false.
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, visit: &mut dyn FnMut(KeyValue) -> bool);
 
+    /// How many keys [`KeySpace::scan`] would visit, without reading their values.
+    fn count(&self, prefix: &[u8], after: Option<&[u8]>) -> usize;
+
     /// Sets a key.
     fn put(&mut self, kv: KeyValue);
 
@@ -87,6 +90,13 @@ impl KeySpace for MemoryKeys {
                 return;
             }
         }
+    }
+
+    fn count(&self, prefix: &[u8], after: Option<&[u8]>) -> usize {
+        self.keys
+            .range((scan_start(prefix, after), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count()
     }
 
     fn put(&mut self, kv: KeyValue) {

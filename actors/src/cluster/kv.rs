@@ -484,21 +484,23 @@ impl KvState {
         let mut bytes = 0;
         let mut full = false;
         self.keys.scan(prefix, after, &mut |kv| {
-            page.count += 1;
-            if full {
-                return true;
-            }
             let size = kv.answer_bytes();
             let over_limit = limit > 0 && page.kvs.len() >= limit;
             let over_budget = max_bytes > 0 && !page.kvs.is_empty() && bytes + size > max_bytes;
             if over_limit || over_budget {
                 full = true;
-                return true;
+                return false;
             }
             bytes += size;
             page.kvs.push(kv);
             true
         });
+        page.count = page.kvs.len();
+        if full {
+            // The rest are only counted: their values are not read.
+            let last = page.kvs.last().map(|kv| kv.key.clone());
+            page.count += self.keys.count(prefix, last.as_deref().or(after));
+        }
         page.more = page.count > page.kvs.len();
         page
     }

@@ -6,8 +6,8 @@
 //!
 //! The raft log is the write-ahead log. The raft actor applies a `Ready`'s committed entries and
 //! commits their writes here as one atomic batch together with the applied index, without an
-//! fsync: a crash leaves the engine at some applied index, consistent with its keys, and raft
-//! replays the log from there. Before the log drops entries (a compaction, or a leader's snapshot
+//! fsync or even a write to the operating system: a crash leaves the engine at some applied index,
+//! consistent with its keys, and raft replays the log from there. Before the log drops entries (a compaction, or a leader's snapshot
 //! replacing it), the storage thread makes the engine durable ([`StateEngine::persist`]), so the
 //! log never loses an entry the durable engine has not absorbed.
 
@@ -55,9 +55,13 @@ impl StateEngine {
         let open = || -> Result<Self, fjall::Error> {
             // The engine's file cache stays well below the node's descriptor limit, which its
             // connections share (fjall's default would keep up to 900 files open).
+            // The journal is written out only when the storage thread persists it (or its buffer
+            // fills), not at every commit: a commit is then no system call, and what a crash
+            // loses the raft log replays.
             let db = Database::builder(dir)
                 .max_cached_files(Some(MAX_OPEN_FILES))
                 .max_journaling_size(MAX_JOURNAL_BYTES)
+                .manual_journal_persist(true)
                 .open()?;
             let space = db.keyspace("state", KeyspaceCreateOptions::default)?;
             Ok(Self { db, space })
@@ -156,6 +160,52 @@ impl DiskKeys {
     }
 }
 
+/// A key found by a merged scan, its value still encoded if it came from disk.
+enum Found<'a> {
+    Disk(&'a [u8], &'a [u8]),
+    Pending(&'a KeyValue),
+}
+
+impl DiskKeys {
+    /// Visits the keys under `prefix` after `after` on disk and in the pending writes, merged in
+    /// key order (a pending write hides the key on disk), until `visit` answers false.
+    fn merged(&self, prefix: &[u8], after: Option<&[u8]>, visit: &mut dyn FnMut(Found) -> bool) {
+        let start = scan_start(prefix, after);
+        let mut disk = self
+            .disk_scan(start.clone())
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let mut pending = self
+            .pending
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        loop {
+            let order = match (disk.peek(), pending.peek()) {
+                (None, None) => return,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((dk, _)), Some((pk, _))) => dk.as_slice().cmp(pk.as_slice()),
+            };
+            if order == Ordering::Equal {
+                disk.next();
+            }
+            let go_on = if order == Ordering::Less {
+                let (k, v) = disk.next().expect("peeked");
+                visit(Found::Disk(&k, &v))
+            } else {
+                match pending.next().expect("peeked") {
+                    (_, Some(kv)) => visit(Found::Pending(kv)),
+                    (_, None) => true,
+                }
+            };
+            if !go_on {
+                return;
+            }
+        }
+    }
+}
+
 impl KeySpace for DiskKeys {
     fn get(&self, key: &[u8]) -> Option<KeyValue> {
         if let Some(pending) = self.pending.get(key) {
@@ -171,38 +221,19 @@ impl KeySpace for DiskKeys {
     }
 
     fn scan(&self, prefix: &[u8], after: Option<&[u8]>, visit: &mut dyn FnMut(KeyValue) -> bool) {
-        let start = scan_start(prefix, after);
-        let mut disk = self
-            .disk_scan(start.clone())
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .peekable();
-        let mut pending = self
-            .pending
-            .range((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .peekable();
-        // A merge of the two ordered sequences; a pending write hides the key on disk.
-        loop {
-            let order = match (disk.peek(), pending.peek()) {
-                (None, None) => return,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some((dk, _)), Some((pk, _))) => dk.as_slice().cmp(pk.as_slice()),
-            };
-            let next = match order {
-                Ordering::Less => disk.next().map(|(k, v)| decode(&k, &v)),
-                Ordering::Equal => {
-                    disk.next();
-                    pending.next().and_then(|(_, kv)| kv.clone())
-                }
-                Ordering::Greater => pending.next().and_then(|(_, kv)| kv.clone()),
-            };
-            if let Some(kv) = next {
-                if !visit(kv) {
-                    return;
-                }
-            }
-        }
+        self.merged(prefix, after, &mut |found| match found {
+            Found::Disk(k, v) => visit(decode(k, v)),
+            Found::Pending(kv) => visit(kv.clone()),
+        });
+    }
+
+    fn count(&self, prefix: &[u8], after: Option<&[u8]>) -> usize {
+        let mut n = 0;
+        self.merged(prefix, after, &mut |_| {
+            n += 1;
+            true
+        });
+        n
     }
 
     fn put(&mut self, kv: KeyValue) {
@@ -349,6 +380,10 @@ mod tests {
                 keys_of(&mem, "k/", Some(&after))
             );
             assert_eq!(keys_of(&disk, "k/1", None), keys_of(&mem, "k/1", None));
+            assert_eq!(
+                disk.count(b"k/", Some(after.as_bytes())),
+                mem.count(b"k/", Some(after.as_bytes()))
+            );
         }
     }
 
