@@ -141,6 +141,12 @@ pub struct DiskKeys {
     cleared: bool,
 }
 
+/// A key found by a merged scan, its value still encoded if it came from disk.
+enum Found<'a> {
+    Disk(&'a [u8], &'a [u8]),
+    Pending(&'a KeyValue),
+}
+
 impl DiskKeys {
     /// The replicated keys on disk from `start` on, in order, without their tag.
     fn disk_scan(&self, start: Bound<Vec<u8>>) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
@@ -158,15 +164,7 @@ impl DiskKeys {
                 Err(e) => read_failed(e),
             })
     }
-}
 
-/// A key found by a merged scan, its value still encoded if it came from disk.
-enum Found<'a> {
-    Disk(&'a [u8], &'a [u8]),
-    Pending(&'a KeyValue),
-}
-
-impl DiskKeys {
     /// Visits the keys under `prefix` after `after` on disk and in the pending writes, merged in
     /// key order (a pending write hides the key on disk), until `visit` answers false.
     fn merged(&self, prefix: &[u8], after: Option<&[u8]>, visit: &mut dyn FnMut(Found) -> bool) {
