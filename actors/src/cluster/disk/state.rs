@@ -11,6 +11,7 @@
 //! replacing it), the storage thread makes the engine durable ([`StateEngine::persist`]), so the
 //! log never loses an entry the durable engine has not absorbed.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -88,10 +89,11 @@ impl StateEngine {
     }
 }
 
-/// A stored key's value: the key itself is the engine's key.
+/// A stored key's value: the key itself is the engine's key. Borrowed when written, so that a
+/// commit does not copy each value once more.
 #[derive(Serialize, Deserialize)]
-struct Stored {
-    value: Vec<u8>,
+struct Stored<'a> {
+    value: Cow<'a, [u8]>,
     create_revision: i64,
     mod_revision: i64,
     version: i64,
@@ -100,7 +102,7 @@ struct Stored {
 
 fn encode(kv: &KeyValue) -> Vec<u8> {
     postcard::to_stdvec(&Stored {
-        value: kv.value.clone(),
+        value: Cow::Borrowed(&kv.value),
         create_revision: kv.create_revision,
         mod_revision: kv.mod_revision,
         version: kv.version,
@@ -116,7 +118,7 @@ fn decode(key: &[u8], bytes: &[u8]) -> KeyValue {
         .unwrap_or_else(|e| panic!("state engine: key {key:?} does not decode: {e}"));
     KeyValue {
         key: key.to_vec(),
-        value: s.value,
+        value: s.value.into_owned(),
         create_revision: s.create_revision,
         mod_revision: s.mod_revision,
         version: s.version,
